@@ -1,0 +1,1 @@
+"""Image encoding and decoding shared by workers, producers and viewers."""

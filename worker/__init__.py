@@ -1,0 +1,1 @@
+"""Workers: connect to a relay, run an engine on each channel's newest frame."""

@@ -1,0 +1,67 @@
+"""The contract between the worker runtime and an engine.
+
+The runtime owns threads, sockets and codecs; an engine only turns RGB
+frames into RGB frames. Parameters are split in two: *hot* ones apply on
+the next frame (``update`` returns nothing for them), *reload* ones need a
+new engine (``update`` returns their names and leaves them unapplied). The
+runtime then builds a fresh engine with the merged parameters in the
+background and swaps it in when ``load`` returns, so the old one keeps
+serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be built or run with the given parameters."""
+
+
+class Engine(abc.ABC):
+    """Base class for engines. Frames are ``HxWx3`` uint8 RGB arrays."""
+
+    name: ClassVar[str]
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        self.params: dict[str, Any] = dict(params or {})
+
+    @property
+    def batch_size(self) -> int:
+        """How many frames ``process`` wants per call (StreamDiffusion's frame buffer)."""
+        return 1
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` of the frames it produces, or None for "same as input"."""
+        return None
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Do the slow work (weights, compilation). Called once, off the event loop."""
+
+    @abc.abstractmethod
+    def update(self, params: Mapping[str, Any]) -> set[str]:
+        """Apply the hot parameters among ``params``; return the names that need a reload."""
+
+    @abc.abstractmethod
+    def process(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Transform ``len(frames) == batch_size`` frames; return as many outputs."""
+
+    def info(self) -> dict[str, Any]:
+        """What the engine runs on, for logs, stats and ``/health``."""
+        return {"engine": self.name}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free resources (GPU memory) when the engine is replaced or the channel released."""
+
+
+def changed_keys(current: Mapping[str, Any], new: Mapping[str, Any]) -> set[str]:
+    """Names in ``new`` whose value differs from ``current``."""
+    return {key for key, value in new.items() if current.get(key, _MISSING) != value}
+
+
+_MISSING = object()
