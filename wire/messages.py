@@ -101,6 +101,7 @@ class LegacyImage(_Message):
     format: str = "jpeg"
     data: bytes
     timestamp: float | None = None
+    seq: int | None = Field(default=None, ge=0, lt=2**64)  # our addition; seed clients omit it
 
     @field_validator("data", mode="before")
     @classmethod

@@ -1,0 +1,375 @@
+"""Routing state of the relay: channels, peers, worker assignment. No sockets.
+
+The server feeds it decoded messages; the hub decides who gets what and
+drops it into the receivers' outboxes. Keeping it free of I/O makes the
+routing rules readable in one place and testable without a network.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import RelayConfig
+from relay.outbox import Outbox
+from relay.stats import LatencyTracker, RateMeter
+from wire.errors import ProtocolError
+from wire.frames import Frame, FrameKind, encode_frame
+from wire.images import probe_image
+from wire.messages import (
+    LEGACY_ACK,
+    ErrorCode,
+    Role,
+    assign_message,
+    encode_control,
+    error_message,
+    legacy_image_message,
+    params_message,
+    release_message,
+    status_message,
+)
+
+log = logging.getLogger("relay")
+
+
+class Delivery:
+    """A frame on its way out: the original bytes plus a lazily built seed-002 form."""
+
+    __slots__ = ("frame", "raw", "_json")
+
+    def __init__(self, frame: Frame, raw: bytes) -> None:
+        self.frame = frame
+        self.raw = raw
+        self._json: str | None = None
+
+    def as_json(self) -> str:
+        if self._json is None:
+            f = self.frame
+            self._json = encode_control(legacy_image_message(
+                f.format, f.payload, f.timestamp, seq=f.seq, channel=f.channel,
+                kind=f.kind.name.lower()))
+        return self._json
+
+
+@dataclass(eq=False)
+class Peer:
+    """One connection after its handshake."""
+
+    id: str
+    role: Role
+    channel: str
+    receive: str = "output"
+    encoding: str = "binary"
+    capacity: int = 1
+    pinned: frozenset[str] = frozenset()
+    name: str = ""
+    engine: str = ""
+    outbox: Outbox[Delivery] = field(default_factory=Outbox)
+    assigned: list[str] = field(default_factory=list)  # workers only
+    legacy_seq: itertools.count = field(default_factory=itertools.count)
+    last_input_seq: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def legacy(self) -> bool:
+        return self.encoding == "json"
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.outbox.put_control(encode_control(message))
+
+    def wants(self, kind: FrameKind) -> bool:
+        return self.receive == "both" or self.receive == kind.name.lower()
+
+    def describe(self) -> dict[str, Any]:
+        info = {"id": self.id, "role": self.role.value, "name": self.name}
+        if self.role is Role.WORKER:
+            info.update(capacity=self.capacity, engine=self.engine, channels=list(self.assigned))
+        else:
+            info["channel"] = self.channel
+        return info
+
+
+@dataclass(eq=False)
+class Channel:
+    name: str
+    producers: set[Peer] = field(default_factory=set)
+    viewers: set[Peer] = field(default_factory=set)
+    worker: Peer | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    params_version: int = 0
+    held: bool = False  # kept open by the API even with no producer connected
+    frames_in: RateMeter = field(default_factory=RateMeter)
+    frames_out: RateMeter = field(default_factory=RateMeter)
+    latency: LatencyTracker = field(default_factory=LatencyTracker)
+    drops: dict[str, int] = field(default_factory=lambda: {"worker": 0, "viewers": 0, "no_worker": 0})
+    last_report: dict[str, Any] | None = None
+
+    @property
+    def wants_worker(self) -> bool:
+        return bool(self.producers) or self.held
+
+    @property
+    def empty(self) -> bool:
+        return not (self.producers or self.viewers or self.held)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "fps_in": round(self.frames_in.rate(), 2),
+            "fps_out": round(self.frames_out.rate(), 2),
+            "frames_in": self.frames_in.total,
+            "frames_out": self.frames_out.total,
+            "drops": dict(self.drops),
+            "latency_ms": self.latency.percentiles_ms(),
+            "producers": len(self.producers),
+            "viewers": len(self.viewers),
+            "worker": self.worker.id if self.worker else None,
+            "params_version": self.params_version,
+            "last_report": self.last_report,
+        }
+
+
+class Hub:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.channels: dict[str, Channel] = {}
+        self.workers: list[Peer] = []
+
+    # -- membership ---------------------------------------------------------
+
+    def check_join(self, peer: Peer) -> None:
+        """Raise ``ProtocolError`` if ``peer`` may not join; changes nothing."""
+        if peer.role is Role.WORKER:
+            return
+        allowed = self.config.allowed_channels
+        if allowed and peer.channel not in allowed:
+            raise ProtocolError(f"unknown channel {peer.channel!r}", ErrorCode.UNKNOWN_CHANNEL.value)
+        if peer.channel not in self.channels and len(self.channels) >= self.config.max_channels:
+            raise ProtocolError(
+                f"the relay already serves {self.config.max_channels} channels",
+                ErrorCode.TOO_MANY_CHANNELS.value)
+
+    def join(self, peer: Peer) -> None:
+        self.check_join(peer)
+        if peer.role is Role.WORKER:
+            self.workers.append(peer)
+            log.info("worker %s joined (capacity %d, engine %s)", peer.id, peer.capacity, peer.engine)
+            self._assign_waiting()
+            return
+        channel = self._channel(peer.channel)
+        if peer.role is Role.PRODUCER:
+            channel.producers.add(peer)
+            if channel.worker is None:
+                self._assign(channel)
+            if channel.worker is None:
+                peer.send(status_message(channel.name, "waiting_for_worker"))
+        else:
+            channel.viewers.add(peer)
+
+    def leave(self, peer: Peer) -> None:
+        if peer.role is Role.WORKER:
+            if peer in self.workers:
+                self.workers.remove(peer)
+            for name in list(peer.assigned):
+                channel = self.channels.get(name)
+                if channel is not None and channel.worker is peer:
+                    channel.worker = None
+                    log.info("worker %s left; reassigning channel %s", peer.id, name)
+                    self._assign(channel)
+                    if channel.worker is None:
+                        self._tell_channel(channel, status_message(name, "waiting_for_worker"))
+            peer.assigned.clear()
+            return
+        channel = self.channels.get(peer.channel)
+        if channel is None:
+            return
+        channel.producers.discard(peer)
+        channel.viewers.discard(peer)
+        self._tidy(channel)
+
+    def open_channel(self, name: str, params: dict[str, Any] | None = None) -> Channel:
+        """Hold a channel open (the API's streams) so it keeps a worker with no producer."""
+        channel = self._channel(name)
+        channel.held = True
+        if params is not None:
+            self.set_params(channel, params, replace=True)
+        if channel.worker is None:
+            self._assign(channel)
+        return channel
+
+    def close_channel(self, name: str) -> None:
+        channel = self.channels.get(name)
+        if channel is not None:
+            channel.held = False
+            self._tidy(channel)
+
+    # -- frames -------------------------------------------------------------
+
+    def route(self, peer: Peer, frame: Frame, raw: bytes | None) -> None:
+        """Check and forward one frame; ``raw`` is its encoded form when already at hand."""
+        self._check_image(frame)
+        if peer.role is Role.PRODUCER:
+            if frame.kind is not FrameKind.INPUT:
+                raise ProtocolError("producers send input frames", ErrorCode.NOT_ALLOWED.value)
+            if frame.channel != peer.channel:
+                raise ProtocolError(f"not joined to channel {frame.channel!r}",
+                                    ErrorCode.UNKNOWN_CHANNEL.value)
+            self._route_input(self.channels[peer.channel], Delivery(frame, raw or encode_frame(frame)))
+        elif peer.role is Role.WORKER:
+            if frame.channel not in peer.assigned:
+                raise ProtocolError(f"channel {frame.channel!r} is not assigned to this worker",
+                                    ErrorCode.UNKNOWN_CHANNEL.value)
+            if frame.kind is not FrameKind.OUTPUT:
+                raise ProtocolError("workers send output frames", ErrorCode.NOT_ALLOWED.value)
+            self._route_output(self.channels[frame.channel], Delivery(frame, raw or encode_frame(frame)))
+        else:
+            raise ProtocolError("viewers cannot send frames", ErrorCode.NOT_ALLOWED.value)
+
+    def route_legacy(self, peer: Peer, fmt, payload: bytes, timestamp: float | None,
+                     seq: int | None) -> None:
+        """A seed-002 image message: from a producer it is input (acked), from a worker output."""
+        kind_out = peer.role is Role.WORKER
+        if kind_out:
+            if not peer.assigned:
+                raise ProtocolError("no channel is assigned to this worker yet",
+                                    ErrorCode.UNKNOWN_CHANNEL.value)
+            channel = peer.assigned[0]
+            if seq is None:
+                seq = peer.last_input_seq.get(channel, 0)
+        else:
+            channel = peer.channel
+            if seq is None:
+                seq = next(peer.legacy_seq)
+        fmt_probe, width, height = probe_image(payload)
+        frame = Frame(channel=channel, seq=seq, timestamp=time.time() if timestamp is None else timestamp,
+                      width=width, height=height, format=fmt_probe, payload=payload,
+                      kind=FrameKind.OUTPUT if kind_out else FrameKind.INPUT)
+        self.route(peer, frame, None)
+        if peer.role is Role.PRODUCER:
+            peer.send(LEGACY_ACK)
+
+    def _check_image(self, frame: Frame) -> None:
+        size = len(frame.payload)
+        if size > self.config.max_frame_bytes:
+            raise ProtocolError(f"frame of {size} bytes exceeds the limit of "
+                                f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE.value)
+        fmt, width, height = probe_image(frame.payload)
+        if fmt != frame.format:
+            raise ProtocolError(f"header says {frame.format.label} but the payload is {fmt.label}",
+                                ErrorCode.BAD_IMAGE.value)
+        if (width, height) != (frame.width, frame.height):
+            raise ProtocolError(f"header says {frame.width}x{frame.height} but the image is "
+                                f"{width}x{height}", ErrorCode.BAD_IMAGE.value)
+        if width > self.config.max_width or height > self.config.max_height:
+            raise ProtocolError(f"{width}x{height} exceeds the limit of {self.config.max_width}x"
+                                f"{self.config.max_height}", ErrorCode.RESOLUTION_TOO_LARGE.value)
+
+    def _route_input(self, channel: Channel, delivery: Delivery) -> None:
+        channel.frames_in.tick()
+        worker = channel.worker
+        if worker is None:
+            channel.drops["no_worker"] += 1
+        else:
+            channel.latency.started(delivery.frame.seq)
+            worker.last_input_seq[channel.name] = delivery.frame.seq
+            if worker.outbox.put_frame((channel.name, FrameKind.INPUT), delivery) is not None:
+                channel.drops["worker"] += 1
+        for viewer in channel.viewers:
+            if viewer.wants(FrameKind.INPUT):
+                self._offer(channel, viewer, delivery)
+
+    def _route_output(self, channel: Channel, delivery: Delivery) -> None:
+        channel.frames_out.tick()
+        channel.latency.finished(delivery.frame.seq)
+        for peer in (*channel.viewers, *channel.producers):
+            if peer.wants(FrameKind.OUTPUT):
+                self._offer(channel, peer, delivery)
+
+    def _offer(self, channel: Channel, peer: Peer, delivery: Delivery) -> None:
+        slot = (channel.name, delivery.frame.kind)
+        if peer.outbox.put_frame(slot, delivery) is not None:
+            channel.drops["viewers"] += 1
+
+    # -- control ------------------------------------------------------------
+
+    def set_params(self, channel: Channel, params: dict[str, Any], replace: bool = False) -> int:
+        channel.params = dict(params) if replace else {**channel.params, **params}
+        channel.params_version += 1
+        if channel.worker is not None:
+            channel.worker.send(params_message(channel.name, channel.params, channel.params_version))
+        return channel.params_version
+
+    def on_params(self, peer: Peer, params: dict[str, Any], channel_name: str | None,
+                  replace: bool) -> int:
+        if peer.role is not Role.PRODUCER:
+            raise ProtocolError("only producers set a channel's params", ErrorCode.NOT_ALLOWED.value)
+        if channel_name not in (None, peer.channel):
+            raise ProtocolError(f"not joined to channel {channel_name!r}", ErrorCode.UNKNOWN_CHANNEL.value)
+        return self.set_params(self.channels[peer.channel], params, replace)
+
+    def on_report(self, peer: Peer, channel_name: str, event: str, message: str,
+                  data: dict[str, Any]) -> None:
+        if peer.role is not Role.WORKER or channel_name not in peer.assigned:
+            raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED.value)
+        channel = self.channels[channel_name]
+        report = {"type": "report", "channel": channel_name, "event": event,
+                  "message": message, "data": data}
+        channel.last_report = report
+        if event != "stats":
+            self._tell_channel(channel, report)
+
+    def stats(self, channels: list[str] | None = None) -> dict[str, Any]:
+        names = self.channels if channels is None else [c for c in channels if c in self.channels]
+        return {"type": "stats",
+                "channels": {name: self.channels[name].stats() for name in names},
+                "workers": [w.describe() for w in self.workers]}
+
+    # -- internals ----------------------------------------------------------
+
+    def _channel(self, name: str) -> Channel:
+        channel = self.channels.get(name)
+        if channel is None:
+            if len(self.channels) >= self.config.max_channels:
+                raise ProtocolError(f"the relay already serves {self.config.max_channels} channels",
+                                    ErrorCode.TOO_MANY_CHANNELS.value)
+            channel = self.channels[name] = Channel(name)
+        return channel
+
+    def _assign(self, channel: Channel) -> None:
+        candidates = [w for w in self.workers if len(w.assigned) < w.capacity
+                      and (not w.pinned or channel.name in w.pinned)]
+        if not candidates:
+            return
+        worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
+        channel.worker = worker
+        worker.assigned.append(channel.name)
+        worker.send(assign_message(channel.name, channel.params, channel.params_version))
+        log.info("channel %s assigned to worker %s", channel.name, worker.id)
+        self._tell_channel(channel, status_message(channel.name, "assigned", worker=worker.id))
+
+    def _assign_waiting(self) -> None:
+        for channel in self.channels.values():
+            if channel.worker is None and channel.wants_worker:
+                self._assign(channel)
+
+    def _release(self, channel: Channel) -> None:
+        worker = channel.worker
+        if worker is None:
+            return
+        channel.worker = None
+        if channel.name in worker.assigned:
+            worker.assigned.remove(channel.name)
+        worker.send(release_message(channel.name))
+        self._assign_waiting()
+
+    def _tidy(self, channel: Channel) -> None:
+        if not channel.wants_worker:
+            self._release(channel)
+        if channel.empty:
+            del self.channels[channel.name]
+
+    def _tell_channel(self, channel: Channel, message: dict[str, Any]) -> None:
+        for peer in (*channel.producers, *channel.viewers):
+            peer.send(message)
+

@@ -1,0 +1,50 @@
+"""Per-peer outgoing mailbox: latest frame wins, control messages in order.
+
+Each peer has one slot per (channel, kind); putting a frame into a full slot
+replaces the unsent one and counts a drop, so a slow peer holds at most one
+frame per slot and never builds a backlog or slows the sender. Control
+messages (errors, acks, params) go through a small bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Outbox(Generic[T]):
+    def __init__(self, control_limit: int = 64) -> None:
+        self._frames: dict[Hashable, T] = {}
+        self._control: deque[str] = deque(maxlen=control_limit)
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def put_frame(self, slot: Hashable, item: T) -> T | None:
+        """Store ``item`` in ``slot``; return the unsent item it replaced, if any."""
+        replaced = self._frames.pop(slot, None)  # re-insert: oldest slot sends first
+        self._frames[slot] = item
+        self._ready.set()
+        return replaced
+
+    def put_control(self, text: str) -> None:
+        self._control.append(text)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def take(self) -> tuple[list[str], list[T]]:
+        """Wait for something to send; return all pending control messages and frames."""
+        while not (self._control or self._frames or self.closed):
+            self._ready.clear()
+            await self._ready.wait()
+        control = list(self._control)
+        self._control.clear()
+        frames = list(self._frames.values())
+        self._frames.clear()
+        return control, frames

@@ -1,0 +1,250 @@
+"""The relay's WebSocket server: handshakes, one receive loop and one sender task per peer.
+
+Handshake, in order of preference:
+
+1. a ``hello`` JSON message (answered by ``welcome``);
+2. the connection URL: ``ws://host:port/<channel>?role=viewer&token=...``
+   registers at once, for clients that cannot send a hello;
+3. a seed-002 ``image`` message as the first message: a producer on the
+   URL's channel (``default`` for ``/``) that gets acks and base64 results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from relay.config import RelayConfig
+from relay.hub import Hub, Peer
+from relay.outbox import Outbox
+from wire.errors import ProtocolError
+from wire.frames import decode_frame
+from wire.messages import (
+    DEFAULT_CHANNEL,
+    ErrorCode,
+    Hello,
+    LegacyImage,
+    Params,
+    Ping,
+    StatsRequest,
+    WorkerReport,
+    decode_control,
+    encode_control,
+    error_message,
+    welcome_message,
+)
+
+log = logging.getLogger("relay")
+
+CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001
+
+
+class Relay:
+    """A running relay. ``async with Relay(config) as relay:`` serves until the block ends."""
+
+    def __init__(self, config: RelayConfig | None = None) -> None:
+        self.config = config or RelayConfig()
+        self.hub = Hub(self.config)
+        self._server: Server | None = None
+        self._connections: set[ServerConnection] = set()
+
+    async def start(self) -> None:
+        self.config.check()
+        self._server = await websockets.serve(
+            self._handle, self.config.host, self.config.port,
+            compression=None,  # deflate makes JPEG round trips ~40x slower
+            max_size=self.config.websocket_max_size,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "relay not started"
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}"
+
+    async def close(self) -> None:
+        """Tell every peer, then close their sockets and the listener."""
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        shutdown = encode_control({"type": "shutdown", "message": "relay shutting down"})
+        for ws in list(self._connections):
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(shutdown)
+            await ws.close(CLOSE_GOING_AWAY, "relay shutting down")
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> "Relay":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    # -- one connection -----------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self._connections.add(ws)
+        peer: Peer | None = None
+        sender: asyncio.Task[None] | None = None
+        channel, query = _parse_path(ws.request.path if ws.request else "/")
+        try:
+            if "role" in query:
+                peer = await self._register(ws, lambda: _hello_from_query(channel, query), welcome=False)
+                if peer is None:
+                    return
+                sender = asyncio.create_task(self._send_loop(ws, peer))
+            async for message in ws:
+                if peer is None:
+                    peer, replay = await self._first_message(ws, message, channel, query)
+                    if peer is None:
+                        return
+                    sender = asyncio.create_task(self._send_loop(ws, peer))
+                    if not replay:
+                        continue
+                try:
+                    self._dispatch(peer, message)
+                except ProtocolError as exc:
+                    peer.send(error_message(exc.code, str(exc)))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._connections.discard(ws)
+            if peer is not None:
+                self.hub.leave(peer)
+                peer.outbox.close()
+            if sender is not None:
+                await sender
+
+    async def _first_message(self, ws: ServerConnection, message: str | bytes, channel: str,
+                             query: dict[str, str]) -> tuple[Peer | None, bool]:
+        """Register the peer the first message describes.
+
+        Returns the peer (None when refused) and whether the message itself
+        must still be dispatched (a seed-002 image is both handshake and frame).
+        """
+        def hello() -> Hello:
+            if isinstance(message, bytes):
+                raise ProtocolError("send a hello message before frames")
+            control = decode_control(message)
+            if isinstance(control, Hello):
+                return control
+            if isinstance(control, LegacyImage):
+                return _hello_from_query(channel, {**query, "role": "producer", "encoding": "json"})
+            raise ProtocolError(f"send a hello message before {control.type!r}")
+
+        peer = await self._register(ws, hello, welcome=True)
+        return peer, peer is not None and peer.legacy and isinstance(message, str)
+
+    async def _register(self, ws: ServerConnection, hello: Callable[[], Hello],
+                        welcome: bool) -> Peer | None:
+        """Check the hello, the token and the limits; join the hub. Refusals close the socket."""
+        try:
+            greeting = hello()
+            if not self._token_ok(greeting.token):
+                raise ProtocolError("missing or wrong token", ErrorCode.UNAUTHORIZED.value)
+            peer = Peer(
+                id=secrets.token_hex(4), role=greeting.role, channel=greeting.channel,
+                receive=greeting.receive, encoding=greeting.encoding, capacity=greeting.capacity,
+                pinned=frozenset(greeting.channels), name=greeting.name, engine=greeting.engine,
+                outbox=Outbox(self.config.control_queue),
+            )
+            self.hub.check_join(peer)
+        except ProtocolError as exc:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(encode_control(error_message(exc.code, str(exc))))
+                await ws.close(CLOSE_POLICY, str(exc)[:120])
+            return None
+        if welcome and not peer.legacy:
+            peer.send(welcome_message(peer.role, peer.channel, peer.id, self.config.limits()))
+        self.hub.join(peer)
+        return peer
+
+    def _token_ok(self, token: str | None) -> bool:
+        if not self.config.tokens:
+            return True
+        if not token:
+            return False
+        return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.config.tokens)
+
+    def _dispatch(self, peer: Peer, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            if len(message) > self.config.max_frame_bytes + 4096:
+                raise ProtocolError(f"message of {len(message)} bytes exceeds the frame limit of "
+                                    f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE.value)
+            self.hub.route(peer, decode_frame(message), message)
+            return
+        control = decode_control(message)
+        if isinstance(control, LegacyImage):
+            self.hub.route_legacy(peer, control.image_format, control.data, control.timestamp,
+                                  control.seq)
+        elif isinstance(control, Params):
+            version = self.hub.on_params(peer, control.params, control.channel, control.replace)
+            peer.send({"type": "params_ack", "channel": peer.channel, "version": version})
+        elif isinstance(control, StatsRequest):
+            names = None if peer.role.value == "worker" else [peer.channel]
+            peer.send(self.hub.stats(names))
+        elif isinstance(control, WorkerReport):
+            self.hub.on_report(peer, control.channel, control.event, control.message, control.data)
+        elif isinstance(control, Ping):
+            peer.send({"type": "pong"})
+        else:
+            raise ProtocolError(f"unexpected {control.type!r} message after the handshake")
+
+    async def _send_loop(self, ws: ServerConnection, peer: Peer) -> None:
+        """Drain the peer's outbox; ``send`` waiting on a slow socket is the backpressure."""
+        outbox = peer.outbox
+        try:
+            while True:
+                control, frames = await outbox.take()
+                for text in control:
+                    await ws.send(text)
+                for delivery in frames:
+                    await ws.send(delivery.as_json() if peer.legacy else delivery.raw)
+                if outbox.closed:
+                    return
+        except ConnectionClosed:
+            return
+
+
+async def serve(config: RelayConfig) -> None:
+    """Run a relay until cancelled."""
+    async with Relay(config) as relay:
+        log.info("relay listening on %s", relay.url)
+        await relay.serve_forever()
+
+
+def _parse_path(path: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(path)
+    channel = unquote(parts.path.strip("/")) or DEFAULT_CHANNEL
+    return channel, dict(parse_qsl(parts.query))
+
+
+def _hello_from_query(channel: str, query: dict[str, str]) -> Hello:
+    fields: dict[str, Any] = {"type": "hello", "channel": query.get("channel", channel)}
+    for key in ("role", "token", "receive", "encoding", "name", "engine"):
+        if key in query:
+            fields[key] = query[key]
+    if "capacity" in query:
+        fields["capacity"] = query["capacity"]
+    return decode_control(encode_control(fields))  # same validation as a hello message
+
