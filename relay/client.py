@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from wire.messages import Role, decode_control, encode_control
-
-import orjson
 
 
 class RelayRefused(ConnectionError):
@@ -21,15 +20,18 @@ class RelayRefused(ConnectionError):
 
 
 async def connect(url: str, role: Role | str, channel: str = "default", token: str | None = None,
-                  *, max_size: int | None = 64 * 1024 * 1024, **hello: Any,
+                  *, max_size: int | None = 64 * 1024 * 1024, max_queue: int = 16,
+                  **hello: Any,
                   ) -> tuple[ClientConnection, dict[str, Any]]:
     """Open a connection, send ``hello`` and wait for ``welcome``.
 
     Compression is off (deflate makes JPEG frames ~40x slower). Extra keyword
     arguments go into the hello (``receive``, ``capacity``, ``engine``...).
+    ``max_queue`` is how many received messages wait unread before the
+    socket stops reading (a slow reader's backpressure).
     Raises :class:`RelayRefused` when the relay says no.
     """
-    ws = await websockets.connect(url, compression=None, max_size=max_size)
+    ws = await websockets.connect(url, compression=None, max_size=max_size, max_queue=max_queue)
     role = role.value if isinstance(role, Role) else role
     message = {"type": "hello", "role": role, "channel": channel, **hello}
     if token:

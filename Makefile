@@ -1,0 +1,37 @@
+# `make run`: set up and start the server (relay + a local worker).
+# `make test`: set up and run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: run test setup setup-dev bench lint
+
+run: setup
+	$(PY) -m api
+
+test: setup-dev
+	$(PY) -m pytest -q
+
+setup: $(VENV)/.core-installed
+setup-dev: $(VENV)/.dev-installed
+
+$(VENV)/.core-installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+# torch==2.13.0 first, alone: pip then takes the CPU build on local disk
+# instead of resolving an unpinned torch to a multi-GB CUDA download.
+$(VENV)/.dev-installed: $(VENV)/.core-installed requirements-dev.txt $(wildcard requirements-diffusion.txt)
+	$(PIP) install -q -r requirements-dev.txt
+	if [ -f requirements-diffusion.txt ]; then $(PIP) install -q torch==2.13.0 && $(PIP) install -q -r requirements-diffusion.txt; fi
+	touch $@
+
+bench: setup-dev
+	$(PY) bench/relay.py --quick
+	$(PY) bench/worker.py
+
+lint: setup-dev
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,513 @@
+"""Relay throughput and latency against a bare forwarder and the seed-002 baseline.
+
+    .venv/bin/python -m bench.relay            # full run, ~1.5 min on 2 cores
+    .venv/bin/python -m bench.relay --quick    # ~20 s
+    .venv/bin/python -m bench.relay --json     # machine-readable result on stdout
+    .venv/bin/python -m bench.relay --profile /tmp/relay.prof   # cProfile the relay process
+
+Each server runs in its own process (see ``bench/relay_servers.py``); every
+client (producers, viewers, echo workers) runs in this process. Both use
+uvloop when it is installed. Per channel there is one producer and one viewer
+(plus one echo worker for the "echo" path). Frames are one 512x512 JPEG of a
+synthetic landscape (simplejpeg, quality 85, 4:2:0, ~51 KB) stamped with a
+sequence number and ``time.time()`` at send time.
+
+Cases, for 1 and 10 channels, at 30 fps per channel and at maximum rate:
+
+* ``relay in->viewer``: this relay, viewers ask for the producer's input
+  frames (``receive="input"``), no worker.
+* ``relay via echo``: this relay, an echo worker turns each input frame into an
+  output frame; viewers get outputs (two hops through the relay).
+* ``bare forwarder``: the limit, binary messages forwarded unparsed.
+* ``naive b64 deflate``: the seed-002 base64 JSON relay with websockets'
+  defaults (per-message deflate ON on both ends).
+* ``naive b64 plain``: the same naive relay with ``compression=None``.
+
+Metrics, measured over a window after a warm-up: delivered frames/s and MB/s
+(WebSocket message bytes received by viewers: base64 makes the naive relay's
+messages 4/3 larger), latency p50/p99 (receive time - send time stamped by the
+producer, same clock), drops (frames sent in the window that no viewer got
+by the end of a grace period), CPU of the server process and of this client
+process (% of one core), and the server's CPU time per delivered frame, which
+does not depend on whether the client process is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # ``python bench/relay.py``
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import websockets
+
+from bench.relay_servers import server_process
+from wire.frames import HEADER, MAGIC, VERSION, FrameKind, ImageFormat
+
+SEQ_TS = struct.Struct("!Qd")  # sequence number and timestamp, at offset 8 of a frame header
+CASES = (  # (label, server, path)
+    ("relay in->viewer", "relay", "input"),
+    ("relay via echo", "relay", "echo"),
+    ("bare forwarder", "bare", "input"),
+    ("naive b64 deflate", "naive", "input"),
+    ("naive b64 plain", "naive-plain", "input"),
+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the image ----------------------------------------------------------------
+
+def landscape(size: int = 512, seed: int = 7) -> np.ndarray:
+    """A natural-looking RGB picture: sky, clouds, sun, hills, grain, trees, text."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h = w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = y / h
+    img = np.empty((h, w, 3), np.float32)
+    img[..., 0] = 90 + 120 * t
+    img[..., 1] = 140 + 80 * t
+    img[..., 2] = 230 - 30 * t
+    clouds = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 12)
+    img += (np.clip(clouds / clouds.std(), 0, None) * 25 * (1 - t))[..., None]
+    sun = np.clip(1 - np.hypot(x - 0.74 * w, y - 0.21 * h) / (0.12 * w), 0, 1) ** 0.5 * 120
+    img += sun[..., None] * np.array([1, 0.9, 0.5], np.float32)
+    for base, amp, colour in ((0.55, 40, (70, 110, 60)), (0.66, 30, (50, 95, 40)),
+                              (0.80, 20, (90, 80, 45))):
+        ph = rng.uniform(0, 6.28, 3)
+        xs = x[0]
+        ridge = base * h + amp * (np.sin(xs / 70 + ph[0]) + 0.5 * np.sin(xs / 23 + ph[1])
+                                  + 0.25 * np.sin(xs / 9 + ph[2]))
+        mask = cv2.GaussianBlur((y > ridge[None, :]).astype(np.float32), (0, 0), 1.0)[..., None]
+        shade = np.array(colour, np.float32) * (1 + 0.3 * (y - base * h) / h)[..., None]
+        img = img * (1 - mask) + shade * mask
+    fine = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 0.8)
+    medium = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 3)
+    ground = np.clip((y - 0.49 * h) / (0.51 * h), 0, 1)
+    img += ((fine / fine.std()) * 11 * (0.3 + ground) + (medium / medium.std()) * 8)[..., None]
+    for _ in range(14):
+        cx, cy = int(rng.uniform(0, w)), int(rng.uniform(0.64 * h, 0.98 * h))
+        r = int(rng.uniform(8, 22))
+        leaf = tuple(float(c) for c in rng.uniform(20, 70, 3) * [0.6, 1.3, 0.5])
+        cv2.circle(img, (cx, cy - r), r, leaf, -1, cv2.LINE_AA)
+        cv2.rectangle(img, (cx - 2, cy - r), (cx + 2, cy + 4), (70, 50, 30), -1)
+    out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
+    cv2.putText(out, "relay bench", (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2,
+                cv2.LINE_AA)
+    return out
+
+
+def test_jpeg() -> bytes:
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(landscape(), quality=85, colorspace="RGB",
+                                  colorsubsampling="420")
+
+
+# -- machine --------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import uvloop
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "asyncio (uvloop not installed)"
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "websockets": websockets.__version__, "loop": loop,
+            "platform": platform.platform(terse=True)}
+
+
+# -- one case ---------------------------------------------------------------------
+
+@dataclass
+class Stream:
+    """One channel's clients and how its messages are made and read."""
+
+    name: str
+    producer: Any
+    viewers: list[Any]
+    extra: list[Any]  # echo workers
+    make: Callable[[int, float], bytes | str]
+    parse: Callable[[bytes | str], tuple[int, float] | None]
+    sent: list[float] = field(default_factory=list)  # send time of seq i
+    received: list[list[tuple[float, int, float, int]]] = field(default_factory=list)
+    acks: int = 0
+
+
+def binary_maker(channel: str, jpeg: bytes) -> Callable[[int, float], bytes]:
+    name = channel.encode()
+    pack = HEADER.pack
+
+    def make(seq: int, ts: float) -> bytes:
+        header = pack(MAGIC, VERSION, FrameKind.INPUT, ImageFormat.JPEG, 0, len(name), 0, seq, ts,
+                      512, 512, 0)
+        return b"".join((header, name, jpeg))
+
+    return make
+
+
+def parse_binary(message: bytes | str) -> tuple[int, float] | None:
+    if isinstance(message, str):
+        return None  # control message (status, assign...)
+    return SEQ_TS.unpack_from(message, 8)
+
+
+def naive_maker(jpeg: bytes) -> Callable[[int, float], str]:
+    # json.dumps's output for the seed's message, built without re-escaping 68 KB per frame
+    # (the client is not what is measured); "seq" is our addition for counting drops.
+    head = '{"type": "image", "format": "jpeg", "data": "' + base64.b64encode(jpeg).decode()
+    json.loads(head + '", "timestamp": 1.5, "seq": 0}')  # it is valid JSON
+
+    def make(seq: int, ts: float) -> str:
+        return f'{head}", "timestamp": {ts!r}, "seq": {seq}}}'
+
+    return make
+
+
+_TAIL = re.compile(r'"timestamp": ([0-9.e+-]+), "seq": (\d+)\}$')
+
+
+def parse_naive(message: bytes | str) -> tuple[int, float] | None:
+    if not isinstance(message, str):
+        return None
+    m = _TAIL.search(message, len(message) - 80)
+    if m is None:
+        return None
+    return int(m.group(2)), float(m.group(1))
+
+
+async def open_streams(server: str, path: str, port: int, names: list[str],
+                       jpeg: bytes) -> list[Stream]:
+    url = f"ws://127.0.0.1:{port}"
+    streams = []
+    for name in names:
+        if server == "relay":
+            from relay.client import connect
+
+            extra = []
+            if path == "echo":
+                worker, _ = await connect(url, "worker", capacity=1, channels=[name], name="echo")
+                extra.append(worker)
+            viewer, _ = await connect(url, "viewer", name, receive="input" if path == "input" else "output")
+            producer, _ = await connect(url, "producer", name, receive="none")
+            s = Stream(name, producer, [viewer], extra, binary_maker(name, jpeg), parse_binary)
+        elif server == "bare":
+            viewer = await websockets.connect(f"{url}/{name}?role=viewer", compression=None,
+                                              max_size=None)
+            producer = await websockets.connect(f"{url}/{name}?role=producer", compression=None,
+                                                max_size=None)
+            s = Stream(name, producer, [viewer], [], binary_maker(name, jpeg), parse_binary)
+        else:
+            kwargs: dict[str, Any] = {} if server == "naive" else {"compression": None}
+            viewer = await websockets.connect(f"{url}/{name}", **kwargs)
+            producer = await websockets.connect(f"{url}/{name}", **kwargs)
+            s = Stream(name, producer, [viewer], [], naive_maker(jpeg), parse_naive)
+        for ws in (s.producer, *s.viewers, *s.extra):
+            ws.close_timeout = 1
+        s.received = [[] for _ in s.viewers]
+        streams.append(s)
+    return streams
+
+
+async def _produce(s: Stream, rate: float | None, phase: float, running: list[bool]) -> None:
+    ws, make, sent = s.producer, s.make, s.sent
+    clock, wall = time.perf_counter, time.time
+    period = 1 / rate if rate else 0.0
+    due = clock() + phase * period
+    seq = 0
+    try:
+        while running[0]:
+            if rate:
+                delay = due - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -period:  # fell a whole frame behind: do not burst to catch up
+                    due = clock()
+                due += period
+            ts = wall()
+            await ws.send(make(seq, ts))
+            sent.append(ts)
+            seq += 1
+            if not rate:
+                await asyncio.sleep(0)  # let the viewers in this process run
+    except websockets.ConnectionClosed:
+        pass
+
+
+async def _view(ws: Any, parse: Callable, log: list) -> None:
+    wall = time.time
+    try:
+        async for message in ws:
+            now = wall()
+            got = parse(message)
+            if got is not None:
+                log.append((now, got[0], got[1], len(message)))
+    except websockets.ConnectionClosed:
+        pass
+
+
+async def _drain(s: Stream) -> None:
+    try:
+        async for _ in s.producer:  # acks (naive) and status messages (relay)
+            s.acks += 1
+    except websockets.ConnectionClosed:
+        pass
+
+
+async def _echo(ws: Any) -> None:
+    try:
+        async for message in ws:
+            if isinstance(message, bytes):
+                out = bytearray(message)
+                out[3] = FrameKind.OUTPUT
+                await ws.send(out)
+    except websockets.ConnectionClosed:
+        pass
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+async def run_case(server: str, path: str, port: int, server_pid: int, channels: int,
+                   rate: float | None, warmup: float, duration: float, jpeg: bytes,
+                   tag: str) -> dict[str, Any]:
+    names = [f"{tag}-{i}" for i in range(channels)]
+    streams = await open_streams(server, path, port, names, jpeg)
+    running = [True]
+    tasks = []
+    for s in streams:
+        for ws, log in zip(s.viewers, s.received):
+            tasks.append(asyncio.create_task(_view(ws, s.parse, log)))
+        tasks.append(asyncio.create_task(_drain(s)))
+        tasks += [asyncio.create_task(_echo(w)) for w in s.extra]
+    producers = [asyncio.create_task(_produce(s, rate, i / channels, running))
+                 for i, s in enumerate(streams)]
+    await asyncio.sleep(warmup)
+    t0, srv0, cli0 = time.time(), _proc_cpu(server_pid), time.process_time()
+    await asyncio.sleep(duration)
+    t1, srv1, cli1 = time.time(), _proc_cpu(server_pid), time.process_time()
+    running[0] = False
+    await asyncio.sleep(0.3)  # grace: frames in flight still count as delivered (not in the rate)
+    for task in producers:
+        task.cancel()
+    conns = [ws for s in streams for ws in (s.producer, *s.viewers, *s.extra)]
+    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    await asyncio.gather(*tasks, *producers, return_exceptions=True)
+
+    span = t1 - t0
+    sent = delivered = nbytes = drops = 0
+    latencies = []
+    for s in streams:
+        window = [seq for seq, ts in enumerate(s.sent) if t0 <= ts <= t1]
+        sent += len(window)
+        for log in s.received:
+            got = set()
+            for now, seq, ts, size in log:
+                got.add(seq)
+                if t0 <= now <= t1:
+                    delivered += 1
+                    nbytes += size
+                    latencies.append(now - ts)
+            drops += sum(1 for seq in window if seq not in got)
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "sent_fps": sent / span,
+        "fps": delivered / span,
+        "mb_s": nbytes / span / 1e6,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "drops": drops,
+        "sent": sent,
+        "delivered": delivered,
+        "server_cpu": (srv1 - srv0) / span,
+        "client_cpu": (cli1 - cli0) / span,
+        "server_us_per_frame": (srv1 - srv0) / delivered * 1e6 if delivered else float("nan"),
+    }
+
+
+def _client_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+# -- the whole run --------------------------------------------------------------------
+
+def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, Any]:
+    jpeg = test_jpeg()
+    ctx = mp.get_context("spawn")
+    results = []
+    wanted = [c for c in CASES if not args.only or c[1] in args.only]
+    by_server: dict[str, list[tuple[str, str]]] = {}
+    for label, server, path in wanted:
+        by_server.setdefault(server, []).append((label, path))
+    loops = set()
+    for server, paths in by_server.items():
+        parent, child = ctx.Pipe()
+        profile = args.profile if server == "relay" else None
+        proc = ctx.Process(target=server_process, args=(server, child, profile), daemon=True)
+        proc.start()
+        port, loop_name = parent.recv()
+        loops.add(loop_name)
+        try:
+            with asyncio.Runner(loop_factory=_client_loop) as runner:
+                for label, path in paths:
+                    for channels in args.channels:
+                        for rate in (30.0, None):
+                            duration = args.duration_max if rate is None else args.duration_paced
+                            tag = f"{server}-{path}-{channels}-{'max' if rate is None else int(rate)}"
+                            r = runner.run(run_case(server, path, port, proc.pid, channels, rate,
+                                                    args.warmup, duration, jpeg, tag))
+                            r.update(label=label, server=server, path=path, channels=channels,
+                                     mode="max" if rate is None else f"{rate:g}fps")
+                            results.append(r)
+                            report(_row(r))
+        finally:
+            parent.send("stop")
+            if parent.poll(10):
+                parent.recv()
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+    return {"jpeg_bytes": len(jpeg), "server_loops": sorted(loops), "results": results,
+            "ratios": ratios(results)}
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def fps(label: str, channels: int, mode: str) -> float | None:
+        for r in results:
+            if (r["label"], r["channels"], r["mode"]) == (label, channels, mode):
+                return r["fps"]
+        return None
+
+    out = []
+    for channels in sorted({r["channels"] for r in results}):
+        ours = fps("relay in->viewer", channels, "max")
+        echo = fps("relay via echo", channels, "max")
+        for name, ref in (("bare forwarder", "bare forwarder"),
+                          ("naive b64 deflate", "naive b64 deflate"),
+                          ("naive b64 plain", "naive b64 plain")):
+            base = fps(ref, channels, "max")
+            if ours and base:
+                out.append({"channels": channels, "ours": "relay in->viewer", "vs": name,
+                            "ratio": ours / base})
+            if echo and base and name != "bare forwarder":
+                out.append({"channels": channels, "ours": "relay via echo", "vs": name,
+                            "ratio": echo / base})
+    return out
+
+
+HEAD = (f"{'case':<18} {'ch':>3} {'mode':>6} {'sent/s':>8} {'recv/s':>8} {'MB/s':>7} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'drops':>6} {'srv cpu':>7} {'cli cpu':>7} {'srv us/f':>8}")
+
+
+def _row(r: dict[str, Any]) -> str:
+    return (f"{r['label']:<18} {r['channels']:>3} {r['mode']:>6} {r['sent_fps']:>8.0f} "
+            f"{r['fps']:>8.0f} {r['mb_s']:>7.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            f"{r['drops']:>6} {r['server_cpu']:>6.0%} {r['client_cpu']:>7.0%} "
+            f"{r['server_us_per_frame']:>8.0f}")
+
+
+def format_report(machine: dict[str, Any], out: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
+        f"websockets {machine['websockets']}, {machine['loop']} (servers on "
+        f"{', '.join(out['server_loops'])})",
+        f"frames: 512x512 JPEG q85 4:2:0, {out['jpeg_bytes']} bytes; warm-up {args.warmup:g} s, "
+        f"window {args.duration_paced:g} s at 30 fps, {args.duration_max:g} s at max rate",
+        "", HEAD, "-" * len(HEAD),
+    ]
+    lines += [_row(r) for r in out["results"]]
+    lines += [
+        "",
+        "MB/s: message bytes at the viewers (base64 is 4/3 of the JPEG). Latency: viewer receive",
+        "time - producer send time. drops: sent in the window, never received. cpu: % of one core",
+        "(server process / this client process). srv us/f: server CPU per delivered frame.",
+        "naive b64 deflate = websockets defaults, per-message deflate ON (as a naive server has it);",
+        "naive b64 plain = same server with compression=None.",
+        "",
+        "throughput ratios at max rate (delivered frames/s):",
+    ]
+    for q in out["ratios"]:
+        lines.append(f"  {q['channels']:>2} ch  {q['ours']:<16} / {q['vs']:<18} = {q['ratio']:6.2f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short windows (~20 s in all)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--channels", type=int, nargs="+", default=[1, 10])
+    p.add_argument("--only", nargs="+", choices=["relay", "bare", "naive", "naive-plain"],
+                   help="run only these servers")
+    p.add_argument("--warmup", type=float)
+    p.add_argument("--duration-max", type=float, help="window at max rate, seconds")
+    p.add_argument("--duration-paced", type=float, help="window at 30 fps, seconds")
+    p.add_argument("--profile", metavar="FILE",
+                   help="run the relay's process under cProfile and write the stats to FILE")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.7)
+    if args.duration_max is None:
+        args.duration_max = 1.0 if quick else 3.0
+    if args.duration_paced is None:
+        args.duration_paced = 0.7 if quick else 2.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    machine = machine_info()
+    started = time.monotonic()
+    report = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    if not args.json:
+        print(HEAD, file=sys.stderr, flush=True)
+    out = run(args, report)
+    out.update(machine=machine, date=datetime.date.today().isoformat(),
+               settings={"warmup_s": args.warmup, "window_max_s": args.duration_max,
+                         "window_30fps_s": args.duration_paced, "channels": args.channels},
+               runtime_s=round(time.monotonic() - started, 1))
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(format_report(machine, out, args))
+        print(f"\nruntime {out['runtime_s']} s")
+    if args.profile:
+        import pstats
+
+        stats = pstats.Stats(args.profile, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Counting and once-a-second printing shared by the producer and the viewer."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+
+def percentiles_ms(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99/max of latencies given in seconds, in milliseconds; empty when no samples."""
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": pick(1.0)}
+
+
+class Rate:
+    """A counter that also tells how much it grew since the last look."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen = 0
+
+    def add(self, n: int = 1) -> None:
+        self.total += n
+
+    def delta(self) -> int:
+        d, self._seen = self.total - self._seen, self.total
+        return d
+
+
+@asynccontextmanager
+async def every_second(line: Callable[[float], str] | None) -> AsyncIterator[None]:
+    """While the block runs, print ``line(seconds_since_last)`` to stderr once a second.
+
+    ``None`` prints nothing (library use, tests)."""
+    if line is None:
+        yield
+        return
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            print(line(now - last), file=sys.stderr, flush=True)
+            last = now
+
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass

@@ -1,0 +1,110 @@
+"""Real protocol peers for tests: frames, a raw echo worker, receive helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+import orjson
+from websockets.asyncio.client import ClientConnection
+
+from media.codec import encode_image
+from relay.client import connect
+from wire.frames import Frame, FrameKind, ImageFormat, decode_frame, encode_frame
+
+TIMEOUT = 15.0
+
+
+def picture(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """A smooth, structured RGB image (gradients and a disc), different per seed."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                    np.full_like(x, (seed * 37) % 256)], axis=-1).astype(np.uint8)
+    cv2.circle(rgb, ((seed * 7) % width, height // 2), max(4, height // 4), (255, 255, 255), -1)
+    return rgb
+
+
+def jpeg(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    return encode_image(picture(width, height, seed), ImageFormat.JPEG)
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """An incompressible PNG: big frames that fill socket buffers quickly."""
+    rgb = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode_image(rgb, ImageFormat.PNG)
+
+
+def input_frame(seq: int, payload: bytes, channel: str = "default", width: int = 64,
+                height: int = 48, fmt: ImageFormat = ImageFormat.JPEG) -> bytes:
+    return encode_frame(Frame(channel=channel, seq=seq, timestamp=time.time(), width=width,
+                              height=height, format=fmt, payload=payload))
+
+
+async def recv_json(ws: ClientConnection, type_: str | None = None, **match: Any) -> dict[str, Any]:
+    """Next text message (of ``type_`` with fields equal to ``match``), skipping others."""
+    async def loop() -> dict[str, Any]:
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                continue
+            data = orjson.loads(message)
+            if (type_ is None or data.get("type") == type_) and all(
+                    data.get(k) == v for k, v in match.items()):
+                return data
+    return await asyncio.wait_for(loop(), TIMEOUT)
+
+
+async def recv_frame(ws: ClientConnection) -> Frame:
+    """Next binary frame, skipping text messages."""
+    async def loop() -> Frame:
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                return decode_frame(message)
+    return await asyncio.wait_for(loop(), TIMEOUT)
+
+
+class EchoWorker:
+    """A minimal worker speaking the protocol by hand: returns each input as its output.
+
+    ``gate`` (when set) is awaited before each receive, which makes a
+    deliberately slow worker whose pace the test controls.
+    """
+
+    def __init__(self, url: str, token: str | None = None, max_queue: int = 16) -> None:
+        self.url, self.token, self.max_queue = url, token, max_queue
+        self.received: list[int] = []
+        self.assigned: asyncio.Queue[str] = asyncio.Queue()
+        self.ws: ClientConnection | None = None
+        self.session = ""
+
+    async def start(self) -> "EchoWorker":
+        self.ws, welcome = await connect(self.url, "worker", token=self.token,
+                                         max_queue=self.max_queue)
+        self.session = welcome["session"]
+        return self
+
+    async def serve(self, count: int | None = None) -> None:
+        """Echo ``count`` frames (forever when None)."""
+        assert self.ws is not None
+        done = 0
+        while count is None or done < count:
+            message = await self.ws.recv()
+            if isinstance(message, str):
+                data = orjson.loads(message)
+                if data.get("type") == "assign":
+                    self.assigned.put_nowait(data["channel"])
+                continue
+            frame = decode_frame(message)
+            self.received.append(frame.seq)
+            out = frame.as_output(frame.payload, frame.format, frame.width, frame.height, 1)
+            assert out.kind is FrameKind.OUTPUT
+            await self.ws.send(encode_frame(out))
+            done += 1
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()

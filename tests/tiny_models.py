@@ -1,0 +1,176 @@
+"""Tiny random-weight Stable Diffusion models, saved the way the hub lays them out.
+
+No weights can be downloaded here, so tests build SD and SDXL pipelines,
+a TAESD-style tiny VAE, a ControlNet and a LoRA from small configs and save
+them with ``save_pretrained``; the engine then loads them through its real
+``from_pretrained`` code with ``model_id`` set to the local path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TEXT_DIM = 32
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Paths of the saved tiny models."""
+
+    sd: Path  # StableDiffusionPipeline directory (SD 1.x/2.x layout)
+    sdxl: Path  # StableDiffusionXLPipeline directory
+    tiny_vae: Path  # AutoencoderTiny directory (stands in for madebyollin/taesd)
+    controlnet: Path  # ControlNetModel directory matching ``sd``
+    lora: Path  # LoRA .safetensors file for ``sd``'s UNet
+
+
+def build_tiny_models(root: Path) -> TinyModels:
+    """Build and save every tiny model under ``root`` (about a second on a CPU)."""
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer()
+    sd = StableDiffusionPipeline(
+        vae=_kl_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        unet=_unet(cross_attention_dim=TEXT_DIM),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    sd.save_pretrained(root / "tiny-sd")
+    sdxl = StableDiffusionXLPipeline(
+        vae=_kl_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_unet(cross_attention_dim=2 * TEXT_DIM, xl=True),
+        scheduler=_scheduler(),
+    )
+    sdxl.save_pretrained(root / "tiny-sdxl")
+    _tiny_vae().save_pretrained(root / "tiny-taesd")
+    _controlnet(sd.unet).save_pretrained(root / "tiny-controlnet")
+    lora = _save_lora(sd.unet, root / "tiny-lora")
+    return TinyModels(
+        sd=root / "tiny-sd",
+        sdxl=root / "tiny-sdxl",
+        tiny_vae=root / "tiny-taesd",
+        controlnet=root / "tiny-controlnet",
+        lora=lora,
+    )
+
+
+def _tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer whose vocab is every byte, with no merges."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in (_byte_symbol(b) for b in range(256)):
+        vocab[symbol] = len(vocab)
+        vocab[symbol + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _byte_symbol(value: int) -> str:
+    """GPT-2's printable stand-in for a byte, as byte-level BPE spells it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if value in printable:
+        return chr(value)
+    return chr(256 + sum(1 for b in range(value) if b not in printable))
+
+
+def _text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_DIM,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
+def _unet(cross_attention_dim: int, xl: bool = False) -> UNet2DConditionModel:
+    extra = {}
+    if xl:
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + TEXT_DIM,
+        }
+    return UNet2DConditionModel(
+        sample_size=48,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        **extra,
+    )
+
+
+def _kl_vae() -> AutoencoderKL:
+    """Four blocks, so it downsamples by 8 like the real SD VAE."""
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+
+
+def _tiny_vae() -> AutoencoderTiny:
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+
+
+def _controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
+    """A ControlNet whose zero-initialised output convs get random weights, so it has an effect."""
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.5)
+    return controlnet
+
+
+def _save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
+    """Save a rank-2 LoRA on the UNet's attention projections with random (non-zero) weights."""
+    unet = UNet2DConditionModel.from_config(unet.config)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    """sd-turbo's scheduler config (the engine converts it to an LCMScheduler)."""
+    return EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="trailing"
+    )

@@ -1,0 +1,259 @@
+"""One channel's processing: decode, engine, encode, each on its own thread.
+
+Stages hand work over through :class:`NewestBuffer`, so while the engine
+runs frame N the decoder prepares the newest frame after it and the encoder
+finishes frame N-1: the engine never waits on I/O or codecs, and a slow
+engine sees the newest frame rather than a queue. Threads, not processes:
+simplejpeg, OpenCV and torch release the GIL in their C code, and
+``bench/worker.py`` measures what the runtime costs against the engine alone.
+
+Parameter changes are applied on the engine thread between batches. A
+change that needs a reload builds a new engine on a helper thread while the
+current one keeps serving, then swaps it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from media.codec import decode_image, encode_image
+from wire.frames import Frame, ImageFormat
+from worker.engines import Engine, EngineError, create_engine
+from worker.slots import Closed, NewestBuffer
+
+log = logging.getLogger("worker")
+
+EngineFactory = Callable[[Mapping[str, Any]], Engine]
+
+
+@dataclass
+class StageTimes:
+    """Running totals for stats: seconds spent per stage and frames through each."""
+
+    decode: float = 0.0
+    engine: float = 0.0
+    encode: float = 0.0
+    frames: int = 0
+    errors: int = 0
+
+    def per_frame_ms(self) -> dict[str, float]:
+        n = max(self.frames, 1)
+        return {"decode_ms": round(self.decode / n * 1000, 3),
+                "engine_ms": round(self.engine / n * 1000, 3),
+                "encode_ms": round(self.encode / n * 1000, 3)}
+
+
+@dataclass
+class Decoded:
+    frame: Frame
+    rgb: np.ndarray
+
+
+@dataclass
+class PendingUpdate:
+    params: dict[str, Any]
+    version: int
+
+
+@dataclass
+class Events:
+    """Callbacks into the connection (called from pipeline threads)."""
+
+    output: Callable[[Frame], None]
+    report: Callable[[str, str, dict[str, Any]], None] = lambda event, message, data: None
+
+
+@dataclass
+class PipelineOptions:
+    output_format: ImageFormat = ImageFormat.JPEG
+    quality: int = 85
+    extra_params: dict[str, Any] = field(default_factory=dict)
+
+
+class ChannelPipeline:
+    """Runs one channel's frames through an engine on three threads."""
+
+    def __init__(self, channel: str, engine_factory: EngineFactory, params: Mapping[str, Any],
+                 version: int, events: Events, options: PipelineOptions | None = None) -> None:
+        self.channel = channel
+        self.options = options or PipelineOptions()
+        self.events = events
+        self.times = StageTimes()
+        self._factory = engine_factory
+        self._params = {**self.options.extra_params, **params}
+        self._version = version
+        self._engine: Engine | None = None
+        self._replacement: tuple[Engine, dict[str, Any], int] | None = None
+        self._reloading = False
+        self._updates: list[PendingUpdate] = []
+        self._lock = threading.Lock()
+        self._incoming: NewestBuffer[Frame] = NewestBuffer(1)
+        self._decoded: NewestBuffer[Decoded] = NewestBuffer(1)
+        self._processed: NewestBuffer[tuple[Frame, np.ndarray, int]] = NewestBuffer(4)
+        self._threads = [
+            threading.Thread(target=self._guard(self._decode_loop), name=f"decode-{channel}", daemon=True),
+            threading.Thread(target=self._guard(self._engine_loop), name=f"engine-{channel}", daemon=True),
+            threading.Thread(target=self._guard(self._encode_loop), name=f"encode-{channel}", daemon=True),
+        ]
+
+    # -- control, from the connection ---------------------------------------
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, frame: Frame) -> None:
+        self._incoming.put(frame)
+
+    def update(self, params: Mapping[str, Any], version: int) -> None:
+        """Queue new full params; the engine thread applies them before its next batch."""
+        with self._lock:
+            self._updates.append(PendingUpdate({**self.options.extra_params, **params}, version))
+
+    def stop(self) -> None:
+        for buffer in (self._incoming, self._decoded, self._processed):
+            buffer.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def dropped(self) -> int:
+        return self._incoming.dropped + self._decoded.dropped + self._processed.dropped
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.times.per_frame_ms(), "frames": self.times.frames,
+                "errors": self.times.errors, "dropped": self.dropped,
+                "params_version": self._version, "reloading": self._reloading}
+
+    # -- stages ---------------------------------------------------------------
+
+    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except Closed:
+                pass
+            finally:
+                self.stop()  # one stage ending stops the others
+        return run
+
+    def _decode_loop(self) -> None:
+        while True:
+            for frame in self._incoming.take():
+                start = time.perf_counter()
+                try:
+                    rgb = decode_image(frame.payload, frame.format)
+                except Exception as exc:  # a bad frame must not stop the channel
+                    self._error(f"cannot decode frame {frame.seq}: {exc}")
+                    continue
+                self.times.decode += time.perf_counter() - start
+                self._decoded.put(Decoded(frame, rgb))
+
+    def _engine_loop(self) -> None:
+        try:
+            self._engine = self._build(self._params)
+        except Exception as exc:
+            self._error(f"engine failed to load: {exc}")
+            return
+        self.events.report("ready", "engine loaded", self._engine.info())
+        while True:
+            batch_size = self._engine.batch_size
+            self._decoded.resize(batch_size)
+            batch = self._decoded.take(batch_size, timeout=0.05)
+            self._apply_updates()
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                outputs = self._engine.process([item.rgb for item in batch])
+            except Exception as exc:
+                self._error(f"engine failed on frame {batch[-1].frame.seq}: {exc}")
+                continue
+            self.times.engine += time.perf_counter() - start
+            for item, out in zip(batch, outputs):
+                self._processed.put((item.frame, out, self._version))
+
+    def _encode_loop(self) -> None:
+        fmt, quality = self.options.output_format, self.options.quality
+        while True:
+            for frame, rgb, version in self._processed.take():
+                start = time.perf_counter()
+                try:
+                    payload = encode_image(rgb, fmt, quality)
+                except Exception as exc:
+                    self._error(f"cannot encode the result of frame {frame.seq}: {exc}")
+                    continue
+                self.times.encode += time.perf_counter() - start
+                self.times.frames += 1
+                height, width = rgb.shape[:2]
+                self.events.output(frame.as_output(payload, fmt, width, height, version))
+
+    # -- params -------------------------------------------------------------
+
+    def _build(self, params: Mapping[str, Any]) -> Engine:
+        engine = self._factory(params)
+        engine.load()
+        return engine
+
+    def _apply_updates(self) -> None:
+        with self._lock:
+            updates, self._updates = self._updates, []
+            replacement, self._replacement = self._replacement, None
+        if replacement is not None:
+            old = self._engine
+            self._engine, self._params, self._version = replacement
+            self._reloading = False
+            if old is not None:
+                old.close()
+            self.events.report("ready", "reloaded", self._engine.info())
+        if not updates or self._engine is None:
+            return
+        latest = updates[-1]
+        try:
+            reload_keys = self._engine.update(latest.params)
+        except Exception as exc:
+            self._error(f"params version {latest.version} rejected: {exc}")
+            return
+        if reload_keys:
+            self._start_reload(latest, reload_keys)
+        else:
+            self._params, self._version = latest.params, latest.version
+
+    def _start_reload(self, update: PendingUpdate, keys: set[str]) -> None:
+        self.events.report("reloading", f"reloading for {sorted(keys)}", {"version": update.version})
+
+        def build() -> None:
+            try:
+                engine = self._build(update.params)
+            except Exception as exc:
+                self._error(f"reload for params version {update.version} failed, "
+                            f"keeping version {self._version}: {exc}")
+                return
+            with self._lock:
+                self._replacement = (engine, update.params, update.version)
+
+        self._reloading = True
+        threading.Thread(target=build, name=f"reload-{self.channel}", daemon=True).start()
+
+    def _error(self, message: str) -> None:
+        self.times.errors += 1
+        log.warning("channel %s: %s", self.channel, message)
+        self.events.report("error", message, {})
+
+
+def engine_factory(name: str) -> EngineFactory:
+    def build(params: Mapping[str, Any]) -> Engine:
+        return create_engine(name, params)
+    return build
+
+
+__all__ = ["ChannelPipeline", "EngineError", "Events", "PipelineOptions", "engine_factory"]

@@ -1,0 +1,187 @@
+"""A worker's connection to a relay: takes channel assignments, runs a pipeline per channel.
+
+The asyncio side only moves bytes: it hands each input frame to its
+channel's pipeline (latest wins) and sends results through an
+:class:`~relay.outbox.Outbox`, so a slow relay link drops old results rather
+than queueing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from relay.client import RelayRefused, connect
+from relay.outbox import Outbox
+from wire.errors import ProtocolError
+from wire.frames import Frame, ImageFormat, decode_frame, encode_frame
+from wire.messages import Role, encode_control
+from worker.pipeline import ChannelPipeline, EngineFactory, Events, PipelineOptions, engine_factory
+
+log = logging.getLogger("worker")
+
+STATS_INTERVAL = 2.0
+
+
+@dataclass
+class WorkerOptions:
+    relay_url: str = "ws://127.0.0.1:8765"
+    engine: str = "filter"
+    token: str | None = None
+    capacity: int = 1
+    channels: list[str] = field(default_factory=list)
+    name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # defaults under each channel's params
+    output_format: ImageFormat = ImageFormat.JPEG
+    quality: int = 85
+
+
+class Worker:
+    """Serve channels for one relay connection; ``run`` returns when the relay closes it."""
+
+    def __init__(self, options: WorkerOptions, factory: EngineFactory | None = None) -> None:
+        self.options = options
+        self.factory = factory or engine_factory(options.engine)
+        self.pipelines: dict[str, ChannelPipeline] = {}
+        self.connected = asyncio.Event()
+        self._outbox: Outbox[bytes] = Outbox()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ws, welcome = await connect(
+            self.options.relay_url, Role.WORKER, token=self.options.token,
+            capacity=self.options.capacity, channels=self.options.channels,
+            name=self.options.name, engine=self.options.engine)
+        log.info("worker %s connected to %s", welcome.get("session"), self.options.relay_url)
+        self.connected.set()
+        sender = asyncio.create_task(self._send_loop(ws))
+        reporter = asyncio.create_task(self._stats_loop())
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    self._on_frame(message)
+                else:
+                    self._on_control(orjson.loads(message))
+        except ConnectionClosed:
+            pass
+        finally:
+            reporter.cancel()
+            self._outbox.close()
+            await sender
+            await ws.close()
+            await asyncio.to_thread(self._stop_all)
+
+    # -- incoming -------------------------------------------------------------
+
+    def _on_frame(self, data: bytes) -> None:
+        try:
+            frame = decode_frame(data)
+        except ProtocolError as exc:
+            log.warning("dropping a malformed frame from the relay: %s", exc)
+            return
+        pipeline = self.pipelines.get(frame.channel)
+        if pipeline is not None:
+            pipeline.submit(frame)
+
+    def _on_control(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel", "")
+        if kind == "assign":
+            self._assign(channel, message.get("params") or {}, int(message.get("version", 0)))
+        elif kind == "release":
+            self._release(channel)
+        elif kind == "params" and channel in self.pipelines:
+            self.pipelines[channel].update(message.get("params") or {}, int(message.get("version", 0)))
+        elif kind == "error":
+            log.warning("relay says: %s: %s", message.get("code"), message.get("message"))
+        elif kind == "shutdown":
+            log.info("relay is shutting down")
+
+    def _assign(self, channel: str, params: dict[str, Any], version: int) -> None:
+        self._release(channel)
+        log.info("serving channel %s with engine %s", channel, self.options.engine)
+        events = Events(output=self._deliver,
+                        report=lambda event, msg, data: self._report(channel, event, msg, data))
+        options = PipelineOptions(self.options.output_format, self.options.quality,
+                                  dict(self.options.params))
+        pipeline = ChannelPipeline(channel, self.factory, params, version, events, options)
+        self.pipelines[channel] = pipeline
+        pipeline.start()
+
+    def _release(self, channel: str) -> None:
+        pipeline = self.pipelines.pop(channel, None)
+        if pipeline is not None:
+            pipeline.stop()
+
+    def _stop_all(self) -> None:
+        for channel in list(self.pipelines):
+            pipeline = self.pipelines.pop(channel)
+            pipeline.stop()
+            pipeline.join(timeout=5)
+
+    # -- outgoing (called from pipeline threads) -----------------------------
+
+    def _deliver(self, frame: Frame) -> None:
+        data = encode_frame(frame)
+        self._call_soon(self._outbox.put_frame, frame.channel, data)
+
+    def _report(self, channel: str, event: str, message: str, data: dict[str, Any]) -> None:
+        text = encode_control({"type": "report", "channel": channel, "event": event,
+                               "message": message, "data": data})
+        self._call_soon(self._outbox.put_control, text)
+
+    def _call_soon(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # loop closing during shutdown
+                pass
+
+    async def _send_loop(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                control, frames = await self._outbox.take()
+                for text in control:
+                    await ws.send(text)
+                for data in frames:
+                    await ws.send(data)
+                if self._outbox.closed:
+                    return
+        except ConnectionClosed:
+            return
+
+    async def _stats_loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)  # a reporting period, not synchronisation
+            now = time.monotonic()
+            for channel, pipeline in list(self.pipelines.items()):
+                self._report(channel, "stats", "", {**pipeline.stats(), "interval_s": round(now - last, 3)})
+            last = now
+
+
+async def run_forever(options: WorkerOptions, retry_delay: float = 1.0, max_delay: float = 15.0) -> None:
+    """Keep a worker connected: reconnect with backoff when the relay goes away."""
+    delay = retry_delay
+    while True:
+        worker = Worker(options)
+        try:
+            await worker.run()
+            delay = retry_delay
+        except RelayRefused:
+            raise  # a wrong token or limit will not fix itself
+            log.warning("relay closed the connection; reconnecting")
+        except (OSError, ConnectionClosed) as exc:
+            log.warning("cannot reach relay %s (%s); retrying in %.0f s", options.relay_url, exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
