@@ -89,6 +89,7 @@ class ProducerReport:
     late: int = 0
     acks: int = 0
     bytes_sent: int = 0
+    #: seconds spent sending (rates are over this); draining the last results is not included.
     elapsed: float = 0.0
     width: int = 0
     height: int = 0
@@ -165,6 +166,7 @@ class _Producer:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.changed = asyncio.Event()  # a result, an ack or the end of the connection
         self.connection_over = False
+        self.has_worker: bool | None = None  # from the relay's status messages; None: not told
         self._last_raw: np.ndarray | None = None
         self._last_encoded: tuple[bytes, int, int] | None = None
         self._warned: set[str] = set()
@@ -185,12 +187,14 @@ class _Producer:
             if o.params is not None and not o.legacy:
                 await ws.send(encode_control({"type": "params", "params": o.params}))
             async with every_second(self._progress_line if o.progress else None):
-                await self._send_loop(ws, pool)
+                try:
+                    await self._send_loop(ws, pool)
+                finally:
+                    self.report.elapsed = time.monotonic() - started
                 await self._drain()
         except ConnectionClosed as exc:
             self.report.closed = self.report.closed or _close_reason(exc)
         finally:
-            self.report.elapsed = time.monotonic() - started
             pool.shutdown(wait=False, cancel_futures=True)
             await ws.close()
             await receiver
@@ -300,8 +304,8 @@ class _Producer:
 
     async def _drain(self) -> None:
         """Wait (bounded) for the results and acks of the frames already sent."""
-        if self.connection_over:
-            return
+        if self.connection_over or (self.has_worker is False and not self.opts.legacy):
+            return  # no worker: no result is coming
         end = time.monotonic() + self.opts.drain_timeout
         while (self.outstanding or (self.opts.legacy and self.report.acks < self.sent.total)) \
                 and not self.connection_over:
@@ -380,7 +384,11 @@ class _Producer:
             self.report.closed = f"relay shutting down: {msg.get('message', '')}".strip()
         elif kind == "params_ack":
             self.report.params_version = msg.get("version")
+        elif kind == "status" and msg.get("state") == "assigned":
+            self.has_worker = True
         elif kind == "status" and msg.get("state") == "waiting_for_worker":
+            self.has_worker = False
+            self.changed.set()
             self._warn_once("no_worker", "no worker serves channel %s yet: frames are dropped "
                             "until one joins", msg.get("channel"))
         elif kind == "report" and msg.get("event") == "error":

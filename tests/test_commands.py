@@ -1,0 +1,53 @@
+"""The commands users run, as subprocesses: the embedded server, relay and worker CLIs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from media.codec import decode_image
+from relay.client import connect
+from tests.helpers import input_frame, jpeg, recv_frame, recv_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def test_embedded_server_runs_a_relay_and_a_filter_worker():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api", "--port", "0", cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        url = re.search(r"ws://[\d.]+:\d+", line.decode()).group(0)
+        producer, _ = await connect(url, "producer", "cam")
+        image = jpeg(96, 64, seed=2)
+        ready = await recv_json(producer, "report", event="ready")  # worker process joined, engine loaded
+        assert ready["data"]["engine"] == "filter"
+        await producer.send(input_frame(1, image, "cam", 96, 64))
+        frame = await recv_frame(producer)
+        assert frame.seq == 1
+        assert abs(decode_image(frame.payload).astype(int) - decode_image(image)).mean() > 10
+        await producer.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 15)
+    stderr = (await process.stderr.read()).decode()
+    assert process.returncode == 0
+    assert "engine 'filter'" in stderr  # the log line that says why there is no diffusion
+
+
+def test_relay_refuses_public_address_without_token():
+    result = subprocess.run([sys.executable, "-m", "relay", "--host", "0.0.0.0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "without tokens" in result.stderr
+
+
+def test_worker_rejects_bad_params_json():
+    result = subprocess.run([sys.executable, "-m", "worker", "--params", "{oops"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--params is not valid JSON" in result.stderr
