@@ -32,7 +32,7 @@ async def open_relay(url: str, role: str, channel: str, token: str | None,
         raise ConnectError(f"the relay at {url} refused the {role}: {exc}") from None
     except ProtocolError as exc:
         raise ConnectError(f"bad connection settings: {exc}") from None
-    except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
         raise ConnectError(_unreachable(url, exc)) from None
 
 
@@ -49,7 +49,7 @@ async def open_legacy(url: str, channel: str, token: str | None,
     try:
         return await asyncio.wait_for(
             websockets.connect(target, compression=None, max_size=MAX_MESSAGE), OPEN_TIMEOUT)
-    except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
         raise ConnectError(_unreachable(url, exc)) from None
 
 

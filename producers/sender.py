@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections import deque
@@ -67,6 +68,7 @@ class ProducerOptions:
     receive: bool = True
     #: at most this many frames awaiting their result; 0: no limit. When full the
     #: frame due is skipped (counted "late"), or with fps=0 the loop waits for a slot.
+    #: No limit applies while the relay says the channel has no worker.
     max_in_flight: int = 0
     #: a frame with no result after this long stops counting against ``max_in_flight``.
     in_flight_timeout: float = 5.0
@@ -115,10 +117,10 @@ class ProducerReport:
         return data
 
     def summary(self) -> str:
-        lines = [f"sent {self.sent} frames ({self.width}x{self.height}, "
-                 f"{self.bytes_sent / 1e6:.1f} MB) in {self.elapsed:.1f} s: {self.send_fps:.1f} fps",
-                 f"received {self.received} results: {self.receive_fps:.1f} fps; dropped "
-                 f"{self.dropped}, unanswered {self.unanswered}, late ticks {self.late}"]
+        lines = [(f"sent {self.sent} frames ({self.width}x{self.height}, "
+                  f"{self.bytes_sent / 1e6:.1f} MB) in {self.elapsed:.1f} s: {self.send_fps:.1f} fps"),
+                 (f"received {self.received} results: {self.receive_fps:.1f} fps; dropped "
+                  f"{self.dropped}, unanswered {self.unanswered}, late ticks {self.late}")]
         if self.acks:
             lines.append(f"acks {self.acks}")
         if self.latency_ms:
@@ -195,9 +197,12 @@ class _Producer:
         except ConnectionClosed as exc:
             self.report.closed = self.report.closed or _close_reason(exc)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
             await ws.close()
             await receiver
+            # a read may still run after a cancel: let it end before the caller closes the source
+            pool.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(pool.shutdown, True), 2.0)
         return self._finish()
 
     async def _send_loop(self, ws: ClientConnection, pool: ThreadPoolExecutor) -> None:
@@ -245,13 +250,14 @@ class _Producer:
             return False
         try:
             await asyncio.wait_for(self.stop.wait(), delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
     async def _wait_window(self, size: int, until: float | None) -> bool:
         """Wait until fewer than ``size`` results are outstanding; False if ``until`` passes."""
-        while len(self.outstanding) >= size and not self.connection_over:
+        while len(self.outstanding) >= size and not self.connection_over \
+                and self.has_worker is not False:
             now = time.monotonic()
             oldest = next(iter(self.outstanding.values()))
             if now - oldest >= self.opts.in_flight_timeout:
@@ -266,7 +272,7 @@ class _Producer:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), max(0.0, limit - now))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return True
 
@@ -292,7 +298,7 @@ class _Producer:
         else:
             data = encode_frame(Frame(channel=o.channel, seq=seq, timestamp=c.wall, width=c.width,
                                       height=c.height, format=o.format, payload=c.payload))
-        if o.receive:
+        if o.receive and self.has_worker is not False:
             self.outstanding[seq] = c.mono
         await ws.send(data)
         if o.legacy and seq == 0 and o.params is not None:
@@ -304,19 +310,22 @@ class _Producer:
 
     async def _drain(self) -> None:
         """Wait (bounded) for the results and acks of the frames already sent."""
-        if self.connection_over or (self.has_worker is False and not self.opts.legacy):
-            return  # no worker: no result is coming
         end = time.monotonic() + self.opts.drain_timeout
-        while (self.outstanding or (self.opts.legacy and self.report.acks < self.sent.total)) \
-                and not self.connection_over:
+        while self._expecting():
             remaining = end - time.monotonic()
             if remaining <= 0:
                 return
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
+
+    def _expecting(self) -> bool:
+        """Whether results or acks may still come (none do with no worker on the channel)."""
+        results = bool(self.outstanding) and self.has_worker is not False
+        acks = self.opts.legacy and self.report.acks < self.sent.total
+        return (results or acks) and not self.connection_over
 
     def _finish(self) -> ProducerReport:
         r = self.report
@@ -387,7 +396,9 @@ class _Producer:
         elif kind == "status" and msg.get("state") == "assigned":
             self.has_worker = True
         elif kind == "status" and msg.get("state") == "waiting_for_worker":
-            self.has_worker = False
+            self.has_worker = False  # frames in flight went to a worker that is gone, or nowhere
+            self.report.unanswered += len(self.outstanding)
+            self.outstanding.clear()
             self.changed.set()
             self._warn_once("no_worker", "no worker serves channel %s yet: frames are dropped "
                             "until one joins", msg.get("channel"))

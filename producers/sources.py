@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import cv2
 import numpy as np
@@ -38,7 +38,7 @@ class Source:
     def close(self) -> None:
         """Release files and devices."""
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,7 +153,13 @@ class WebcamSource(Source):
 
     def __init__(self, device: int = 0, width: int | None = None, height: int | None = None) -> None:
         self.device = device
-        self._cap = cv2.VideoCapture(device)
+        logging_ = cv2.utils.logging
+        level = logging_.getLogLevel()
+        logging_.setLogLevel(logging_.LOG_LEVEL_ERROR)  # our error says it better than its warnings
+        try:
+            self._cap = cv2.VideoCapture(device)
+        finally:
+            logging_.setLogLevel(level)
         if not self._cap.isOpened():
             self._cap.release()
             raise SourceError(f"cannot open webcam {device}: no such device or it is busy "
@@ -190,7 +196,7 @@ class ScreenSource(Source):
 
     def __init__(self, region: tuple[int, int, int, int] | None = None, monitor: int = 1) -> None:
         try:
-            import mss  # noqa: F401 - checked here, used in read()
+            import mss
         except ImportError:
             raise SourceError("screen capture needs mss: pip install mss") from None
         if os.name == "posix" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) \
@@ -201,7 +207,7 @@ class ScreenSource(Source):
         try:
             with mss.mss() as sct:
                 monitors = sct.monitors
-        except Exception as exc:  # mss raises ScreenShotError and X errors alike
+        except Exception as exc:  # noqa: BLE001 - mss raises ScreenShotError, X errors, OSError
             raise SourceError(f"screen capture is not available here: {exc}") from None
         if not 0 <= monitor < len(monitors):
             raise SourceError(f"no monitor {monitor}: this screen has {len(monitors) - 1}")

@@ -87,8 +87,8 @@ class ViewerReport:
         return data
 
     def summary(self) -> str:
-        lines = [f"received {self.frames} frames ({self.width}x{self.height}) in "
-                 f"{self.elapsed:.1f} s: {self.fps:.1f} fps"]
+        lines = [(f"received {self.frames} frames ({self.width}x{self.height}) in "
+                  f"{self.elapsed:.1f} s: {self.fps:.1f} fps")]
         if self.saved:
             lines.append(f"saved {self.saved} files")
         if self.mp4_frames:
@@ -200,6 +200,7 @@ class _Viewer:
             self.fresh.set()
             self.report.elapsed = time.monotonic() - started
             closer.cancel()
+            await asyncio.gather(closer, return_exceptions=True)
             await self.ws.close()
             if window is not None:
                 await asyncio.gather(window, return_exceptions=True)
@@ -216,7 +217,7 @@ class _Viewer:
         waiter = stop.wait() if stop is not None else asyncio.Event().wait()
         try:
             await asyncio.wait_for(waiter, self.opts.duration)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await self.ws.close()
 
@@ -291,7 +292,7 @@ class _Viewer:
         while not self.done:
             try:
                 await asyncio.wait_for(self.fresh.wait(), 0.05)  # keep the window responsive
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self.fresh.clear()
             frame = self.latest
