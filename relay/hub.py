@@ -104,7 +104,17 @@ class Channel:
     frames_out: RateMeter = field(default_factory=RateMeter)
     latency: LatencyTracker = field(default_factory=LatencyTracker)
     drops: dict[str, int] = field(default_factory=lambda: {"worker": 0, "viewers": 0, "no_worker": 0})
-    last_report: dict[str, Any] | None = None
+    #: what the worker last said: loading, ready, reloading or error
+    engine_state: str = "waiting_for_worker"
+    engine_info: dict[str, Any] = field(default_factory=dict)
+    worker_stats: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None
+    last_error_time: float | None = None
+    restart_count: int = 0
+    last_restart_time: float | None = None
+    last_input_time: float | None = None
+    last_output_time: float | None = None
+    last_params_time: float | None = None
 
     @property
     def wants_worker(self) -> bool:
@@ -126,7 +136,11 @@ class Channel:
             "viewers": len(self.viewers),
             "worker": self.worker.id if self.worker else None,
             "params_version": self.params_version,
-            "last_report": self.last_report,
+            "engine_state": self.engine_state,
+            "engine": self.engine_info,
+            "worker_stats": self.worker_stats,
+            "last_error": self.last_error,
+            "restart_count": self.restart_count,
         }
 
 
@@ -175,6 +189,7 @@ class Hub:
                 channel = self.channels.get(name)
                 if channel is not None and channel.worker is peer:
                     channel.worker = None
+                    channel.engine_state = "waiting_for_worker"
                     log.info("worker %s left; reassigning channel %s", peer.id, name)
                     self._assign(channel)
                     if channel.worker is None:
@@ -267,6 +282,7 @@ class Hub:
 
     def _route_input(self, channel: Channel, delivery: Delivery) -> None:
         channel.frames_in.tick()
+        channel.last_input_time = time.time()
         worker = channel.worker
         if worker is None:
             channel.drops["no_worker"] += 1
@@ -281,6 +297,7 @@ class Hub:
 
     def _route_output(self, channel: Channel, delivery: Delivery) -> None:
         channel.frames_out.tick()
+        channel.last_output_time = time.time()
         channel.latency.finished(delivery.frame.seq)
         for peer in (*channel.viewers, *channel.producers):
             if peer.wants(FrameKind.OUTPUT):
@@ -296,6 +313,7 @@ class Hub:
     def set_params(self, channel: Channel, params: dict[str, Any], replace: bool = False) -> int:
         channel.params = dict(params) if replace else {**channel.params, **params}
         channel.params_version += 1
+        channel.last_params_time = time.time()
         if channel.worker is not None:
             channel.worker.send(params_message(channel.name, channel.params, channel.params_version))
         return channel.params_version
@@ -313,11 +331,23 @@ class Hub:
         if peer.role is not Role.WORKER or channel_name not in peer.assigned:
             raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED.value)
         channel = self.channels[channel_name]
-        report = {"type": "report", "channel": channel_name, "event": event,
-                  "message": message, "data": data}
-        channel.last_report = report
-        if event != "stats":
-            self._tell_channel(channel, report)
+        if event == "stats":
+            channel.worker_stats = data
+            return
+        if event == "error":
+            channel.last_error, channel.last_error_time = message, time.time()
+            if channel.engine_state == "loading":
+                channel.engine_state = "error"
+            elif data.get("reload_failed"):
+                channel.engine_state = "ready"  # the previous engine keeps serving
+        elif event == "reloading":
+            channel.engine_state = "reloading"
+            channel.restart_count += 1
+            channel.last_restart_time = time.time()
+        elif event == "ready":
+            channel.engine_state, channel.engine_info = "ready", data
+        self._tell_channel(channel, {"type": "report", "channel": channel_name, "event": event,
+                                     "message": message, "data": data})
 
     def stats(self, channels: list[str] | None = None) -> dict[str, Any]:
         names = self.channels if channels is None else [c for c in channels if c in self.channels]
@@ -343,6 +373,7 @@ class Hub:
             return
         worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
         channel.worker = worker
+        channel.engine_state = "loading"
         worker.assigned.append(channel.name)
         worker.send(assign_message(channel.name, channel.params, channel.params_version))
         log.info("channel %s assigned to worker %s", channel.name, worker.id)
@@ -358,6 +389,7 @@ class Hub:
         if worker is None:
             return
         channel.worker = None
+        channel.engine_state = "waiting_for_worker"
         if channel.name in worker.assigned:
             worker.assigned.remove(channel.name)
         worker.send(release_message(channel.name))

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 async def test_embedded_server_runs_a_relay_and_a_filter_worker():
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", "--port", "0", cwd=ROOT,
+        sys.executable, "-m", "api", "--port", "0", "--relay-port", "0", cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 30)

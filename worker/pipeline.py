@@ -236,7 +236,7 @@ class ChannelPipeline:
                 engine = self._build(update.params)
             except Exception as exc:
                 self._error(f"reload for params version {update.version} failed, "
-                            f"keeping version {self._version}: {exc}")
+                            f"keeping version {self._version}: {exc}", reload_failed=True)
                 return
             with self._lock:
                 self._replacement = (engine, update.params, update.version)
@@ -244,10 +244,10 @@ class ChannelPipeline:
         self._reloading = True
         threading.Thread(target=build, name=f"reload-{self.channel}", daemon=True).start()
 
-    def _error(self, message: str) -> None:
+    def _error(self, message: str, **data: Any) -> None:
         self.times.errors += 1
         log.warning("channel %s: %s", self.channel, message)
-        self.events.report("error", message, {})
+        self.events.report("error", message, data)
 
 
 def engine_factory(name: str) -> EngineFactory:

@@ -1,0 +1,59 @@
+"""The ASGI application: REST API, media endpoints, and the relay it hosts.
+
+``create_app`` wires everything; the lifespan starts the relay (a websockets
+server on its own port, in the same event loop) and the local workers, and
+stops them in reverse order, telling clients first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from api import errors, ids
+from api.health import VERSION
+from api.routes_streams import router, v1
+from api.settings import ServerSettings
+from api.streams import StreamManager
+from api.workers import LocalWorkers
+from relay import Relay
+
+log = logging.getLogger("api")
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    if not settings.api_keys:
+        settings.api_keys = frozenset({ids.api_key()})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        relay = Relay(settings.relay)
+        await relay.start()
+        host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
+        app.state.relay = relay
+        app.state.relay_url = f"ws://{host}:{relay.port}"
+        app.state.streams = StreamManager(relay.hub)
+        workers = LocalWorkers(settings.workers, settings.engine, settings.worker_args)
+        app.state.workers = workers
+        await workers.start(app.state.relay_url, next(iter(settings.relay.tokens), None))
+        for hook in app.state.startup_hooks:
+            await hook(app)
+        try:
+            yield
+        finally:
+            await app.state.streams.close_all()
+            await workers.stop()
+            await relay.close()
+
+    app = FastAPI(title="StreamDiffusion server", version=VERSION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.startup_hooks = []
+    app.state.stream_created_hooks = []
+    errors.install(app)
+    app.include_router(router)
+    app.include_router(v1)
+    return app

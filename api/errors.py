@@ -1,0 +1,70 @@
+"""Daydream's error envelope for every 4xx/5xx: ``{"success": false, "error", "code", "status", "details"}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.details = status, message, code, details
+        self.headers = headers
+
+
+def error_body(status: int, message: str, code: str, details: Any = None) -> dict[str, Any]:
+    return {"success": False, "error": message, "code": code, "status": status, "details": details}
+
+
+def error_response(status: int, message: str, code: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, details), status_code=status, headers=headers)
+
+
+def not_found(what: str = "stream") -> ApiError:
+    return ApiError(404, f"{what} not found", f"{what.upper()}S/NOT_FOUND")
+
+
+_HTTP_CODES = {400: "REQUEST/BAD_REQUEST", 401: "AUTH/UNAUTHORIZED", 403: "AUTH/FORBIDDEN",
+               404: "REQUEST/NOT_FOUND", 405: "REQUEST/METHOD_NOT_ALLOWED",
+               409: "REQUEST/CONFLICT", 415: "REQUEST/UNSUPPORTED_MEDIA_TYPE",
+               422: "REQUEST/VALIDATION", 429: "REQUEST/RATE_LIMITED"}
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> str:
+    """One line naming the first bad field, as clients show it to users."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    where = ".".join(loc) or "body"
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field '{where}'"
+    return f"invalid field '{where}': {first.get('msg', 'invalid')}"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                   for e in errors]
+        return error_response(422, describe_validation(errors), "REQUEST/VALIDATION", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "REQUEST/ERROR")
+        return error_response(exc.status_code, str(exc.detail), code, None,
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}", "SERVER/INTERNAL")

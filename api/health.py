@@ -1,0 +1,42 @@
+"""What ``GET /health`` reports: version, GPU, workers and their capacity, streams."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from typing import Any
+
+from fastapi import FastAPI
+
+VERSION = "0.1.0"
+
+
+@functools.cache
+def gpu_info() -> dict[str, Any] | None:
+    """This machine's CUDA device, or None; imports torch only if it is installed."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_mb": props.total_memory // 2**20,
+            "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+
+
+def health_report(app: FastAPI) -> dict[str, Any]:
+    hub = app.state.relay.hub
+    workers = [w.describe() for w in hub.workers]
+    return {
+        "status": "ok",
+        "version": VERSION,
+        "python": sys.version.split()[0],
+        "gpu": gpu_info(),
+        "workers": workers,
+        "capacity": {"total": sum(w["capacity"] for w in workers),
+                     "used": sum(len(w["channels"]) for w in workers)},
+        "streams": len(app.state.streams.streams),
+        "relay_url": app.state.relay_url,
+    }

@@ -1,0 +1,94 @@
+"""``/health`` and the Daydream-compatible ``/v1/streams`` endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+
+from api.auth import require_api_key
+from api.errors import ApiError
+from api.health import health_report
+from api.schemas import CreateStream, UpdateStream
+from api.streams import Stream, StreamManager
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def manager(request: Request) -> StreamManager:
+    return request.app.state.streams
+
+
+def base_url(request: Request) -> str:
+    return request.app.state.settings.public_url or str(request.base_url).rstrip("/")
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    return health_report(request.app)
+
+
+@v1.post("/streams", status_code=201)
+async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
+    streams = manager(request)
+    stream = streams.create(body.pipeline or body.pipeline_id or "streamdiffusion",
+                            body.effective_params(), body.name or "", body.output_rtmp_url)
+    for hook in request.app.state.stream_created_hooks:
+        await hook(stream)
+    return stream.to_json(base_url(request))
+
+
+@v1.get("/streams")
+async def list_streams(request: Request) -> dict[str, Any]:
+    url = base_url(request)
+    return {"success": True, "data": [s.to_json(url) for s in manager(request).streams.values()]}
+
+
+@v1.get("/streams/{stream_id}")
+async def get_stream(stream_id: str, request: Request) -> dict[str, Any]:
+    return manager(request).get(stream_id).to_json(base_url(request))
+
+
+@v1.patch("/streams/{stream_id}")
+async def update_stream(stream_id: str, body: UpdateStream, request: Request) -> dict[str, Any]:
+    """Merge params; hot fields apply on the next frame, others reload while the old pipeline serves."""
+    streams = manager(request)
+    stream = streams.get(stream_id)
+    await streams.update(stream, body.params, name=body.name, output_rtmp_url=body.output_rtmp_url)
+    return stream.to_json(base_url(request))
+
+
+@v1.patch("/streams/{stream_id}/params")
+async def update_params(stream_id: str, request: Request,
+                        body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """Hot params only (never reloads): a body of params, or ``{"params": {...}}``."""
+    streams = manager(request)
+    stream = streams.get(stream_id)
+    patch = body["params"] if set(body) == {"params"} and isinstance(body["params"], dict) else body
+    await streams.update(stream, patch, hot_only=True)
+    return {"success": True, "data": stream.to_json(base_url(request))}
+
+
+@v1.get("/streams/{stream_id}/status")
+async def stream_status(stream_id: str, request: Request) -> dict[str, Any]:
+    streams = manager(request)
+    return {"success": True, "error": None,
+            "data": streams.status(streams.get(stream_id), base_url(request))}
+
+
+@v1.delete("/streams/{stream_id}")
+async def delete_stream(stream_id: str, request: Request) -> dict[str, Any]:
+    streams = manager(request)
+    await streams.delete(streams.get(stream_id))
+    return {"success": True, "data": {}}
+
+
+@v1.delete("/streams")
+async def delete_stream_by_query(request: Request, id: str | None = Query(default=None)) -> dict[str, Any]:
+    if not id:
+        raise ApiError(400, "missing 'id' query parameter", "REQUEST/BAD_REQUEST")
+    return await delete_stream(id, request)
+
+
+__all__ = ["Stream", "router", "v1"]

@@ -1,0 +1,58 @@
+"""Request bodies of the ``/v1/streams`` API, validated as Daydream does (extra fields: 422)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from worker.engines.diffusion.params import DiffusionParams
+
+#: ``pipeline`` values clients send; all run the StreamDiffusion engine.
+PIPELINES = frozenset({"streamdiffusion", "streamdiffusion-sdxl", "streamdiffusion-sdxl-faceid",
+                       "streamdiffusion-sd15"})
+#: the deprecated ``pipeline_id`` form and the model each one implies
+PIPELINE_IDS = {
+    "pip_SD-turbo": "stabilityai/sd-turbo",
+    "pip_SDXL-turbo": "stabilityai/sdxl-turbo",
+    "pip_SD15": "Lykon/dreamshaper-8",
+    "pip_SDXL-turbo-faceid": "stabilityai/sdxl-turbo",
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateStream(_Body):
+    pipeline: str | None = None
+    params: DiffusionParams | None = None
+    name: str | None = Field(default=None, max_length=256)
+    output_rtmp_url: str | None = Field(default=None, pattern=r"^rtmps?://")
+    pipeline_id: str | None = None
+    pipeline_params: DiffusionParams | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "CreateStream":
+        if self.pipeline is None and self.pipeline_id is None:
+            raise ValueError("'pipeline' is required")
+        if self.pipeline is not None and self.pipeline not in PIPELINES:
+            raise ValueError(f"unknown pipeline {self.pipeline!r}; use 'streamdiffusion'")
+        if self.pipeline_id is not None and self.pipeline_id not in PIPELINE_IDS:
+            raise ValueError(f"unknown pipeline_id {self.pipeline_id!r}")
+        if self.pipeline is not None and self.params is None:
+            raise ValueError("'params' is required")
+        return self
+
+    def effective_params(self) -> dict[str, Any]:
+        if self.params is not None:
+            return self.params.model_dump(mode="json")
+        params = self.pipeline_params or DiffusionParams(model_id=PIPELINE_IDS[self.pipeline_id])
+        return params.model_dump(mode="json")
+
+
+class UpdateStream(_Body):
+    pipeline: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, max_length=256)
+    output_rtmp_url: str | None = Field(default=None, pattern=r"^rtmps?://")

@@ -1,0 +1,65 @@
+"""Run the app under uvicorn on a socket we bind ourselves (so port 0 works and is known)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after a graceful shutdown (exit status -15); a
+    server that shut down cleanly because it was asked to should exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # before the base class re-raises them
+
+
+def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on",
+                            ws_per_message_deflate=False,  # deflate costs ~40x on JPEG frames
+                            access_log=False)
+    return GracefulServer(config)
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` in this event loop until the block ends; yields its base URL."""
+    sock = bind(host, port)
+    server = uvicorn_server(app)
+    started = asyncio.Event()
+
+    async def mark_started(_app: FastAPI) -> None:
+        started.set()
+
+    app.state.startup_hooks.append(mark_started)  # the last step of the lifespan's startup
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not started.is_set():
+        waiter.cancel()
+        task.result()  # raises the startup error
+        raise RuntimeError("server stopped during startup")
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

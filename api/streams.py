@@ -1,0 +1,217 @@
+"""Streams: a relay channel held open with its params, plus its public ids and URLs.
+
+A stream's channel name is its id. Creating one asks the hub for a worker;
+with none free the stream waits (state LOADING, detail
+``waiting_for_worker``) and never blocks a request. Params are stored as
+the full effective set and validated with the engine's own model, so the
+API and the worker agree on every default and range.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from api import ids
+from api.errors import ApiError, describe_validation, not_found
+from relay.hub import Hub
+from worker.engines.diffusion.params import DiffusionParams, reload_fields
+
+CloseHook = Callable[["Stream"], Awaitable[None]]
+
+
+@dataclass
+class Stream:
+    id: str
+    stream_key: str
+    playback_id: str
+    pipeline: str
+    params: dict[str, Any]
+    name: str = ""
+    output_rtmp_url: str | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def channel(self) -> str:
+        return self.id
+
+    @property
+    def width(self) -> int:
+        return int(self.params.get("width", 512))
+
+    @property
+    def height(self) -> int:
+        return int(self.params.get("height", 512))
+
+    def urls(self, base_url: str) -> dict[str, str]:
+        base = base_url.rstrip("/") + "/live/video-to-video"
+        return {
+            "whip_url": f"{base}/{self.stream_key}/whip",
+            "output_stream_url": f"{base}/{self.playback_id}/whep",
+            "mjpeg_url": f"{base}/{self.playback_id}/mjpeg",
+            "hls_url": f"{base}/{self.playback_id}/hls/index.m3u8",
+        }
+
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        urls = self.urls(base_url)
+        return {
+            "id": self.id,
+            "stream_key": self.stream_key,
+            "whip_url": urls["whip_url"],
+            "output_playback_id": self.playback_id,
+            "output_stream_url": urls["output_stream_url"],
+            "created_at": datetime.fromtimestamp(self.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "name": self.name,
+            "author": "self-hosted",
+            "from_playground": False,
+            "is_smoke_test": False,
+            "gateway_host": base_url.split("://", 1)[-1].rstrip("/"),
+            "pipeline": self.pipeline,
+            "params": self.params,
+            "output_rtmp_url": self.output_rtmp_url,
+            "mjpeg_url": urls["mjpeg_url"],
+            "hls_url": urls["hls_url"],
+        }
+
+
+def validate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Full effective params, or a 422 naming the first bad field."""
+    try:
+        return DiffusionParams.model_validate(params).model_dump(mode="json")
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("params", *e["loc"])} for e in exc.errors()]
+        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+        raise ApiError(422, describe_validation(errors), "REQUEST/VALIDATION", details) from None
+
+
+class StreamManager:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.streams: dict[str, Stream] = {}
+        self._by_key: dict[str, Stream] = {}
+        self._by_playback: dict[str, Stream] = {}
+        self.close_hooks: list[CloseHook] = []
+        self.change_hooks: list[CloseHook] = []
+
+    def create(self, pipeline: str, params: dict[str, Any], name: str = "",
+               output_rtmp_url: str | None = None) -> Stream:
+        stream = Stream(id=ids.stream_id(), stream_key=ids.stream_key(), playback_id=ids.playback_id(),
+                        pipeline="streamdiffusion" if pipeline.startswith("pip_") else pipeline,
+                        params=params, name=name, output_rtmp_url=output_rtmp_url)
+        self.hub.open_channel(stream.channel, params)
+        self.streams[stream.id] = stream
+        self._by_key[stream.stream_key] = stream
+        self._by_playback[stream.playback_id] = stream
+        return stream
+
+    def get(self, stream_id: str) -> Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise not_found()
+        return stream
+
+    def by_stream_key(self, key: str) -> Stream | None:
+        return self._by_key.get(key)
+
+    def by_playback_id(self, playback_id: str) -> Stream | None:
+        return self._by_playback.get(playback_id)
+
+    async def update(self, stream: Stream, patch: dict[str, Any], hot_only: bool = False,
+                     name: str | None = None, output_rtmp_url: str | None = None) -> Stream:
+        """Merge ``patch`` into the params and send them to the worker.
+
+        ``hot_only`` refuses (409) changes that would rebuild the pipeline.
+        """
+        params = validate_params({**stream.params, **patch})
+        if hot_only:
+            needs = reload_fields(DiffusionParams.model_validate(stream.params),
+                                  DiffusionParams.model_validate(params))
+            if needs:
+                raise ApiError(409, f"{', '.join(sorted(needs))} cannot change without a reload; "
+                               "use PATCH /v1/streams/{id}", "STREAMS/RELOAD_REQUIRED",
+                               {"reload_fields": sorted(needs)})
+        stream.params = params
+        if name is not None:
+            stream.name = name
+        rtmp_changed = output_rtmp_url is not None and output_rtmp_url != stream.output_rtmp_url
+        if output_rtmp_url is not None:
+            stream.output_rtmp_url = output_rtmp_url
+        channel = self.hub.channels.get(stream.channel)
+        if channel is not None:
+            self.hub.set_params(channel, params, replace=True)
+        if rtmp_changed:
+            for hook in self.change_hooks:
+                await hook(stream)
+        return stream
+
+    async def delete(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+        self._by_key.pop(stream.stream_key, None)
+        self._by_playback.pop(stream.playback_id, None)
+        for hook in self.close_hooks:
+            await hook(stream)
+        self.hub.close_channel(stream.channel)
+
+    async def close_all(self) -> None:
+        for stream in list(self.streams.values()):
+            await self.delete(stream)
+
+    def status(self, stream: Stream, base_url: str) -> dict[str, Any]:
+        channel = self.hub.channels.get(stream.channel)
+        stats = channel.stats() if channel else {}
+        fps_in, fps_out = stats.get("fps_in", 0.0), stats.get("fps_out", 0.0)
+        engine_state = stats.get("engine_state", "waiting_for_worker")
+        return {
+            "stream_id": stream.id,
+            "pipeline": stream.pipeline,
+            "state": stream_state(engine_state, fps_in, fps_out),
+            "detail": engine_state,
+            "inference_status": {
+                "start_time": _ms(stream.created),
+                "last_params_update_time": _ms(channel.last_params_time) if channel else None,
+                "last_params": stream.params,
+                "input_fps": fps_in,
+                "output_fps": fps_out,
+                "last_input_time": _ms(channel.last_input_time) if channel else None,
+                "last_output_time": _ms(channel.last_output_time) if channel else None,
+                "restart_count": stats.get("restart_count", 0),
+                "last_restart_time": _ms(channel.last_restart_time) if channel else None,
+                "last_error": stats.get("last_error"),
+                "last_error_time": _ms(channel.last_error_time) if channel else None,
+            },
+            "gateway_status": {
+                "whep_url": stream.urls(base_url)["output_stream_url"],
+                "error": None,
+                "ingest_metrics": {"frames_in": stats.get("frames_in", 0),
+                                   "drops": stats.get("drops", {})},
+            },
+            "worker": stats.get("worker"),
+            "engine": stats.get("engine", {}),
+            "latency_ms": stats.get("latency_ms", {"p50": None, "p99": None}),
+            "frames_out": stats.get("frames_out", 0),
+            "drops": stats.get("drops", {}),
+            "gpu_memory_mb": stats.get("worker_stats", {}).get("gpu_memory_mb"),
+            "worker_stats": stats.get("worker_stats", {}),
+        }
+
+
+def stream_state(engine_state: str, fps_in: float, fps_out: float) -> str:
+    """Daydream's states from what the relay knows. Clients wait for ONLINE."""
+    if engine_state == "error":
+        return "ERROR"
+    if engine_state in ("waiting_for_worker", "loading"):
+        return "LOADING"
+    if fps_in <= 0:
+        return "OFFLINE"
+    if fps_out < fps_in * 0.5:
+        return "DEGRADED_INFERENCE"
+    return "ONLINE"
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
