@@ -1,0 +1,242 @@
+"""The Daydream-compatible REST API over real HTTP, with a real filter worker on the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from api.app import create_app
+from api.ids import ALPHABET
+from api.server import running
+from api.settings import ServerSettings
+from media.codec import decode_image
+from relay import RelayConfig
+from relay.local import LocalProducer, LocalViewer
+from tests.helpers import jpeg
+from worker.runtime import Worker, WorkerOptions
+
+KEY = "daydream_live_test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ID_CHARS = f"[{ALPHABET}]"
+
+
+@pytest.fixture
+async def api():
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
+                                    api_keys=frozenset({KEY})))
+    async with running(app) as url:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
+            client.app = app
+            yield client
+
+
+@pytest.fixture
+async def worker(api):
+    worker = Worker(WorkerOptions(relay_url=api.app.state.relay_url, engine="filter", capacity=4))
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.connected.wait(), 10)
+    yield worker
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def create(api, **params):
+    response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def test_create_returns_daydream_stream_object(api):
+    stream = await create(api, prompt="cyberpunk city", width=768, height=448)
+    assert re.fullmatch(f"str_{ID_CHARS}{{16}}", stream["id"])
+    assert re.fullmatch(f"stk_{ID_CHARS}{{16}}", stream["stream_key"])
+    assert re.fullmatch(f"{ID_CHARS}{{16}}", stream["output_playback_id"])
+    assert stream["whip_url"].endswith(f"/live/video-to-video/{stream['stream_key']}/whip")
+    assert stream["output_stream_url"].endswith(f"/live/video-to-video/{stream['output_playback_id']}/whep")
+    assert stream["pipeline"] == "streamdiffusion"
+    assert stream["from_playground"] is False and stream["is_smoke_test"] is False
+    params = stream["params"]
+    assert (params["prompt"], params["width"], params["height"]) == ("cyberpunk city", 768, 448)
+    assert params["model_id"] == "stabilityai/sd-turbo" and params["seed"] == 789  # defaults filled
+    assert params["negative_prompt"] == "blurry, low quality, flat, 2d"
+    got = (await api.get(f"/v1/streams/{stream['id']}")).json()
+    assert got == stream
+    listing = (await api.get("/v1/streams")).json()
+    assert listing["success"] is True and [s["id"] for s in listing["data"]] == [stream["id"]]
+
+
+async def test_deprecated_pipeline_id_form(api):
+    response = await api.post("/v1/streams", json={"pipeline_id": "pip_SDXL-turbo",
+                                                   "pipeline_params": {"model_id": "stabilityai/sdxl-turbo",
+                                                                       "prompt": "x"}})
+    assert response.status_code == 201
+    assert response.json()["params"]["model_id"] == "stabilityai/sdxl-turbo"
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ({"pipeline": "streamdiffusion", "params": {"prompt": "x", "colour": 1}}, 422, "params.colour"),
+    ({"pipeline": "streamdiffusion", "params": {"width": 500}}, 422, "params.width"),
+    ({"pipeline": "streamdiffusion", "params": {"width": 2048}}, 422, "params.width"),
+    ({"pipeline": "streamdiffusion", "params": {"guidance_scale": -1}}, 422, "params.guidance_scale"),
+    ({"pipeline": "streamdiffusion", "params": {"t_index_list": [30, 10]}}, 422, "params.t_index_list"),
+    ({"pipeline": "streamdiffusion", "params": {"num_inference_steps": 0}}, 422, "num_inference_steps"),
+    ({"pipeline": "streamdiffusion", "params": {}, "surprise": True}, 422, "surprise"),
+    ({"pipeline": "nope", "params": {}}, 422, "unknown pipeline"),
+    ({"params": {}}, 422, "pipeline"),
+    ({"pipeline": "streamdiffusion"}, 422, "params"),
+])
+async def test_bad_bodies_get_422_naming_the_field(api, body, status, needle):
+    response = await api.post("/v1/streams", json=body)
+    assert response.status_code == status
+    error = response.json()
+    assert error["success"] is False and error["status"] == status
+    assert needle in error["error"] and error["code"] == "REQUEST/VALIDATION"
+
+
+async def test_bad_json_is_a_clear_4xx(api):
+    response = await api.post("/v1/streams", content=b"{not json",
+                              headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["success"] is False
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
+async def test_auth_failures_are_401_with_json(api, headers):
+    async with httpx.AsyncClient(base_url=str(api.base_url), headers=headers) as anonymous:
+        for method, path in (("GET", "/v1/streams"), ("POST", "/v1/streams"), ("GET", "/v1/streams/x"),
+                             ("DELETE", "/v1/streams/x")):
+            response = await anonymous.request(method, path, json={})
+            assert response.status_code == 401
+            assert response.json()["code"] == "AUTH/UNAUTHORIZED"
+    assert (await api.get("/health")).status_code == 200  # health needs no key
+
+
+async def test_unknown_stream_is_404(api):
+    for method in ("GET", "DELETE"):
+        response = await api.request(method, "/v1/streams/str_doesnotexist")
+        assert response.status_code == 404 and response.json()["code"] == "STREAMS/NOT_FOUND"
+    assert (await api.get("/v1/streams/str_nope/status")).status_code == 404
+
+
+async def test_stream_without_worker_reports_loading_and_never_hangs(api):
+    stream = await create(api)
+    status = (await api.get(f"/v1/streams/{stream['id']}/status")).json()
+    assert status["success"] is True and status["error"] is None
+    data = status["data"]
+    assert (data["state"], data["detail"]) == ("LOADING", "waiting_for_worker")
+    assert data["stream_id"] == stream["id"] and data["worker"] is None
+
+
+async def run_frames(api, stream_id: str, count: int, size=(512, 512)):
+    """Publish ``count`` frames in-process and return the last output frame."""
+    hub = api.app.state.relay.hub
+    producer, viewer = LocalProducer(hub, stream_id), LocalViewer(hub, stream_id)
+    try:
+        out = None
+        for seed in range(count):
+            producer.publish(jpeg(*size, seed=seed), *size)
+            out = await viewer.next_frame(10)
+        return out
+    finally:
+        producer.close()
+        viewer.close()
+
+
+async def wait_until_ready(api, stream_id: str) -> dict:
+    hub = api.app.state.relay.hub
+    viewer = LocalViewer(hub, stream_id, receive="none")
+    try:
+        while hub.channels[stream_id].engine_state != "ready":
+            await viewer.peer.outbox.take()  # reports reach the channel's viewers
+    finally:
+        viewer.close()
+    return (await api.get(f"/v1/streams/{stream_id}/status")).json()["data"]
+
+
+async def test_stream_with_worker_goes_online_and_reports_metrics(api, worker):
+    stream = await create(api, prompt="a pencil sketch")
+    await asyncio.wait_for(wait_until_ready(api, stream["id"]), 15)
+    await run_frames(api, stream["id"], 10)
+    data = (await api.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
+    assert data["state"] == "ONLINE"
+    info = data["inference_status"]
+    assert info["input_fps"] > 0 and info["output_fps"] > 0
+    assert info["last_input_time"] and info["last_output_time"] >= info["last_input_time"] - 1000
+    assert data["latency_ms"]["p50"] is not None and data["worker"]
+    assert data["engine"]["engine"] == "filter"
+    health = (await api.get("/health")).json()
+    assert health["status"] == "ok" and health["capacity"] == {"total": 4, "used": 1}
+    assert health["workers"][0]["channels"] == [stream["id"]]
+
+
+async def test_hot_params_patch_changes_the_output_without_reload(api, worker):
+    stream = await create(api, prompt="a pencil sketch")
+    sid = stream["id"]
+    await asyncio.wait_for(wait_until_ready(api, sid), 15)
+    before = decode_image((await run_frames(api, sid, 2)).payload).astype(int)
+    response = await api.patch(f"/v1/streams/{sid}/params", json={"prompt": "photo negative"})
+    assert response.status_code == 200 and response.json()["data"]["params"]["prompt"] == "photo negative"
+    hub = api.app.state.relay.hub
+    version = hub.channels[sid].params_version
+    producer, viewer = LocalProducer(hub, sid), LocalViewer(hub, sid)
+    frames = 0
+    while True:  # within a few frames the worker applies the new version
+        producer.publish(jpeg(512, 512, seed=1), 512, 512)
+        out = await viewer.next_frame(10)
+        frames += 1
+        if out.params_version == version:
+            break
+    producer.close()
+    viewer.close()
+    after = decode_image(out.payload).astype(int)
+    assert frames < 10
+    assert np.abs(after - before).mean() > 20
+    inverted = 255 - decode_image(jpeg(512, 512, seed=1)).astype(int)
+    assert np.abs(after - inverted).mean() < 10
+    data = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
+    assert data["inference_status"]["restart_count"] == 0
+
+
+async def test_params_patch_refuses_reload_fields(api):
+    stream = await create(api)
+    response = await api.patch(f"/v1/streams/{stream['id']}/params", json={"params": {"width": 768}})
+    assert response.status_code == 409
+    assert response.json()["details"] == {"reload_fields": ["width"]}
+    response = await api.patch(f"/v1/streams/{stream['id']}/params", json={"delta": 7})
+    assert response.status_code == 422 and "params.delta" in response.json()["error"]
+
+
+async def test_reload_patch_merges_params_and_keeps_the_stream_alive(api, worker):
+    stream = await create(api, prompt="a pencil sketch", seed=5)
+    sid = stream["id"]
+    await asyncio.wait_for(wait_until_ready(api, sid), 15)
+    response = await api.patch(f"/v1/streams/{sid}", json={"pipeline": "streamdiffusion",
+                                                            "params": {"width": 640, "height": 384}})
+    assert response.status_code == 200
+    params = response.json()["params"]
+    assert (params["width"], params["height"], params["seed"], params["prompt"]) == (640, 384, 5,
+                                                                                    "a pencil sketch")
+    out = await run_frames(api, sid, 3, size=(512, 512))
+    assert (out.width, out.height) == (640, 384)  # the worker resizes to the stream's size
+    assert (await api.get(f"/v1/streams/{sid}/status")).json()["data"]["state"] == "ONLINE"
+
+
+async def test_delete_frees_worker_and_channel(api, worker):
+    stream = await create(api)
+    sid = stream["id"]
+    await asyncio.wait_for(wait_until_ready(api, sid), 15)
+    hub = api.app.state.relay.hub
+    assert sid in hub.channels and sid in worker.pipelines
+    response = await api.delete(f"/v1/streams/{sid}")
+    assert response.status_code == 200 and response.json() == {"success": True, "data": {}}
+    assert sid not in hub.channels
+    assert all(sid not in w.assigned for w in hub.workers)
+    assert (await api.get(f"/v1/streams/{sid}")).status_code == 404
+    second = await create(api)
+    response = await api.delete("/v1/streams", params={"id": second["id"]})
+    assert response.status_code == 200
+    assert (await api.delete("/v1/streams", params={"id": second["id"]})).status_code == 404
