@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import errors, ids
+from api import errors, ids, metrics
 from api.health import VERSION
 from api.routes_streams import router, v1
 from api.settings import ServerSettings
@@ -54,6 +54,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.startup_hooks = []
     app.state.stream_created_hooks = []
     errors.install(app)
+    metrics.install(app)
     app.include_router(router)
     app.include_router(v1)
     return app

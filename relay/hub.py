@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,8 @@ class Hub:
         self.config = config
         self.channels: dict[str, Channel] = {}
         self.workers: list[Peer] = []
+        #: called with (channel, seconds) for each result matched to its input (metrics)
+        self.latency_observers: list[Callable[[str, float], None]] = []
 
     # -- membership ---------------------------------------------------------
 
@@ -298,7 +301,10 @@ class Hub:
     def _route_output(self, channel: Channel, delivery: Delivery) -> None:
         channel.frames_out.tick()
         channel.last_output_time = time.time()
-        channel.latency.finished(delivery.frame.seq)
+        elapsed = channel.latency.finished(delivery.frame.seq)
+        if elapsed is not None:
+            for observe in self.latency_observers:
+                observe(channel.name, elapsed)
         for peer in (*channel.viewers, *channel.producers):
             if peer.wants(FrameKind.OUTPUT):
                 self._offer(channel, peer, delivery)

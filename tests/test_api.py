@@ -240,3 +240,22 @@ async def test_delete_frees_worker_and_channel(api, worker):
     response = await api.delete("/v1/streams", params={"id": second["id"]})
     assert response.status_code == 200
     assert (await api.delete("/v1/streams", params={"id": second["id"]})).status_code == 404
+
+
+async def test_metrics_parse_with_prometheus_client(api, worker):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stream = await create(api, prompt="sketch")
+    await asyncio.wait_for(wait_until_ready(api, stream["id"]), 15)
+    await run_frames(api, stream["id"], 5)
+    response = await api.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    label = (("stream", stream["id"]),)
+    assert samples[("sd_stream_input_frames_total", label)] == 5
+    assert samples[("sd_stream_output_frames_total", label)] == 5
+    assert samples[("sd_stream_latency_seconds_count", label)] == 5
+    assert samples[("sd_workers", ())] == 1
+    assert samples[("sd_stream_output_fps", label)] > 0

@@ -1,0 +1,74 @@
+"""Prometheus ``/metrics``: per-stream fps, latency histogram, drops, GPU memory, workers.
+
+Gauges and counters are read from the hub at scrape time (a custom
+collector, so nothing is updated on the frame path); the latency histogram
+is fed by the hub's latency observer, one ``observe`` per result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.hub import Hub
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class HubCollector:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        fps_in = GaugeMetricFamily("sd_stream_input_fps", "Input frames per second", labels=["stream"])
+        fps_out = GaugeMetricFamily("sd_stream_output_fps", "Output frames per second", labels=["stream"])
+        frames_in = CounterMetricFamily("sd_stream_input_frames", "Input frames received", labels=["stream"])
+        frames_out = CounterMetricFamily("sd_stream_output_frames", "Output frames produced",
+                                         labels=["stream"])
+        drops = CounterMetricFamily("sd_stream_dropped_frames",
+                                    "Frames replaced by newer ones before sending, or with no worker",
+                                    labels=["stream", "where"])
+        gpu = GaugeMetricFamily("sd_stream_gpu_memory_bytes", "GPU memory the stream's worker reports",
+                                labels=["stream"])
+        for name, channel in list(self.hub.channels.items()):
+            fps_in.add_metric([name], channel.frames_in.rate())
+            fps_out.add_metric([name], channel.frames_out.rate())
+            frames_in.add_metric([name], channel.frames_in.total)
+            frames_out.add_metric([name], channel.frames_out.total)
+            for where, count in channel.drops.items():
+                drops.add_metric([name, where], count)
+            memory = channel.worker_stats.get("gpu_memory_mb")
+            if memory is not None:
+                gpu.add_metric([name], memory * 2**20)
+        workers = GaugeMetricFamily("sd_workers", "Workers connected to the relay")
+        workers.add_metric([], len(self.hub.workers))
+        capacity = GaugeMetricFamily("sd_worker_capacity", "Channels workers can serve, and in use",
+                                     labels=["state"])
+        capacity.add_metric(["total"], sum(w.capacity for w in self.hub.workers))
+        capacity.add_metric(["used"], sum(len(w.assigned) for w in self.hub.workers))
+        channels = GaugeMetricFamily("sd_channels", "Relay channels open")
+        channels.add_metric([], len(self.hub.channels))
+        yield from (fps_in, fps_out, frames_in, frames_out, drops, gpu, workers, capacity, channels)
+
+
+def install(app: FastAPI) -> None:
+    """Add ``GET /metrics``; the hub is hooked up when the lifespan has started it."""
+    registry = CollectorRegistry()
+    latency = Histogram("sd_stream_latency_seconds", "Relay latency: input arrival to result arrival",
+                        ["stream"], buckets=LATENCY_BUCKETS, registry=registry)
+    app.state.metrics_registry = registry
+
+    async def attach(app_: FastAPI) -> None:
+        hub: Hub = app_.state.relay.hub
+        registry.register(HubCollector(hub))
+        hub.latency_observers.append(lambda stream, seconds: latency.labels(stream).observe(seconds))
+
+    app.state.startup_hooks.insert(0, attach)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
