@@ -1,4 +1,9 @@
-"""``python -m api``: the HTTP API, the relay and local workers in one command."""
+"""``python -m api``: the HTTP API, the relay and local workers in one command.
+
+Configuration: ``--config FILE`` (or ``$STREAMDIFFUSION_CONFIG``), then
+``STREAMDIFFUSION_*`` environment variables, then these flags; see
+``api/config.py`` and ``config.example.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +11,72 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
+import sys
+from typing import Any
+
+import yaml
 
 from api.app import create_app
+from api.config import ConfigError, example_yaml, load_config
 from api.server import bind, uvicorn_server
 from api.settings import ServerSettings
 from api.workers import resolve_engine
 from common.logs import setup_logging
-from relay.__main__ import relay_config_from_args
-from relay.config import DEFAULT_PORT, RelayConfig
 
 log = logging.getLogger("embedded")
 
+#: flag -> (section, option); only flags given on the command line override
+FLAGS: dict[str, tuple[str, str]] = {
+    "host": ("server", "host"), "port": ("server", "port"), "public_url": ("server", "public_url"),
+    "api_key": ("server", "api_keys"), "max_queue_size": ("server", "max_queue_size"),
+    "relay_host": ("relay", "host"), "relay_port": ("relay", "port"), "token": ("relay", "tokens"),
+    "max_frame_bytes": ("relay", "max_frame_bytes"), "max_width": ("relay", "max_width"),
+    "max_height": ("relay", "max_height"), "max_channels": ("relay", "max_channels"),
+    "insecure": ("relay", "insecure"), "workers": ("workers", "count"),
+    "engine": ("workers", "engine"), "capacity": ("workers", "capacity"),
+    "worker_arg": ("workers", "args"), "model": ("model", "model_id"),
+    "acceleration": ("model", "acceleration"), "log_level": ("logging", "level"),
+}
 
-def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, bool]:
-    p = argparse.ArgumentParser(prog="python -m api", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback only)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (0: any free port)")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m api", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML configuration file")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument("--example-config", action="store_true", help="print every option as YAML and exit")
+    p.add_argument("--host", help="HTTP address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free port)")
     p.add_argument("--public-url", help="base URL clients use, for whip_url and friends")
-    p.add_argument("--api-key", action="append", default=[],
-                   help="accepted Bearer key for /v1 (repeatable; also STREAMDIFFUSION_API_KEYS=a,b); "
-                        "none: one is generated and printed")
-    p.add_argument("--relay-host", default="127.0.0.1")
-    p.add_argument("--relay-port", type=int, default=DEFAULT_PORT, help="0: any free port")
-    p.add_argument("--token", action="append", default=[], help="relay token (repeatable)")
-    p.add_argument("--max-frame-bytes", type=int, default=RelayConfig.max_frame_bytes)
-    p.add_argument("--max-width", type=int, default=RelayConfig.max_width)
-    p.add_argument("--max-height", type=int, default=RelayConfig.max_height)
-    p.add_argument("--max-channels", type=int, default=RelayConfig.max_channels)
-    p.add_argument("--channel", action="append", default=[], help=argparse.SUPPRESS)
-    p.add_argument("--insecure", action="store_true", help="relay beyond loopback with no tokens")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (0: none)")
-    p.add_argument("--engine", default="auto", help="auto, filter or diffusion")
-    p.add_argument("--worker-arg", action="append", default=[],
-                   help="extra argument for each worker, e.g. --worker-arg=--model=PATH")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    relay_args = argparse.Namespace(**{**vars(args), "host": args.relay_host, "port": args.relay_port})
-    keys = [k for k in os.environ.get("STREAMDIFFUSION_API_KEYS", "").split(",") if k]
-    settings = ServerSettings(host=args.host, port=args.port, public_url=args.public_url,
-                              api_keys=frozenset(args.api_key + keys),
-                              relay=relay_config_from_args(relay_args), workers=args.workers,
-                              engine=args.engine, worker_args=args.worker_arg)
-    return settings, args.verbose
+    p.add_argument("--api-key", action="append", help="Bearer key for /v1 (repeatable)")
+    p.add_argument("--max-queue-size", type=int, help="seed-001 sessions at once (0: no limit)")
+    p.add_argument("--relay-host", help="relay address (default 127.0.0.1)")
+    p.add_argument("--relay-port", type=int, help="relay port (default 8765; 0: any free port)")
+    p.add_argument("--token", action="append", help="relay token (repeatable)")
+    p.add_argument("--max-frame-bytes", type=int)
+    p.add_argument("--max-width", type=int)
+    p.add_argument("--max-height", type=int)
+    p.add_argument("--max-channels", type=int)
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback relay with no tokens")
+    p.add_argument("--workers", type=int, help="local worker processes (default 1; 0: none)")
+    p.add_argument("--engine", choices=["auto", "filter", "diffusion"])
+    p.add_argument("--capacity", type=int, help="channels each local worker serves")
+    p.add_argument("--worker-arg", action="append", help="extra worker argument, e.g. --worker-arg=-v")
+    p.add_argument("--model", help="default model id or local path")
+    p.add_argument("--acceleration", choices=["none", "sdpa", "xformers", "compile", "tensorrt"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("-v", "--verbose", action="store_const", const="info", dest="log_level")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, (section, option) in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[option] = value
+    return overrides
 
 
 def instructions(http_url: str, relay_url: str, api_key: str, token: str | None) -> str:
@@ -56,6 +84,7 @@ def instructions(http_url: str, relay_url: str, api_key: str, token: str | None)
     return "\n".join([
         f"relay ready at {relay_url}",
         f"api ready at {http_url} (key: {api_key})",
+        f"  web page:      {http_url}/",
         f"  send frames:   python -m producers pattern --relay {relay_url}{auth}",
         f"                 python -m producers webcam  --relay {relay_url}{auth}",
         f"  watch output:  python -m producers view --relay {relay_url}{auth}",
@@ -74,8 +103,8 @@ async def serve(settings: ServerSettings) -> None:
     app = create_app(settings)
     sock = bind(settings.host, settings.port)
     server = uvicorn_server(app)
-    http_url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:" \
-               f"{sock.getsockname()[1]}"
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    http_url = f"http://{shown_host}:{sock.getsockname()[1]}"
 
     async def announce(app_) -> None:
         print(instructions(http_url, app_.state.relay_url, next(iter(settings.api_keys)),
@@ -86,14 +115,21 @@ async def serve(settings: ServerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings, verbose = parse_args(argv)
-    setup_logging(verbose)
+    args = build_parser().parse_args(argv)
+    if args.example_config:
+        print(example_yaml())
+        return
     try:
+        config = load_config(args.config, overrides_from_args(args))
+        settings = config.server_settings()
         settings.relay.check()
-        if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-            log.warning("listening on %s: use --api-key so the key survives restarts", settings.host)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        return
+    setup_logging(level=config.logging.level)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
 

@@ -10,7 +10,7 @@ from api.auth import require_api_key
 from api.errors import ApiError
 from api.health import health_report
 from api.schemas import CreateStream, UpdateStream
-from api.streams import Stream, StreamManager
+from api.streams import Stream, StreamManager, validate_params
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -32,8 +32,10 @@ async def health(request: Request) -> dict[str, Any]:
 @v1.post("/streams", status_code=201)
 async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
+    defaults = request.app.state.settings.default_params
+    params = validate_params({**defaults, **body.given_params()})
     stream = streams.create(body.pipeline or body.pipeline_id or "streamdiffusion",
-                            body.effective_params(), body.name or "", body.output_rtmp_url)
+                            params, body.name or "", body.output_rtmp_url)
     for hook in request.app.state.stream_created_hooks:
         await hook(stream)
     return stream.to_json(base_url(request))

@@ -44,11 +44,13 @@ class CreateStream(_Body):
             raise ValueError("'params' is required")
         return self
 
-    def effective_params(self) -> dict[str, Any]:
-        if self.params is not None:
-            return self.params.model_dump(mode="json")
-        params = self.pipeline_params or DiffusionParams(model_id=PIPELINE_IDS[self.pipeline_id])
-        return params.model_dump(mode="json")
+    def given_params(self) -> dict[str, Any]:
+        """Only the params the client set, so server defaults can fill the rest."""
+        params = self.params if self.params is not None else self.pipeline_params
+        given = {} if params is None else params.model_dump(mode="json", include=params.model_fields_set)
+        if self.params is None and "model_id" not in given:
+            given["model_id"] = PIPELINE_IDS[self.pipeline_id]
+        return given
 
 
 class UpdateStream(_Body):

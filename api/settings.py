@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.config import RelayConfig
 
@@ -19,3 +20,8 @@ class ServerSettings:
     workers: int = 1
     engine: str = "auto"
     worker_args: list[str] = field(default_factory=list)
+    #: seed-001 sessions at once (0: no limit)
+    max_queue_size: int = 0
+    jpeg_quality: int = 85
+    #: stream params filled in when a client leaves them out (model, size...)
+    default_params: dict[str, Any] = field(default_factory=dict)

@@ -18,12 +18,15 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, level: str | None = None) -> None:
+    """Warnings only unless ``verbose`` or ``level`` ("debug", "info"...) says otherwise."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if level is None:
+        level = "info" if verbose else "warning"
+    root.setLevel(level.upper())
     # the lines that tell a user what is running stay visible when quiet
     for name in ("embedded",):
         logging.getLogger(name).setLevel(logging.INFO)

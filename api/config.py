@@ -1,0 +1,196 @@
+"""Configuration: one YAML file, ``STREAMDIFFUSION_*`` environment overrides, CLI flags on top.
+
+Precedence, lowest first: defaults < YAML file < environment < command-line
+flags. Nested keys use ``__`` in the environment, as seed 001 does::
+
+    STREAMDIFFUSION_MODEL__MODEL_ID=stabilityai/sd-turbo
+    STREAMDIFFUSION_SERVER__PORT=9000
+    STREAMDIFFUSION_SERVER__API_KEYS='["key1", "key2"]'
+
+Every option is documented by its ``Field`` description; ``python -m api
+--print-config`` shows the effective values and ``config.example.yaml``
+lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from api.settings import ServerSettings
+from relay.config import RelayConfig
+
+ENV_PREFIX = "STREAMDIFFUSION_"
+CONFIG_ENV = "STREAMDIFFUSION_CONFIG"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration file or value; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSection(_Section):
+    host: str = Field("127.0.0.1", description="HTTP address; loopback only unless changed")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0: any free port)")
+    public_url: str | None = Field(None, description="base URL clients use, for whip_url and friends")
+    api_keys: list[str] = Field(default_factory=list,
+                                description="Bearer keys for /v1; empty: one is generated and printed")
+    max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
+
+
+class RelaySection(_Section):
+    host: str = Field("127.0.0.1", description="relay WebSocket address")
+    port: int = Field(8765, ge=0, le=65535, description="relay WebSocket port")
+    tokens: list[str] = Field(default_factory=list, description="relay tokens; needed beyond loopback")
+    max_frame_bytes: int = Field(8 * 2**20, ge=1024, description="largest encoded frame")
+    max_width: int = Field(4096, ge=16, description="largest frame width")
+    max_height: int = Field(4096, ge=16, description="largest frame height")
+    max_channels: int = Field(256, ge=1, description="channels (streams and sessions) at once")
+    insecure: bool = Field(False, description="allow a non-loopback relay with no tokens")
+
+
+class WorkersSection(_Section):
+    count: int = Field(1, ge=0, description="local worker processes")
+    engine: Literal["auto", "filter", "diffusion"] = Field(
+        "auto", description="auto: diffusion with a CUDA GPU, filter otherwise")
+    capacity: int = Field(1, ge=1, description="channels each local worker serves at once")
+    args: list[str] = Field(default_factory=list, description="extra arguments for each worker")
+
+
+class ModelSection(_Section):
+    model_id: str = Field("stabilityai/sd-turbo", description="default model: hub id or local path")
+    acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = Field(
+        "sdpa", description="default acceleration")
+    engine_dir: str = Field("engines", description="TensorRT engine cache")
+    use_cuda_graph: bool = Field(False, description="capture CUDA graphs (with compile)")
+
+
+class PipelineSection(_Section):
+    name: str = Field("img2img", description="pipeline name shown by /api/settings")
+    mode: Literal["image", "video"] = Field("image", description="seed-001 input mode")
+    width: int = Field(512, ge=384, le=1024, multiple_of=64, description="default width")
+    height: int = Field(512, ge=384, le=1024, multiple_of=64, description="default height")
+    use_tiny_vae: bool = Field(True, description="TAESD instead of the full VAE")
+    use_lcm_lora: bool = Field(True, description="fuse LCM-LoRA into non-turbo models")
+    warmup: int = Field(10, ge=0, description="warm-up steps after loading")
+
+
+class PerformanceSection(_Section):
+    enable_similar_image_filter: bool = Field(False, description="skip near-identical frames")
+    similar_image_filter_threshold: float = Field(0.98, ge=0, le=1, description="similarity to skip")
+    similar_image_filter_max_skip_frame: int = Field(10, ge=0, description="most frames skipped in a row")
+    jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality of results and MJPEG")
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("warning", description="quiet by default")
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                      yaml_file=None)
+
+    server: ServerSection = Field(default_factory=ServerSection)
+    relay: RelaySection = Field(default_factory=RelaySection)
+    workers: WorkersSection = Field(default_factory=WorkersSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    performance: PerformanceSection = Field(default_factory=PerformanceSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # first wins: flags (init), then environment, then the YAML file
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    def default_stream_params(self) -> dict[str, Any]:
+        """Stream params this server fills in when a client leaves them out."""
+        return {
+            "model_id": self.model.model_id,
+            "acceleration": self.model.acceleration,
+            "width": self.pipeline.width,
+            "height": self.pipeline.height,
+            "use_tiny_vae": self.pipeline.use_tiny_vae,
+            "use_lcm_lora": self.pipeline.use_lcm_lora,
+            "enable_similar_image_filter": self.performance.enable_similar_image_filter,
+            "similar_image_filter_threshold": self.performance.similar_image_filter_threshold,
+            "similar_image_filter_max_skip_frame": self.performance.similar_image_filter_max_skip_frame,
+        }
+
+    def server_settings(self) -> ServerSettings:
+        worker_args = list(self.workers.args)
+        if self.workers.capacity != 1:
+            worker_args += ["--capacity", str(self.workers.capacity)]
+        worker_args += ["--quality", str(self.performance.jpeg_quality)]
+        return ServerSettings(
+            host=self.server.host, port=self.server.port, public_url=self.server.public_url,
+            api_keys=frozenset(self.server.api_keys),
+            relay=RelayConfig(host=self.relay.host, port=self.relay.port,
+                              tokens=frozenset(self.relay.tokens),
+                              max_frame_bytes=self.relay.max_frame_bytes, max_width=self.relay.max_width,
+                              max_height=self.relay.max_height, max_channels=self.relay.max_channels,
+                              insecure=self.relay.insecure),
+            workers=self.workers.count, engine=self.workers.engine, worker_args=worker_args,
+            max_queue_size=self.server.max_queue_size, jpeg_quality=self.performance.jpeg_quality,
+            default_params=self.default_stream_params(),
+        )
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (or ``$STREAMDIFFUSION_CONFIG``), the environment and ``overrides``.
+
+    Raises :class:`ConfigError` naming the file and the first bad field.
+    """
+    path = path or os.environ.get(CONFIG_ENV)
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} not found")
+        try:
+            content = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+
+    class FileConfig(Config):
+        model_config = SettingsConfigDict(**{**Config.model_config, "yaml_file": path})
+
+    try:
+        return FileConfig(**(overrides or {}))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        source = f"{path}: " if path else ""
+        if error["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}unknown option '{where}'") from None
+        raise ConfigError(f"{source}invalid option '{where}': {error['msg']}") from None
+
+
+def example_yaml() -> str:
+    """Every option with its default and description, as a commented YAML file."""
+    lines = ["# StreamDiffusion server configuration. Every value here is the default.",
+             f"# Override any of them with {ENV_PREFIX}<SECTION>__<OPTION> or a command-line flag.", ""]
+    for section_name, field in Config.model_fields.items():
+        section = field.default_factory()  # type: ignore[misc]
+        lines.append(f"{section_name}:")
+        for name, info in type(section).model_fields.items():
+            value = yaml.safe_dump(getattr(section, name), default_flow_style=True).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {name}: {value}  # {info.description}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Configuration precedence (file < environment < flag) and clear errors for bad files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from api.__main__ import build_parser, overrides_from_args
+from api.config import Config, ConfigError, example_yaml, load_config
+from tests.test_commands import ROOT
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "server": {"port": 9000, "api_keys": ["from-file"]},
+        "model": {"model_id": "file/model", "acceleration": "xformers"},
+        "pipeline": {"width": 768},
+    }))
+    return path
+
+
+def test_defaults_without_any_source(monkeypatch):
+    monkeypatch.delenv("STREAMDIFFUSION_CONFIG", raising=False)
+    config = load_config()
+    assert config.server.port == 8080 and config.model.model_id == "stabilityai/sd-turbo"
+    assert config.server.host == "127.0.0.1" and config.relay.host == "127.0.0.1"
+
+
+def test_file_then_environment_then_flags(config_file, monkeypatch):
+    config = load_config(config_file)
+    assert (config.server.port, config.model.model_id, config.pipeline.width) == (9000, "file/model", 768)
+    monkeypatch.setenv("STREAMDIFFUSION_MODEL__MODEL_ID", "env/model")
+    monkeypatch.setenv("STREAMDIFFUSION_SERVER__PORT", "9100")
+    config = load_config(config_file)
+    assert (config.server.port, config.model.model_id, config.model.acceleration) == (9100, "env/model",
+                                                                                      "xformers")
+    args = build_parser().parse_args(["--port", "9200", "--model", "flag/model"])
+    config = load_config(config_file, overrides_from_args(args))
+    assert (config.server.port, config.model.model_id, config.pipeline.width) == (9200, "flag/model", 768)
+    assert config.server.api_keys == ["from-file"]
+
+
+def test_config_path_from_environment(config_file, monkeypatch):
+    monkeypatch.setenv("STREAMDIFFUSION_CONFIG", str(config_file))
+    assert load_config().server.port == 9000
+
+
+def test_settings_carry_defaults_for_streams(config_file):
+    settings = load_config(config_file).server_settings()
+    assert settings.default_params["model_id"] == "file/model"
+    assert settings.default_params["width"] == 768
+    assert settings.api_keys == frozenset({"from-file"}) and settings.port == 9000
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("server: {port: 'eighty'}\n", "server.port"),
+    ("server: {prot: 80}\n", "unknown option 'server.prot'"),
+    ("pipeline: {width: 500}\n", "pipeline.width"),
+    ("model: [1, 2\n", "not valid YAML"),
+    ("- just\n- a list\n", "mapping of sections"),
+    ("colours: {a: 1}\n", "unknown option 'colours'"),
+])
+def test_invalid_file_names_the_file_and_field(tmp_path, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert needle in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_invalid_environment_value_is_named(monkeypatch):
+    monkeypatch.setenv("STREAMDIFFUSION_RELAY__MAX_CHANNELS", "0")
+    with pytest.raises(ConfigError, match="relay.max_channels"):
+        load_config()
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_command_line_reports_a_bad_file_and_prints_config(tmp_path, config_file):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {port: -1}\n")
+    result = subprocess.run([sys.executable, "-m", "api", "--config", str(bad)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "server.port" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "api", "--config", str(config_file), "--port", "1234",
+                             "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    printed = yaml.safe_load(result.stdout)
+    assert printed["server"]["port"] == 1234 and printed["model"]["model_id"] == "file/model"
+
+
+def test_example_file_documents_every_option_and_loads(tmp_path):
+    text = example_yaml()
+    for section, field in Config.model_fields.items():
+        for option in type(field.default_factory()).model_fields:
+            assert f"  {option}:" in text, f"{section}.{option} undocumented"
+    path = tmp_path / "example.yaml"
+    path.write_text(text)
+    assert load_config(path).model_dump() == Config().model_dump()
+    with open(f"{ROOT}/config.example.yaml") as committed:
+        assert committed.read().strip() == text.strip(), "regenerate: python -m api --example-config"
