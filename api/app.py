@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import errors, ids, metrics
+from api import errors, ids, metrics, page, ws_ingest
+from api import mjpeg, webrtc
 from api.health import VERSION
 from api.routes_streams import router, v1
 from api.settings import ServerSettings
@@ -57,4 +58,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     metrics.install(app)
     app.include_router(router)
     app.include_router(v1)
+    app.include_router(ws_ingest.router)
+    page.install(app)
+    webrtc.install(app)  # WHIP/WHEP; closes sessions with their streams
+    app.include_router(mjpeg.router)
     return app

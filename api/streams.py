@@ -194,6 +194,8 @@ class StreamManager:
             "engine": stats.get("engine", {}),
             "latency_ms": stats.get("latency_ms", {"p50": None, "p99": None}),
             "frames_out": stats.get("frames_out", 0),
+            "params_version": stats.get("params_version", 0),
+            "output_params_version": stats.get("output_params_version", 0),
             "drops": stats.get("drops", {}),
             "gpu_memory_mb": stats.get("worker_stats", {}).get("gpu_memory_mb"),
             "worker_stats": stats.get("worker_stats", {}),

@@ -116,6 +116,8 @@ class Channel:
     last_input_time: float | None = None
     last_output_time: float | None = None
     last_params_time: float | None = None
+    #: params version of the newest result: tells when a change reached the output
+    output_params_version: int = 0
 
     @property
     def wants_worker(self) -> bool:
@@ -137,6 +139,7 @@ class Channel:
             "viewers": len(self.viewers),
             "worker": self.worker.id if self.worker else None,
             "params_version": self.params_version,
+            "output_params_version": self.output_params_version,
             "engine_state": self.engine_state,
             "engine": self.engine_info,
             "worker_stats": self.worker_stats,
@@ -301,6 +304,7 @@ class Hub:
     def _route_output(self, channel: Channel, delivery: Delivery) -> None:
         channel.frames_out.tick()
         channel.last_output_time = time.time()
+        channel.output_params_version = delivery.frame.params_version
         elapsed = channel.latency.finished(delivery.frame.seq)
         if elapsed is not None:
             for observe in self.latency_observers:

@@ -1,0 +1,82 @@
+"""WebSocket ingest for a ``/v1/streams`` stream: the browser page's non-WebRTC path.
+
+``ws(s)://host/live/video-to-video/{stream_key}/ws``: the stream key is the
+credential, as for WHIP. The client sends images as binary messages, either
+bare JPEG/PNG bytes or frames of the relay protocol (``docs/protocol.md``);
+it receives each result as a relay-protocol frame (32-byte header with the
+sequence number and params version, then the JPEG). Errors come back as
+``{"type": "error", ...}`` and the connection goes on. Like every relay peer
+the client has a latest-frame-wins slot: a slow reader gets the newest
+result, never a backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from relay.local import LocalProducer
+from wire.errors import ProtocolError
+from wire.frames import decode_frame
+from wire.images import probe_image
+from wire.messages import error_message
+
+router = APIRouter()
+
+
+@router.websocket("/live/video-to-video/{stream_key}/ws")
+async def ingest(websocket: WebSocket, stream_key: str) -> None:
+    stream = websocket.app.state.streams.by_stream_key(stream_key)
+    if stream is None:
+        await websocket.close(code=1008, reason="unknown stream key")
+        return
+    await websocket.accept()
+    hub = websocket.app.state.relay.hub
+    producer = LocalProducer(hub, stream.channel, receive="output")
+    sender = asyncio.create_task(_send_results(websocket, producer))
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("bytes")
+            if data is None:
+                continue  # text is reserved for control messages; none are needed yet
+            try:
+                _publish(producer, data)
+            except ProtocolError as exc:
+                producer.peer.send(error_message(exc.code, str(exc)))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        producer.close()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+
+
+def _publish(producer: LocalProducer, data: bytes) -> None:
+    if data[:2] == b"SD":
+        frame = decode_frame(data)
+        producer.publish(frame.payload, frame.width, frame.height, frame.format, frame.timestamp)
+        return
+    fmt, width, height = probe_image(data)
+    producer.publish(data, width, height, fmt)
+
+
+async def _send_results(websocket: WebSocket, producer: LocalProducer) -> None:
+    outbox = producer.peer.outbox
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            control, deliveries = await outbox.take()
+            for text in control:
+                await websocket.send_text(text)
+            for delivery in deliveries:
+                await websocket.send_bytes(delivery.raw)
+            if outbox.closed:
+                return
+
+
+__all__ = ["router"]
