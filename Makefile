@@ -5,13 +5,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test setup setup-dev bench lint
+.PHONY: run test setup setup-dev system-deps bench lint doctor
 
 run: setup
 	$(PY) -m api
 
-test: setup-dev
+test: setup-dev system-deps
 	$(PY) -m pytest -q
+
+# nginx-rtmp and chromium for the RTMP and browser tests (they skip without them)
+system-deps:
+	@sh .ci/install-system-deps || echo "warning: could not install nginx-rtmp/chromium; their tests will skip"
 
 setup: $(VENV)/.core-installed
 setup-dev: $(VENV)/.dev-installed
@@ -32,6 +36,9 @@ $(VENV)/.dev-installed: $(VENV)/.core-installed requirements-dev.txt $(wildcard 
 bench: setup-dev
 	$(PY) bench/relay.py --quick
 	$(PY) bench/worker.py
+
+doctor: setup
+	$(PY) -m api.doctor
 
 lint: setup-dev
 	$(VENV)/bin/ruff check .

@@ -75,8 +75,9 @@ async def update_params(stream_id: str, request: Request,
 @v1.get("/streams/{stream_id}/status")
 async def stream_status(stream_id: str, request: Request) -> dict[str, Any]:
     streams = manager(request)
-    return {"success": True, "error": None,
-            "data": streams.status(streams.get(stream_id), base_url(request))}
+    stream = streams.get(stream_id)
+    outputs = request.app.state.outputs.state(stream)
+    return {"success": True, "error": None, "data": streams.status(stream, base_url(request), outputs)}
 
 
 @v1.delete("/streams/{stream_id}")

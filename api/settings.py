@@ -23,5 +23,7 @@ class ServerSettings:
     #: seed-001 sessions at once (0: no limit)
     max_queue_size: int = 0
     jpeg_quality: int = 85
+    #: where HLS segments are written; None: a temporary directory
+    hls_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)
     default_params: dict[str, Any] = field(default_factory=dict)

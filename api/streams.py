@@ -161,7 +161,9 @@ class StreamManager:
         for stream in list(self.streams.values()):
             await self.delete(stream)
 
-    def status(self, stream: Stream, base_url: str) -> dict[str, Any]:
+    def status(self, stream: Stream, base_url: str,
+               outputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        outputs = outputs or {}
         channel = self.hub.channels.get(stream.channel)
         stats = channel.stats() if channel else {}
         fps_in, fps_out = stats.get("fps_in", 0.0), stats.get("fps_out", 0.0)
@@ -186,7 +188,8 @@ class StreamManager:
             },
             "gateway_status": {
                 "whep_url": stream.urls(base_url)["output_stream_url"],
-                "error": None,
+                "error": next((o["last_error"] for o in outputs.values() if o.get("last_error")), None),
+                "outputs": outputs,
                 "ingest_metrics": {"frames_in": stats.get("frames_in", 0),
                                    "drops": stats.get("drops", {})},
             },
