@@ -35,7 +35,9 @@ class GracefulServer(uvicorn.Server):
 def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
     config = uvicorn.Config(app, log_level=log_level, lifespan="on",
                             ws_per_message_deflate=False,  # deflate costs ~40x on JPEG frames
-                            access_log=False)
+                            access_log=False,
+                            # endless responses (MJPEG) would otherwise hold shutdown forever
+                            timeout_graceful_shutdown=2)
     return GracefulServer(config)
 
 

@@ -23,6 +23,8 @@ class ServerSettings:
     #: seed-001 sessions at once (0: no limit)
     max_queue_size: int = 0
     jpeg_quality: int = 85
+    #: ICE servers for WebRTC: "stun:host:port" or {"urls", "username", "credential"}
+    ice_servers: list[Any] = field(default_factory=list)
     #: where HLS segments are written; None: a temporary directory
     hls_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)

@@ -1,0 +1,145 @@
+"""WHIP and WHEP sessions: one peer connection each, closed exactly once.
+
+A session owns its peer connection, the background tasks that move its
+frames and the relay peers it joined; :meth:`Session.close` undoes all of
+it whatever ends the session (DELETE, a failed connection, no video in
+time, the stream being deleted, server shutdown). The registry finds
+sessions by id for DELETE and by stream for the close hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiortc import RTCPeerConnection
+
+from api.streams import Stream
+
+log = logging.getLogger("api.webrtc")
+
+Kind = Literal["whip", "whep"]
+
+
+@dataclass(frozen=True)
+class WebRTCSettings:
+    """Knobs for both directions.
+
+    ``ice_servers`` go to our own peer connections and to clients in ``Link``
+    headers: ``"stun:host:port"`` strings, or mappings with ``urls`` and
+    optional ``username``/``credential`` for TURN. Empty (the default) means
+    host candidates only and no request to any outside server.
+    """
+
+    ice_servers: tuple[Any, ...] = ()
+    #: a WHIP session that has delivered no video frame by then is closed
+    first_frame_timeout: float = 5.0
+    #: a WHEP session whose connection is not up by then is closed
+    connect_timeout: float = 15.0
+
+
+@dataclass(eq=False)
+class Session:
+    """One WHIP publisher or WHEP viewer; the URL ``.../{whip,whep}/{id}`` names it."""
+
+    kind: Kind
+    stream: Stream
+    pc: RTCPeerConnection
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    etag: str = field(default_factory=lambda: f'"{secrets.token_hex(8)}"')
+    started: float = field(default_factory=time.monotonic)
+    #: monotonic time of the first video frame received (WHIP)
+    first_frame_at: float | None = None
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: synchronous releases (relay peers), run once at close
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    #: called once after close, with the reason (the registry unlinks the session)
+    on_closed: list[Callable[[Session, str], None]] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _closing: bool = False
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` for the session's lifetime; it is cancelled at close."""
+        task = asyncio.create_task(coro, name=f"{self.kind}-{self.id[:6]}-{name}")
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s failed", task.get_name(), exc_info=task.exception())
+            self.close_soon(f"{task.get_name()} failed: {task.exception()!r}")
+
+    def close_soon(self, reason: str) -> None:
+        """Close from a callback or from one of the session's own tasks."""
+        if not self._closing:
+            asyncio.get_running_loop().create_task(self.close(reason))
+
+    async def close(self, reason: str) -> None:
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        log.info("%s session %s of stream %s closed: %s", self.kind.upper(), self.id[:6],
+                 self.stream.id, reason)
+        current = asyncio.current_task()
+        others = [t for t in self.tasks if t is not current]
+        for task in others:
+            task.cancel()
+        for cleanup in self.cleanups:
+            cleanup()
+        try:
+            await self.pc.close()
+        finally:
+            await asyncio.gather(*others, return_exceptions=True)
+            for callback in self.on_closed:
+                callback(self, reason)
+            self.closed.set()
+
+
+class SessionRegistry:
+    """Open sessions by id; at most one WHIP publisher per stream."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        session.on_closed.append(lambda s, _reason: self.sessions.pop(s.id, None))
+
+    def get(self, session_id: str, kind: Kind) -> Session | None:
+        session = self.sessions.get(session_id)
+        return session if session is not None and session.kind == kind else None
+
+    def for_stream(self, stream_id: str, kind: Kind | None = None) -> list[Session]:
+        return [s for s in self.sessions.values()
+                if s.stream.id == stream_id and (kind is None or s.kind == kind)]
+
+    async def close_stream(self, stream: Stream) -> None:
+        """The stream is being deleted: end every session on it."""
+        await close_all(self.for_stream(stream.id), "stream deleted")
+
+    async def close_all(self, reason: str = "server shutdown") -> None:
+        await close_all(list(self.sessions.values()), reason)
+
+
+async def close_all(sessions: Iterable[Session], reason: str) -> None:
+    results = await asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            log.warning("closing a session failed: %r", result)
+
+
+
+@dataclass
+class WebRTCState:
+    """What the routes need, kept on ``app.state.webrtc``."""
+
+    settings: WebRTCSettings
+    registry: SessionRegistry = field(default_factory=SessionRegistry)

@@ -1,0 +1,81 @@
+"""Shared pieces for API tests over real HTTP: a served app, a filter worker, stream creation, MJPEG parsing.
+
+Import the fixtures into a test module (``from tests.api_fixtures import api, worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.server import running
+from api.settings import ServerSettings
+from relay import RelayConfig
+from worker.runtime import Worker, WorkerOptions
+
+KEY = "k"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on a served app with no worker processes; ``client.app`` is the app."""
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
+                                    api_keys=frozenset({KEY})))
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture
+async def worker(api: httpx.AsyncClient) -> AsyncIterator[Worker]:
+    """An in-process filter worker on the app's relay (invert for prompt "negative")."""
+    worker = Worker(WorkerOptions(relay_url=api.app.state.relay_url, engine="filter", capacity=4))
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.connected.wait(), 10)
+    yield worker
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def create_stream(api: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
+    body = {"pipeline": "streamdiffusion", "params": {"prompt": "negative", **params}}
+    response = await api.post("/v1/streams", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait until ``predicate()`` holds (checked every 10 ms), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def multipart_parts(response: httpx.Response, boundary: str = "frame") -> AsyncIterator[bytes]:
+    """Bodies of a ``multipart/x-mixed-replace`` response's parts, as they arrive."""
+    buffer = bytearray()
+    marker = f"--{boundary}\r\n".encode()
+    chunks = response.aiter_bytes()
+    while True:
+        while (head_end := buffer.find(b"\r\n\r\n")) < 0:
+            buffer += await anext(chunks)
+        head = bytes(buffer[:head_end])
+        assert head.startswith(marker), head[:40]
+        headers = dict(line.split(": ", 1) for line in head[len(marker):].decode().split("\r\n"))
+        assert headers["Content-Type"] == "image/jpeg"
+        size = int(headers["Content-Length"])
+        start = head_end + 4
+        while len(buffer) < start + size + 2:
+            buffer += await anext(chunks)
+        yield bytes(buffer[start:start + size])
+        assert buffer[start + size:start + size + 2] == b"\r\n"
+        del buffer[:start + size + 2]

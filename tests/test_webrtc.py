@@ -1,0 +1,255 @@
+"""WHIP in, WHEP out, with real aiortc peers on loopback, real HTTP and a real filter worker.
+
+The stream's prompt "negative" makes the filter engine invert colours, so
+what the WHEP viewer sees must be the inverse of what the WHIP publisher
+sends, at the stream's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import av
+import httpx
+import numpy as np
+import pytest
+from aiortc import (
+    AudioStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
+
+from api.app import create_app
+from api.server import running
+from api.settings import ServerSettings
+from api.webrtc import WebRTCSettings
+from api.webrtc.signaling import link_header
+from relay import RelayConfig
+from tests.api_fixtures import AUTH, KEY, api, create_stream, eventually, worker  # noqa: F401
+
+SDP = {"Content-Type": "application/sdp"}
+BACKGROUND = (200, 60, 30)
+WIDTH, HEIGHT = 384, 448  # the stream's size; the publisher sends 320x240
+
+
+class PatternTrack(VideoStreamTrack):
+    """A flat colour with a small white square sliding across: moving, with a known mean colour."""
+
+    def __init__(self, width: int = 320, height: int = 240) -> None:
+        super().__init__()
+        self.width, self.height = width, height
+        self.count = 0
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()  # paces the source at 30 fps
+        rgb = np.empty((self.height, self.width, 3), np.uint8)
+        rgb[:] = BACKGROUND
+        x = (self.count * 4) % (self.width - 16)
+        rgb[self.height // 2 - 8:self.height // 2 + 8, x:x + 16] = 255
+        self.count += 1
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+class SilentTrack(VideoStreamTrack):
+    """A video track that never produces a frame."""
+
+    async def recv(self) -> av.VideoFrame:
+        await asyncio.Future()
+        raise AssertionError("unreachable")
+
+
+def prefer(transceiver: RTCRtpTransceiver, mime: str) -> None:
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    transceiver.setCodecPreferences([c for c in codecs if c.mimeType in (mime, "video/rtx")])
+
+
+def peer() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only
+
+
+async def offer(pc: RTCPeerConnection) -> str:
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc.localDescription.sdp
+
+
+async def publish(client: httpx.AsyncClient, url: str, track: VideoStreamTrack,
+                  codec: str = "video/VP8", audio: bool = False) -> tuple[RTCPeerConnection, httpx.Response]:
+    pc = peer()
+    if audio:  # as OBS and browsers send: audio first, then video
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    prefer(pc.addTransceiver(track, direction="sendonly"), codec)
+    response = await client.post(url, content=await offer(pc), headers=SDP)
+    assert response.status_code == 201, response.text
+    await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+    return pc, response
+
+
+async def play(client: httpx.AsyncClient, url: str, codec: str = "video/VP8"
+               ) -> tuple[RTCPeerConnection, RTCRtpTransceiver, httpx.Response]:
+    pc = peer()
+    transceiver = pc.addTransceiver("video", direction="recvonly")
+    prefer(transceiver, codec)
+    response = await client.post(url, content=await offer(pc), headers=SDP)
+    assert response.status_code == 201, response.text
+    await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+    return pc, transceiver, response
+
+
+def registry(client: httpx.AsyncClient):
+    return client.app.state.webrtc.registry
+
+
+@pytest.mark.parametrize("codec", ["video/H264", "video/VP8"])
+async def test_whip_in_whep_out_inverted(api, worker, codec):  # noqa: F811
+    stream = await create_stream(api, width=WIDTH, height=HEIGHT)
+    whep_pc, transceiver, whep = await play(api, stream["output_stream_url"], codec)
+    started = time.perf_counter()
+    whip_pc, whip = await publish(api, stream["whip_url"], PatternTrack(), codec)
+    post_ms = (time.perf_counter() - started) * 1000
+    try:
+        name = codec.split("/")[1]
+        for response, direction in ((whip, "recvonly"), (whep, "sendonly")):
+            assert response.headers["content-type"] == "application/sdp"
+            assert response.headers["etag"]
+            assert f"a={direction}" in response.text and f"{name}/90000" in response.text
+            other = "VP8" if name == "H264" else "H264"
+            assert f"{other}/90000" not in response.text
+            assert "a=candidate:" in response.text  # all candidates, no trickle
+        assert whip.headers["location"].startswith(stream["whip_url"] + "/")
+        assert whep.headers["location"].startswith(stream["output_stream_url"] + "/")
+        assert whip.headers["livepeer-playback-url"] == stream["output_stream_url"]
+        exposed = whip.headers["access-control-expose-headers"]
+        assert all(h in exposed for h in ("Location", "ETag", "Link", "Livepeer-Playback-URL"))
+        assert "link" not in whip.headers  # no ICE servers configured
+
+        track = transceiver.receiver.track
+        first = await asyncio.wait_for(track.recv(), 15)
+        first_ms = (time.perf_counter() - started) * 1000
+        frames = [first] + [await asyncio.wait_for(track.recv(), 5) for _ in range(5)]
+        for frame in frames:
+            assert (frame.width, frame.height) == (WIDTH, HEIGHT)
+        mean = frames[-1].to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
+        expected = 255 - np.array(BACKGROUND)
+        assert np.all(np.abs(mean - expected) < 25), (mean, expected)
+        print(f"\n{codec}: WHIP POST->201 {post_ms:.0f} ms, first WHEP frame {first_ms:.0f} ms "
+              f"after the WHIP POST")
+
+        sessions = registry(api).for_stream(stream["id"])
+        assert sorted(s.kind for s in sessions) == ["whep", "whip"]
+        deleted = await api.delete(whip.headers["location"])
+        assert deleted.status_code == 200
+        assert [s.kind for s in registry(api).for_stream(stream["id"])] == ["whep"]
+        assert (await api.delete(whip.headers["location"])).status_code == 404
+        channel = api.app.state.relay.hub.channels[stream["id"]]
+        assert not channel.producers
+        assert (await api.delete(whep.headers["location"])).status_code == 200
+        assert registry(api).sessions == {} and not channel.viewers
+    finally:
+        await whip_pc.close()
+        await whep_pc.close()
+
+
+async def test_signalling_errors(api):  # noqa: F811
+    stream = await create_stream(api)
+    whip, whep = stream["whip_url"], stream["output_stream_url"]
+    wrong_type = await api.post(whip, content="v=0\r\n", headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415
+    assert wrong_type.json()["code"] == "REQUEST/UNSUPPORTED_MEDIA_TYPE"
+    assert wrong_type.headers["accept-post"] == "application/sdp"
+    assert (await api.post(whep, content="v=0\r\n", headers={"Content-Type": "text/plain"})).status_code == 415
+
+    unknown = await api.post(whip.replace(stream["stream_key"], "stk_nope"), content="v=0", headers=SDP)
+    assert unknown.status_code == 404 and unknown.json()["success"] is False
+    assert (await api.post(whep.replace(stream["output_playback_id"], "nope"),
+                           content="v=0", headers=SDP)).status_code == 404
+
+    for body in ("garbage", "", "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"):
+        bad = await api.post(whip, content=body, headers=SDP)
+        assert bad.status_code == 400, body
+        assert bad.json()["status"] == 400 and bad.json()["error"]
+
+    pc = peer()
+    pc.addTransceiver("video", direction="recvonly")  # a viewer's offer sent to WHIP
+    wrong_direction = await api.post(whip, content=await offer(pc), headers=SDP)
+    assert wrong_direction.status_code == 400
+    assert wrong_direction.json()["code"] == "WEBRTC/BAD_DIRECTION"
+    await pc.close()
+
+    options = await api.options(whip)
+    assert options.status_code == 204
+    assert options.headers["accept-post"] == "application/sdp"
+    assert options.headers["access-control-allow-origin"] == "*"
+    assert "POST" in options.headers["access-control-allow-methods"]
+    assert (await api.options(whep)).status_code == 204
+
+    head = await api.head(whep)
+    assert head.status_code == 200 and head.headers["content-type"] == "application/sdp"
+    assert (await api.head(whep.replace(stream["output_playback_id"], "nope"))).status_code == 404
+    assert (await api.delete(f"{whip}/not-a-session")).status_code == 404
+    assert (await api.patch(f"{whep}/not-a-session", content="x")).status_code == 404
+    assert registry(api).sessions == {}
+
+
+async def test_patch_alias_and_replacement(api, worker):  # noqa: F811
+    stream = await create_stream(api)
+    # seed 003's alias, without any Authorization header: the stream key is the credential
+    async with httpx.AsyncClient(base_url=str(api.base_url), timeout=15) as anonymous:
+        first_pc, first = await publish(anonymous, f"/whip/{stream['id']}", PatternTrack(), audio=True)
+        assert "m=audio" in first.text and first.text.count("a=recvonly") == 2
+        assert first.headers["location"].startswith(stream["whip_url"] + "/")
+        patch = await anonymous.patch(first.headers["location"], content="a=end-of-candidates",
+                                      headers={"Content-Type": "application/trickle-ice-sdpfrag"})
+        assert patch.status_code == 405 and "DELETE" in patch.headers["allow"]
+        whep_pc, _transceiver, whep = await play(anonymous, stream["output_stream_url"])
+        assert (await anonymous.patch(whep.headers["location"], content="x")).status_code == 501
+
+        second_pc, second = await publish(anonymous, stream["whip_url"], PatternTrack())
+        publishers = registry(api).for_stream(stream["id"], "whip")
+        assert [s.id for s in publishers] == [second.headers["location"].rsplit("/", 1)[1]]
+        channel = api.app.state.relay.hub.channels[stream["id"]]
+        assert len(channel.producers) == 1 and len(channel.viewers) == 1
+
+        deleted = await api.delete(f"/v1/streams/{stream['id']}")
+        assert deleted.status_code == 200
+        assert registry(api).sessions == {}
+        assert stream["id"] not in api.app.state.relay.hub.channels
+        for pc in (first_pc, whep_pc, second_pc):
+            await pc.close()
+
+
+async def test_session_without_video_is_closed(api):  # noqa: F811
+    api.app.state.webrtc.settings = WebRTCSettings(first_frame_timeout=0.5)
+    stream = await create_stream(api)
+    pc, _response = await publish(api, stream["whip_url"], SilentTrack())
+    try:
+        assert len(registry(api).sessions) == 1
+        await eventually(lambda: not registry(api).sessions, 5, "the silent session to close")
+        assert not api.app.state.relay.hub.channels[stream["id"]].producers
+    finally:
+        await pc.close()
+
+
+async def test_shutdown_closes_sessions():
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
+        stream = await create_stream(client)
+        pc, _transceiver, _response = await play(client, stream["output_stream_url"])
+        assert len(app.state.webrtc.registry.sessions) == 1
+    assert app.state.webrtc.registry.sessions == {}
+    await pc.close()
+
+
+def test_link_header_lists_ice_servers():
+    assert link_header([]) is None
+    link = link_header(["stun:stun.example.net:3478",
+                        {"urls": ["turn:turn.example.net?transport=udp"], "username": "u", "credential": "p"}])
+    assert link == ('<stun:stun.example.net:3478>; rel="ice-server", '
+                    '<turn:turn.example.net?transport=udp>; rel="ice-server"; username="u"; '
+                    'credential="p"; credential-type="password"')
