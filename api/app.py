@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import errors, ids, metrics, page, ws_ingest
+from api import errors, ids, metrics, outputs, page, ws_ingest
 from api import mjpeg, webrtc
 from api.health import VERSION
 from api.routes_streams import router, v1
+from api.seeds.routes import router as seeds_router
 from api.settings import ServerSettings
 from api.streams import StreamManager
 from api.workers import LocalWorkers
@@ -59,7 +60,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v1)
     app.include_router(ws_ingest.router)
+    outputs.install(app)
     page.install(app)
     webrtc.install(app)  # WHIP/WHEP; closes sessions with their streams
     app.include_router(mjpeg.router)
+    app.include_router(seeds_router)  # seed 000's /ws, seed 001's /api/*
     return app

@@ -44,6 +44,10 @@ class ServerSection(_Section):
     api_keys: list[str] = Field(default_factory=list,
                                 description="Bearer keys for /v1; empty: one is generated and printed")
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
+    session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
+    hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
+    ice_servers: list[str] = Field(default_factory=list,
+                                   description="WebRTC ICE servers, e.g. stun:stun.example.org:3478")
 
 
 class RelaySection(_Section):
@@ -145,6 +149,9 @@ class Config(BaseSettings):
                               insecure=self.relay.insecure),
             workers=self.workers.count, engine=self.workers.engine, worker_args=worker_args,
             max_queue_size=self.server.max_queue_size, jpeg_quality=self.performance.jpeg_quality,
+            pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
+            session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
+            ice_servers=list(self.server.ice_servers),
             default_params=self.default_stream_params(),
         )
 

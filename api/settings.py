@@ -22,6 +22,11 @@ class ServerSettings:
     worker_args: list[str] = field(default_factory=list)
     #: seed-001 sessions at once (0: no limit)
     max_queue_size: int = 0
+    #: seed-001 input mode and pipeline name shown by /api/settings
+    pipeline_mode: str = "image"
+    pipeline_name: str = "img2img"
+    #: seed-001 session length in seconds (0: no limit)
+    session_timeout_s: float = 0
     jpeg_quality: int = 85
     #: ICE servers for WebRTC: "stun:host:port" or {"urls", "username", "credential"}
     ice_servers: list[Any] = field(default_factory=list)

@@ -18,7 +18,7 @@ __all__ = ["SessionRegistry", "WebRTCSettings", "WebRTCState", "install", "route
 def install(app: FastAPI, settings: WebRTCSettings | None = None) -> WebRTCState:
     """Mount WHIP/WHEP on ``app``; ICE servers come from ``settings.ice_servers`` when the server has them."""
     if settings is None:
-        settings = WebRTCSettings(ice_servers=tuple(getattr(app.state.settings, "ice_servers", ()) or ()))
+        settings = WebRTCSettings(ice_servers=tuple(app.state.settings.ice_servers))
     state = WebRTCState(settings)
     app.state.webrtc = state
 

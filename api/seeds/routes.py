@@ -1,0 +1,52 @@
+"""The seed routers in one, plus seed 001's HTTP endpoints.
+
+``create_app`` includes :data:`router`; it carries seed 000's ``/ws``, seed
+001's ``/api/ws/{userId}`` and the HTTP side of seed 001:
+
+* ``GET /api/settings``: ``info``, ``input_params``, ``max_queue_size``,
+  ``page_content`` (see :mod:`api.seeds.settings001`);
+* ``GET /api/queue``: ``{"queue_size": <connected users>}``;
+* ``GET /api/stream/{userId}?quality=85&max_fps=30``: the user's results as
+  MJPEG (``api.mjpeg``: boundary ``frame``, newest frame wins), from the
+  request on until the client leaves or the user's session ends. Unknown
+  users get 404 ``{"detail": "User not found"}``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from api.mjpeg import MjpegResponse, mjpeg_stream
+from api.seeds import ws000, ws001
+from api.seeds.params import initial_params
+from api.seeds.settings001 import settings_body
+
+router = APIRouter()
+router.include_router(ws000.router)
+router.include_router(ws001.router)
+
+
+@router.get("/api/settings")
+async def seed001_settings(request: Request) -> JSONResponse:
+    app = request.app
+    return JSONResponse(settings_body(app, initial_params(app.state.settings.default_params)))
+
+
+@router.get("/api/queue")
+async def seed001_queue(request: Request) -> JSONResponse:
+    return JSONResponse({"queue_size": len(ws001.registry(request.app))})
+
+
+@router.get("/api/stream/{user_id}", response_model=None)
+async def seed001_stream(request: Request, user_id: str,
+                         quality: int = Query(85, ge=1, le=100),
+                         max_fps: float = Query(30.0, gt=0, le=120)) -> MjpegResponse | JSONResponse:
+    session = ws001.registry(request.app).get(user_id)
+    if session is None:
+        return JSONResponse({"detail": "User not found"}, status_code=404)
+    # the worker's own JPEGs pass through untouched when they already have that quality
+    reencode = None if quality == request.app.state.settings.jpeg_quality else quality
+    stream = mjpeg_stream(request.app.state.relay.hub, session.channel.name, reencode, max_fps)
+    session.streams.add(stream)
+    return MjpegResponse(stream)

@@ -1,0 +1,132 @@
+"""Seed 000's ``/ws``: JSON control messages and binary frames on one socket.
+
+The seed (``000_*.txt``) fixes the envelope ``{"type": ..., "data": {...}}``
+and the flow; the field names inside ``data`` are ours, chosen to be
+self-describing:
+
+* on connect: ``{"type": "status", "data": {"status": "connected", "message",
+  "session_id", "engine_state", "settings"}}``;
+* ``{"type": "settings", "data": {...params}}`` is answered by
+  ``{"type": "settings_updated", "data": {"success": true, "settings",
+  "params_version", "ignored"}}``;
+* a binary JPEG/PNG is answered by ``{"type": "processed_frame", "data":
+  {"frame_id", "width", "height", "format", "size", "params_version",
+  "processing_time_ms", "timestamp"}}`` immediately followed by the result's
+  bytes; ``params_version`` >= the confirmed one means the new settings
+  were used;
+* problems are ``{"type": "error", "data": {"code", "message"}}`` and the
+  connection goes on.
+
+Only client messages are answered (plus engine errors), so a client that
+reads strictly "send X, read the reply" never meets an unexpected message.
+Latest frame wins: frames are published as they arrive and the hub and
+worker keep only the newest, so a client sending faster than the engine
+gets fewer, fresher results instead of a growing delay.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+
+from api.seeds.channel import Result, SessionChannel
+from api.seeds.params import ParamsError, initial_params, merge_params
+from api.seeds.socket import Outgoing, first_done, receive
+from wire.errors import ProtocolError
+
+log = logging.getLogger("api.seeds")
+
+router = APIRouter()
+
+
+def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "data": {"code": code, "message": message, **extra}}
+
+
+@router.websocket("/ws")
+async def seed000_socket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    out = Outgoing(websocket)
+    app = websocket.app
+    try:
+        session = SessionChannel(app.state.relay.hub, "ws000",
+                                 initial_params(app.state.settings.default_params))
+    except (ParamsError, ProtocolError) as exc:
+        await out.json(error("unavailable", f"cannot open a session: {exc}"))
+        await out.close(1013, "try again later")
+        return
+    try:
+        await out.json({"type": "status", "data": {
+            "status": "connected", "message": "Connected", "session_id": session.name,
+            "engine_state": session.engine_state, "settings": session.params}})
+        await first_done(_read(websocket, out, session), _pump(out, session))
+    finally:
+        session.close()
+        await out.close()
+
+
+async def _read(websocket: WebSocket, out: Outgoing, session: SessionChannel) -> None:
+    while (message := await receive(websocket)) is not None:
+        if isinstance(message, bytes):
+            reply = _frame(session, message)
+        else:
+            reply = _control(session, message)
+        if reply is not None and not await out.json(reply):
+            return
+
+
+def _frame(session: SessionChannel, data: bytes) -> dict[str, Any] | None:
+    """Publish one image; an error reply if it cannot be processed."""
+    if not session.has_worker:
+        return error("waiting_for_worker", "no worker is free for this session yet; frame dropped")
+    try:
+        session.publish(data)
+    except ProtocolError as exc:
+        return error(exc.code or "bad_image", str(exc))
+    return None
+
+
+def _control(session: SessionChannel, text: str) -> dict[str, Any]:
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return error("bad_json", f"not valid JSON: {exc}")
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return error("bad_message", 'expected {"type": ..., "data": {...}}')
+    if message["type"] != "settings":
+        return error("unknown_type", f"unknown message type {message['type']!r}; "
+                     "send settings as JSON and frames as binary messages")
+    try:
+        merged = merge_params(session.params, message.get("data") or {})
+    except ParamsError as exc:
+        return error("invalid_settings", str(exc), field=exc.field)
+    version = session.set_params(merged.params) if merged.changed else session.params_version
+    return {"type": "settings_updated", "data": {
+        "success": True, "settings": merged.params, "params_version": version,
+        "ignored": merged.ignored}}
+
+
+async def _pump(out: Outgoing, session: SessionChannel) -> None:
+    """Forward results (metadata, then bytes) and engine errors until the socket fails."""
+    while not out.closed:
+        control, results = await session.events()
+        for message in control:
+            if message.get("type") == "report" and message.get("event") == "error":
+                await out.json(error("engine_error", str(message.get("message", ""))))
+        for result in results:
+            await out.json_then_bytes(_processed(result), result.frame.payload)
+        if session.ended:
+            return
+
+
+def _processed(result: Result) -> dict[str, Any]:
+    frame = result.frame
+    return {"type": "processed_frame", "data": {
+        "frame_id": frame.seq, "width": frame.width, "height": frame.height,
+        "format": frame.format.label, "size": len(frame.payload),
+        "params_version": frame.params_version,
+        "processing_time_ms": None if result.latency_s is None else round(result.latency_s * 1000, 2),
+        "timestamp": frame.timestamp}}
