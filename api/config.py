@@ -61,6 +61,13 @@ class RelaySection(_Section):
     insecure: bool = Field(False, description="allow a non-loopback relay with no tokens")
 
 
+class MediaMTXSection(_Section):
+    publish_url: str | None = Field(None, pattern=r"^rtmps?://",
+                                    description="push every output here, e.g. rtmp://127.0.0.1:1935 (off: null)")
+    whep_url: str | None = Field(None, description="MediaMTX WebRTC base returned as WHEP URL, "
+                                                   "e.g. http://127.0.0.1:8889")
+
+
 class WorkersSection(_Section):
     count: int = Field(1, ge=0, description="local worker processes")
     engine: Literal["auto", "filter", "diffusion"] = Field(
@@ -105,6 +112,7 @@ class Config(BaseSettings):
     server: ServerSection = Field(default_factory=ServerSection)
     relay: RelaySection = Field(default_factory=RelaySection)
     workers: WorkersSection = Field(default_factory=WorkersSection)
+    mediamtx: MediaMTXSection = Field(default_factory=MediaMTXSection)
     model: ModelSection = Field(default_factory=ModelSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     performance: PerformanceSection = Field(default_factory=PerformanceSection)
@@ -152,6 +160,7 @@ class Config(BaseSettings):
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
             ice_servers=list(self.server.ice_servers),
+            mediamtx_publish_url=self.mediamtx.publish_url, mediamtx_whep_url=self.mediamtx.whep_url,
             default_params=self.default_stream_params(),
         )
 

@@ -3,7 +3,9 @@
 PyAV network output runs in its own process (it can hold the GIL in network
 I/O and ``close()``; see ../shared/media-notes.md). An RTMP output starts
 with the stream when ``output_rtmp_url`` is set and restarts when it
-changes. HLS starts on the first playlist request (no encoder runs for
+changes. With MediaMTX configured, every stream's output is also pushed
+there over RTMP and the stream's WHEP URL is MediaMTX's. HLS starts on the
+first playlist request (no encoder runs for
 streams nobody watches over HLS) and answers 503 with ``Retry-After`` until
 the first segment exists.
 """
@@ -11,6 +13,7 @@ the first segment exists.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,43 @@ from media.output_process import OutputProcess
 router = APIRouter()
 
 
+@dataclass(frozen=True)
+class Republisher:
+    """An external server (MediaMTX) that gets every stream's output and serves WHEP for it.
+
+    ``publish_base`` is where we push (``rtmp://mediamtx:1935``); the path is
+    the stream's playback id, which MediaMTX accepts as a new path.
+    ``whep_base`` is its WebRTC address (``http://mediamtx:8889``); its WHEP
+    URL for a path is ``{whep_base}/{path}/whep``.
+    """
+
+    publish_base: str
+    whep_base: str
+
+    def publish_url(self, path: str) -> str:
+        return f"{self.publish_base.rstrip('/')}/{path}"
+
+    def whep_url(self, path: str) -> str:
+        return f"{self.whep_base.rstrip('/')}/{path}/whep"
+
+
 class Outputs:
-    def __init__(self, relay_url: str, token: str | None, hls_base: Path) -> None:
+    def __init__(self, relay_url: str, token: str | None, hls_base: Path,
+                 republish: Republisher | None = None) -> None:
         self.relay_url, self.token, self.hls_base = relay_url, token, hls_base
+        self.republish = republish
         self.rtmp: dict[str, OutputProcess] = {}
         self.hls: dict[str, OutputProcess] = {}
+        self.external: dict[str, OutputProcess] = {}
+
+    async def stream_created(self, stream: Stream) -> None:
+        await self.stream_changed(stream)
+        if self.republish is not None:
+            stream.external_whep_url = self.republish.whep_url(stream.playback_id)
+            output = OutputProcess(self.relay_url, stream.channel, token=self.token,
+                                   rtmp_url=self.republish.publish_url(stream.playback_id))
+            self.external[stream.id] = output
+            await output.start()
 
     async def stream_changed(self, stream: Stream) -> None:
         """Start, restart or stop the RTMP push to match ``stream.output_rtmp_url``."""
@@ -51,7 +86,7 @@ class Outputs:
         return directory
 
     async def stream_closed(self, stream: Stream) -> None:
-        for outputs in (self.rtmp, self.hls):
+        for outputs in (self.rtmp, self.hls, self.external):
             output = outputs.pop(stream.id, None)
             if output is not None:
                 await output.stop()
@@ -59,7 +94,8 @@ class Outputs:
 
     def state(self, stream: Stream) -> dict[str, Any]:
         return {kind: outputs[stream.id].state() for kind, outputs in
-                (("rtmp", self.rtmp), ("hls", self.hls)) if stream.id in outputs}
+                (("rtmp", self.rtmp), ("hls", self.hls), ("republish", self.external))
+                if stream.id in outputs}
 
 
 @router.get("/live/video-to-video/{playback_id}/hls/{filename}")
@@ -82,11 +118,13 @@ def install(app: FastAPI) -> None:
     async def start(app_: FastAPI) -> None:
         settings = app_.state.settings
         base = Path(settings.hls_dir) if settings.hls_dir else Path(tempfile.mkdtemp(prefix="sd-hls-"))
-        outputs = Outputs(app_.state.relay_url, next(iter(settings.relay.tokens), None), base)
+        republish = (Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
+                     if settings.mediamtx_publish_url and settings.mediamtx_whep_url else None)
+        outputs = Outputs(app_.state.relay_url, next(iter(settings.relay.tokens), None), base, republish)
         app_.state.outputs = outputs
         streams = app_.state.streams
         streams.change_hooks.append(outputs.stream_changed)
         streams.close_hooks.append(outputs.stream_closed)
-        app_.state.stream_created_hooks.append(outputs.stream_changed)
+        app_.state.stream_created_hooks.append(outputs.stream_created)
 
     app.state.startup_hooks.insert(0, start)

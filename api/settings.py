@@ -30,6 +30,9 @@ class ServerSettings:
     jpeg_quality: int = 85
     #: ICE servers for WebRTC: "stun:host:port" or {"urls", "username", "credential"}
     ice_servers: list[Any] = field(default_factory=list)
+    #: MediaMTX republishing: where to push (rtmp://host:1935) and its WHEP base (http://host:8889)
+    mediamtx_publish_url: str | None = None
+    mediamtx_whep_url: str | None = None
     #: where HLS segments are written; None: a temporary directory
     hls_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)

@@ -35,6 +35,8 @@ class Stream:
     name: str = ""
     output_rtmp_url: str | None = None
     created: float = field(default_factory=time.time)
+    #: WHEP URL on an external republisher (MediaMTX), when one is configured
+    external_whep_url: str | None = None
 
     @property
     def channel(self) -> str:
@@ -52,7 +54,8 @@ class Stream:
         base = base_url.rstrip("/") + "/live/video-to-video"
         return {
             "whip_url": f"{base}/{self.stream_key}/whip",
-            "output_stream_url": f"{base}/{self.playback_id}/whep",
+            "output_stream_url": self.external_whep_url or f"{base}/{self.playback_id}/whep",
+            "local_whep_url": f"{base}/{self.playback_id}/whep",
             "mjpeg_url": f"{base}/{self.playback_id}/mjpeg",
             "hls_url": f"{base}/{self.playback_id}/hls/index.m3u8",
         }

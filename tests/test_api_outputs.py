@@ -89,3 +89,39 @@ async def test_hls_playlist_plays_back_with_pyav(api, worker):
     assert (await api.get(stream["hls_url"].replace("index.m3u8", "../../etc/passwd"))).status_code == 404
     await api.delete(f"/v1/streams/{stream['id']}")
     assert stream["id"] not in api.app.state.outputs.hls
+
+
+async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_url(rtmp_server):
+    """nginx-rtmp stands in for MediaMTX's RTMP listener (MediaMTX itself cannot be fetched here)."""
+    import httpx
+
+    from api.app import create_app
+    from api.server import running
+    from api.settings import ServerSettings
+    from relay import RelayConfig
+    from tests.test_api import AUTH, KEY
+    from worker.runtime import Worker, WorkerOptions
+
+    settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
+                              mediamtx_publish_url=rtmp_server.url("live", "").rstrip("/"),
+                              mediamtx_whep_url="http://mediamtx.example:8889")
+    app = create_app(settings)
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
+        client.app = app
+        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter"))
+        task = asyncio.create_task(worker.run())
+        stream = await create(client, width=SIZE, height=SIZE)
+        playback = stream["output_playback_id"]
+        assert stream["output_stream_url"] == f"http://mediamtx.example:8889/{playback}/whep"
+        await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
+        async with feeding(client, stream["id"]):
+            async def publishing():
+                status = (await client.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
+                assert status["gateway_status"]["whep_url"] == stream["output_stream_url"]
+                return status["gateway_status"]["outputs"]["republish"]["publishing"]
+            await poll(publishing)
+            live = {"analyzeduration": "1000000", "fflags": "nobuffer"}
+            frames = await asyncio.to_thread(decode, rtmp_server.url("live", playback), 5, live)
+        assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
