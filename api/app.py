@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import errors, ids, metrics, outputs, page, ws_ingest
-from api import mjpeg, webrtc
+from api import errors, ids, metrics, mjpeg, outputs, page, webrtc, ws_ingest
 from api.health import VERSION
 from api.routes_streams import router, v1
 from api.seeds.routes import router as seeds_router

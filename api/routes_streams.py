@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 
@@ -63,7 +63,7 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
 
 @v1.patch("/streams/{stream_id}/params")
 async def update_params(stream_id: str, request: Request,
-                        body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+                        body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
     """Hot params only (never reloads): a body of params, or ``{"params": {...}}``."""
     streams = manager(request)
     stream = streams.get(stream_id)

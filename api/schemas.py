@@ -33,7 +33,7 @@ class CreateStream(_Body):
     pipeline_params: DiffusionParams | None = None
 
     @model_validator(mode="after")
-    def _one_form(self) -> "CreateStream":
+    def _one_form(self) -> CreateStream:
         if self.pipeline is None and self.pipeline_id is None:
             raise ValueError("'pipeline' is required")
         if self.pipeline is not None and self.pipeline not in PIPELINES:

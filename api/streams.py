@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -68,7 +68,7 @@ class Stream:
             "whip_url": urls["whip_url"],
             "output_playback_id": self.playback_id,
             "output_stream_url": urls["output_stream_url"],
-            "created_at": datetime.fromtimestamp(self.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "created_at": datetime.fromtimestamp(self.created, UTC).isoformat().replace("+00:00", "Z"),
             "name": self.name,
             "author": "self-hosted",
             "from_playground": False,

@@ -41,7 +41,7 @@ class LocalWorkers:
         for process in self.processes:
             try:
                 await asyncio.wait_for(process.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 process.kill()
                 await process.wait()
         self.processes.clear()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 
+from common.logs import setup_logging
 from relay.config import DEFAULT_PORT, RelayConfig
 from relay.server import serve
-from common.logs import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> RelayConfig:

@@ -26,7 +26,6 @@ from wire.messages import (
     Role,
     assign_message,
     encode_control,
-    error_message,
     legacy_image_message,
     params_message,
     release_message,

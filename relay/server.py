@@ -89,7 +89,7 @@ class Relay:
         await self._server.wait_closed()
         self._server = None
 
-    async def __aenter__(self) -> "Relay":
+    async def __aenter__(self) -> Relay:
         await self.start()
         return self
 

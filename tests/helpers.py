@@ -81,7 +81,7 @@ class EchoWorker:
         self.ws: ClientConnection | None = None
         self.session = ""
 
-    async def start(self) -> "EchoWorker":
+    async def start(self) -> EchoWorker:
         self.ws, welcome = await connect(self.url, "worker", token=self.token,
                                          max_queue=self.max_queue)
         self.session = welcome["session"]

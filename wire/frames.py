@@ -50,7 +50,7 @@ class ImageFormat(enum.IntEnum):
     PNG = 2
 
     @classmethod
-    def parse(cls, name: str) -> "ImageFormat":
+    def parse(cls, name: str) -> ImageFormat:
         """Accept the spellings people use: ``jpeg``, ``JPG``, ``png``..."""
         key = name.strip().lower()
         if key in ("jpeg", "jpg", "image/jpeg"):
@@ -79,7 +79,7 @@ class Frame:
     params_version: int = 0
 
     def as_output(self, payload: bytes, fmt: ImageFormat, width: int, height: int,
-                  params_version: int) -> "Frame":
+                  params_version: int) -> Frame:
         """The result frame for this input: same channel, sequence number and timestamp."""
         return replace(self, kind=FrameKind.OUTPUT, payload=payload, format=fmt,
                        width=width, height=height, params_version=params_version)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -23,13 +23,13 @@ PROTOCOL_VERSION = 1
 DEFAULT_CHANNEL = "default"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     PRODUCER = "producer"
     WORKER = "worker"
     VIEWER = "viewer"
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     BAD_MESSAGE = "bad_message"
     BAD_IMAGE = "bad_image"
     BAD_CHANNEL = "bad_channel"
@@ -123,7 +123,7 @@ class Ping(_Message):
 
 
 ControlMessage = Annotated[
-    Union[Hello, Params, StatsRequest, WorkerReport, LegacyImage, Ping],
+    Hello | Params | StatsRequest | WorkerReport | LegacyImage | Ping,
     Field(discriminator="type"),
 ]
 _control = TypeAdapter(ControlMessage)
