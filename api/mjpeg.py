@@ -22,6 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.errors import not_found
+from common.tasks import first_done
 from media.codec import decode_image, encode_image
 from relay.hub import Hub
 from relay.local import LocalViewer
@@ -114,13 +115,9 @@ class MjpegResponse(StreamingResponse):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        tasks = [asyncio.create_task(pump()), asyncio.create_task(disconnected())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            results = await first_done(pump(), disconnected())
         finally:
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
             await self.stream.aclose()
         for result in results:
             if isinstance(result, Exception) and not isinstance(result, OSError):

@@ -9,39 +9,13 @@ import httpx
 import numpy as np
 import pytest
 
-from api.app import create_app
 from api.ids import ALPHABET
-from api.server import running
-from api.settings import ServerSettings
 from media.codec import decode_image
-from relay import RelayConfig
 from relay.local import LocalProducer, LocalViewer
+from tests.api_fixtures import AUTH, KEY, api, worker  # noqa: F401  (fixtures)
 from tests.helpers import jpeg
-from worker.runtime import Worker, WorkerOptions
 
-KEY = "daydream_live_test"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ID_CHARS = f"[{ALPHABET}]"
-
-
-@pytest.fixture
-async def api():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({KEY})))
-    async with running(app) as url:
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
-            client.app = app
-            yield client
-
-
-@pytest.fixture
-async def worker(api):
-    worker = Worker(WorkerOptions(relay_url=api.app.state.relay_url, engine="filter", capacity=4))
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.connected.wait(), 10)
-    yield worker
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 async def create(api, **params):

@@ -40,10 +40,15 @@ class TinyModels:
 
 
 def build_tiny_models(root: Path) -> TinyModels:
-    """Build and save every tiny model under ``root`` (about a second on a CPU)."""
-    torch.manual_seed(0)
+    """Build and save every tiny model under ``root`` (a few seconds on a CPU), the same every time."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _build(root)
+
+
+def _build(root: Path) -> TinyModels:
     root.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer()
+    tokenizer = byte_tokenizer()
     sd = StableDiffusionPipeline(
         vae=_kl_vae(),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
@@ -77,8 +82,11 @@ def build_tiny_models(root: Path) -> TinyModels:
     )
 
 
-def _tokenizer() -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer whose vocab is every byte, with no merges."""
+def byte_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer whose vocab is every byte, with no merges.
+
+    Real CLIP vocabularies can't be downloaded here; token ids stay valid for any CLIP text encoder.
+    """
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in (_byte_symbol(b) for b in range(256)):
         vocab[symbol] = len(vocab)
@@ -119,13 +127,13 @@ def _unet(cross_attention_dim: int, xl: bool = False) -> UNet2DConditionModel:
         }
     return UNet2DConditionModel(
         sample_size=48,
-        block_out_channels=(8, 16),
+        block_out_channels=(8, 16, 16),
         layers_per_block=1,
         norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 1/4 latent size only
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=2,
+        attention_head_dim=8,
         **extra,
     )
 
@@ -145,8 +153,8 @@ def _kl_vae() -> AutoencoderKL:
 
 def _tiny_vae() -> AutoencoderTiny:
     return AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
+        encoder_block_out_channels=(4, 4, 4, 4),
+        decoder_block_out_channels=(4, 4, 4, 4),
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
     )

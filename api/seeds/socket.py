@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from fastapi import WebSocket, WebSocketDisconnect
 
+from common.tasks import first_done as run_until_first
+
 #: what a write to (or a read from) a socket whose client has gone raises:
 #: uvicorn's ClientDisconnected is an OSError, Starlette raises RuntimeError after a close
 GONE = (OSError, RuntimeError, WebSocketDisconnect)
@@ -70,14 +72,7 @@ async def receive(websocket: WebSocket) -> str | bytes | None:
 
 
 async def first_done(*coroutines: Coroutine[Any, Any, None]) -> None:
-    """Run ``coroutines`` until one returns (or fails); cancel and await the rest."""
-    tasks = [asyncio.create_task(c) for c in coroutines]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    for result in results:
+    """Run ``coroutines`` until one returns (or fails); cancel the rest; re-raise a failure."""
+    for result in await run_until_first(*coroutines):
         if isinstance(result, Exception):
             raise result

@@ -29,10 +29,10 @@ class SimilarImageFilter:
             similarity = torch.nn.functional.cosine_similarity(
                 self._previous.flatten().float(), images.flatten().float(), dim=0, eps=1e-6
             ).item()
-            if self._random.uniform(0.0, 1.0) < self.skip_probability(similarity):
-                if self._skipped < self.max_skip_frame:
-                    self._skipped += 1
-                    return True
+            skip = self._random.uniform(0.0, 1.0) < self.skip_probability(similarity)
+            if skip and self._skipped < self.max_skip_frame:
+                self._skipped += 1
+                return True
         self._skipped = 0
         self._previous = images.detach().clone()
         return False

@@ -8,6 +8,7 @@ everything else applies on the next frame.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -56,6 +57,24 @@ class IPAdapterParams(_Strict):
     enabled: bool = True
 
 
+class ProcessorParams(_Strict):
+    """One step of a processing block (``blur``, ``feedback``, ``latent_feedback``...)."""
+
+    type: str
+    enabled: bool = True
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProcessingParams(_Strict):
+    """Daydream's ``image_*processing`` / ``latent_*processing`` blocks; all hot."""
+
+    enabled: bool = True
+    processors: list[ProcessorParams] = Field(default_factory=list)
+
+    def active(self) -> list[ProcessorParams]:
+        return [p for p in self.processors if p.enabled] if self.enabled else []
+
+
 class DiffusionParams(_Strict):
     """All parameters of the diffusion engine, with Daydream's defaults."""
 
@@ -89,6 +108,10 @@ class DiffusionParams(_Strict):
     controlnets: list[ControlNetParams] = Field(default_factory=list)
     ip_adapter: IPAdapterParams | None = None
     ip_adapter_style_image_url: str | None = None
+    image_preprocessing: ProcessingParams | None = None
+    image_postprocessing: ProcessingParams | None = None
+    latent_preprocessing: ProcessingParams | None = None
+    latent_postprocessing: ProcessingParams | None = None
     # Ours, beyond Daydream's schema:
     cfg_type: Literal["none", "self", "initialize", "full"] = "self"
     frame_buffer_size: int = Field(1, ge=1, le=4)
@@ -99,7 +122,7 @@ class DiffusionParams(_Strict):
     @field_validator("t_index_list")
     @classmethod
     def _non_decreasing(cls, value: list[int]) -> list[int]:
-        if any(b < a for a, b in zip(value, value[1:], strict=False)):
+        if any(b < a for a, b in itertools.pairwise(value)):
             raise ValueError("t_index_list must be non-decreasing")
         return value
 

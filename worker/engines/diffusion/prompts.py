@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from worker.engines.diffusion.stream import Conditioning
 class PromptEncoder:
     """Encodes prompts with a diffusers pipeline's ``encode_prompt`` (SD or SDXL)."""
 
-    def __init__(self, pipe, size: tuple[int, int], cache_size: int = 64) -> None:  # noqa: ANN001 - a DiffusionPipeline
+    def __init__(self, pipe: Any, size: tuple[int, int], cache_size: int = 64) -> None:
         self._pipe = pipe
         self._is_xl = getattr(pipe, "text_encoder_2", None) is not None
         width, height = size

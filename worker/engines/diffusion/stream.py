@@ -133,6 +133,7 @@ class StreamDenoiser:
         timesteps = [int(scheduler.timesteps[min(i, last)]) for i in t_index_list]
         if len(timesteps) != self._num_steps:
             self._num_steps = len(timesteps)
+            self._batch_cond = None
             self.reset()
         alphas = scheduler.alphas_cumprod.to(torch.float64)[timesteps]
         if self.config.consistency_boundary:
@@ -140,8 +141,8 @@ class StreamDenoiser:
         else:
             skip_out = [(0.0, 1.0)] * len(timesteps)
         rows = self._fbs if self.config.use_denoising_batch else 1
-        self._timesteps = self._per_row(torch.tensor(timesteps), rows).long()
-        self._steps = self._per_row(torch.arange(len(timesteps)), rows).long()
+        self._timesteps = self._per_row(torch.tensor(timesteps), rows)
+        self._steps = self._per_row(torch.arange(len(timesteps)), rows)
         self._alpha = self._per_row(alphas.sqrt(), rows).view(-1, 1, 1, 1)
         self._beta = self._per_row((1 - alphas).sqrt(), rows).view(-1, 1, 1, 1)
         self._c_skip = self._per_row(torch.tensor([float(s) for s, _ in skip_out]), rows).view(-1, 1, 1, 1)
@@ -269,7 +270,14 @@ class StreamDenoiser:
         return uncond + self._guidance_scale * (text - uncond), stock_noise
 
     @staticmethod
-    def _x0(eps, x_t, alpha, beta, c_skip, c_out) -> torch.Tensor:  # noqa: ANN001 - all tensors
+    def _x0(
+        eps: torch.Tensor,
+        x_t: torch.Tensor,
+        alpha: torch.Tensor,
+        beta: torch.Tensor,
+        c_skip: torch.Tensor,
+        c_out: torch.Tensor,
+    ) -> torch.Tensor:
         """Consistency-model step: the denoised estimate from an epsilon prediction."""
         return c_out * ((x_t - beta * eps) / alpha) + c_skip * x_t
 

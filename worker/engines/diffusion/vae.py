@@ -6,6 +6,7 @@ Both take and give images in [-1, 1]; latents are in the UNet's (scaled) space.
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderTiny
 
 
 class LatentCodec:
@@ -13,11 +14,12 @@ class LatentCodec:
 
     def __init__(self, vae: torch.nn.Module, dtype: torch.dtype) -> None:
         self.vae = vae
-        self.is_tiny = vae.__class__.__name__ == "AutoencoderTiny"
+        self.is_tiny = isinstance(vae, AutoencoderTiny)
         # SDXL's full VAE overflows in fp16 (config.force_upcast); run it in fp32 then.
         self._dtype = torch.float32 if getattr(vae.config, "force_upcast", False) and not self.is_tiny else dtype
         self._model_dtype = dtype
-        vae.to(dtype=self._dtype)
+        if vae.dtype != self._dtype:
+            vae.to(dtype=self._dtype)
         self._scale = vae.config.scaling_factor
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
