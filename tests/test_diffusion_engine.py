@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from tests.tiny_models import TinyModels, build_tiny_models
+from tests.tiny_models import TinyModels
 from worker.engines import create_engine
 from worker.engines.base import EngineError
 from worker.engines.diffusion import DiffusionEngine, DiffusionParams, parse_params
@@ -22,19 +21,6 @@ from worker.engines.diffusion.preprocessors import PREPROCESSORS, preprocessor
 from worker.engines.diffusion.stream import Conditioning, StreamConfig, StreamDenoiser
 
 SIZE = 384
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _offline() -> Iterator[None]:
-    """No test may reach the hub: missing models must fail fast and clearly."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 def engine(tiny: TinyModels, **params: Any) -> DiffusionEngine:
