@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from api import errors, ids, metrics, mjpeg, outputs, page, webrtc, ws_ingest
+from api.farewell import Farewells
 from api.health import VERSION
 from api.routes_streams import router, v1
 from api.seeds.routes import router as seeds_router
@@ -52,6 +53,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="StreamDiffusion server", version=VERSION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.farewells = Farewells()
     app.state.startup_hooks = []
     app.state.stream_created_hooks = []
     errors.install(app)

@@ -22,8 +22,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn re-raises SIGTERM after a graceful shutdown (exit status -15); a
-    server that shut down cleanly because it was asked to should exit 0."""
+    """Says goodbye to WebSocket clients in their protocol before uvicorn closes
+    them, and exits 0 after a requested shutdown (uvicorn re-raises SIGTERM,
+    which makes the exit status -15)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        farewells = getattr(self.config.app.state, "farewells", None)
+        if farewells is not None:
+            await farewells.say_all()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

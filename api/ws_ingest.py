@@ -17,11 +17,12 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from api.farewell import SHUTDOWN_TEXT
 from relay.local import LocalProducer
 from wire.errors import ProtocolError
 from wire.frames import decode_frame
 from wire.images import probe_image
-from wire.messages import error_message
+from wire.messages import encode_control, error_message
 
 router = APIRouter()
 
@@ -36,11 +37,23 @@ async def ingest(websocket: WebSocket, stream_key: str) -> None:
     hub = websocket.app.state.relay.hub
     producer = LocalProducer(hub, stream.channel, receive="output")
     sender = asyncio.create_task(_send_results(websocket, producer))
+    goodbye = encode_control({"type": "shutdown", "message": SHUTDOWN_TEXT})
     try:
+        with websocket.app.state.farewells.registered(lambda: websocket.send_text(goodbye)):
+            await _receive(websocket, producer)
+    finally:
+        producer.close()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+
+
+async def _receive(websocket: WebSocket, producer: LocalProducer) -> None:
+    with contextlib.suppress(WebSocketDisconnect):
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                break
+                return
             data = message.get("bytes")
             if data is None:
                 continue  # text is reserved for control messages; none are needed yet
@@ -48,13 +61,6 @@ async def ingest(websocket: WebSocket, stream_key: str) -> None:
                 _publish(producer, data)
             except ProtocolError as exc:
                 producer.peer.send(error_message(exc.code, str(exc)))
-    except WebSocketDisconnect:
-        pass
-    finally:
-        producer.close()
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
 
 
 def _publish(producer: LocalProducer, data: bytes) -> None:

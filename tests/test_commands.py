@@ -51,3 +51,36 @@ def test_worker_rejects_bad_params_json():
     result = subprocess.run([sys.executable, "-m", "worker", "--params", "{oops"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--params is not valid JSON" in result.stderr
+
+
+async def test_shutdown_tells_websocket_clients_in_their_protocol():
+    import orjson
+    import websockets
+
+    from api.app import create_app
+    from api.server import running
+    from api.settings import ServerSettings
+    from relay import RelayConfig
+
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0))
+    async with running(app) as url:
+        base = url.replace("http://", "ws://")
+        seed000 = await websockets.connect(base + "/ws")
+        assert orjson.loads(await seed000.recv())["type"] == "status"
+        seed001 = await websockets.connect(base + "/api/ws/alice")
+        assert orjson.loads(await seed001.recv()) == {"status": "connected"}
+        relay_client, _ = await connect(app.state.relay_url, "viewer", "x")
+        while len(app.state.farewells) < 2:  # both sessions set up server-side
+            await asyncio.sleep(0.01)
+    goodbyes = []
+    for ws in (seed000, seed001, relay_client):
+        messages = []
+        try:
+            while True:
+                messages.append(orjson.loads(await asyncio.wait_for(ws.recv(), 5)))
+        except Exception:
+            pass
+        goodbyes.append(messages[-1])
+    assert goodbyes[0]["type"] == "status" and goodbyes[0]["data"]["status"] == "shutdown"
+    assert goodbyes[1] == {"status": "error", "message": "Server is shutting down"}
+    assert goodbyes[2]["type"] == "shutdown"

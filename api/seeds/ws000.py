@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket
 
+from api.farewell import SHUTDOWN_TEXT
 from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.socket import Outgoing, first_done, receive
@@ -62,7 +63,9 @@ async def seed000_socket(websocket: WebSocket) -> None:
         await out.json({"type": "status", "data": {
             "status": "connected", "message": "Connected", "session_id": session.name,
             "engine_state": session.engine_state, "settings": session.params}})
-        await first_done(_read(websocket, out, session), _pump(out, session))
+        goodbye = {"type": "status", "data": {"status": "shutdown", "message": SHUTDOWN_TEXT}}
+        with app.state.farewells.registered(lambda: out.json(goodbye)):
+            await first_done(_read(websocket, out, session), _pump(out, session))
     finally:
         session.close()
         await out.close()

@@ -269,7 +269,8 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
         tasks = [session.read(websocket), session.pump()]
         if opts.timeout_s > 0:
             tasks.append(session.timer())
-        await first_done(*tasks)
+        with app.state.farewells.registered(lambda: out.json(error("Server is shutting down"))):
+            await first_done(*tasks)
     finally:
         if reg.sessions.get(user_id) is session:
             del reg.sessions[user_id]
