@@ -36,6 +36,8 @@ $(VENV)/.dev-installed: $(VENV)/.core-installed requirements-dev.txt $(wildcard 
 bench: setup-dev
 	$(PY) bench/relay.py --quick
 	$(PY) bench/worker.py
+	$(PY) bench/engine.py
+	$(PY) bench/e2e.py --quick
 
 doctor: setup
 	$(PY) -m api.doctor
