@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from api.webrtc.jitter import complete_frames_on_marker
 from api.webrtc.routes import router
 from api.webrtc.sessions import SessionRegistry, WebRTCSettings, WebRTCState
 
@@ -19,6 +20,7 @@ def install(app: FastAPI, settings: WebRTCSettings | None = None) -> WebRTCState
     """Mount WHIP/WHEP on ``app``; ICE servers come from ``settings.ice_servers`` when the server has them."""
     if settings is None:
         settings = WebRTCSettings(ice_servers=tuple(app.state.settings.ice_servers))
+    complete_frames_on_marker()  # one frame interval less delay on every WHIP session
     state = WebRTCState(settings)
     app.state.webrtc = state
 
