@@ -34,6 +34,10 @@ from wire.messages import (
 
 log = logging.getLogger("relay")
 
+# what each ``receive`` setting delivers (kind.name.lower() cost ~1 us per frame and peer)
+_WANTED = {"input": frozenset({FrameKind.INPUT}), "output": frozenset({FrameKind.OUTPUT}),
+           "both": frozenset(FrameKind), "none": frozenset()}
+
 
 class Delivery:
     """A frame on its way out: the original bytes plus a lazily built seed-002 form."""
@@ -80,7 +84,7 @@ class Peer:
         self.outbox.put_control(encode_control(message))
 
     def wants(self, kind: FrameKind) -> bool:
-        return self.receive == "both" or self.receive == kind.name.lower()
+        return kind in _WANTED[self.receive]
 
     def describe(self) -> dict[str, Any]:
         info = {"id": self.id, "role": self.role.value, "name": self.name}

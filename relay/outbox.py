@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,13 +18,19 @@ T = TypeVar("T")
 
 class Outbox(Generic[T]):
     def __init__(self, control_limit: int = 64) -> None:
+        #: optional: sends an item at once when the socket is idle; True when it did
+        self.fast_send: Callable[[T], bool] | None = None
         self._frames: dict[Hashable, T] = {}
         self._control: deque[str] = deque(maxlen=control_limit)
         self._ready = asyncio.Event()
+        self._busy = False  # the sender task holds items it has not finished sending
         self.closed = False
 
     def put_frame(self, slot: Hashable, item: T) -> T | None:
         """Store ``item`` in ``slot``; return the unsent item it replaced, if any."""
+        if (self.fast_send is not None and not self._busy and not self._frames
+                and not self._control and self.fast_send(item)):
+            return None  # nothing queued and the socket idle: written without the sender task
         replaced = self._frames.pop(slot, None)  # re-insert: oldest slot sends first
         self._frames[slot] = item
         self._ready.set()
@@ -40,6 +46,7 @@ class Outbox(Generic[T]):
 
     async def take(self) -> tuple[list[str], list[T]]:
         """Wait for something to send; return all pending control messages and frames."""
+        self._busy = False
         while not (self._control or self._frames or self.closed):
             self._ready.clear()
             await self._ready.wait()
@@ -47,4 +54,5 @@ class Outbox(Generic[T]):
         self._control.clear()
         frames = list(self._frames.values())
         self._frames.clear()
+        self._busy = True  # until the next take: a direct send now could overtake these
         return control, frames

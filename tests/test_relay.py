@@ -304,3 +304,41 @@ def test_refuses_to_listen_beyond_loopback_without_tokens():
     RelayConfig(host="0.0.0.0", tokens=frozenset({"t"})).check()
     RelayConfig(host="0.0.0.0", insecure=True).check()
     RelayConfig(host="::1").check()
+
+
+async def test_a_burst_of_frames_is_delivered_not_overwritten(relay):
+    """Frames read in one socket read are each forwarded, not collapsed into the last one."""
+    count = 300
+    viewer, _ = await connect(relay.url, "viewer", "burst", receive="input")
+    producer, _ = await connect(relay.url, "producer", "burst", receive="none")
+    image = jpeg()
+    for seq in range(count):  # back to back: the relay reads several frames per socket read
+        await producer.send(input_frame(seq, image, "burst"))
+    seqs = []
+    while not seqs or seqs[-1] != count - 1:
+        seqs.append((await recv_frame(viewer)).seq)
+    assert seqs == sorted(seqs)
+    assert len(seqs) > count * 0.8, f"only {len(seqs)} of {count} frames delivered"
+    await viewer.close()
+    await producer.close()
+
+
+def test_outbox_direct_send_never_overtakes_frames_the_sender_holds():
+    from relay.outbox import Outbox
+
+    async def scenario():
+        sent = []
+        outbox = Outbox()
+        outbox.fast_send = lambda item: sent.append(item) or True
+        outbox.put_frame("a", 1)  # idle: straight out
+        assert sent == [1]
+        outbox.fast_send = lambda item: False  # socket busy: queued
+        outbox.put_frame("a", 2)
+        outbox.fast_send = lambda item: sent.append(item) or True
+        _control, frames = await outbox.take()  # the sender task now holds frame 2
+        assert frames == [2]
+        outbox.put_frame("a", 3)  # must wait behind 2
+        assert sent == [1]
+        assert (await outbox.take())[1] == [3]
+
+    asyncio.run(scenario())
