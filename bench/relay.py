@@ -1,9 +1,10 @@
 """Relay throughput and latency against a bare forwarder and the seed-002 baseline.
 
     .venv/bin/python -m bench.relay            # full run, ~1.5 min on 2 cores
-    .venv/bin/python -m bench.relay --quick    # ~20 s
+    .venv/bin/python -m bench.relay --quick    # ~20 s: 30 fps and max rate only, short windows
     .venv/bin/python -m bench.relay --json     # machine-readable result on stdout
-    .venv/bin/python -m bench.relay --profile /tmp/relay.prof   # cProfile the relay process
+    .venv/bin/python -m bench.relay --repeat 3 --quiet-wait 10   # on a shared machine
+    .venv/bin/python -m bench.relay --only relay --profile /tmp/relay.prof  # cProfile the relay
 
 Each server runs in its own process (see ``bench/relay_servers.py``); every
 client (producers, viewers, echo workers) runs in this process. Both use
@@ -12,7 +13,7 @@ uvloop when it is installed. Per channel there is one producer and one viewer
 synthetic landscape (simplejpeg, quality 85, 4:2:0, ~51 KB) stamped with a
 sequence number and ``time.time()`` at send time.
 
-Cases, for 1 and 10 channels, at 30 fps per channel and at maximum rate:
+Cases, for 1 and 10 channels:
 
 * ``relay in->viewer``: this relay, viewers ask for the producer's input
   frames (``receive="input"``), no worker.
@@ -23,13 +24,21 @@ Cases, for 1 and 10 channels, at 30 fps per channel and at maximum rate:
   defaults (per-message deflate ON on both ends).
 * ``naive b64 plain``: the same naive relay with ``compression=None``.
 
+Modes: ``30fps`` per channel, paced on a monotonic schedule; ``max``, open
+loop: each producer sends as fast as its socket accepts (``await send``);
+``window``, closed loop: a producer sends as fast as it can while at most
+``WINDOW`` of its frames have not reached its viewer, which measures how much
+a server delivers when it is not also drowning in frames it will drop.
+
 Metrics, measured over a window after a warm-up: delivered frames/s and MB/s
 (WebSocket message bytes received by viewers: base64 makes the naive relay's
 messages 4/3 larger), latency p50/p99 (receive time - send time stamped by the
 producer, same clock), drops (frames sent in the window that no viewer got
 by the end of a grace period), CPU of the server process and of this client
-process (% of one core), and the server's CPU time per delivered frame, which
-does not depend on whether the client process is the bottleneck.
+process (% of one core), the server's CPU time per delivered frame (which
+does not depend on whether the client process is the bottleneck) and the busy
+CPU of everything else on the machine during the window: on a shared 2-core
+machine other load halves the figures, so such rows are flagged.
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ import re
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 if __package__ in (None, ""):  # ``python bench/relay.py``
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,6 +77,9 @@ CASES = (  # (label, server, path)
     ("naive b64 plain", "naive-plain", "input"),
 )
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MODES = ("30fps", "max", "window")
+WINDOW = 4  # closed-loop mode: frames a producer may have in flight
+BUSY = 0.2  # cores of other load during a window above which its row is flagged
 
 
 # -- the image ----------------------------------------------------------------
@@ -156,6 +169,8 @@ class Stream:
     sent: list[float] = field(default_factory=list)  # send time of seq i
     received: list[list[tuple[float, int, float, int]]] = field(default_factory=list)
     acks: int = 0
+    latest: int = -1  # highest sequence number a viewer got (closed-loop mode)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def binary_maker(channel: str, jpeg: bytes) -> Callable[[int, float], bytes]:
@@ -233,9 +248,12 @@ async def open_streams(server: str, path: str, port: int, names: list[str],
     return streams
 
 
-async def _produce(s: Stream, rate: float | None, phase: float, running: list[bool]) -> None:
+async def _produce(s: Stream, mode: str, phase: float, running: list[bool]) -> None:
+    """Send frames: paced at ``mode`` fps ("30fps"), as fast as the socket takes them
+    ("max"), or with at most WINDOW frames not yet seen by the viewer ("window")."""
     ws, make, sent = s.producer, s.make, s.sent
     clock, wall = time.perf_counter, time.time
+    rate = float(mode[:-3]) if mode.endswith("fps") else 0.0
     period = 1 / rate if rate else 0.0
     due = clock() + phase * period
     seq = 0
@@ -248,6 +266,13 @@ async def _produce(s: Stream, rate: float | None, phase: float, running: list[bo
                 elif delay < -period:  # fell a whole frame behind: do not burst to catch up
                     due = clock()
                 due += period
+            elif mode == "window":
+                while s.latest < seq - WINDOW and running[0]:
+                    s.progress.clear()
+                    try:  # the timeout covers a frame the relay dropped for a newer one
+                        await asyncio.wait_for(s.progress.wait(), 0.05)
+                    except TimeoutError:
+                        break
             ts = wall()
             await ws.send(make(seq, ts))
             sent.append(ts)
@@ -258,14 +283,17 @@ async def _produce(s: Stream, rate: float | None, phase: float, running: list[bo
         pass
 
 
-async def _view(ws: Any, parse: Callable, log: list) -> None:
-    wall = time.time
+async def _view(s: Stream, ws: Any, log: list) -> None:
+    wall, parse, progress = time.time, s.parse, s.progress
     try:
         async for message in ws:
             now = wall()
             got = parse(message)
             if got is not None:
                 log.append((now, got[0], got[1], len(message)))
+                if got[0] > s.latest:
+                    s.latest = got[0]
+                    progress.set()
     except websockets.ConnectionClosed:
         pass
 
@@ -289,32 +317,51 @@ async def _echo(ws: Any) -> None:
         pass
 
 
+def _busy_cpu() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS  # user..steal, not guest (counted in user)
+
+
 def _proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+async def wait_quiet(limit: float, threshold: float = 0.25) -> float:
+    """Wait up to ``limit`` s for the machine's other load to fall under ``threshold`` cores."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        before = _busy_cpu()
+        await asyncio.sleep(0.25)
+        if (_busy_cpu() - before) / 0.25 < threshold:
+            break
+    return time.monotonic() - start
+
+
 async def run_case(server: str, path: str, port: int, server_pid: int, channels: int,
-                   rate: float | None, warmup: float, duration: float, jpeg: bytes,
-                   tag: str) -> dict[str, Any]:
+                   mode: str, warmup: float, duration: float, jpeg: bytes,
+                   tag: str, grace: float = 0.3) -> dict[str, Any]:
     names = [f"{tag}-{i}" for i in range(channels)]
     streams = await open_streams(server, path, port, names, jpeg)
     running = [True]
     tasks = []
     for s in streams:
         for ws, log in zip(s.viewers, s.received):
-            tasks.append(asyncio.create_task(_view(ws, s.parse, log)))
+            tasks.append(asyncio.create_task(_view(s, ws, log)))
         tasks.append(asyncio.create_task(_drain(s)))
         tasks += [asyncio.create_task(_echo(w)) for w in s.extra]
-    producers = [asyncio.create_task(_produce(s, rate, i / channels, running))
+    producers = [asyncio.create_task(_produce(s, mode, i / channels, running))
                  for i, s in enumerate(streams)]
     await asyncio.sleep(warmup)
-    t0, srv0, cli0 = time.time(), _proc_cpu(server_pid), time.process_time()
+    t0, srv0, cli0, all0 = time.time(), _proc_cpu(server_pid), time.process_time(), _busy_cpu()
     await asyncio.sleep(duration)
-    t1, srv1, cli1 = time.time(), _proc_cpu(server_pid), time.process_time()
+    t1, srv1, cli1, all1 = time.time(), _proc_cpu(server_pid), time.process_time(), _busy_cpu()
     running[0] = False
-    await asyncio.sleep(0.3)  # grace: frames in flight still count as delivered (not in the rate)
+    await asyncio.sleep(grace)  # frames in flight still count as delivered (not in the rate)
     for task in producers:
         task.cancel()
     conns = [ws for s in streams for ws in (s.producer, *s.viewers, *s.extra)]
@@ -336,19 +383,21 @@ async def run_case(server: str, path: str, port: int, server_pid: int, channels:
                     nbytes += size
                     latencies.append(now - ts)
             drops += sum(1 for seq in window if seq not in got)
-    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    lat = np.array(latencies) * 1000 if latencies else None
     return {
         "sent_fps": sent / span,
         "fps": delivered / span,
         "mb_s": nbytes / span / 1e6,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
+        "p50_ms": None if lat is None else float(np.percentile(lat, 50)),
+        "p99_ms": None if lat is None else float(np.percentile(lat, 99)),
         "drops": drops,
         "sent": sent,
         "delivered": delivered,
         "server_cpu": (srv1 - srv0) / span,
         "client_cpu": (cli1 - cli0) / span,
-        "server_us_per_frame": (srv1 - srv0) / delivered * 1e6 if delivered else float("nan"),
+        # busy CPU of everything else on the machine: other load skews the figures
+        "other_cpu": max(0.0, (all1 - all0) - (srv1 - srv0) - (cli1 - cli0)) / span,
+        "server_us_per_frame": (srv1 - srv0) / delivered * 1e6 if delivered else None,
     }
 
 
@@ -382,13 +431,20 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
             with asyncio.Runner(loop_factory=_client_loop) as runner:
                 for label, path in paths:
                     for channels in args.channels:
-                        for rate in (30.0, None):
-                            duration = args.duration_max if rate is None else args.duration_paced
-                            tag = f"{server}-{path}-{channels}-{'max' if rate is None else int(rate)}"
-                            r = runner.run(run_case(server, path, port, proc.pid, channels, rate,
-                                                    args.warmup, duration, jpeg, tag))
+                        for mode in args.modes:
+                            duration = args.duration_paced if mode.endswith("fps") else args.duration_max
+                            tries = []
+                            for attempt in range(args.repeat):
+                                waited = runner.run(wait_quiet(args.quiet_wait)) if args.quiet_wait else 0.0
+                                tag = f"{server}-{path}-{channels}-{mode}-{attempt}"
+                                r = runner.run(run_case(server, path, port, proc.pid, channels, mode,
+                                                        args.warmup, duration, jpeg, tag, args.grace))
+                                r["waited_s"] = round(waited, 2)
+                                tries.append(r)
+                            # the least disturbed try: the one the rest of the machine loaded least
+                            r = min(tries, key=lambda t: t["other_cpu"])
                             r.update(label=label, server=server, path=path, channels=channels,
-                                     mode="max" if rate is None else f"{rate:g}fps")
+                                     mode=mode, tries=len(tries))
                             results.append(r)
                             report(_row(r))
         finally:
@@ -403,62 +459,68 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    def fps(label: str, channels: int, mode: str) -> float | None:
-        for r in results:
-            if (r["label"], r["channels"], r["mode"]) == (label, channels, mode):
-                return r["fps"]
-        return None
-
+    index = {(r["label"], r["channels"], r["mode"]): r["fps"] for r in results}
     out = []
-    for channels in sorted({r["channels"] for r in results}):
-        ours = fps("relay in->viewer", channels, "max")
-        echo = fps("relay via echo", channels, "max")
-        for name, ref in (("bare forwarder", "bare forwarder"),
-                          ("naive b64 deflate", "naive b64 deflate"),
-                          ("naive b64 plain", "naive b64 plain")):
-            base = fps(ref, channels, "max")
-            if ours and base:
-                out.append({"channels": channels, "ours": "relay in->viewer", "vs": name,
-                            "ratio": ours / base})
-            if echo and base and name != "bare forwarder":
-                out.append({"channels": channels, "ours": "relay via echo", "vs": name,
-                            "ratio": echo / base})
+    for mode in ("max", "window"):
+        for channels in sorted({r["channels"] for r in results}):
+            for ours in ("relay in->viewer", "relay via echo"):
+                for ref in ("bare forwarder", "naive b64 deflate", "naive b64 plain"):
+                    a, b = index.get((ours, channels, mode)), index.get((ref, channels, mode))
+                    if a and b:
+                        out.append({"mode": mode, "channels": channels, "ours": ours, "vs": ref,
+                                    "ratio": a / b})
     return out
 
 
-HEAD = (f"{'case':<18} {'ch':>3} {'mode':>6} {'sent/s':>8} {'recv/s':>8} {'MB/s':>7} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'drops':>6} {'srv cpu':>7} {'cli cpu':>7} {'srv us/f':>8}")
+HEAD = (f"{'case':<18} {'ch':>3} {'mode':>6} {'sent/s':>7} {'recv/s':>7} {'MB/s':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'drops':>6} {'srv cpu':>7} {'cli cpu':>7} "
+        f"{'srv us/f':>8} {'other':>5}")
+
+
+def _num(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
 def _row(r: dict[str, Any]) -> str:
-    return (f"{r['label']:<18} {r['channels']:>3} {r['mode']:>6} {r['sent_fps']:>8.0f} "
-            f"{r['fps']:>8.0f} {r['mb_s']:>7.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['drops']:>6} {r['server_cpu']:>6.0%} {r['client_cpu']:>7.0%} "
-            f"{r['server_us_per_frame']:>8.0f}")
+    flag = "!" if r["other_cpu"] > BUSY else " "
+    return (f"{r['label']:<18} {r['channels']:>3} {r['mode']:>6} {r['sent_fps']:>7.0f} "
+            f"{r['fps']:>7.0f} {r['mb_s']:>6.1f} {_num(r['p50_ms'], 7, 2)} {_num(r['p99_ms'], 7, 2)} "
+            f"{r['drops']:>6} {r['server_cpu']:>7.0%} {r['client_cpu']:>7.0%} "
+            f"{_num(r['server_us_per_frame'], 8, 0)} {r['other_cpu']:>4.0%}{flag}")
 
 
 def format_report(machine: dict[str, Any], out: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
-        f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
-        f"websockets {machine['websockets']}, {machine['loop']} (servers on "
-        f"{', '.join(out['server_loops'])})",
-        f"frames: 512x512 JPEG q85 4:2:0, {out['jpeg_bytes']} bytes; warm-up {args.warmup:g} s, "
-        f"window {args.duration_paced:g} s at 30 fps, {args.duration_max:g} s at max rate",
+        (f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
+         f"websockets {machine['websockets']}, {machine['loop']} (servers on "
+         f"{', '.join(out['server_loops'])})"),
+        (f"frames: 512x512 JPEG q85 4:2:0, {out['jpeg_bytes']} bytes; warm-up {args.warmup:g} s, "
+         f"window {args.duration_paced:g} s at 30 fps, {args.duration_max:g} s otherwise; "
+         f"best of {args.repeat} (least other load)"),
         "", HEAD, "-" * len(HEAD),
     ]
     lines += [_row(r) for r in out["results"]]
     lines += [
         "",
+        "modes: 30fps = paced per channel; max = open loop, each producer sends as fast as its",
+        f"socket accepts; window = closed loop, at most {WINDOW} frames per producer not yet at its viewer.",
         "MB/s: message bytes at the viewers (base64 is 4/3 of the JPEG). Latency: viewer receive",
         "time - producer send time. drops: sent in the window, never received. cpu: % of one core",
         "(server process / this client process). srv us/f: server CPU per delivered frame.",
-        "naive b64 deflate = websockets defaults, per-message deflate ON (as a naive server has it);",
-        "naive b64 plain = same server with compression=None.",
+        f"other: busy CPU of the rest of the machine during the window (! above {BUSY:.0%}: skewed).",
+        "naive b64 deflate = websockets defaults, per-message deflate ON (as a naive server has it,",
+        "clients too); naive b64 plain = the same server and clients with compression=None.",
         "",
-        "throughput ratios at max rate (delivered frames/s):",
+        "throughput ratios (delivered frames/s):",
     ]
     for q in out["ratios"]:
-        lines.append(f"  {q['channels']:>2} ch  {q['ours']:<16} / {q['vs']:<18} = {q['ratio']:6.2f}x")
+        lines.append(f"  {q['mode']:>6} {q['channels']:>2} ch  {q['ours']:<16} / {q['vs']:<17} "
+                     f"= {q['ratio']:6.2f}x")
+    busy = [r for r in out["results"] if r["other_cpu"] > BUSY]
+    if busy:
+        lines.append(f"\nwarning: {len(busy)} case(s) ran while other processes used more than "
+                     f"{BUSY:.0%} of a core (marked !); rerun on a quiet machine or with "
+                     "--repeat 3 --quiet-wait 10")
     return "\n".join(lines)
 
 
@@ -467,20 +529,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short windows (~20 s in all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--channels", type=int, nargs="+", default=[1, 10])
+    p.add_argument("--modes", nargs="+", choices=MODES,
+                   help="default: all; with --quick: 30fps and max")
     p.add_argument("--only", nargs="+", choices=["relay", "bare", "naive", "naive-plain"],
                    help="run only these servers")
     p.add_argument("--warmup", type=float)
-    p.add_argument("--duration-max", type=float, help="window at max rate, seconds")
+    p.add_argument("--duration-max", type=float, help="window at max rate and closed loop, seconds")
     p.add_argument("--duration-paced", type=float, help="window at 30 fps, seconds")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each case N times, keep the try with the least other load")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                   help="before each case wait up to S seconds for the machine to be idle")
     p.add_argument("--profile", metavar="FILE",
                    help="run the relay's process under cProfile and write the stats to FILE")
     args = p.parse_args(argv)
     quick = args.quick
-    args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.7)
+    if args.modes is None:
+        args.modes = ["30fps", "max"] if quick else list(MODES)
+    args.grace = 0.15 if quick else 0.3
+    if args.warmup is None:
+        args.warmup = 0.25 if quick else 0.5
     if args.duration_max is None:
-        args.duration_max = 1.0 if quick else 3.0
+        args.duration_max = 0.6 if quick else 2.0
     if args.duration_paced is None:
-        args.duration_paced = 0.7 if quick else 2.0
+        args.duration_paced = 0.5 if quick else 1.5
     return args
 
 
@@ -493,8 +565,9 @@ def main(argv: list[str] | None = None) -> None:
         print(HEAD, file=sys.stderr, flush=True)
     out = run(args, report)
     out.update(machine=machine, date=datetime.date.today().isoformat(),
-               settings={"warmup_s": args.warmup, "window_max_s": args.duration_max,
-                         "window_30fps_s": args.duration_paced, "channels": args.channels},
+               settings={"warmup_s": args.warmup, "window_s": args.duration_max,
+                         "window_30fps_s": args.duration_paced, "channels": args.channels,
+                         "modes": args.modes, "repeat": args.repeat, "closed_loop_window": WINDOW},
                runtime_s=round(time.monotonic() - started, 1))
     if args.json:
         print(json.dumps(out, indent=2, default=float))

@@ -23,6 +23,7 @@ parent sends anything down that pipe, optionally under ``cProfile``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections import defaultdict
@@ -104,13 +105,13 @@ class _OurRelay:
 
         self.relay = Relay(RelayConfig(host="127.0.0.1", port=0, max_channels=1024))
 
-    async def start(self) -> "_OurRelay":
+    async def start(self) -> _OurRelay:
         await self.relay.start()
         return self
 
     @property
     def sockets(self) -> Any:
-        return self.relay._server.sockets  # noqa: SLF001 - only to read the port
+        return self.relay._server.sockets  # only to read the port
 
     def close(self) -> None:
         pass
@@ -171,16 +172,12 @@ def server_process(kind: str, conn: Any, profile_path: str | None = None) -> Non
         if profiler is not None:
             profiler.disable()
         server.close()
-        try:
+        with contextlib.suppress(Exception):  # a benchmark shutting down: nothing to save
             await asyncio.wait_for(server.wait_closed(), 3)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - shutting down a benchmark
-            pass
 
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         runner.run(main())
     if profiler is not None:
         profiler.dump_stats(profile_path)
-    try:
+    with contextlib.suppress(OSError):
         conn.send("done")
-    except (BrokenPipeError, OSError):
-        pass
