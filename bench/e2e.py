@@ -67,13 +67,13 @@ from aiortc.mediastreams import MediaStreamError
 from websockets.asyncio.client import connect as ws_connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the repository first: its ``common`` package, not bench/common.py, must answer ``import common``
+# the repository first, so its packages answer imports before bench/ modules do
 sys.path.insert(0, ROOT)
 
 from api.app import create_app
 from api.server import running
 from api.settings import ServerSettings
-from bench.common import machine, natural_image, pct_ms
+from bench.benchutil import machine, natural_image, pct_ms
 from media.codec import decode_image, encode_image
 from relay import RelayConfig
 from relay.hub import Hub

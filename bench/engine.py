@@ -37,8 +37,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import machine, natural_image, pct_ms
+import benchutil  # noqa: F401  (puts the repository on sys.path)
+from benchutil import machine, natural_image, pct_ms
 from tests.tiny_models import build_tiny_models, byte_tokenizer
 from worker.engines.diffusion import DiffusionEngine
 

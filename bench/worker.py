@@ -20,8 +20,8 @@ import sys
 import threading
 import time
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import free_port, machine, natural_image, pct_ms
+import benchutil  # noqa: F401  (puts the repository on sys.path)
+from benchutil import free_port, machine, natural_image, pct_ms
 
 from media.codec import decode_image, encode_image
 from relay.client import connect
