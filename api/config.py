@@ -51,6 +51,8 @@ class ServerSection(_Section):
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
+    style_image_allow_private: bool = Field(False, description="fetch style image URLs from private "
+                                            "addresses too (closed networks only)")
     ice_servers: list[str] = Field(default_factory=list,
                                    description="WebRTC ICE servers, e.g. stun:stun.example.org:3478")
 
@@ -165,6 +167,7 @@ class Config(BaseSettings):
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
             ice_servers=list(self.server.ice_servers),
+            style_image_allow_private=self.server.style_image_allow_private,
             mediamtx_publish_url=self.mediamtx.publish_url, mediamtx_whep_url=self.mediamtx.whep_url,
             default_params=self.default_stream_params(),
         )

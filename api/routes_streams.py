@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 
+from api import style_image
 from api.auth import require_api_key
 from api.errors import ApiError
 from api.health import health_report
@@ -32,8 +33,9 @@ async def health(request: Request) -> dict[str, Any]:
 @v1.post("/streams", status_code=201)
 async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
-    defaults = request.app.state.settings.default_params
-    params = validate_params({**defaults, **body.given_params()})
+    settings = request.app.state.settings
+    given = await style_image.resolve(body.given_params(), settings.style_image_allow_private)
+    params = validate_params({**settings.default_params, **given})
     stream = streams.create(body.pipeline or body.pipeline_id or "streamdiffusion",
                             params, body.name or "", body.output_rtmp_url)
     for hook in request.app.state.stream_created_hooks:
@@ -57,7 +59,8 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
     """Merge params; hot fields apply on the next frame, others reload while the old pipeline serves."""
     streams = manager(request)
     stream = streams.get(stream_id)
-    await streams.update(stream, body.params, name=body.name, output_rtmp_url=body.output_rtmp_url)
+    patch = await style_image.resolve(body.params, request.app.state.settings.style_image_allow_private)
+    await streams.update(stream, patch, name=body.name, output_rtmp_url=body.output_rtmp_url)
     return stream.to_json(base_url(request))
 
 
@@ -68,6 +71,7 @@ async def update_params(stream_id: str, request: Request,
     streams = manager(request)
     stream = streams.get(stream_id)
     patch = body["params"] if set(body) == {"params"} and isinstance(body["params"], dict) else body
+    patch = await style_image.resolve(patch, request.app.state.settings.style_image_allow_private)
     await streams.update(stream, patch, hot_only=True)
     return {"success": True, "data": stream.to_json(base_url(request))}
 

@@ -33,6 +33,8 @@ class ServerSettings:
     #: MediaMTX republishing: where to push (rtmp://host:1935) and its WHEP base (http://host:8889)
     mediamtx_publish_url: str | None = None
     mediamtx_whep_url: str | None = None
+    #: fetch style images from private addresses too (tests, closed networks)
+    style_image_allow_private: bool = False
     #: where HLS segments are written; None: a temporary directory
     hls_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)
