@@ -18,6 +18,7 @@ import contextlib
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.farewell import SHUTDOWN_TEXT
+from relay.hub import Delivery
 from relay.local import LocalProducer
 from wire.errors import ProtocolError
 from wire.frames import decode_frame
@@ -73,16 +74,11 @@ def _publish(producer: LocalProducer, data: bytes) -> None:
 
 
 async def _send_results(websocket: WebSocket, producer: LocalProducer) -> None:
-    outbox = producer.peer.outbox
+    async def send_frame(delivery: Delivery) -> None:
+        await websocket.send_bytes(delivery.raw)
+
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while True:
-            control, deliveries = await outbox.take()
-            for text in control:
-                await websocket.send_text(text)
-            for delivery in deliveries:
-                await websocket.send_bytes(delivery.raw)
-            if outbox.closed:
-                return
+        await producer.peer.outbox.drain(websocket.send_text, send_frame)
 
 
 __all__ = ["router"]

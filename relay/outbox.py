@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -56,3 +56,20 @@ class Outbox(Generic[T]):
         self._frames.clear()
         self._busy = True  # until the next take: a direct send now could overtake these
         return control, frames
+
+    async def drain(self, send_control: Callable[[str], Awaitable[object]],
+                    send_frame: Callable[[T], Awaitable[object]]) -> None:
+        """Send everything put here, control messages first, until closed.
+
+        Awaiting each send is the backpressure: while a slow socket waits, new
+        frames replace older ones in their slots. The socket's own errors
+        (a closed connection) propagate to the caller.
+        """
+        while True:
+            control, frames = await self.take()
+            for text in control:
+                await send_control(text)
+            for item in frames:
+                await send_frame(item)
+            if self.closed:
+                return

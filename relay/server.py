@@ -221,19 +221,11 @@ class Relay:
             raise ProtocolError(f"unexpected {control.type!r} message after the handshake")
 
     async def _send_loop(self, ws: ServerConnection, peer: Peer) -> None:
-        """Drain the peer's outbox; ``send`` waiting on a slow socket is the backpressure."""
-        outbox = peer.outbox
-        try:
-            while True:
-                control, frames = await outbox.take()
-                for text in control:
-                    await ws.send(text)
-                for delivery in frames:
-                    await ws.send(delivery.as_json() if peer.legacy else delivery.raw)
-                if outbox.closed:
-                    return
-        except ConnectionClosed:
-            return
+        async def send_frame(delivery: Delivery) -> None:
+            await ws.send(delivery.as_json() if peer.legacy else delivery.raw)
+
+        with contextlib.suppress(ConnectionClosed):
+            await peer.outbox.drain(ws.send, send_frame)
 
 
 async def serve(config: RelayConfig) -> None:

@@ -9,6 +9,7 @@ than queueing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -148,17 +149,8 @@ class Worker:
                 pass
 
     async def _send_loop(self, ws: ClientConnection) -> None:
-        try:
-            while True:
-                control, frames = await self._outbox.take()
-                for text in control:
-                    await ws.send(text)
-                for data in frames:
-                    await ws.send(data)
-                if self._outbox.closed:
-                    return
-        except ConnectionClosed:
-            return
+        with contextlib.suppress(ConnectionClosed):
+            await self._outbox.drain(ws.send, ws.send)
 
     async def _stats_loop(self) -> None:
         last = time.monotonic()
