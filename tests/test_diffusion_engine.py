@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -262,6 +264,41 @@ def test_ip_adapter_errors_are_clear(tiny: TinyModels) -> None:
         DiffusionEngine({"ip_adapter": {"type": "faceid"}})
     with pytest.raises(EngineError, match="IP-Adapter 'h94/IP-Adapter' is not available"):
         engine(tiny, ip_adapter={"type": "regular"})
+
+
+def data_url(rgb: np.ndarray) -> str:
+    ok, png = cv2.imencode(".png", rgb)
+    assert ok
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
+
+
+def test_ip_adapter_style_image_and_scale_are_hot(tiny: TinyModels) -> None:
+    red, blue = (data_url(np.zeros((64, 64, 3), np.uint8) + np.uint8(c)) for c in ([255, 0, 0], [0, 0, 255]))
+
+    def styled(style: str, scale: float = 1.0) -> DiffusionEngine:
+        # One step and no RCFG keep no state between frames, so engines can be compared frame for frame.
+        return engine(tiny, t_index_list=[20], cfg_type="none", ip_adapter_style_image_url=style,
+                      ip_adapter={"model_id": str(tiny.ip_adapter), "scale": scale})
+
+    eng = styled(red)
+    pipe = eng._models.pipe
+    assert pipe.image_encoder is not None  # loaded from models/image_encoder beside the adapter
+    with_blue = run(styled(blue), SEQUENCE)
+    assert not same(run(eng, SEQUENCE), with_blue)
+    assert eng.update({"ip_adapter_style_image_url": blue}) == set()
+    assert same(run(eng, SEQUENCE), with_blue)
+    # Scale 0 turns the image attention off: the style image no longer matters.
+    assert eng.update({"ip_adapter": {"model_id": str(tiny.ip_adapter), "scale": 0.0}}) == set()
+    switched_off = run(eng, SEQUENCE)
+    assert not same(switched_off, with_blue)
+    assert same(switched_off, run(styled(red, scale=0.0), SEQUENCE))
+    assert eng._models.pipe is pipe
+    assert eng.update({"ip_adapter": {"model_id": "elsewhere/IP-Adapter"}}) == {"ip_adapter"}
+
+
+def test_ip_adapter_refuses_a_bad_style_image(tiny: TinyModels) -> None:
+    with pytest.raises(EngineError, match="not valid base64"):
+        engine(tiny, ip_adapter={"model_id": str(tiny.ip_adapter)}, ip_adapter_style_image_url="data:image/png;base64,@@")
 
 
 def test_unknown_or_invalid_params_are_refused(tiny: TinyModels) -> None:

@@ -23,7 +23,15 @@ from diffusers import (
 )
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from safetensors.torch import save_file
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 TEXT_DIM = 32
 
@@ -37,6 +45,7 @@ class TinyModels:
     tiny_vae: Path  # AutoencoderTiny directory (stands in for madebyollin/taesd)
     controlnet: Path  # ControlNetModel directory matching ``sd``
     lora: Path  # LoRA .safetensors file for ``sd``'s UNet
+    ip_adapter: Path  # a directory laid out like h94/IP-Adapter, matching ``sd``
 
 
 def build_tiny_models(root: Path) -> TinyModels:
@@ -73,12 +82,14 @@ def _build(root: Path) -> TinyModels:
     _tiny_vae().save_pretrained(root / "tiny-taesd")
     _controlnet(sd.unet).save_pretrained(root / "tiny-controlnet")
     lora = _save_lora(sd.unet, root / "tiny-lora")
+    _save_ip_adapter(sd.unet, root / "tiny-ip-adapter")
     return TinyModels(
         sd=root / "tiny-sd",
         sdxl=root / "tiny-sdxl",
         tiny_vae=root / "tiny-taesd",
         controlnet=root / "tiny-controlnet",
         lora=lora,
+        ip_adapter=root / "tiny-ip-adapter",
     )
 
 
@@ -175,6 +186,33 @@ def _save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path) -> None:
+    """A regular IP-Adapter for ``unet`` in h94/IP-Adapter's layout: ``models/`` holds the adapter and image encoder.
+
+    The adapter file is what diffusers' ``load_ip_adapter`` reads: ``image_proj.*`` maps the image
+    embedding to four text-like tokens; ``ip_adapter.{1,3,5...}.to_{k,v}_ip.weight`` are the extra
+    key/value projections of each cross-attention layer, numbered in ``attn_processors`` order.
+    """
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8, projection_dim=TEXT_DIM)
+    )
+    encoder.save_pretrained(folder / "models" / "image_encoder")
+    dim = unet.config.cross_attention_dim
+    weights = {
+        "image_proj.proj.weight": torch.randn(4 * dim, TEXT_DIM) * 0.5,
+        "image_proj.proj.bias": torch.zeros(4 * dim),
+        "image_proj.norm.weight": torch.ones(dim),
+        "image_proj.norm.bias": torch.zeros(dim),
+    }
+    cross_attentions = [name.removesuffix(".processor") for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for index, name in enumerate(cross_attentions):
+        hidden = unet.get_submodule(name).to_k.out_features
+        for projection in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn(hidden, dim) * 0.5
+    save_file(weights, folder / "models" / "ip-adapter_sd15.safetensors")
 
 
 def _scheduler() -> EulerDiscreteScheduler:

@@ -91,7 +91,7 @@ class DiffusionEngine(Engine):
         config = self._config
         models = load_models(config, self._device, self._dtype)
         if config.ip_adapter is not None:
-            ip_adapter.load_ip_adapter(models.pipe, models.is_xl)
+            ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
         units = [
             ControlNetUnit(model, c, preprocessor(c.preprocessor, c.preprocessor_params))
             for model, c in zip(models.controlnets, config.enabled_controlnets(), strict=True)

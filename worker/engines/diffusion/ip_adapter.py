@@ -2,7 +2,9 @@
 
 Only the ``regular`` adapter for SD 1.5 and SDXL is supported: ``faceid``
 needs insightface face embeddings, and no IP-Adapter exists for SD 2.1
-(sd-turbo). The style image arrives as a ``data:`` URL; fetching https URLs
+(sd-turbo). ``model_id`` is h94/IP-Adapter or a directory laid out like it
+(``models/ip-adapter_sd15.safetensors`` and ``models/image_encoder/``; the
+same under ``sdxl_models/``). The style image arrives as a ``data:`` URL; fetching https URLs
 belongs to the API, which must refuse private addresses.
 """
 
@@ -20,7 +22,6 @@ from worker.engines.base import EngineError
 from worker.engines.diffusion.loading import pretrained
 from worker.engines.diffusion.params import IPAdapterParams
 
-IP_ADAPTER_REPO = "h94/IP-Adapter"
 WEIGHTS = {  # keyed by "is SDXL": (subfolder, weight file)
     False: ("models", "ip-adapter_sd15.safetensors"),
     True: ("sdxl_models", "ip-adapter_sdxl.safetensors"),
@@ -34,14 +35,14 @@ def check_supported(params: IPAdapterParams) -> None:
         raise EngineError("ip_adapter type 'faceid' needs insightface face embeddings, which this server lacks")
 
 
-def load_ip_adapter(pipe: Any, is_xl: bool) -> None:
+def load_ip_adapter(pipe: Any, is_xl: bool, params: IPAdapterParams) -> None:
     """Install the adapter's attention processors and image encoder into ``pipe``."""
     if not is_xl and pipe.unet.config.cross_attention_dim == SD2_CROSS_ATTENTION_DIM:
         raise EngineError("IP-Adapter works with SD 1.5 and SDXL models only, not SD 2.x (sd-turbo)")
     subfolder, weight_name = WEIGHTS[is_xl]
     pretrained(
         lambda source, **kw: pipe.load_ip_adapter(source, subfolder=subfolder, weight_name=weight_name, **kw),
-        IP_ADAPTER_REPO,
+        params.model_id,
         "IP-Adapter",
     )
 

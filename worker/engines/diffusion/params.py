@@ -49,12 +49,14 @@ class ControlNetParams(_Strict):
 
 
 class IPAdapterParams(_Strict):
-    """IP-Adapter (style image) settings; ``type`` needs a reload, the rest is hot."""
+    """IP-Adapter (style image) settings; ``type`` and ``model_id`` need a reload, the rest is hot."""
 
     type: Literal["regular", "faceid"] = "regular"
     scale: float = Field(1.0, ge=0.0, le=2.0)
     weight_type: Literal["linear"] = "linear"
     enabled: bool = True
+    # Ours: a hub id or a local directory laid out like it (``models/``, ``sdxl_models/``).
+    model_id: str = "h94/IP-Adapter"
 
 
 class ProcessorParams(_Strict):
@@ -198,6 +200,6 @@ def reload_fields(current: DiffusionParams, new: DiffusionParams) -> set[str]:
     return reload
 
 
-def _ip_adapter_key(params: DiffusionParams) -> str | None:
-    """The loaded IP-Adapter kind: changing it swaps weights; scale and enabled stay hot."""
-    return params.ip_adapter.type if params.ip_adapter else None
+def _ip_adapter_key(params: DiffusionParams) -> tuple[str, str] | None:
+    """The loaded IP-Adapter: changing it swaps weights; scale and enabled stay hot."""
+    return (params.ip_adapter.type, params.ip_adapter.model_id) if params.ip_adapter else None
