@@ -19,6 +19,7 @@ Run: .venv/bin/python bench/engine.py [--tiny] [--models sd-turbo,sdxl-turbo]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import sys
@@ -26,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchutil  # noqa: F401  (puts the repository on sys.path)
 import torch
+from benchutil import machine, natural_image, pct_ms
 from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
@@ -36,9 +39,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from worker_paths import bench_pipeline, bench_via_relay
 
-import benchutil  # noqa: F401  (puts the repository on sys.path)
-from benchutil import machine, natural_image, pct_ms
+from media.codec import encode_image
 from tests.tiny_models import build_tiny_models, byte_tokenizer
 from worker.engines.diffusion import DiffusionEngine
 
@@ -89,10 +92,15 @@ def text_encoder(config: dict, projection: bool = False) -> torch.nn.Module:
 
 
 def build_full(name: str, root: Path) -> tuple[Path, Path]:
-    """Save a random-weight sd-turbo / sdxl-turbo pipeline and TAESD(XL); return their directories."""
+    """Save a random-weight sd-turbo / sdxl-turbo pipeline and TAESD(XL); return their directories.
+
+    Saved in fp16 on CUDA (as the engine runs there) and fp32 on a CPU.
+    """
     print(f"building {name} from its configs (random weights)...", file=sys.stderr, flush=True)
     tokenizer = byte_tokenizer()  # real CLIP vocabularies can't be downloaded; token ids don't affect speed
-    with torch.device("cuda"):
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    with torch.device("cuda" if cuda else "cpu"):
         scheduler = EulerDiscreteScheduler(**TURBO_SCHEDULER)
         if name == "sd-turbo":
             pipe = StableDiffusionPipeline(
@@ -106,22 +114,30 @@ def build_full(name: str, root: Path) -> tuple[Path, Path]:
                 text_encoder_2=text_encoder(OPENCLIP_BIGG, projection=True), tokenizer=tokenizer,
                 tokenizer_2=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET), scheduler=scheduler,
             )
-        pipe.to(torch.float16).save_pretrained(root / name)
-        AutoencoderTiny().to(torch.float16).save_pretrained(root / f"{name}-taesd")
+        pipe.to(dtype).save_pretrained(root / name)
+        AutoencoderTiny().to(dtype).save_pretrained(root / f"{name}-taesd")
     del pipe
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return root / name, root / f"{name}-taesd"
 
 
-def bench_row(model_dir: Path, vae_dir: Path, size: int, acceleration: str, batch: int, calls: int) -> dict:
-    engine = DiffusionEngine({
+def engine_params(model_dir: Path, vae_dir: Path, size: int, acceleration: str, batch: int, **extra: object) -> dict:
+    """Daydream's defaults on a local model, with ``extra`` on top."""
+    return {
         "model_id": str(model_dir), "vae_id": str(vae_dir), "width": size, "height": size,
-        "acceleration": acceleration, "frame_buffer_size": batch, "use_lcm_lora": False,
-    })
+        "acceleration": acceleration, "frame_buffer_size": batch, "use_lcm_lora": False, **extra,
+    }
+
+
+def bench_row(params: dict, calls: int) -> dict:
+    """Load one engine, time ``calls`` process() calls on distinct frames."""
+    engine = DiffusionEngine(params)
     started = time.perf_counter()
     engine.load()
     load_s = time.perf_counter() - started
+    batch, size = params["frame_buffer_size"], params["width"]
     frames = [natural_image(size, size, seed=i) for i in range(batch)]
     latencies = []
     for _ in range(calls):
@@ -133,6 +149,7 @@ def bench_row(model_dir: Path, vae_dir: Path, size: int, acceleration: str, batc
     del engine
     gc.collect()
     torch._dynamo.reset()
+    acceleration = params["acceleration"]
     return {
         "acceleration": acceleration if effective == acceleration else f"{acceleration}->{effective}",
         "batch": batch,
@@ -143,34 +160,64 @@ def bench_row(model_dir: Path, vae_dir: Path, size: int, acceleration: str, batc
     }
 
 
+def bench_through_worker(name: str, params: dict, size: int, seconds: float, calls: int) -> None:
+    """The target's path: one denoising step, JPEG in and out, through the worker's threads and the relay."""
+    payload = encode_image(natural_image(size, size))
+    engine_fps = bench_row(params, calls)["fps"]
+    rows = [
+        ("engine alone", engine_fps, []),
+        ("worker pipeline", *bench_pipeline("diffusion", params, payload, (size, size), seconds)),
+        ("worker via relay", *asyncio.run(bench_via_relay("diffusion", params, payload, (size, size), seconds))),
+    ]
+    for path, fps, latencies in rows:
+        p50 = f"{pct_ms(latencies, 0.5):8.1f}" if latencies else f"{'':>8}"
+        p99 = f"{pct_ms(latencies, 0.99):8.1f}" if latencies else f"{'':>8}"
+        print(f"{name:<12} {f'{size}x{size}':>9} {params['acceleration']:<12} {path:<17} {fps:8.2f} "
+              f"{fps / engine_fps:6.0%} {p50} {p99}", flush=True)
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", default=not cuda, help="tiny test model (default without CUDA)")
-    parser.add_argument("--models", default="sd-turbo,sdxl-turbo", help="full models to build (CUDA only)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model (the default without CUDA)")
+    parser.add_argument("--full", action="store_true", help="full-size models even without CUDA (slow: a smoke run)")
+    parser.add_argument("--models", default="sd-turbo,sdxl-turbo", help="full-size models to build")
     parser.add_argument("--accelerations", default=",".join(ACCELERATIONS if cuda else CPU_ACCELERATIONS))
     parser.add_argument("--batches", default="1,2,3,4", help="frame_buffer_size values")
     parser.add_argument("--calls", type=int, default=20 if cuda else 4, help="timed process() calls per row")
+    parser.add_argument("--worker-accelerations", default="sdpa",
+                        help="accelerations for the through-the-worker rows (1 step, batch 1); empty: skip them")
+    parser.add_argument("--seconds", type=float, default=10 if cuda else 3, help="measured seconds per worker row")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    full = args.full or (cuda and not args.tiny)
     accelerations = args.accelerations.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     device = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"# diffusion engine on {device}; {machine()}; torch {torch.__version__}")
-    print(f"{'model':<12} {'size':>9} {'acceleration':<18} {'batch':>5} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'load s':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.tiny:
+        if full:
+            models = [(name, *build_full(name, root), 1024 if "xl" in name else 512) for name in args.models.split(",")]
+        else:
             tiny = build_tiny_models(root / "tiny")
             models = [("tiny-sd", tiny.sd, tiny.tiny_vae, 512)]
-        else:
-            models = [(name, *build_full(name, root), 1024 if "xl" in name else 512) for name in args.models.split(",")]
+        print("\nengine: Daydream's default params (3 steps, RCFG self, guidance 1.0); latency = one process() call")
+        print(f"{'model':<12} {'size':>9} {'acceleration':<18} {'batch':>5} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'load s':>7}")
         for name, model_dir, vae_dir, size in models:
             for acceleration in accelerations:
                 for batch in batches:
-                    row = bench_row(model_dir, vae_dir, size, acceleration, batch, args.calls)
+                    row = bench_row(engine_params(model_dir, vae_dir, size, acceleration, batch), args.calls)
                     print(f"{name:<12} {f'{size}x{size}':>9} {row['acceleration']:<18} {row['batch']:>5} "
                           f"{row['fps']:>8.2f} {row['p50']:>8.1f} {row['p99']:>8.1f} {row['load_s']:>7.1f}", flush=True)
+        worker_accelerations = [a for a in args.worker_accelerations.split(",") if a]
+        if worker_accelerations:
+            print("\nthrough the worker: 1 step (t_index_list [32]), batch 1, 512x512 JPEG q85 in and out, 2 frames in flight")
+            print(f"{'model':<12} {'size':>9} {'acceleration':<12} {'path':<17} {'fps':>8} {'vs eng':>6} {'p50 ms':>8} {'p99 ms':>8}")
+        for name, model_dir, vae_dir, size in models:
+            for acceleration in worker_accelerations:
+                params = engine_params(model_dir, vae_dir, size, acceleration, 1, t_index_list=[32])
+                bench_through_worker(name, params, size, args.seconds, args.calls)
 
 
 if __name__ == "__main__":
