@@ -89,10 +89,14 @@ def instructions(http_url: str, relay_url: str, api_key: str, token: str | None)
         f"                 python -m producers webcam  --relay {relay_url}{auth}",
         f"  watch output:  python -m producers view --relay {relay_url}{auth}",
         f"  save output:   python -m producers view --save out/ --relay {relay_url}{auth}",
-        f"  change look:   python -m producers pattern --params '{{\"prompt\": \"a pencil sketch\"}}' "
-        f"--relay {relay_url}{auth}",
-        f"  create stream: curl -X POST {http_url}/v1/streams -H 'Authorization: Bearer {api_key}' "
-        "-H 'Content-Type: application/json' -d '{\"pipeline\": \"streamdiffusion\", \"params\": {}}'",
+        (
+            f"  change look:   python -m producers pattern --params '{{\"prompt\": \"a pencil sketch\"}}' "
+            f"--relay {relay_url}{auth}"
+        ),
+        (
+            f"  create stream: curl -X POST {http_url}/v1/streams -H 'Authorization: Bearer {api_key}' "
+            "-H 'Content-Type: application/json' -d '{\"pipeline\": \"streamdiffusion\", \"params\": {}}'"
+        ),
     ])
 
 

@@ -69,14 +69,16 @@ async def fetch(url: str, allow_private: bool = False, max_bytes: int = MAX_BYTE
         await public_addresses(parts.hostname, parts.port or 443)
     body = bytearray()
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise _invalid(f"fetching it answered HTTP {response.status_code}")
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise _invalid(f"the image is over {max_bytes} bytes")
+        async with (
+            httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise _invalid(f"fetching it answered HTTP {response.status_code}")
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _invalid(f"the image is over {max_bytes} bytes")
     except httpx.HTTPError as exc:
         raise _invalid(f"cannot fetch it: {type(exc).__name__}") from None
     try:

@@ -42,7 +42,7 @@ _WANTED = {"input": frozenset({FrameKind.INPUT}), "output": frozenset({FrameKind
 class Delivery:
     """A frame on its way out: the original bytes plus a lazily built seed-002 form."""
 
-    __slots__ = ("frame", "raw", "_json")
+    __slots__ = ("_json", "frame", "raw")
 
     def __init__(self, frame: Frame, raw: bytes) -> None:
         self.frame = frame

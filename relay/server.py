@@ -17,7 +17,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import websockets
@@ -90,7 +90,7 @@ class Relay:
         await self._server.wait_closed()
         self._server = None
 
-    async def __aenter__(self) -> Relay:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

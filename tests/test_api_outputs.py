@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import time
 
-import numpy as np
-
 from relay.local import LocalProducer
 from tests.helpers import jpeg
 from tests.test_api import api, create, wait_until_ready, worker  # noqa: F401  (fixtures)

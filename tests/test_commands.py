@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -75,11 +76,9 @@ async def test_shutdown_tells_websocket_clients_in_their_protocol():
     goodbyes = []
     for ws in (seed000, seed001, relay_client):
         messages = []
-        try:
+        with contextlib.suppress(websockets.ConnectionClosed):  # read until the server closes
             while True:
                 messages.append(orjson.loads(await asyncio.wait_for(ws.recv(), 5)))
-        except Exception:
-            pass
         goodbyes.append(messages[-1])
     assert goodbyes[0]["type"] == "status" and goodbyes[0]["data"]["status"] == "shutdown"
     assert goodbyes[1] == {"status": "error", "message": "Server is shutting down"}

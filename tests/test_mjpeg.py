@@ -20,7 +20,7 @@ WIDTH, HEIGHT = 384, 448
 
 
 @contextlib.asynccontextmanager
-async def producing(api, channel: str) -> AsyncIterator[LocalProducer]:  # noqa: F811
+async def producing(api, channel: str) -> AsyncIterator[LocalProducer]:
     """Feed the channel flat-colour 320x240 input frames at about 30 fps until the block ends."""
     producer = LocalProducer(api.app.state.relay.hub, channel)
     rgb = np.empty((240, 320, 3), np.uint8)
@@ -41,12 +41,12 @@ async def producing(api, channel: str) -> AsyncIterator[LocalProducer]:  # noqa:
         producer.close()
 
 
-def viewers(api, channel: str) -> int:  # noqa: F811
+def viewers(api, channel: str) -> int:
     found = api.app.state.relay.hub.channels.get(channel)
     return len(found.viewers) if found else 0
 
 
-async def read_parts(api, url: str, count: int) -> tuple[list[bytes], dict[str, str]]:  # noqa: F811
+async def read_parts(api, url: str, count: int) -> tuple[list[bytes], dict[str, str]]:
     parts: list[bytes] = []
     async with api.stream("GET", url) as response:
         assert response.status_code == 200
@@ -57,7 +57,7 @@ async def read_parts(api, url: str, count: int) -> tuple[list[bytes], dict[str, 
         return parts, dict(response.headers)
 
 
-async def test_parts_are_inverted_frames_at_stream_size(api, worker):  # noqa: F811
+async def test_parts_are_inverted_frames_at_stream_size(api, worker):
     stream = await create_stream(api, width=WIDTH, height=HEIGHT)
     url = stream["mjpeg_url"]
     assert url.endswith(f"/live/video-to-video/{stream['output_playback_id']}/mjpeg")
@@ -77,7 +77,7 @@ async def test_parts_are_inverted_frames_at_stream_size(api, worker):  # noqa: F
         await eventually(lambda: viewers(api, stream["id"]) == 0, 5, "the viewer to leave")
 
 
-async def test_max_fps_caps_the_rate(api, worker):  # noqa: F811
+async def test_max_fps_caps_the_rate(api, worker):
     stream = await create_stream(api)
     async with producing(api, stream["id"]):
         await read_parts(api, stream["mjpeg_url"], 1)  # the pipeline is warm
@@ -90,7 +90,7 @@ async def test_max_fps_caps_the_rate(api, worker):  # noqa: F811
 
 @pytest.mark.parametrize("query", ["quality=0", "quality=101", "quality=x", "max_fps=0",
                                    "max_fps=-1", "max_fps=121", "max_fps=fast"])
-async def test_validation(api, query):  # noqa: F811
+async def test_validation(api, query):
     stream = await create_stream(api)
     response = await api.get(f"{stream['mjpeg_url']}?{query}")
     assert response.status_code == 422
@@ -100,12 +100,12 @@ async def test_validation(api, query):  # noqa: F811
     assert viewers(api, stream["id"]) == 0
 
 
-async def test_unknown_playback_id(api):  # noqa: F811
+async def test_unknown_playback_id(api):
     response = await api.get("/live/video-to-video/nope/mjpeg")
     assert response.status_code == 404 and response.json()["code"] == "STREAMS/NOT_FOUND"
 
 
-async def test_disconnect_without_frames_frees_the_viewer(api):  # noqa: F811
+async def test_disconnect_without_frames_frees_the_viewer(api):
     """No worker, no output: the response never writes, yet a disconnect must end it."""
     stream = await create_stream(api)
     async with api.stream("GET", stream["mjpeg_url"]) as response:
@@ -114,7 +114,7 @@ async def test_disconnect_without_frames_frees_the_viewer(api):  # noqa: F811
     await eventually(lambda: viewers(api, stream["id"]) == 0, 5, "the viewer to leave")
 
 
-async def test_generator_closes_without_being_started(api):  # noqa: F811
+async def test_generator_closes_without_being_started(api):
     stream = await create_stream(api)
     parts = mjpeg_stream(api.app.state.relay.hub, stream["id"], quality=50, max_fps=10)
     assert viewers(api, stream["id"]) == 1

@@ -47,13 +47,13 @@ def body(url: str) -> dict:
     ("data:text/plain;base64,aGVsbG8=", "data:image"),
     ("data:image/png;base64,aGVsbG8=", "JPEG or PNG"),
 ])
-async def test_unsafe_or_unusable_urls_are_422(api, url, needle):  # noqa: F811
+async def test_unsafe_or_unusable_urls_are_422(api, url, needle):
     response = await api.post("/v1/streams", json=body(url))
     assert response.status_code == 422
     assert needle in response.json()["error"] and "ip_adapter_style_image_url" in response.json()["error"]
 
 
-async def test_data_url_is_accepted_as_is(api):  # noqa: F811
+async def test_data_url_is_accepted_as_is(api):
     url = "data:image/jpeg;base64," + base64.b64encode(jpeg(32, 32)).decode()
     response = await api.post("/v1/streams", json=body(url))
     assert response.status_code == 201 and response.json()["params"]["ip_adapter_style_image_url"] == url

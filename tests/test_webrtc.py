@@ -107,7 +107,7 @@ def registry(client: httpx.AsyncClient):
 
 
 @pytest.mark.parametrize("codec", ["video/H264", "video/VP8"])
-async def test_whip_in_whep_out_inverted(api, worker, codec):  # noqa: F811
+async def test_whip_in_whep_out_inverted(api, worker, codec):
     stream = await create_stream(api, width=WIDTH, height=HEIGHT)
     whep_pc, transceiver, whep = await play(api, stream["output_stream_url"], codec)
     started = time.perf_counter()
@@ -156,7 +156,7 @@ async def test_whip_in_whep_out_inverted(api, worker, codec):  # noqa: F811
         await whep_pc.close()
 
 
-async def test_signalling_errors(api):  # noqa: F811
+async def test_signalling_errors(api):
     stream = await create_stream(api)
     whip, whep = stream["whip_url"], stream["output_stream_url"]
     wrong_type = await api.post(whip, content="v=0\r\n", headers={"Content-Type": "text/plain"})
@@ -197,7 +197,7 @@ async def test_signalling_errors(api):  # noqa: F811
     assert registry(api).sessions == {}
 
 
-async def test_patch_alias_and_replacement(api, worker):  # noqa: F811
+async def test_patch_alias_and_replacement(api, worker):
     stream = await create_stream(api)
     # seed 003's alias, without any Authorization header: the stream key is the credential
     async with httpx.AsyncClient(base_url=str(api.base_url), timeout=15) as anonymous:
@@ -224,7 +224,7 @@ async def test_patch_alias_and_replacement(api, worker):  # noqa: F811
             await pc.close()
 
 
-async def test_session_without_video_is_closed(api):  # noqa: F811
+async def test_session_without_video_is_closed(api):
     api.app.state.webrtc.settings = WebRTCSettings(first_frame_timeout=0.5)
     stream = await create_stream(api)
     pc, _response = await publish(api, stream["whip_url"], SilentTrack())

@@ -136,11 +136,11 @@ async def test_reload_keeps_serving_with_the_old_engine_until_the_new_one_is_rea
     await producer.send(params_text(color=[0, 0, 200]))
     await recv_json(producer, "report", event="reloading")
     for seq in range(5):  # the new engine is still loading: the old one serves
-        (r, g, b), version = await color_of(seq)
+        (r, _, b), version = await color_of(seq)
         assert r > 180 and b < 20 and version == 0
     TintEngine.gate.set()
     assert (await recv_json(producer, "report", event="ready"))["message"] == "reloaded"
-    (r, g, b), version = await color_of(99)
+    (r, _, b), version = await color_of(99)
     assert b > 180 and r < 20 and version == 1
     await producer.close()
     task.cancel()

@@ -107,7 +107,7 @@ class LegacyImage(_Message):
     @classmethod
     def _b64(cls, value: Any) -> bytes:
         if not isinstance(value, str):
-            raise ValueError("data must be a base64 string")
+            raise ValueError("data must be a base64 string")  # noqa: TRY004 (pydantic turns ValueError into a 422)
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
