@@ -10,7 +10,8 @@ import sys
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def machine() -> str:
@@ -35,6 +36,12 @@ def natural_image(width: int = 512, height: int = 512, seed: int = 0) -> np.ndar
         color = tuple(int(v) for v in rng.integers(0, 256, 3))
         cv2.circle(image, center, int(rng.integers(10, 80)), color, -1)
     return cv2.GaussianBlur(image, (3, 3), 0)
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child ``python -m ...``: this repository first on PYTHONPATH, the rest kept."""
+    paths = [ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def free_port() -> int:

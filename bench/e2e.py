@@ -73,7 +73,7 @@ sys.path.insert(0, ROOT)
 from api.app import create_app
 from api.server import running
 from api.settings import ServerSettings
-from bench.benchutil import machine, natural_image, pct_ms
+from bench.benchutil import child_env, machine, natural_image, pct_ms
 from media.codec import decode_image, encode_image
 from relay import RelayConfig
 from relay.hub import Hub
@@ -525,7 +525,7 @@ async def run(args: argparse.Namespace, params: dict) -> tuple[list[Result], dic
         if args.model:
             command += ["--model", args.model]
         worker = await asyncio.create_subprocess_exec(*command, cwd=ROOT,
-                                                      env={**os.environ, "PYTHONPATH": ROOT})
+                                                      env=child_env())
         try:
             response = await client.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
             response.raise_for_status()

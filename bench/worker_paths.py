@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 
 import benchutil  # noqa: F401  (puts the repository on sys.path)
-from benchutil import free_port
+from benchutil import ROOT, child_env, free_port
 
 from relay.client import connect
 from wire.frames import Frame, ImageFormat, decode_frame, encode_frame
 from worker.pipeline import ChannelPipeline, Events, engine_factory
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench_pipeline(engine: str, params: dict, payload: bytes, size: tuple[int, int], seconds: float,
@@ -55,7 +52,7 @@ def bench_pipeline(engine: str, params: dict, payload: bytes, size: tuple[int, i
         submit()
     elapsed = time.perf_counter() - start
     pipeline.stop()
-    pipeline.join(2)
+    pipeline.join(120)  # let a slow engine finish its frame before the next row starts
     return len(latencies) / elapsed, latencies
 
 
@@ -64,7 +61,7 @@ async def bench_via_relay(engine: str, params: dict, payload: bytes, size: tuple
     """Relay and worker as processes; a producer keeps ``in_flight`` frames outstanding after a warm-up."""
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = child_env()
     relay = subprocess.Popen([sys.executable, "-m", "relay", "--port", str(port)], cwd=ROOT, env=env)  # noqa: ASYNC220 (Popen returns at once)
     worker = None
     try:

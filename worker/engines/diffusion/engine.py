@@ -61,11 +61,16 @@ class DiffusionEngine(Engine):
 
     name = "diffusion"
 
-    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, params: Mapping[str, Any] | None = None, *, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """``device`` and ``dtype`` default to ``pick_device()``; tests set float16 to run the CUDA dtype on a CPU."""
         super().__init__(params)
         self._config = parse_params(self.params)
         _check(self._config)
-        self._device, self._dtype = pick_device()
+        picked_device, picked_dtype = pick_device()
+        self._device, self._dtype = device or picked_device, dtype or picked_dtype
         self._lock = threading.Lock()
         self._models: LoadedModels | None = None
         self._accelerated: Accelerated | None = None
