@@ -20,7 +20,7 @@ from worker.engines.diffusion import DiffusionEngine, DiffusionParams, parse_par
 from worker.engines.diffusion.blending import blend, seed_noise, slerp
 from worker.engines.diffusion.filter import SimilarImageFilter
 from worker.engines.diffusion.preprocessors import PREPROCESSORS, preprocessor
-from worker.engines.diffusion.stream import Conditioning, StreamConfig, StreamDenoiser
+from worker.engines.diffusion.stream import Conditioning, StreamConfig, StreamDenoiser, unet_batch_sizes
 
 SIZE = 384
 
@@ -366,6 +366,31 @@ def test_stream_recovers_the_latents_an_oracle_denoises(batched: bool, turbo: bo
         assert torch.allclose(stream(stream.add_noise(clean)), clean, atol=1e-3)
 
 
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize(("cfg_type", "guidance_scale"), [("none", 1.0), ("self", 2.0), ("initialize", 2.0),
+                                                          ("full", 2.0), ("full", 1.0)])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_unet_batch_sizes_are_the_sizes_the_stream_calls_with(
+    batched: bool, cfg_type: str, guidance_scale: float, steps: int
+) -> None:
+    seen: set[int] = set()
+
+    def recording(latents: torch.Tensor, *_: object) -> torch.Tensor:
+        seen.add(len(latents))
+        return torch.zeros_like(latents)
+
+    scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    config = StreamConfig((4, 8, 8), frame_buffer_size=2, use_denoising_batch=batched, consistency_boundary=True)
+    stream = StreamDenoiser(recording, scheduler, config, torch.device("cpu"), torch.float32)
+    stream.set_schedule([10, 25, 40][:steps], 50)
+    stream.set_noise(torch.randn(stream.noise_shape))
+    cond = Conditioning(torch.zeros(1, 3, 2))
+    stream.set_guidance(cond, cond, cfg_type, guidance_scale, 1.0)
+    for _ in range(3):
+        stream(stream.add_noise(torch.zeros(2, 4, 8, 8)))
+    assert seen == unet_batch_sizes(steps, 2, cfg_type, guidance_scale, batched)
+
+
 def test_slerp_and_blend() -> None:
     a, b = torch.randn(4, 8), torch.randn(4, 8)
     assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5)
@@ -401,3 +426,17 @@ def test_float16_runs_and_matches_float32(tiny: TinyModels, case: str) -> None:
         outputs[dtype] = np.stack(run(eng, batches)).astype(np.float32)
     difference = np.abs(outputs[torch.float16] - outputs[torch.float32])
     assert difference.mean() < 0.5  # measured: under 0.06 of 255; NaN or overflow would blacken whole frames
+
+
+@pytest.mark.timeout(900)  # inductor compiles the tiny UNet in about a minute on two cores
+def test_compile_matches_sdpa_and_batch_changes_reload(tiny: TinyModels, reference: list[np.ndarray]) -> None:
+    eng = engine(tiny, acceleration="compile")
+    assert eng.info()["acceleration"] == "compile"
+    compiled = run(eng, SEQUENCE)
+    assert max(np.abs(a.astype(int) - b).mean() for a, b in zip(compiled, reference, strict=True)) < 0.5
+    assert eng.update({"prompt": "a boat", "t_index_list": [12, 25]}) == set()  # same UNet batch: hot
+    # A third step, or CFG on every step, changes the UNet batch: a reload, not a recompile on the hot path.
+    assert eng.update({"t_index_list": [5, 20, 30]}) == {"t_index_list"}
+    assert eng.update({"cfg_type": "full", "guidance_scale": 1.5}) == {"cfg_type", "guidance_scale"}
+    assert eng.params["t_index_list"] == [12, 25]
+    assert engine(tiny).update({"t_index_list": [5, 20, 30]}) == set()  # uncompiled UNets take any batch

@@ -28,7 +28,7 @@ from worker.engines.diffusion.predictor import ControlNetUnit, UNetPredictor
 from worker.engines.diffusion.preprocessors import preprocessor
 from worker.engines.diffusion.processing import ImageChain, LatentChain
 from worker.engines.diffusion.prompts import PromptEncoder
-from worker.engines.diffusion.stream import StreamConfig, StreamDenoiser
+from worker.engines.diffusion.stream import StreamConfig, StreamDenoiser, unet_batch_sizes
 from worker.engines.diffusion.vae import LatentCodec
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ SCHEDULE_FIELDS = ("num_inference_steps", "t_index_list")
 SEED_FIELDS = ("seed", "seed_interpolation_method", "normalize_seed_weights")
 STYLE_FIELDS = ("ip_adapter", "ip_adapter_style_image_url")
 PROCESSING_FIELDS = ("image_preprocessing", "image_postprocessing", "latent_preprocessing", "latent_postprocessing")
+BATCH_SHAPE_FIELDS = ("t_index_list", "cfg_type", "guidance_scale")  # hot, yet they set the UNet's batch size
 WARM_UP_CALLS = {"compile": 3, "tensorrt": 2}  # CUDA graphs record on the 2nd call, replay from the 3rd
 
 
@@ -125,7 +126,7 @@ class DiffusionEngine(Engine):
     def update(self, params: Mapping[str, Any]) -> set[str]:
         new = parse_params({**self.params, **params})
         _check(new)
-        reload = reload_fields(self._config, new)
+        reload = reload_fields(self._config, new) | self._recompiling_fields(new)
         applied = new.model_copy(update={name: getattr(self._config, name) for name in reload})
         with self._lock:
             if self._stream is not None:
@@ -225,6 +226,20 @@ class DiffusionEngine(Engine):
             pipe.set_ip_adapter_scale(config.ip_adapter.scale if config.ip_adapter.enabled else 0.0)
             self._predictor.image_embeds = ip_adapter.style_embeds(pipe, config.ip_adapter_style_image_url, self.output_size)
 
+    def _recompiling_fields(self, new: DiffusionParams) -> set[str]:
+        """Hot fields whose change here would give a compiled UNet a new batch size.
+
+        The next frame would then recompile (or build a TensorRT engine) on the
+        hot path and stall the stream for a minute or more, so with a compiled
+        UNet these fields reload instead: the old engine serves until the new
+        one, compiled for the new shape, is warm.
+        """
+        if self._accelerated is None or self._accelerated.mode not in COMPILED:
+            return set()
+        if _unet_batch_sizes(new) == _unet_batch_sizes(self._config):
+            return set()
+        return {name for name in BATCH_SHAPE_FIELDS if getattr(new, name) != getattr(self._config, name)}
+
     def _accelerate(self, mode: str) -> Accelerated:
         config, models = self._config, self._models
         cache_key = "|".join(
@@ -255,6 +270,13 @@ class DiffusionEngine(Engine):
         self._skipped = 0
         if self._filter is not None:
             self._filter.reset()
+
+
+def _unet_batch_sizes(config: DiffusionParams) -> frozenset[int]:
+    return unet_batch_sizes(
+        len(config.t_index_list), config.frame_buffer_size, config.cfg_type, config.guidance_scale,
+        config.use_denoising_batch,
+    )
 
 
 def _check(config: DiffusionParams) -> None:

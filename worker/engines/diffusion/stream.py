@@ -82,6 +82,22 @@ class StreamConfig:
     consistency_boundary: bool = True  # LCM's c_skip/c_out; False: turbo models predict x0 directly
 
 
+def unet_batch_sizes(
+    num_steps: int, frame_buffer_size: int, cfg_type: str, guidance_scale: float, batched: bool
+) -> frozenset[int]:
+    """Every batch size the denoiser calls the UNet with (compiled UNets are specialised to them)."""
+    fbs = frame_buffer_size
+    cfg = cfg_type if guidance_scale > 1.0 else "none"
+    rows = num_steps * fbs if batched else fbs
+    if cfg == "full":
+        return frozenset({2 * rows})
+    if cfg == "initialize":
+        if batched:
+            return frozenset({rows + fbs})
+        return frozenset({2 * fbs, fbs} if num_steps > 1 else {2 * fbs})  # the negative prompt on step one only
+    return frozenset({rows})
+
+
 class StreamDenoiser:
     """Stream-batch denoising state for one stream: schedule, noise, latent buffer, guidance."""
 
