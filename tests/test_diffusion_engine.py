@@ -240,12 +240,42 @@ def test_opencv_preprocessors_keep_the_frame_shape() -> None:
 
 @pytest.mark.parametrize(
     ("name", "params", "message"),
-    [("depth", {}, "needs model weights"), ("nope", {}, "unknown"), ("canny", {"radius": 2}, "takes parameters")],
+    [
+        ("openpose", {}, "needs model weights"),
+        ("nope", {}, "unknown"),
+        ("canny", {"radius": 2}, "takes parameters"),
+        ("depth", {"radius": 2}, "takes parameters"),
+        ("depth", {"detect_resolution": 5}, "detect_resolution must be"),
+    ],
 )
 def test_unusable_preprocessors_are_refused(tiny: TinyModels, name: str, params: dict, message: str) -> None:
     controlnet = {"model_id": str(tiny.controlnet), "preprocessor": name, "preprocessor_params": params}
     with pytest.raises(EngineError, match=message):
         DiffusionEngine({"controlnets": [controlnet]})
+
+
+def test_depth_preprocessor_runs_a_depth_model(tiny: TinyModels, reference: list[np.ndarray]) -> None:
+    depth = {"model_id": str(tiny.controlnet), "preprocessor": "depth",
+             "preprocessor_params": {"model_id": str(tiny.depth), "detect_resolution": 140}}
+    eng = engine(tiny, controlnets=[depth])
+    estimator = eng._predictor.controlnets[0].preprocess
+    gradient = np.repeat(np.linspace(0, 255, SIZE, dtype=np.uint8)[None, :, None], SIZE, 0).repeat(3, 2)
+    grey = estimator(gradient)
+    assert grey.shape == gradient.shape and grey.dtype == np.uint8
+    assert (grey[..., 0] == grey[..., 2]).all() and grey.min() == 0 and grey.max() == 255  # scaled per frame
+    assert not same(reference, run(eng, SEQUENCE))
+    loaded = dict(eng._depth._models)
+    assert eng.update({"controlnets": [{**depth, "conditioning_scale": 0.5}]}) == set()
+    assert eng.update({"controlnets": [{**depth, "preprocessor_params": {"model_id": str(tiny.depth)}}]}) == set()
+    assert eng._depth._models == loaded  # hot updates reuse the loaded model
+    other = {**depth, "preprocessor_params": {"model_id": "somewhere/else"}}
+    assert eng.update({"controlnets": [other]}) == {"controlnets"}
+
+
+def test_a_missing_depth_model_is_named(tiny: TinyModels) -> None:
+    depth = {"model_id": str(tiny.controlnet), "preprocessor": "depth"}
+    with pytest.raises(EngineError, match="depth model 'depth-anything/Depth-Anything-V2-Small-hf' is not available"):
+        engine(tiny, controlnets=[depth])
 
 
 @pytest.mark.parametrize("model_id", ["/nonexistent/model", "nobody/not-a-cached-model"])

@@ -31,6 +31,9 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Config,
 )
 
 TEXT_DIM = 32
@@ -46,6 +49,7 @@ class TinyModels:
     controlnet: Path  # ControlNetModel directory matching ``sd``
     lora: Path  # LoRA .safetensors file for ``sd``'s UNet
     ip_adapter: Path  # a directory laid out like h94/IP-Adapter, matching ``sd``
+    depth: Path  # a Depth Anything model (stands in for depth-anything/Depth-Anything-V2-Small-hf)
 
 
 def build_tiny_models(root: Path) -> TinyModels:
@@ -83,6 +87,7 @@ def _build(root: Path) -> TinyModels:
     _controlnet(sd.unet).save_pretrained(root / "tiny-controlnet")
     lora = _save_lora(sd.unet, root / "tiny-lora")
     _save_ip_adapter(sd.unet, root / "tiny-ip-adapter")
+    _depth_model().save_pretrained(root / "tiny-depth")
     return TinyModels(
         sd=root / "tiny-sd",
         sdxl=root / "tiny-sdxl",
@@ -90,6 +95,7 @@ def _build(root: Path) -> TinyModels:
         controlnet=root / "tiny-controlnet",
         lora=lora,
         ip_adapter=root / "tiny-ip-adapter",
+        depth=root / "tiny-depth",
     )
 
 
@@ -213,6 +219,15 @@ def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path) -> None:
         for projection in ("to_k_ip", "to_v_ip"):
             weights[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn(hidden, dim) * 0.5
     save_file(weights, folder / "models" / "ip-adapter_sd15.safetensors")
+
+
+def _depth_model() -> DepthAnythingForDepthEstimation:
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                            patch_size=14, image_size=56, out_features=["stage1", "stage2"], reshape_hidden_states=False)
+    return DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32], reassemble_factors=[2, 1],
+        fusion_hidden_size=16, head_hidden_size=8,
+    ))
 
 
 def _scheduler() -> EulerDiscreteScheduler:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,12 +20,13 @@ from worker.engines.base import Engine, EngineError
 from worker.engines.diffusion import ip_adapter
 from worker.engines.diffusion.acceleration import COMPILED, Accelerated, accelerate, heartbeat
 from worker.engines.diffusion.blending import seed_noise
+from worker.engines.diffusion.depth import DEPTH_PREPROCESSORS, DepthModels
 from worker.engines.diffusion.filter import SimilarImageFilter
 from worker.engines.diffusion.images import frames_to_tensor, resize, tensor_to_frames
 from worker.engines.diffusion.loading import LoadedModels, load_models
-from worker.engines.diffusion.params import DiffusionParams, parse_params, reload_fields
+from worker.engines.diffusion.params import ControlNetParams, DiffusionParams, parse_params, reload_fields
 from worker.engines.diffusion.predictor import ControlNetUnit, UNetPredictor
-from worker.engines.diffusion.preprocessors import preprocessor
+from worker.engines.diffusion.preprocessors import check_preprocessor, preprocessor
 from worker.engines.diffusion.processing import ImageChain, LatentChain
 from worker.engines.diffusion.prompts import PromptEncoder
 from worker.engines.diffusion.stream import StreamConfig, StreamDenoiser, unet_batch_sizes
@@ -84,6 +85,7 @@ class DiffusionEngine(Engine):
         self._previous: list[np.ndarray] | None = None
         self._previous_latents: torch.Tensor | None = None
         self._skipped = 0
+        self._depth = DepthModels(self._device, self._dtype)
 
     @property
     def batch_size(self) -> int:
@@ -99,7 +101,7 @@ class DiffusionEngine(Engine):
         if config.ip_adapter is not None:
             ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
         units = [
-            ControlNetUnit(model, c, preprocessor(c.preprocessor, c.preprocessor_params))
+            ControlNetUnit(model, c, self._preprocessor(c))
             for model, c in zip(models.controlnets, config.enabled_controlnets(), strict=True)
         ]
         self._models = models
@@ -166,6 +168,7 @@ class DiffusionEngine(Engine):
         with self._lock:
             self._models = self._accelerated = self._predictor = self._stream = None
             self._codec = self._prompts = self._filter = self._previous = self._previous_latents = None
+            self._depth = DepthModels(self._device, self._dtype)
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -220,11 +223,17 @@ class DiffusionEngine(Engine):
         if changed("controlnets"):
             for unit, params in zip(self._predictor.controlnets, config.enabled_controlnets(), strict=True):
                 unit.params = params
-                unit.preprocess = preprocessor(params.preprocessor, params.preprocessor_params)
+                unit.preprocess = self._preprocessor(params)
         if config.ip_adapter is not None and changed(*STYLE_FIELDS):
             pipe = self._models.pipe
             pipe.set_ip_adapter_scale(config.ip_adapter.scale if config.ip_adapter.enabled else 0.0)
             self._predictor.image_embeds = ip_adapter.style_embeds(pipe, config.ip_adapter_style_image_url, self.output_size)
+
+    def _preprocessor(self, params: ControlNetParams) -> Callable[[np.ndarray], np.ndarray]:
+        """A ControlNet's preprocessor; depth models load once (at ``load``) and are kept for hot updates."""
+        if params.preprocessor in DEPTH_PREPROCESSORS:
+            return self._depth.preprocessor(params.preprocessor_params)
+        return preprocessor(params.preprocessor, params.preprocessor_params)
 
     def _recompiling_fields(self, new: DiffusionParams) -> set[str]:
         """Hot fields whose change here would give a compiled UNet a new batch size.
@@ -282,7 +291,7 @@ def _unet_batch_sizes(config: DiffusionParams) -> frozenset[int]:
 def _check(config: DiffusionParams) -> None:
     """Fail fast on settings no load could satisfy (unknown preprocessors, faceid...)."""
     for controlnet in config.enabled_controlnets():
-        preprocessor(controlnet.preprocessor, controlnet.preprocessor_params)
+        check_preprocessor(controlnet.preprocessor, controlnet.preprocessor_params)
     if config.ip_adapter is not None:
         ip_adapter.check_supported(config.ip_adapter)
     _chains(config)

@@ -43,9 +43,9 @@ class ControlNetParams(_Strict):
             raise ValueError("control_guidance_start must not exceed control_guidance_end")
         return self
 
-    def structure(self) -> tuple[str, str, bool]:
-        """What a change of needs a reload: the weights loaded and the preprocessor built."""
-        return (self.model_id, self.preprocessor, self.enabled)
+    def structure(self) -> tuple[str, str, bool, Any]:
+        """What a change of needs a reload: the weights loaded (a depth preprocessor's too)."""
+        return (self.model_id, self.preprocessor, self.enabled, self.preprocessor_params.get("model_id"))
 
 
 class IPAdapterParams(_Strict):

@@ -1,9 +1,10 @@
 """ControlNet preprocessors that need no model weights, done with OpenCV.
 
-Each takes and returns an ``HxWx3`` uint8 RGB frame. Daydream's neural
-preprocessors (depth, openpose, HED...) need weights this server does not
-ship; asking for one raises ``EngineError``. ``lineart`` and ``soft_edge``
-are classical approximations of the neural ones.
+Each takes and returns an ``HxWx3`` uint8 RGB frame. ``depth`` runs a
+transformers model (``depth.py``); the other neural preprocessors of
+Daydream (openpose, HED...) need weights and code this server does not
+have, and asking for one raises ``EngineError``. ``lineart`` and
+``soft_edge`` are classical approximations of the neural ones.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import cv2
 import numpy as np
 
 from worker.engines.base import EngineError
+from worker.engines.diffusion.depth import DEPTH_PREPROCESSORS, check_depth_params
 
 Preprocessor = Callable[..., np.ndarray]
 
-NEURAL = frozenset(
-    {"depth", "depth_anything", "depth_tensorrt", "hed", "openpose", "pose", "normal", "mediapipe_face", "lineart_anime"}
-)
+NEURAL = frozenset({"depth_tensorrt", "hed", "openpose", "pose", "normal", "mediapipe_face", "lineart_anime"})
 
 
 def passthrough(frame: np.ndarray) -> np.ndarray:
@@ -84,11 +84,20 @@ PREPROCESSORS: dict[str, Preprocessor] = {
 
 
 def preprocessor(name: str, params: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
-    """The preprocessor ``name`` bound to ``params``; ``EngineError`` if either is unusable."""
+    """The weight-free preprocessor ``name`` bound to ``params``; ``EngineError`` if either is unusable."""
     if name not in PREPROCESSORS:
         reason = "needs model weights this server does not have" if name in NEURAL else "is unknown"
-        raise EngineError(f"preprocessor {name!r} {reason}; available: {', '.join(sorted(PREPROCESSORS))}")
+        available = ", ".join(sorted([*PREPROCESSORS, *DEPTH_PREPROCESSORS]))
+        raise EngineError(f"preprocessor {name!r} {reason}; available: {available}")
     return bind(PREPROCESSORS[name], params, f"preprocessor {name!r}")
+
+
+def check_preprocessor(name: str, params: Mapping[str, Any]) -> None:
+    """Raise ``EngineError`` if ``name`` with ``params`` can never run; loads nothing."""
+    if name in DEPTH_PREPROCESSORS:
+        check_depth_params(params)
+    else:
+        preprocessor(name, params)
 
 
 def bind(function: Callable[..., Any], params: Mapping[str, Any], label: str) -> Callable[..., Any]:
