@@ -55,6 +55,10 @@ class ServerSection(_Section):
                                             "addresses too (closed networks only)")
     ice_servers: list[str] = Field(default_factory=list,
                                    description="WebRTC ICE servers, e.g. stun:stun.example.org:3478")
+    whep_shared_encoder: bool = Field(True, description="WHEP viewers of a stream share one encoder per codec "
+                                      "(false: one encoder per viewer, adapting to its network)")
+    whep_bitrate: int = Field(1_500_000, ge=100_000, le=50_000_000,
+                              description="bits per second of shared WHEP encoders")
 
 
 class RelaySection(_Section):
@@ -167,6 +171,8 @@ class Config(BaseSettings):
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
             ice_servers=list(self.server.ice_servers),
+            whep_shared_encoder=self.server.whep_shared_encoder,
+            whep_bitrate=self.server.whep_bitrate,
             style_image_allow_private=self.server.style_image_allow_private,
             mediamtx_publish_url=self.mediamtx.publish_url, mediamtx_whep_url=self.mediamtx.whep_url,
             default_params=self.default_stream_params(),

@@ -30,6 +30,9 @@ class ServerSettings:
     jpeg_quality: int = 85
     #: ICE servers for WebRTC: "stun:host:port" or {"urls", "username", "credential"}
     ice_servers: list[Any] = field(default_factory=list)
+    #: WHEP viewers of a stream share one encoder per codec, at this many bits per second
+    whep_shared_encoder: bool = True
+    whep_bitrate: int = 1_500_000
     #: MediaMTX republishing: where to push (rtmp://host:1935) and its WHEP base (http://host:8889)
     mediamtx_publish_url: str | None = None
     mediamtx_whep_url: str | None = None

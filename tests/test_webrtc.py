@@ -23,13 +23,17 @@ from aiortc import (
     RTCSessionDescription,
     VideoStreamTrack,
 )
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
 
 from api.app import create_app
 from api.server import running
 from api.settings import ServerSettings
 from api.webrtc import WebRTCSettings
+from api.webrtc.fanout import MAX_BACKLOG, PacketTrack, SharedEncoder, VideoEncoder
 from api.webrtc.signaling import link_header
 from relay import RelayConfig
+from relay.hub import Hub
 from tests.api_fixtures import AUTH, KEY, api, create_stream, eventually, worker  # noqa: F401
 
 SDP = {"Content-Type": "application/sdp"}
@@ -154,6 +158,86 @@ async def test_whip_in_whep_out_inverted(api, worker, codec):
     finally:
         await whip_pc.close()
         await whep_pc.close()
+
+
+async def mean_colour(track, frames: int = 4) -> np.ndarray:
+    """The mean RGB of the last of ``frames`` frames received on ``track``."""
+    for _ in range(frames):
+        frame = await asyncio.wait_for(track.recv(), 15)
+    return frame.to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
+
+
+async def test_viewers_share_one_encoder_per_codec(api, worker):
+    stream = await create_stream(api, width=WIDTH, height=HEIGHT)
+    channel = stream["id"]
+    whip_pc, _ = await publish(api, stream["whip_url"], PatternTrack())
+    viewers = [await play(api, stream["output_stream_url"], codec)
+               for codec in ("video/VP8", "video/VP8", "video/H264")]
+    encoders = api.app.state.webrtc.encoders
+    try:
+        for _pc, transceiver, _response in viewers:
+            assert np.all(np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25)
+        assert len(encoders) == 2  # VP8 and H.264, each encoding every frame once
+        assert len(api.app.state.relay.hub.channels[channel].viewers) == 2  # one relay viewer per encoder
+        vp8 = encoders.get(api.app.state.relay.hub, channel, "video/VP8")
+        assert vp8.viewers == 2
+
+        # A picture loss report from a viewer reaches the shared encoder through aiortc's RTCP handling.
+        await eventually(lambda: not vp8.keyframe_requested, 5, "the joins' keyframe to go out")
+        viewer_session = registry(api).get(viewers[0][2].headers["location"].rsplit("/", 1)[1], "whep")
+        sender = viewer_session.pc.getSenders()[0]
+        await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=sender._ssrc))
+        assert vp8.keyframe_requested
+
+        for index, (pc, _transceiver, response) in enumerate(viewers):
+            assert (await api.delete(response.headers["location"])).status_code == 200
+            await pc.close()
+            assert len(encoders) == [2, 1, 0][index]  # an encoder goes with its last viewer
+        assert not api.app.state.relay.hub.channels[channel].viewers
+    finally:
+        await whip_pc.close()
+        for pc, _transceiver, _response in viewers:
+            await pc.close()
+
+
+async def test_one_encoder_per_viewer_when_sharing_is_off(api, worker):
+    api.app.state.webrtc.encoders = None
+    stream = await create_stream(api, width=WIDTH, height=HEIGHT)
+    whip_pc, _ = await publish(api, stream["whip_url"], PatternTrack())
+    viewers = [await play(api, stream["output_stream_url"]) for _ in range(2)]
+    try:
+        for _pc, transceiver, _response in viewers:
+            assert np.all(np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25)
+        assert len(api.app.state.relay.hub.channels[stream["id"]].viewers) == 2
+    finally:
+        for pc in (whip_pc, *(v[0] for v in viewers)):
+            await pc.close()
+
+
+async def test_a_viewer_starts_at_a_keyframe_and_skips_ahead_when_behind():
+    hub = Hub(RelayConfig())
+    shared = SharedEncoder(hub, "ch", "video/VP8", 500_000, on_idle=lambda encoder: None)
+    encoder = VideoEncoder("video/VP8", 500_000)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(12)]
+    key, *deltas = [encoder.encode(image, 3000 * i, keyframe=i in (0, 10)) for i, image in enumerate(images)]
+    assert key.keyframe and not deltas[0].keyframe and deltas[9].keyframe
+    track = PacketTrack()
+    track.attach(shared)
+    shared._keyframe = False
+    track.deliver(deltas[0])  # before any keyframe: useless to a decoder
+    track.deliver(key)
+    for delta in deltas[1:MAX_BACKLOG + 1]:  # one more than the backlog holds
+        track.deliver(delta)
+    assert track.resyncs == 1 and shared.keyframe_requested
+    track.deliver(deltas[6])  # still waiting for a keyframe
+    track.deliver(deltas[9])  # the keyframe
+    track.deliver(deltas[10])
+    assert [(await track.recv()).pts for _ in range(2)] == [30000, 33000]
+    track.stop()
+    with pytest.raises(MediaStreamError):
+        await track.recv()
+    shared.close()
 
 
 async def test_signalling_errors(api):

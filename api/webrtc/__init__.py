@@ -19,7 +19,9 @@ __all__ = ["SessionRegistry", "WebRTCSettings", "WebRTCState", "install", "route
 def install(app: FastAPI, settings: WebRTCSettings | None = None) -> WebRTCState:
     """Mount WHIP/WHEP on ``app``; ICE servers come from ``settings.ice_servers`` when the server has them."""
     if settings is None:
-        settings = WebRTCSettings(ice_servers=tuple(app.state.settings.ice_servers))
+        server = app.state.settings
+        settings = WebRTCSettings(ice_servers=tuple(server.ice_servers), shared_encoding=server.whep_shared_encoder,
+                                  output_bitrate=server.whep_bitrate)
     complete_frames_on_marker()  # one frame interval less delay on every WHIP session
     state = WebRTCState(settings)
     app.state.webrtc = state

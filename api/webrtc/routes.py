@@ -84,9 +84,11 @@ async def _open(request: Request, stream: Stream, kind: Kind) -> Response:
     offer = await _read_offer(request)
     state = _state(request)
     hub = request.app.state.relay.hub
-    opener = open_whip if kind == "whip" else open_whep
     try:
-        session, answer = await opener(hub, state.registry, state.settings, stream, offer)
+        if kind == "whip":
+            session, answer = await open_whip(hub, state.registry, state.settings, stream, offer)
+        else:
+            session, answer = await open_whep(hub, state.registry, state.settings, stream, offer, state.encoders)
     except BadOffer as exc:
         raise ApiError(400, exc.message, exc.code, headers=CORS) from None
     if _streams(request).streams.get(stream.id) is not stream:  # deleted while we negotiated

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from aiortc import RTCPeerConnection
 
 from api.streams import Stream
+from api.webrtc.fanout import EncoderPool
 
 log = logging.getLogger("api.webrtc")
 
@@ -41,6 +42,10 @@ class WebRTCSettings:
     first_frame_timeout: float = 5.0
     #: a WHEP session whose connection is not up by then is closed
     connect_timeout: float = 15.0
+    #: WHEP viewers of a stream share one encoder per codec (see fanout.py)
+    shared_encoding: bool = True
+    #: bits per second of the shared encoders (per-viewer encoders adapt on their own)
+    output_bitrate: int = 1_500_000
 
 
 @dataclass(eq=False)
@@ -143,3 +148,9 @@ class WebRTCState:
 
     settings: WebRTCSettings
     registry: SessionRegistry = field(default_factory=SessionRegistry)
+    #: shared WHEP encoders, when ``settings.shared_encoding`` is on
+    encoders: EncoderPool | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings.shared_encoding and self.encoders is None:
+            self.encoders = EncoderPool(self.settings.output_bitrate)
