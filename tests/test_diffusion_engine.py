@@ -329,6 +329,16 @@ def test_ip_adapter_style_image_and_scale_are_hot(tiny: TinyModels) -> None:
     assert eng.update({"ip_adapter": {"model_id": "elsewhere/IP-Adapter"}}) == {"ip_adapter"}
 
 
+def test_ip_adapter_on_sdxl(tiny: TinyModels) -> None:
+    red, blue = (data_url(np.zeros((64, 64, 3), np.uint8) + np.uint8(c)) for c in ([255, 0, 0], [0, 0, 255]))
+    outputs = [
+        run(engine(tiny, model_id=str(tiny.sdxl), t_index_list=[20], cfg_type="none",
+                   ip_adapter={"model_id": str(tiny.ip_adapter)}, ip_adapter_style_image_url=style), SEQUENCE)
+        for style in (red, blue)
+    ]
+    assert not same(*outputs)  # the SDXL adapter (sdxl_models/) is loaded and used
+
+
 def test_ip_adapter_refuses_a_bad_style_image(tiny: TinyModels) -> None:
     with pytest.raises(EngineError, match="not valid base64"):
         engine(tiny, ip_adapter={"model_id": str(tiny.ip_adapter)}, ip_adapter_style_image_url="data:image/png;base64,@@")

@@ -48,7 +48,7 @@ class TinyModels:
     tiny_vae: Path  # AutoencoderTiny directory (stands in for madebyollin/taesd)
     controlnet: Path  # ControlNetModel directory matching ``sd``
     lora: Path  # LoRA .safetensors file for ``sd``'s UNet
-    ip_adapter: Path  # a directory laid out like h94/IP-Adapter, matching ``sd``
+    ip_adapter: Path  # a directory laid out like h94/IP-Adapter, matching ``sd`` and ``sdxl``
     depth: Path  # a Depth Anything model (stands in for depth-anything/Depth-Anything-V2-Small-hf)
 
 
@@ -86,7 +86,8 @@ def _build(root: Path) -> TinyModels:
     _tiny_vae().save_pretrained(root / "tiny-taesd")
     _controlnet(sd.unet).save_pretrained(root / "tiny-controlnet")
     lora = _save_lora(sd.unet, root / "tiny-lora")
-    _save_ip_adapter(sd.unet, root / "tiny-ip-adapter")
+    _save_ip_adapter(sd.unet, root / "tiny-ip-adapter" / "models", "ip-adapter_sd15.safetensors")
+    _save_ip_adapter(sdxl.unet, root / "tiny-ip-adapter" / "sdxl_models", "ip-adapter_sdxl.safetensors")
     _depth_model().save_pretrained(root / "tiny-depth")
     return TinyModels(
         sd=root / "tiny-sd",
@@ -194,8 +195,8 @@ def _save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path) -> None:
-    """A regular IP-Adapter for ``unet`` in h94/IP-Adapter's layout: ``models/`` holds the adapter and image encoder.
+def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path, weight_name: str) -> None:
+    """A regular IP-Adapter for ``unet`` in h94/IP-Adapter's layout: ``folder`` holds it and its image encoder.
 
     The adapter file is what diffusers' ``load_ip_adapter`` reads: ``image_proj.*`` maps the image
     embedding to four text-like tokens; ``ip_adapter.{1,3,5...}.to_{k,v}_ip.weight`` are the extra
@@ -205,7 +206,7 @@ def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path) -> None:
         CLIPVisionConfig(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                          image_size=32, patch_size=8, projection_dim=TEXT_DIM)
     )
-    encoder.save_pretrained(folder / "models" / "image_encoder")
+    encoder.save_pretrained(folder / "image_encoder")
     dim = unet.config.cross_attention_dim
     weights = {
         "image_proj.proj.weight": torch.randn(4 * dim, TEXT_DIM) * 0.5,
@@ -218,7 +219,7 @@ def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path) -> None:
         hidden = unet.get_submodule(name).to_k.out_features
         for projection in ("to_k_ip", "to_v_ip"):
             weights[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn(hidden, dim) * 0.5
-    save_file(weights, folder / "models" / "ip-adapter_sd15.safetensors")
+    save_file(weights, folder / weight_name)
 
 
 def _depth_model() -> DepthAnythingForDepthEstimation:
