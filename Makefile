@@ -38,6 +38,7 @@ bench: setup-dev
 	$(PY) bench/worker.py
 	$(PY) bench/engine.py
 	$(PY) bench/e2e.py --quick
+	$(PY) bench/whep_fanout.py --viewers 1,4 --seconds 4
 
 doctor: setup
 	$(PY) -m api.doctor
