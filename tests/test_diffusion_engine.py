@@ -246,6 +246,7 @@ def test_opencv_preprocessors_keep_the_frame_shape() -> None:
         ("canny", {"radius": 2}, "takes parameters"),
         ("depth", {"radius": 2}, "takes parameters"),
         ("depth", {"detect_resolution": 5}, "detect_resolution must be"),
+        ("hed", {"safe": True}, "takes parameters"),
     ],
 )
 def test_unusable_preprocessors_are_refused(tiny: TinyModels, name: str, params: dict, message: str) -> None:
@@ -264,12 +265,27 @@ def test_depth_preprocessor_runs_a_depth_model(tiny: TinyModels, reference: list
     assert grey.shape == gradient.shape and grey.dtype == np.uint8
     assert (grey[..., 0] == grey[..., 2]).all() and grey.min() == 0 and grey.max() == 255  # scaled per frame
     assert not same(reference, run(eng, SEQUENCE))
-    loaded = dict(eng._depth._models)
+    loaded = dict(eng._neural._models)
     assert eng.update({"controlnets": [{**depth, "conditioning_scale": 0.5}]}) == set()
     assert eng.update({"controlnets": [{**depth, "preprocessor_params": {"model_id": str(tiny.depth)}}]}) == set()
-    assert eng._depth._models == loaded  # hot updates reuse the loaded model
+    assert eng._neural._models == loaded  # hot updates reuse the loaded model
     other = {**depth, "preprocessor_params": {"model_id": "somewhere/else"}}
     assert eng.update({"controlnets": [other]}) == {"controlnets"}
+
+
+def test_hed_preprocessor_runs_the_hed_network(tiny: TinyModels, reference: list[np.ndarray]) -> None:
+    hed = {"model_id": str(tiny.controlnet), "preprocessor": "hed", "preprocessor_params": {"model_id": str(tiny.hed)}}
+    eng = engine(tiny, controlnets=[hed])
+    detect = eng._predictor.controlnets[0].preprocess
+    square = np.zeros((SIZE, SIZE, 3), np.uint8)
+    square[100:250, 120:300] = 255
+    edges = detect(square)
+    assert edges.shape == square.shape and edges.dtype == np.uint8 and (edges[..., 0] == edges[..., 1]).all()
+    assert len(np.unique(edges)) > 2  # soft edges: a range of greys, following the input
+    assert not np.array_equal(edges, detect(np.zeros_like(square)))
+    assert not same(reference, run(eng, SEQUENCE))
+    with pytest.raises(EngineError, match="HED model 'lllyasviel/Annotators' is not available"):
+        engine(tiny, controlnets=[{**hed, "preprocessor_params": {}}])
 
 
 def test_a_missing_depth_model_is_named(tiny: TinyModels) -> None:

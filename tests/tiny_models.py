@@ -50,6 +50,7 @@ class TinyModels:
     lora: Path  # LoRA .safetensors file for ``sd``'s UNet
     ip_adapter: Path  # a directory laid out like h94/IP-Adapter, matching ``sd`` and ``sdxl``
     depth: Path  # a Depth Anything model (stands in for depth-anything/Depth-Anything-V2-Small-hf)
+    hed: Path  # a directory with ControlNetHED.pth (stands in for lllyasviel/Annotators)
 
 
 def build_tiny_models(root: Path) -> TinyModels:
@@ -89,6 +90,8 @@ def _build(root: Path) -> TinyModels:
     _save_ip_adapter(sd.unet, root / "tiny-ip-adapter" / "models", "ip-adapter_sd15.safetensors")
     _save_ip_adapter(sdxl.unet, root / "tiny-ip-adapter" / "sdxl_models", "ip-adapter_sdxl.safetensors")
     _depth_model().save_pretrained(root / "tiny-depth")
+    (root / "tiny-hed").mkdir(exist_ok=True)
+    torch.save(_hed_state_dict(), root / "tiny-hed" / "ControlNetHED.pth")
     return TinyModels(
         sd=root / "tiny-sd",
         sdxl=root / "tiny-sdxl",
@@ -97,6 +100,7 @@ def _build(root: Path) -> TinyModels:
         lora=lora,
         ip_adapter=root / "tiny-ip-adapter",
         depth=root / "tiny-depth",
+        hed=root / "tiny-hed",
     )
 
 
@@ -229,6 +233,21 @@ def _depth_model() -> DepthAnythingForDepthEstimation:
         backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32], reassemble_factors=[2, 1],
         fusion_hidden_size=16, head_hidden_size=8,
     ))
+
+
+def _hed_state_dict() -> dict[str, torch.Tensor]:
+    """ControlNetHED.pth's keys and layout (``norm``, ``block{1-5}.convs.{i}``, ``block{1-5}.projection``)
+    with the real depths (2, 2, 3, 3, 3 convolutions) at a sixteenth of the real widths."""
+    state = {"norm": torch.rand(1, 3, 1, 1) * 128}
+    channels = 3
+    for block, (width, depth) in enumerate([(4, 2), (8, 2), (16, 3), (32, 3), (32, 3)], start=1):
+        for index in range(depth):
+            state[f"block{block}.convs.{index}.weight"] = torch.randn(width, channels, 3, 3) * 0.05
+            state[f"block{block}.convs.{index}.bias"] = torch.zeros(width)
+            channels = width
+        state[f"block{block}.projection.weight"] = torch.randn(1, width, 1, 1) * 0.5
+        state[f"block{block}.projection.bias"] = torch.zeros(1)
+    return state
 
 
 def _scheduler() -> EulerDiscreteScheduler:

@@ -10,7 +10,7 @@ as Depth Anything and DPT expect, and the predicted depth is scaled to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -40,22 +40,6 @@ def check_depth_params(params: Mapping[str, Any]) -> None:
 
 def depth_model_id(params: Mapping[str, Any]) -> str:
     return str(params.get("model_id", DEFAULT_DEPTH_MODEL))
-
-
-class DepthModels:
-    """Depth models loaded once per engine and model id, shared by every ControlNet that uses one."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self._device, self._dtype = device, dtype
-        self._models: dict[str, DepthEstimator] = {}
-
-    def preprocessor(self, params: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
-        check_depth_params(params)
-        model_id = depth_model_id(params)
-        if model_id not in self._models:
-            self._models[model_id] = DepthEstimator(model_id, self._device, self._dtype)
-        estimator, resolution = self._models[model_id], int(params.get("detect_resolution", 518))
-        return lambda frame: estimator(frame, resolution)
 
 
 class DepthEstimator:

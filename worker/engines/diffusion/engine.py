@@ -20,10 +20,10 @@ from worker.engines.base import Engine, EngineError
 from worker.engines.diffusion import ip_adapter
 from worker.engines.diffusion.acceleration import COMPILED, Accelerated, accelerate, heartbeat
 from worker.engines.diffusion.blending import seed_noise
-from worker.engines.diffusion.depth import DEPTH_PREPROCESSORS, DepthModels
 from worker.engines.diffusion.filter import SimilarImageFilter
 from worker.engines.diffusion.images import frames_to_tensor, resize, tensor_to_frames
 from worker.engines.diffusion.loading import LoadedModels, load_models
+from worker.engines.diffusion.neural import NEURAL_PREPROCESSORS, NeuralPreprocessors
 from worker.engines.diffusion.params import ControlNetParams, DiffusionParams, parse_params, reload_fields
 from worker.engines.diffusion.predictor import ControlNetUnit, UNetPredictor
 from worker.engines.diffusion.preprocessors import check_preprocessor, preprocessor
@@ -85,7 +85,7 @@ class DiffusionEngine(Engine):
         self._previous: list[np.ndarray] | None = None
         self._previous_latents: torch.Tensor | None = None
         self._skipped = 0
-        self._depth = DepthModels(self._device, self._dtype)
+        self._neural = NeuralPreprocessors(self._device, self._dtype)
 
     @property
     def batch_size(self) -> int:
@@ -168,7 +168,7 @@ class DiffusionEngine(Engine):
         with self._lock:
             self._models = self._accelerated = self._predictor = self._stream = None
             self._codec = self._prompts = self._filter = self._previous = self._previous_latents = None
-            self._depth = DepthModels(self._device, self._dtype)
+            self._neural = NeuralPreprocessors(self._device, self._dtype)
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -230,9 +230,9 @@ class DiffusionEngine(Engine):
             self._predictor.image_embeds = ip_adapter.style_embeds(pipe, config.ip_adapter_style_image_url, self.output_size)
 
     def _preprocessor(self, params: ControlNetParams) -> Callable[[np.ndarray], np.ndarray]:
-        """A ControlNet's preprocessor; depth models load once (at ``load``) and are kept for hot updates."""
-        if params.preprocessor in DEPTH_PREPROCESSORS:
-            return self._depth.preprocessor(params.preprocessor_params)
+        """A ControlNet's preprocessor; networks (depth, hed) load once (at ``load``) and stay for hot updates."""
+        if params.preprocessor in NEURAL_PREPROCESSORS:
+            return self._neural.preprocessor(params.preprocessor, params.preprocessor_params)
         return preprocessor(params.preprocessor, params.preprocessor_params)
 
     def _recompiling_fields(self, new: DiffusionParams) -> set[str]:

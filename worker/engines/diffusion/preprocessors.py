@@ -1,9 +1,9 @@
 """ControlNet preprocessors that need no model weights, done with OpenCV.
 
-Each takes and returns an ``HxWx3`` uint8 RGB frame. ``depth`` runs a
-transformers model (``depth.py``); the other neural preprocessors of
-Daydream (openpose, HED...) need weights and code this server does not
-have, and asking for one raises ``EngineError``. ``lineart`` and
+Each takes and returns an ``HxWx3`` uint8 RGB frame. ``depth`` and ``hed``
+run networks (``neural.py``); the other neural preprocessors of Daydream
+(openpose...) need weights and code this server does not have, and asking
+for one raises ``EngineError``. ``lineart`` and
 ``soft_edge`` are classical approximations of the neural ones.
 """
 
@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 
 from worker.engines.base import EngineError
-from worker.engines.diffusion.depth import DEPTH_PREPROCESSORS, check_depth_params
+from worker.engines.diffusion.neural import NEURAL_PREPROCESSORS, check_neural_params
 
 Preprocessor = Callable[..., np.ndarray]
 
-NEURAL = frozenset({"depth_tensorrt", "hed", "openpose", "pose", "normal", "mediapipe_face", "lineart_anime"})
+NEURAL = frozenset({"depth_tensorrt", "openpose", "pose", "normal", "mediapipe_face", "lineart_anime"})
 
 
 def passthrough(frame: np.ndarray) -> np.ndarray:
@@ -87,15 +87,15 @@ def preprocessor(name: str, params: Mapping[str, Any]) -> Callable[[np.ndarray],
     """The weight-free preprocessor ``name`` bound to ``params``; ``EngineError`` if either is unusable."""
     if name not in PREPROCESSORS:
         reason = "needs model weights this server does not have" if name in NEURAL else "is unknown"
-        available = ", ".join(sorted([*PREPROCESSORS, *DEPTH_PREPROCESSORS]))
+        available = ", ".join(sorted([*PREPROCESSORS, *NEURAL_PREPROCESSORS]))
         raise EngineError(f"preprocessor {name!r} {reason}; available: {available}")
     return bind(PREPROCESSORS[name], params, f"preprocessor {name!r}")
 
 
 def check_preprocessor(name: str, params: Mapping[str, Any]) -> None:
     """Raise ``EngineError`` if ``name`` with ``params`` can never run; loads nothing."""
-    if name in DEPTH_PREPROCESSORS:
-        check_depth_params(params)
+    if name in NEURAL_PREPROCESSORS:
+        check_neural_params(name, params)
     else:
         preprocessor(name, params)
 
