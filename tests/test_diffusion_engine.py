@@ -19,6 +19,7 @@ from worker.engines.base import EngineError
 from worker.engines.diffusion import DiffusionEngine, DiffusionParams, parse_params
 from worker.engines.diffusion.blending import blend, seed_noise, slerp
 from worker.engines.diffusion.filter import SimilarImageFilter
+from worker.engines.diffusion.pose import COLOURS, draw_skeleton, openpose_points
 from worker.engines.diffusion.preprocessors import PREPROCESSORS, preprocessor
 from worker.engines.diffusion.stream import Conditioning, StreamConfig, StreamDenoiser, unet_batch_sizes
 
@@ -241,7 +242,8 @@ def test_opencv_preprocessors_keep_the_frame_shape() -> None:
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("openpose", {}, "needs model weights"),
+        ("normal", {}, "needs model weights"),
+        ("openpose", {"threshold": 2}, "threshold must be"),
         ("nope", {}, "unknown"),
         ("canny", {"radius": 2}, "takes parameters"),
         ("depth", {"radius": 2}, "takes parameters"),
@@ -286,6 +288,31 @@ def test_hed_preprocessor_runs_the_hed_network(tiny: TinyModels, reference: list
     assert not same(reference, run(eng, SEQUENCE))
     with pytest.raises(EngineError, match="HED model 'lllyasviel/Annotators' is not available"):
         engine(tiny, controlnets=[{**hed, "preprocessor_params": {}}])
+
+
+def test_openpose_draws_the_skeleton_of_the_keypoints() -> None:
+    coco = np.array([[50, 20], [55, 15], [45, 15], [60, 18], [40, 18], [70, 40], [30, 40], [75, 60], [25, 60],
+                     [78, 80], [22, 80], [62, 90], [38, 90], [63, 120], [37, 120], [64, 150], [36, 150]], np.float32)
+    scores = np.full(17, 0.9, np.float32)
+    scores[16] = 0.1  # the right ankle is not seen
+    points, confidence = openpose_points(coco, scores)
+    assert points.shape == (18, 2) and tuple(points[1]) == (50, 40)  # the neck, between the shoulders
+    canvas = draw_skeleton(160, 100, points, confidence >= 0.3)
+    assert tuple(canvas[20, 50]) == (255, 0, 0)  # the nose: OpenPose's first colour
+    assert tuple(canvas[40, 50]) == (255, 85, 0)  # the neck
+    right_ankle = points[10].astype(int)
+    assert tuple(canvas[right_ankle[1], right_ankle[0]]) == (0, 0, 0)  # not drawn
+    assert canvas[100:110, 63].any()  # the left shin, between knee and ankle
+
+
+def test_openpose_preprocessor_runs_vitpose(tiny: TinyModels, reference: list[np.ndarray]) -> None:
+    pose = {"model_id": str(tiny.controlnet), "preprocessor": "openpose",
+            "preprocessor_params": {"model_id": str(tiny.pose), "threshold": 0.0}}
+    eng = engine(tiny, controlnets=[pose])
+    skeleton = eng._predictor.controlnets[0].preprocess(frames(shape=(240, 320))[0])
+    assert skeleton.shape == (240, 320, 3) and skeleton.dtype == np.uint8
+    assert len({tuple(c) for c in skeleton.reshape(-1, 3)} & set(COLOURS)) >= 5  # joints (random weights: some coincide)
+    assert not same(reference, run(eng, SEQUENCE))
 
 
 def test_a_missing_depth_model_is_named(tiny: TinyModels) -> None:

@@ -34,6 +34,9 @@ from transformers import (
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
     Dinov2Config,
+    VitPoseBackboneConfig,
+    VitPoseConfig,
+    VitPoseForPoseEstimation,
 )
 
 TEXT_DIM = 32
@@ -51,6 +54,7 @@ class TinyModels:
     ip_adapter: Path  # a directory laid out like h94/IP-Adapter, matching ``sd`` and ``sdxl``
     depth: Path  # a Depth Anything model (stands in for depth-anything/Depth-Anything-V2-Small-hf)
     hed: Path  # a directory with ControlNetHED.pth (stands in for lllyasviel/Annotators)
+    pose: Path  # a ViTPose model (stands in for usyd-community/vitpose-base-simple)
 
 
 def build_tiny_models(root: Path) -> TinyModels:
@@ -92,6 +96,7 @@ def _build(root: Path) -> TinyModels:
     _depth_model().save_pretrained(root / "tiny-depth")
     (root / "tiny-hed").mkdir(exist_ok=True)
     torch.save(_hed_state_dict(), root / "tiny-hed" / "ControlNetHED.pth")
+    _pose_model().save_pretrained(root / "tiny-pose")
     return TinyModels(
         sd=root / "tiny-sd",
         sdxl=root / "tiny-sdxl",
@@ -101,6 +106,7 @@ def _build(root: Path) -> TinyModels:
         ip_adapter=root / "tiny-ip-adapter",
         depth=root / "tiny-depth",
         hed=root / "tiny-hed",
+        pose=root / "tiny-pose",
     )
 
 
@@ -233,6 +239,13 @@ def _depth_model() -> DepthAnythingForDepthEstimation:
         backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32], reassemble_factors=[2, 1],
         fusion_hidden_size=16, head_hidden_size=8,
     ))
+
+
+def _pose_model() -> VitPoseForPoseEstimation:
+    """ViTPose's layout (backbone, simple decoder, 17 COCO heatmaps) at 64x48 input instead of 256x192."""
+    backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                     image_size=[64, 48], patch_size=[16, 16], out_indices=[2])
+    return VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17))
 
 
 def _hed_state_dict() -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""ControlNet preprocessors that run a network on the engine's device: ``depth`` and ``hed``.
+"""ControlNet preprocessors that run a network on the engine's device: ``depth``, ``hed``, ``openpose``.
 
 Each model loads once per engine, when the engine loads, and is kept for hot
 updates; ``preprocessor_params.model_id`` picks the weights (a change of it
@@ -27,14 +27,22 @@ from worker.engines.diffusion.hed import (
     load_hed_weights,
 )
 from worker.engines.diffusion.loading import pretrained
+from worker.engines.diffusion.pose import (
+    DEFAULT_POSE_MODEL,
+    POSE_PREPROCESSORS,
+    PoseEstimator,
+    check_pose_params,
+)
 
-NEURAL_PREPROCESSORS = DEPTH_PREPROCESSORS | {"hed"}
+NEURAL_PREPROCESSORS = DEPTH_PREPROCESSORS | POSE_PREPROCESSORS | {"hed"}
 
 
 def check_neural_params(name: str, params: Mapping[str, Any]) -> None:
     """``EngineError`` for parameters the preprocessor ``name`` does not take; loads nothing."""
     if name in DEPTH_PREPROCESSORS:
         check_depth_params(params)
+    elif name in POSE_PREPROCESSORS:
+        check_pose_params(params)
     else:
         check_hed_params(params)
 
@@ -52,6 +60,10 @@ class NeuralPreprocessors:
             depth = self._model("depth", str(params.get("model_id", DEFAULT_DEPTH_MODEL)))
             resolution = int(params.get("detect_resolution", 518))
             return lambda frame: depth(frame, resolution)
+        if name in POSE_PREPROCESSORS:
+            pose = self._model("pose", str(params.get("model_id", DEFAULT_POSE_MODEL)))
+            threshold = float(params.get("threshold", 0.3))
+            return lambda frame: pose(frame, threshold)
         return self._model("hed", str(params.get("model_id", DEFAULT_HED_MODEL)))
 
     def _model(self, kind: str, model_id: str) -> Callable[..., np.ndarray]:
@@ -62,6 +74,8 @@ class NeuralPreprocessors:
     def _load(self, kind: str, model_id: str) -> Callable[..., np.ndarray]:
         if kind == "depth":
             return DepthEstimator(model_id, self._device, self._dtype)
+        if kind == "pose":
+            return PoseEstimator(model_id, self._device, self._dtype)
         network = pretrained(lambda source, **kw: HEDNetwork.from_state_dict(load_hed_weights(source, **kw)),
                              model_id, "HED model")
         return HEDDetector(network, self._device, self._dtype)

@@ -1,9 +1,9 @@
 """ControlNet preprocessors that need no model weights, done with OpenCV.
 
-Each takes and returns an ``HxWx3`` uint8 RGB frame. ``depth`` and ``hed``
-run networks (``neural.py``); the other neural preprocessors of Daydream
-(openpose...) need weights and code this server does not have, and asking
-for one raises ``EngineError``. ``lineart`` and
+Each takes and returns an ``HxWx3`` uint8 RGB frame. ``depth``, ``hed``
+and ``openpose`` run networks (``neural.py``); the other neural
+preprocessors of Daydream (normal, mediapipe_face...) need weights and code
+this server does not have, and asking for one raises ``EngineError``. ``lineart`` and
 ``soft_edge`` are classical approximations of the neural ones.
 """
 
@@ -21,7 +21,7 @@ from worker.engines.diffusion.neural import NEURAL_PREPROCESSORS, check_neural_p
 
 Preprocessor = Callable[..., np.ndarray]
 
-NEURAL = frozenset({"depth_tensorrt", "openpose", "pose", "normal", "mediapipe_face", "lineart_anime"})
+NEURAL = frozenset({"depth_tensorrt", "normal", "mediapipe_face", "lineart_anime"})
 
 
 def passthrough(frame: np.ndarray) -> np.ndarray:
