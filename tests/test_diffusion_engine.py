@@ -493,6 +493,13 @@ FLOAT16_CASES = {
         "ip_adapter": {"model_id": str(tiny.ip_adapter)},
     },
     "sdxl": lambda tiny: {"model_id": str(tiny.sdxl)},
+    **{
+        f"{name}-controlnet": lambda tiny, name=name: {"controlnets": [{
+            "model_id": str(tiny.controlnet), "preprocessor": name,
+            "preprocessor_params": {"model_id": str(getattr(tiny, "pose" if name == "openpose" else name))},
+        }]}
+        for name in ("depth", "hed", "openpose")
+    },
 }
 
 

@@ -22,6 +22,7 @@ from huggingface_hub import hf_hub_download
 from torch import nn
 
 from worker.engines.base import EngineError
+from worker.engines.diffusion.vision import frame_tensor, grey_frame
 
 DEFAULT_HED_MODEL = "lllyasviel/Annotators"
 WEIGHTS_FILE = "ControlNetHED.pth"
@@ -101,10 +102,7 @@ class HEDDetector:
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         height, width = frame.shape[:2]
-        pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self._device).permute(2, 0, 1)[None]
-        sides = self.network(pixels.to(self._dtype))
+        sides = self.network(frame_tensor(frame, self._device, self._dtype, scale=1.0))  # it wants 0-255
         upsampled = [F.interpolate(s.float(), size=(height, width), mode="bilinear", align_corners=False)
                      for s in sides]
-        edges = torch.sigmoid(torch.cat(upsampled, dim=1).mean(dim=1))[0]
-        grey = (edges * 255).round().to(torch.uint8).cpu().numpy()
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return grey_frame(torch.sigmoid(torch.cat(upsampled, dim=1).mean(dim=1))[0])

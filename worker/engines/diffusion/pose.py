@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from transformers import VitPoseForPoseEstimation
 
 from worker.engines.base import EngineError
-from worker.engines.diffusion.depth import IMAGENET_MEAN, IMAGENET_STD
-from worker.engines.diffusion.loading import pretrained
+from worker.engines.diffusion.vision import ImageNetNormalize, frame_tensor, load_network
 
 POSE_PREPROCESSORS = frozenset({"openpose", "pose"})
 DEFAULT_POSE_MODEL = "usyd-community/vitpose-base-simple"
@@ -82,13 +81,11 @@ class PoseEstimator:
     """RGB uint8 frame in, OpenPose skeleton of the same size out."""
 
     def __init__(self, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
-        load = VitPoseForPoseEstimation.from_pretrained
-        self.model = pretrained(load, model_id, "pose model", dtype=dtype).to(device).eval()
+        self.model = load_network(VitPoseForPoseEstimation.from_pretrained, model_id, "pose model", device, dtype)
         size = self.model.config.backbone_config.image_size
         self.input_height, self.input_width = (size, size) if isinstance(size, int) else size
         self._device, self._dtype = device, dtype
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self._normalize = ImageNetNormalize(device, dtype)
 
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray, threshold: float = 0.3) -> np.ndarray:
@@ -96,11 +93,10 @@ class PoseEstimator:
         scale = min(self.input_height / height, self.input_width / width)
         inner_h, inner_w = round(height * scale), round(width * scale)
         top, left = (self.input_height - inner_h) // 2, (self.input_width - inner_w) // 2
-        pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self._device).permute(2, 0, 1)[None]
-        pixels = F.interpolate(pixels.to(self._dtype) / 255.0, size=(inner_h, inner_w), mode="bilinear",
-                               align_corners=False)
+        pixels = F.interpolate(frame_tensor(frame, self._device, self._dtype), size=(inner_h, inner_w),
+                               mode="bilinear", align_corners=False)
         boxed = torch.zeros(1, 3, self.input_height, self.input_width, device=self._device, dtype=self._dtype)
-        boxed[..., top:top + inner_h, left:left + inner_w] = (pixels - self._mean) / self._std
+        boxed[..., top:top + inner_h, left:left + inner_w] = self._normalize(pixels)
         heatmaps = self.model(pixel_values=boxed).heatmaps[0].float()  # (17, h/4, w/4)
         joints, rows, columns = heatmaps.shape
         scores, flat = heatmaps.reshape(joints, -1).max(dim=1)
