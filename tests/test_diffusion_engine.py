@@ -221,8 +221,15 @@ def test_processing_blocks_are_hot(tiny: TinyModels, reference: list[np.ndarray]
         assert not same(reference, run(eng, SEQUENCE)), name
         assert eng.update({name: {**block, "enabled": False}}) == set()
     assert same(reference[1:], run(eng, SEQUENCE)[1:])
-    with pytest.raises(EngineError, match="image_postprocessing processor 'upscale' is not supported"):
-        eng.update({"image_postprocessing": {"processors": [{"type": "upscale"}]}})
+    with pytest.raises(EngineError, match="image_postprocessing processor 'openpose' is not supported"):
+        eng.update({"image_postprocessing": {"processors": [{"type": "openpose"}]}})
+
+
+def test_upscale_post_processing_enlarges_the_output(tiny: TinyModels) -> None:
+    eng = engine(tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 1.5}}]})
+    assert eng.process(frames())[0].shape == (SIZE * 3 // 2, SIZE * 3 // 2, 3)
+    with pytest.raises(EngineError, match="scale_factor must be in 1..4"):
+        engine(tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 8}}]})
 
 
 def test_skip_diffusion_passes_frames_through(tiny: TinyModels) -> None:
@@ -235,7 +242,8 @@ def test_opencv_preprocessors_keep_the_frame_shape() -> None:
     frame = frames(shape=(64, 96))[0]
     for name in PREPROCESSORS:
         out = preprocessor(name, {})(frame)
-        assert out.shape == frame.shape and out.dtype == np.uint8
+        scale = 2 if name == "upscale" else 1
+        assert out.shape == (64 * scale, 96 * scale, 3) and out.dtype == np.uint8
     assert preprocessor("canny", {"low_threshold": 50, "high_threshold": 90})(frame).shape == frame.shape
 
 
