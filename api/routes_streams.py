@@ -81,6 +81,7 @@ async def stream_status(stream_id: str, request: Request) -> dict[str, Any]:
     streams = manager(request)
     stream = streams.get(stream_id)
     outputs = request.app.state.outputs.state(stream)
+    outputs["whep"] = request.app.state.webrtc.playback_state(stream)
     return {"success": True, "error": None, "data": streams.status(stream, base_url(request), outputs)}
 
 

@@ -181,6 +181,11 @@ async def test_viewers_share_one_encoder_per_codec(api, worker):
         assert len(api.app.state.relay.hub.channels[channel].viewers) == 2  # one relay viewer per encoder
         vp8 = encoders.get(api.app.state.relay.hub, channel, "video/VP8")
         assert vp8.viewers == 2
+        whep = (await api.get(f"/v1/streams/{channel}/status")).json()["data"]["gateway_status"]["outputs"]["whep"]
+        assert whep["viewers"] == 3
+        assert sorted((e["codec"], e["viewers"]) for e in whep["shared_encoders"]) == [("video/H264", 1),
+                                                                                        ("video/VP8", 2)]
+        assert all(e["frames_encoded"] > 0 for e in whep["shared_encoders"])
 
         # A picture loss report from a viewer reaches the shared encoder through aiortc's RTCP handling.
         await eventually(lambda: not vp8.keyframe_requested, 5, "the joins' keyframe to go out")

@@ -251,6 +251,9 @@ class EncoderPool:
     def __len__(self) -> int:
         return len(self._encoders)
 
+    def for_channel(self, channel: str) -> list[SharedEncoder]:
+        return [encoder for (name, _), encoder in self._encoders.items() if name == channel]
+
     def _forget(self, encoder: SharedEncoder) -> None:
         with contextlib.suppress(KeyError):
             if self._encoders[(encoder.channel, encoder.mime)] is encoder:

@@ -154,3 +154,12 @@ class WebRTCState:
     def __post_init__(self) -> None:
         if self.settings.shared_encoding and self.encoders is None:
             self.encoders = EncoderPool(self.settings.output_bitrate)
+
+    def playback_state(self, stream: Stream) -> dict[str, Any]:
+        """WHEP viewers of ``stream`` and the shared encoders serving them, for the stream's status."""
+        encoders = self.encoders.for_channel(stream.channel) if self.encoders is not None else []
+        return {
+            "viewers": len(self.registry.for_stream(stream.id, "whep")),
+            "shared_encoders": [{"codec": e.mime, "viewers": e.viewers, "frames_encoded": e.encoded}
+                                for e in encoders],
+        }
