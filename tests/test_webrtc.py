@@ -245,6 +245,15 @@ async def test_a_viewer_starts_at_a_keyframe_and_skips_ahead_when_behind():
     shared.close()
 
 
+@pytest.mark.parametrize("mime", ["video/VP8", "video/H264"])
+def test_the_encoder_takes_odd_sizes_and_restarts_on_a_new_size(mime):
+    encoder = VideoEncoder(mime, 500_000)
+    first = encoder.encode(np.zeros((99, 101, 3), np.uint8), 0, keyframe=False)
+    assert first.keyframe  # a new encoder starts with one
+    assert not encoder.encode(np.zeros((99, 101, 3), np.uint8), 3000, keyframe=False).keyframe
+    assert encoder.encode(np.zeros((64, 64, 3), np.uint8), 6000, keyframe=False).keyframe
+
+
 async def test_signalling_errors(api):
     stream = await create_stream(api)
     whip, whep = stream["whip_url"], stream["output_stream_url"]

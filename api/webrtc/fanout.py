@@ -65,6 +65,8 @@ class VideoEncoder:
         self._codec: av.VideoCodecContext | None = None
 
     def encode(self, rgb: np.ndarray, pts: int, keyframe: bool) -> EncodedFrame | None:
+        height, width = rgb.shape[:2]
+        rgb = rgb[: height - height % 2, : width - width % 2]  # 4:2:0 needs even sides
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
         frame.pts, frame.time_base = pts, VIDEO_TIME_BASE
         if self._codec is None or (self._codec.width, self._codec.height) != (frame.width, frame.height):
