@@ -34,7 +34,9 @@ from api.webrtc.fanout import MAX_BACKLOG, PacketTrack, SharedEncoder, VideoEnco
 from api.webrtc.signaling import link_header
 from relay import RelayConfig
 from relay.hub import Hub
+from relay.local import LocalProducer
 from tests.api_fixtures import AUTH, KEY, api, create_stream, eventually, worker  # noqa: F401
+from tests.helpers import EchoWorker, jpeg
 
 SDP = {"Content-Type": "application/sdp"}
 BACKGROUND = (200, 60, 30)
@@ -243,6 +245,33 @@ async def test_a_viewer_starts_at_a_keyframe_and_skips_ahead_when_behind():
     with pytest.raises(MediaStreamError):
         await track.recv()
     shared.close()
+
+
+async def test_an_undecodable_output_frame_is_skipped_not_fatal(api, caplog):
+    """A worker's bad frame (a JPEG header with no image data) must not end playback for every viewer."""
+    hub = api.app.state.relay.hub
+    stream = await create_stream(api)
+    echo = await EchoWorker(api.app.state.relay_url).start()
+    serving = asyncio.create_task(echo.serve())
+    shared = SharedEncoder(hub, stream["id"], "video/VP8", 500_000, on_idle=lambda encoder: None)
+    track = PacketTrack()
+    track.attach(shared)
+    producer = LocalProducer(hub, stream["id"])
+    good = jpeg(64, 64)
+    bad = good[:good.index(b"\xff\xda")] + b"\xff\xd9"
+    try:
+        producer.publish(good, 64, 64)
+        await asyncio.wait_for(track.recv(), 10)
+        producer.publish(bad, 64, 64)
+        await eventually(lambda: "event=whep_bad_frame" in caplog.text, 10, "the bad frame to be skipped")
+        producer.publish(good, 64, 64)
+        await asyncio.wait_for(track.recv(), 10)
+        assert shared.encoded == 2 and not shared._task.done()
+    finally:
+        track.stop()
+        producer.close()
+        serving.cancel()
+        await echo.ws.close()
 
 
 @pytest.mark.parametrize("mime", ["video/VP8", "video/H264"])

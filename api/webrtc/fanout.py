@@ -38,6 +38,7 @@ from api.webrtc.tracks import VIDEO_TIME_BASE, MonotonicPts
 from media.codec import decode_image
 from relay.hub import Hub
 from relay.local import LocalViewer
+from wire.errors import ProtocolError
 
 log = logging.getLogger("api.webrtc")
 
@@ -219,7 +220,11 @@ class SharedEncoder:
         try:
             async for frame in self._viewer.frames():
                 keyframe, self._keyframe = self._keyframe, False
-                encoded = await asyncio.to_thread(self._encode, frame.payload, self._pts.next(), keyframe)
+                try:
+                    encoded = await asyncio.to_thread(self._encode, frame.payload, self._pts.next(), keyframe)
+                except ProtocolError as exc:  # an undecodable output frame: skip it, keep the stream
+                    log.warning("event=whep_bad_frame channel=%s seq=%d error=%s", self.channel, frame.seq, exc)
+                    encoded = None
                 if encoded is None:
                     self._keyframe |= keyframe
                     continue
