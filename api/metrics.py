@@ -1,4 +1,4 @@
-"""Prometheus ``/metrics``: per-stream fps, latency histogram, drops, GPU memory, workers.
+"""Prometheus ``/metrics``: per-stream fps, latency histogram, drops, GPU memory, workers, WebRTC sessions.
 
 Gauges and counters are read from the hub at scrape time (a custom
 collector, so nothing is updated on the frame path); the latency histogram
@@ -7,6 +7,7 @@ is fed by the hub's latency observer, one ``observe`` per result.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Request, Response
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from api.webrtc.sessions import WebRTCState
 from relay.hub import Hub
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -55,6 +57,23 @@ class HubCollector:
         yield from (fps_in, fps_out, frames_in, frames_out, drops, gpu, workers, capacity, channels)
 
 
+class WebRTCCollector:
+    """WHIP publishers and WHEP viewers per stream, and the shared WHEP encoders running."""
+
+    def __init__(self, webrtc: WebRTCState) -> None:
+        self.webrtc = webrtc
+
+    def collect(self) -> Iterator[Metric]:
+        sessions = GaugeMetricFamily("sd_stream_webrtc_sessions", "WebRTC sessions (whip: publishers, "
+                                     "whep: viewers)", labels=["stream", "kind"])
+        counts = Counter((s.stream.id, s.kind) for s in list(self.webrtc.registry.sessions.values()))
+        for (stream, kind), count in sorted(counts.items()):
+            sessions.add_metric([stream, kind], count)
+        encoders = GaugeMetricFamily("sd_whep_shared_encoders", "WHEP encoders shared by a stream's viewers")
+        encoders.add_metric([], len(self.webrtc.encoders) if self.webrtc.encoders is not None else 0)
+        yield from (sessions, encoders)
+
+
 def install(app: FastAPI) -> None:
     """Add ``GET /metrics``; the hub is hooked up when the lifespan has started it."""
     registry = CollectorRegistry()
@@ -65,6 +84,8 @@ def install(app: FastAPI) -> None:
     async def attach(app_: FastAPI) -> None:
         hub: Hub = app_.state.relay.hub
         registry.register(HubCollector(hub))
+        if hasattr(app_.state, "webrtc"):
+            registry.register(WebRTCCollector(app_.state.webrtc))
         hub.latency_observers.append(lambda stream, seconds: latency.labels(stream).observe(seconds))
 
     app.state.startup_hooks.insert(0, attach)

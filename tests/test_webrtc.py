@@ -188,6 +188,10 @@ async def test_viewers_share_one_encoder_per_codec(api, worker):
         assert sorted((e["codec"], e["viewers"]) for e in whep["shared_encoders"]) == [("video/H264", 1),
                                                                                         ("video/VP8", 2)]
         assert all(e["frames_encoded"] > 0 for e in whep["shared_encoders"])
+        metrics = (await api.get("/metrics")).text
+        assert f'sd_stream_webrtc_sessions{{kind="whep",stream="{channel}"}} 3.0' in metrics
+        assert f'sd_stream_webrtc_sessions{{kind="whip",stream="{channel}"}} 1.0' in metrics
+        assert "sd_whep_shared_encoders 2.0" in metrics
 
         # A picture loss report from a viewer reaches the shared encoder through aiortc's RTCP handling.
         await eventually(lambda: not vp8.keyframe_requested, 5, "the joins' keyframe to go out")
