@@ -50,6 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pct_cells(samples: list[float], decimals: int = 2) -> str:
+    """p50 and p99 in ms as two 8-wide table cells, blank when there are no samples."""
+    if not samples:
+        return f"{'':>8} {'':>8}"
+    return f"{pct_ms(samples, 0.5):8.{decimals}f} {pct_ms(samples, 0.99):8.{decimals}f}"
+
+
 def pct_ms(samples: list[float], q: float) -> float:
     if not samples:
         return float("nan")

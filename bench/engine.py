@@ -29,7 +29,7 @@ from pathlib import Path
 
 import benchutil  # noqa: F401  (puts the repository on sys.path)
 import torch
-from benchutil import machine, natural_image, pct_ms
+from benchutil import machine, natural_image, pct_cells, pct_ms
 from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
@@ -174,10 +174,8 @@ def bench_through_worker(name: str, params: dict, size: int, seconds: float, cal
          *asyncio.run(bench_via_relay("diffusion", params, payload, (size, size), seconds, IN_FLIGHT))),
     ]
     for path, fps, latencies in rows:
-        p50 = f"{pct_ms(latencies, 0.5):8.1f}" if latencies else f"{'':>8}"
-        p99 = f"{pct_ms(latencies, 0.99):8.1f}" if latencies else f"{'':>8}"
         print(f"{name:<12} {f'{size}x{size}':>9} {params['acceleration']:<12} {path:<17} {fps:8.2f} "
-              f"{fps / engine_fps:6.0%} {p50} {p99}", flush=True)
+              f"{fps / engine_fps:6.0%} {pct_cells(latencies, 1)}", flush=True)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import os
 import time
 
 import benchutil  # noqa: F401  (puts the repository on sys.path)
-from benchutil import machine, natural_image, pct_ms
+from benchutil import machine, natural_image, pct_cells
 from worker_paths import bench_pipeline, bench_via_relay
 
 from media.codec import decode_image, encode_image
@@ -64,9 +64,7 @@ def main() -> None:
         rows.append(("pipeline", *bench_pipeline("filter", params, payload, (512, 512), args.seconds)))
         rows.append(("worker via relay", *asyncio.run(bench_via_relay("filter", params, payload, (512, 512), args.seconds))))
         for name, fps, lat in rows:
-            p50 = f"{pct_ms(lat, 0.5):8.2f}" if lat else f"{'':>8}"
-            p99 = f"{pct_ms(lat, 0.99):8.2f}" if lat else f"{'':>8}"
-            print(f"{effect:<10} {name:<18} {fps:8.1f} {fps / alone:9.0%} {p50} {p99}")
+            print(f"{effect:<10} {name:<18} {fps:8.1f} {fps / alone:9.0%} {pct_cells(lat)}")
 
 
 if __name__ == "__main__":

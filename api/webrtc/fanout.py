@@ -115,7 +115,6 @@ class PacketTrack(MediaStreamTrack):
         self._ready = asyncio.Event()
         self._waiting_for_keyframe = True
         self._encoder: SharedEncoder | None = None
-        self.sent = 0
         self.resyncs = 0  # times this viewer fell behind and skipped to a keyframe
 
     def attach(self, encoder: SharedEncoder) -> None:
@@ -150,7 +149,6 @@ class PacketTrack(MediaStreamTrack):
             await self._ready.wait()
         if self.readyState != "live":
             raise MediaStreamError
-        self.sent += 1
         return self._queue.popleft()
 
     def stop(self) -> None:

@@ -35,6 +35,8 @@ from api.webrtc.signaling import MAX_OFFER_BYTES, BadOffer, link_header
 
 router = APIRouter(tags=["webrtc"])
 
+NO_TRICKLE = "trickle ICE and ICE restarts are not supported: put all candidates in the offer, or start a new session"
+
 LIVE = "/live/video-to-video"
 SDP = "application/sdp"
 EXPOSED = "Location, ETag, Link, Livepeer-Playback-URL, Accept-Post, Accept-Patch, Allow"
@@ -157,8 +159,7 @@ async def whip_stop(stream_key: str, session_id: str, request: Request) -> Respo
 @router.patch(f"{LIVE}/{{stream_key}}/whip/{{session_id}}")
 async def whip_patch(stream_key: str, session_id: str, request: Request) -> Response:
     _session(request, session_id, "whip", _streams(request).by_stream_key(stream_key))
-    raise ApiError(405, "trickle ICE and ICE restarts are not supported: put all candidates in the "
-                   "offer, or start a new session", "REQUEST/METHOD_NOT_ALLOWED",
+    raise ApiError(405, NO_TRICKLE, "REQUEST/METHOD_NOT_ALLOWED",
                    headers={**CORS, "Allow": "DELETE, OPTIONS"})
 
 
@@ -202,5 +203,4 @@ async def whep_stop(playback_id: str, session_id: str, request: Request) -> Resp
 @router.patch(f"{LIVE}/{{playback_id}}/whep/{{session_id}}")
 async def whep_patch(playback_id: str, session_id: str, request: Request) -> Response:
     _session(request, session_id, "whep", _streams(request).by_playback_id(playback_id))
-    raise ApiError(501, "trickle ICE and ICE restarts are not supported: put all candidates in the "
-                   "offer, or start a new session", "WEBRTC/NOT_IMPLEMENTED", headers=CORS)
+    raise ApiError(501, NO_TRICKLE, "WEBRTC/NOT_IMPLEMENTED", headers=CORS)

@@ -132,8 +132,6 @@ class OutputTrack(VideoStreamTrack):
         self._viewer = viewer
         self._frames: AsyncIterator[Frame] = viewer.frames()
         self._pts = MonotonicPts()
-        self.sent = 0
-        self.first_frame_at: float | None = None
 
     async def recv(self) -> av.VideoFrame:  # type: ignore[override]
         if self.readyState != "live":
@@ -147,9 +145,6 @@ class OutputTrack(VideoStreamTrack):
         video = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         video.pts = self._pts.next()
         video.time_base = VIDEO_TIME_BASE
-        if self.first_frame_at is None:
-            self.first_frame_at = time.monotonic()
-        self.sent += 1
         return video
 
     def stop(self) -> None:
