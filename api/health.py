@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-VERSION = "0.1.0"
+from common.version import __version__ as VERSION
 
 
 @functools.cache

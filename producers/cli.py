@@ -286,3 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(json.dumps(report.as_dict()) if args.json else report.summary(), flush=True)
     return 1 if report.closed else 0
+
+
+def view_main(argv: list[str] | None = None) -> int:
+    """``sd-view``: the ``view`` mode as its own command."""
+    return main(["view", *(sys.argv[1:] if argv is None else argv)])
