@@ -1,8 +1,8 @@
-"""``python -m api``: the HTTP API, the relay and local workers in one command.
+"""python -m api (sd-server): the HTTP API, the relay and local workers in one command.
 
-Configuration: ``--config FILE`` (or ``$STREAMDIFFUSION_CONFIG``), then
-``STREAMDIFFUSION_*`` environment variables, then these flags; see
-``api/config.py`` and ``config.example.yaml``.
+Configuration, lowest first: defaults, the YAML file (--config FILE or
+$STREAMDIFFUSION_CONFIG), STREAMDIFFUSION_<SECTION>__<OPTION> environment
+variables, then these flags. --example-config lists every option.
 """
 
 from __future__ import annotations
@@ -11,87 +11,104 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
+import typing
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from api.app import create_app
-from api.config import ConfigError, example_yaml, load_config
-from api.server import bind, uvicorn_server
+from api.config import ENV_PREFIX, Config, ConfigError, example_yaml, load_config
+from api.keyfile import default_data_dir, load_or_create_api_key
+from api.server import uvicorn_server
 from api.settings import ServerSettings
 from api.workers import resolve_engine
-from common.logs import setup_logging
+from common.listen import PortInUse, listen
+from common.logs import add_logging_arguments, setup_logging
 
 log = logging.getLogger("embedded")
 
-#: flag -> (section, option); only flags given on the command line override
-FLAGS: dict[str, tuple[str, str]] = {
-    "host": ("server", "host"), "port": ("server", "port"), "public_url": ("server", "public_url"),
-    "api_key": ("server", "api_keys"), "max_queue_size": ("server", "max_queue_size"),
-    "relay_host": ("relay", "host"), "relay_port": ("relay", "port"), "token": ("relay", "tokens"),
-    "max_frame_bytes": ("relay", "max_frame_bytes"), "max_width": ("relay", "max_width"),
-    "max_height": ("relay", "max_height"), "max_channels": ("relay", "max_channels"),
-    "insecure": ("relay", "insecure"), "workers": ("workers", "count"),
-    "engine": ("workers", "engine"), "capacity": ("workers", "capacity"),
-    "worker_arg": ("workers", "args"), "model": ("model", "model_id"),
-    "acceleration": ("model", "acceleration"), "log_level": ("logging", "level"),
+#: flag -> "section.option" of the configuration; type, choices and help come from that field
+FLAGS: dict[str, str] = {
+    "--host": "server.host", "--port": "server.port", "--public-url": "server.public_url",
+    "--api-key": "server.api_keys", "--data-dir": "server.data_dir",
+    "--max-queue-size": "server.max_queue_size",
+    "--relay-host": "relay.host", "--relay-port": "relay.port", "--token": "relay.tokens",
+    "--max-frame-bytes": "relay.max_frame_bytes", "--max-width": "relay.max_width",
+    "--max-height": "relay.max_height", "--max-channels": "relay.max_channels",
+    "--insecure": "relay.insecure",
+    "--workers": "workers.count", "--engine": "workers.engine", "--capacity": "workers.capacity",
+    "--worker-arg": "workers.args",
+    "--model": "model.model_id", "--acceleration": "model.acceleration",
 }
+
+
+def _field(path: str) -> Any:
+    section, option = path.split(".")
+    return Config.model_fields[section].annotation.model_fields[option]  # type: ignore[union-attr]
+
+
+def add_config_flag(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """One flag for one config option, typed and documented by the option's pydantic field."""
+    field = _field(path)
+    annotation, default = field.annotation, field.get_default(call_default_factory=True)
+    env = f"{ENV_PREFIX}{path.replace('.', '__').upper()}"
+    help_text = field.description or ""
+    if default not in (None, [], False):
+        help_text += f" (default {default})"
+    help_text += f"; env {env}"
+    dest, metavar = path.replace(".", "__"), path.split(".")[1].upper()
+    if annotation is bool:
+        parser.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+    elif typing.get_origin(annotation) is list:
+        parser.add_argument(flag, dest=dest, action="append", metavar=metavar.removesuffix("S"),
+                            help=help_text + " (repeatable)")
+    elif typing.get_origin(annotation) is typing.Literal:
+        parser.add_argument(flag, dest=dest, choices=typing.get_args(annotation), help=help_text)
+    else:
+        kind = int if annotation is int else float if annotation is float else str
+        parser.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m api", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML configuration file")
+    p.add_argument("--config", help="YAML configuration file (default $STREAMDIFFUSION_CONFIG)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.add_argument("--example-config", action="store_true", help="print every option as YAML and exit")
-    p.add_argument("--host", help="HTTP address (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free port)")
-    p.add_argument("--public-url", help="base URL clients use, for whip_url and friends")
-    p.add_argument("--api-key", action="append", help="Bearer key for /v1 (repeatable)")
-    p.add_argument("--max-queue-size", type=int, help="seed-001 sessions at once (0: no limit)")
-    p.add_argument("--relay-host", help="relay address (default 127.0.0.1)")
-    p.add_argument("--relay-port", type=int, help="relay port (default 8765; 0: any free port)")
-    p.add_argument("--token", action="append", help="relay token (repeatable)")
-    p.add_argument("--max-frame-bytes", type=int)
-    p.add_argument("--max-width", type=int)
-    p.add_argument("--max-height", type=int)
-    p.add_argument("--max-channels", type=int)
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="allow a non-loopback relay with no tokens")
-    p.add_argument("--workers", type=int, help="local worker processes (default 1; 0: none)")
-    p.add_argument("--engine", choices=["auto", "filter", "diffusion"])
-    p.add_argument("--capacity", type=int, help="channels each local worker serves")
-    p.add_argument("--worker-arg", action="append", help="extra worker argument, e.g. --worker-arg=-v")
-    p.add_argument("--model", help="default model id or local path")
-    p.add_argument("--acceleration", choices=["none", "sdpa", "xformers", "compile", "tensorrt"])
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("-v", "--verbose", action="store_const", const="info", dest="log_level")
+    for flag, path in FLAGS.items():
+        add_config_flag(p, flag, path)
+    add_logging_arguments(p)
     return p
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, as nested sections for :func:`load_config`."""
     overrides: dict[str, dict[str, Any]] = {}
-    for flag, (section, option) in FLAGS.items():
-        value = getattr(args, flag, None)
+    for path in [*FLAGS.values(), "logging.level"]:
+        value = getattr(args, path.replace(".", "__"), None) if path != "logging.level" else args.log_level
         if value is not None:
+            section, option = path.split(".")
             overrides.setdefault(section, {})[option] = value
     return overrides
 
 
-def instructions(http_url: str, relay_url: str, api_key: str, token: str | None) -> str:
-    auth = f" --token {token}" if token else ""
+def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, token: bool) -> str:
+    auth = "RELAY_TOKEN=<relay token> " if token else ""
     return "\n".join([
         f"relay ready at {relay_url}",
-        f"api ready at {http_url} (key: {api_key})",
+        f"api ready at {http_url}",
+        f"  api key:       {api_key} ({key_source})",
         f"  web page:      {http_url}/",
-        f"  send frames:   python -m producers pattern --relay {relay_url}{auth}",
-        f"                 python -m producers webcam  --relay {relay_url}{auth}",
-        f"  watch output:  python -m producers view --relay {relay_url}{auth}",
-        f"  save output:   python -m producers view --save out/ --relay {relay_url}{auth}",
+        f"  send frames:   {auth}python -m producers pattern --relay {relay_url}",
+        f"                 {auth}python -m producers webcam  --relay {relay_url}",
+        f"  watch output:  {auth}python -m producers view --relay {relay_url}",
+        f"  save output:   {auth}python -m producers view --save out/ --relay {relay_url}",
         (
-            f"  change look:   python -m producers pattern --params '{{\"prompt\": \"a pencil sketch\"}}' "
-            f"--relay {relay_url}{auth}"
+            f"  change look:   {auth}python -m producers pattern --params '{{\"prompt\": \"a pencil sketch\"}}' "
+            f"--relay {relay_url}"
         ),
         (
             f"  create stream: curl -X POST {http_url}/v1/streams -H 'Authorization: Bearer {api_key}' "
@@ -100,28 +117,60 @@ def instructions(http_url: str, relay_url: str, api_key: str, token: str | None)
     ])
 
 
+def resolve_api_key(settings: ServerSettings) -> tuple[str, str]:
+    """The key to show and where it comes from; generates and keeps one when none is configured."""
+    if settings.api_keys:
+        return "$API_KEY", "as configured"
+    data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+    key, path = load_or_create_api_key(data_dir)
+    settings.api_keys = frozenset({key})
+    return key, f"kept in {path}"
+
+
 async def serve(settings: ServerSettings) -> None:
-    if settings.engine == "auto" and resolve_engine("auto") == "filter":
+    http_sock = _listen_or_exit(settings.host, settings.port, "HTTP", "--port", "server.port")
+    relay_sock = _listen_or_exit(settings.relay.host, settings.relay.port, "relay", "--relay-port",
+                                 "relay.port")
+    api_key, key_source = resolve_api_key(settings)
+    if settings.workers and settings.engine == "auto" and resolve_engine("auto") == "filter":
         log.info("no CUDA GPU with diffusers found: local workers use engine 'filter' "
                  "(OpenCV effects on the CPU)")
-    app = create_app(settings)
-    sock = bind(settings.host, settings.port)
+    app = create_app(settings, relay_socket=relay_sock)
     server = uvicorn_server(app)
-    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    http_url = f"http://{shown_host}:{sock.getsockname()[1]}"
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    http_url = f"http://{shown_host}:{http_sock.getsockname()[1]}"
 
     async def announce(app_) -> None:
-        print(instructions(http_url, app_.state.relay_url, next(iter(settings.api_keys)),
-                           next(iter(settings.relay.tokens), None)), flush=True)
+        print(instructions(http_url, app_.state.relay_url, api_key, key_source, bool(settings.relay.tokens)),
+              flush=True)
 
     app.state.startup_hooks.append(announce)
-    await server.serve(sockets=[sock])
+    await server.serve(sockets=[http_sock])
+
+
+def _listen_or_exit(host: str, port: int, what: str, flag: str, path: str) -> Any:
+    try:
+        return listen(host, port)
+    except PortInUse as exc:
+        env = f"{ENV_PREFIX}{path.replace('.', '__').upper()}"
+        print(f"error: {what} {exc}: stop what uses it, or pick another with {flag} (or {env})",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def print_quietly(text: str) -> None:
+    """Print, ending quietly when the reader goes away early (``--print-config | head``)."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.example_config:
-        print(example_yaml())
+        print_quietly(example_yaml())
         return
     try:
         config = load_config(args.config, overrides_from_args(args))
@@ -131,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
-        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        print_quietly(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return
-    setup_logging(level=config.logging.level)
+    setup_logging(config.logging.level)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -26,14 +27,15 @@ from relay import Relay
 log = logging.getLogger("api")
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, relay_socket: socket.socket | None = None) -> FastAPI:
+    """The app for ``settings``; ``relay_socket``: the relay's listening socket, bound by the caller."""
     settings = settings or ServerSettings()
     if not settings.api_keys:
         settings.api_keys = frozenset({ids.api_key()})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        relay = Relay(settings.relay)
+        relay = Relay(settings.relay, sock=relay_socket)
         await relay.start()
         host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
         app.state.relay = relay

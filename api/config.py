@@ -51,6 +51,9 @@ class ServerSection(_Section):
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
+    data_dir: str | None = Field(None, description="where the server keeps its state, such as the generated "
+                                 "API key (default: $XDG_DATA_HOME/streamdiffusion-server, "
+                                 "else ~/.local/share/streamdiffusion-server)")
     style_image_allow_private: bool = Field(False, description="fetch style image URLs from private "
                                             "addresses too (closed networks only)")
     ice_servers: list[str] = Field(default_factory=list,
@@ -90,9 +93,7 @@ class WorkersSection(_Section):
 class ModelSection(_Section):
     model_id: str = Field("stabilityai/sd-turbo", description="default model: hub id or local path")
     acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = Field(
-        "sdpa", description="default acceleration")
-    engine_dir: str = Field("engines", description="TensorRT engine cache")
-    use_cuda_graph: bool = Field(False, description="capture CUDA graphs (with compile)")
+        "sdpa", description="default acceleration (tensorrt engines are cached in $TENSORRT_CACHE_DIR)")
 
 
 class PipelineSection(_Section):
@@ -102,7 +103,6 @@ class PipelineSection(_Section):
     height: int = Field(512, ge=384, le=1024, multiple_of=64, description="default height")
     use_tiny_vae: bool = Field(True, description="TAESD instead of the full VAE")
     use_lcm_lora: bool = Field(True, description="fuse LCM-LoRA into non-turbo models")
-    warmup: int = Field(10, ge=0, description="warm-up steps after loading")
 
 
 class PerformanceSection(_Section):
@@ -157,7 +157,8 @@ class Config(BaseSettings):
         worker_args = list(self.workers.args)
         if self.workers.capacity != 1:
             worker_args += ["--capacity", str(self.workers.capacity)]
-        worker_args += ["--quality", str(self.performance.jpeg_quality)]
+        worker_args += ["--quality", str(self.performance.jpeg_quality),
+                        "--model", self.model.model_id, "--acceleration", self.model.acceleration]
         return ServerSettings(
             host=self.server.host, port=self.server.port, public_url=self.server.public_url,
             api_keys=frozenset(self.server.api_keys),
@@ -170,6 +171,7 @@ class Config(BaseSettings):
             max_queue_size=self.server.max_queue_size, jpeg_quality=self.performance.jpeg_quality,
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
+            data_dir=self.server.data_dir,
             ice_servers=list(self.server.ice_servers),
             whep_shared_encoder=self.server.whep_shared_encoder,
             whep_bitrate=self.server.whep_bitrate,

@@ -10,15 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import uvicorn
 from fastapi import FastAPI
 
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
+from common.listen import listen
 
 
 class GracefulServer(uvicorn.Server):
@@ -51,7 +43,7 @@ def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
 @contextlib.asynccontextmanager
 async def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve ``app`` in this event loop until the block ends; yields its base URL."""
-    sock = bind(host, port)
+    sock = listen(host, port)
     server = uvicorn_server(app)
     started = asyncio.Event()
 

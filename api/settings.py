@@ -40,5 +40,7 @@ class ServerSettings:
     style_image_allow_private: bool = False
     #: where HLS segments are written; None: a temporary directory
     hls_dir: str | None = None
+    #: where the server keeps its state (the generated API key); None: the platform's data directory
+    data_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)
     default_params: dict[str, Any] = field(default_factory=dict)

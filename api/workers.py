@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 
+from relay.config import TOKEN_ENV
 from worker.engines import default_engine_name
 
 
-def worker_command(relay_url: str, engine: str, token: str | None, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "worker", "--relay", relay_url, "--engine", engine]
+def worker_command(relay_url: str, engine: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "worker", "--relay", relay_url, "--engine", engine, *extra]
+
+
+def worker_environment(token: str | None) -> dict[str, str]:
+    """This process's environment with the relay token, which never goes on a command line (``ps``)."""
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     if token:
-        command += ["--token", token]
-    return command + extra
+        env[TOKEN_ENV] = token
+    return env
 
 
 def resolve_engine(engine: str) -> str:
@@ -32,7 +39,7 @@ class LocalWorkers:
     async def start(self, relay_url: str, token: str | None) -> None:
         for _ in range(self.count):
             self.processes.append(await asyncio.create_subprocess_exec(
-                *worker_command(relay_url, self.engine, token, self.extra)))
+                *worker_command(relay_url, self.engine, self.extra), env=worker_environment(token)))
 
     async def stop(self) -> None:
         for process in self.processes:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+
+LEVELS = ("debug", "info", "warning", "error")
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -18,16 +21,27 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(verbose: bool = False, level: str | None = None) -> None:
-    """Warnings only unless ``verbose`` or ``level`` ("debug", "info"...) says otherwise."""
+def setup_logging(level: str | None = None) -> None:
+    """Warnings only unless ``level`` ("debug", "info"...) says otherwise.
+
+    The ``embedded`` logger (what the server tells a user it is running) stays
+    at info even when quiet.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    if level is None:
-        level = "info" if verbose else "warning"
-    root.setLevel(level.upper())
+    root.setLevel((level or "warning").upper())
     # the lines that tell a user what is running stay visible when quiet
     for name in ("embedded",):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``-v``, the same on every command; read back with ``args.log_level``."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--log-level", choices=LEVELS, default=None,
+                       help="how much to log on stderr (default warning: quiet)")
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="info",
+                       help="log more: the same as --log-level info")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.logs import setup_logging
+from common.logs import add_logging_arguments, setup_logging
 from producers.net import DEFAULT_RELAY, ConnectError
 from producers.sender import ProducerOptions, run_producer
 from producers.sources import (
@@ -31,6 +30,7 @@ from producers.sources import (
     WebcamSource,
 )
 from producers.viewer import ViewerError, ViewerOptions, run_viewer
+from relay.config import TOKEN_ENV, token_from_environment
 from wire.errors import ProtocolError
 from wire.frames import ImageFormat, validate_channel
 
@@ -113,13 +113,15 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relay", "--websocket_uri", "--websocket-uri", dest="relay",
                    default=DEFAULT_RELAY, metavar="URL", help=f"relay URL (default {DEFAULT_RELAY})")
     p.add_argument("--channel", type=_channel, default="default", help="channel name (default: default)")
-    p.add_argument("--token", default=os.environ.get("RELAY_TOKEN"),
-                   help="relay access token (default: $RELAY_TOKEN)")
-    p.add_argument("--max-frames", type=_positive(int), default=None, metavar="N")
-    p.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS")
+    p.add_argument("--token", default=token_from_environment(),
+                   help=f"relay access token (default: ${TOKEN_ENV})")
+    p.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+                   help="stop after N frames (default: no limit)")
+    p.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
+                   help="stop after this many seconds (default: no limit; static and directory: 60)")
     p.add_argument("--quiet", "-q", action="store_true", help="no once-a-second rate lines")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
-    p.add_argument("--verbose", "-v", action="store_true", help="log more")
+    add_logging_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pattern size (default 512x512)")
 
     v = sub.add_parser("view", help="receive a channel: show a window, save files or write an MP4",
-                       description="Receive a channel's frames (the worker's results by default).")
+                       description="Receive a channel's frames (the worker's results by default) "
+                                   "and show the newest one in a window with an fps overlay; "
+                                   "q, Esc or closing the window ends it like Ctrl-C. "
+                                   "--save or --mp4 run without a window (no display needed).")
     _connection_args(v)
     kind = v.add_mutually_exclusive_group()
     kind.add_argument("--input", dest="receive", action="store_const", const="input",
@@ -182,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--save", type=Path, default=None, metavar="DIR",
                    help="write each frame's bytes to DIR/{seq:08d}.jpg (headless)")
     v.add_argument("--mp4", type=Path, default=None, metavar="PATH",
-                   help="write the frames into an MP4 (mp4v) at --fps (headless)")
-    v.add_argument("--fps", type=_positive(float), default=DEFAULT_FPS, help="MP4 frame rate (default 30)")
+                   help="write every frame into an H.264 MP4, each at the time it arrived: "
+                        "the clip lasts as long as the frames took and plays at the received "
+                        "rate (headless)")
     v.add_argument("--show", action="store_true", help="show the window even with --save/--mp4")
     return parser
 
@@ -234,7 +240,7 @@ def viewer_options(args: argparse.Namespace) -> ViewerOptions:
     headless = args.save is not None or args.mp4 is not None
     return ViewerOptions(
         relay=args.relay, channel=args.channel, token=args.token, receive=args.receive,
-        show=args.show or not headless, save_dir=args.save, mp4=args.mp4, fps=args.fps or DEFAULT_FPS,
+        show=args.show or not headless, save_dir=args.save, mp4=args.mp4,
         max_frames=args.max_frames, duration=args.duration, progress=not args.quiet)
 
 
@@ -268,7 +274,7 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_seed_argv(list(sys.argv[1:] if argv is None else argv)))
-    setup_logging(args.verbose)
+    setup_logging(args.log_level)
     try:
         if args.mode == "view":
             options = viewer_options(args)

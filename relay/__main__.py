@@ -1,60 +1,93 @@
-"""``python -m relay``: run the relay on its own."""
+"""python -m relay (sd-relay): run the relay on its own.
+
+Listens on loopback only unless --host says otherwise; a non-loopback
+address needs at least one token (--token or RELAY_TOKEN) or --insecure.
+Stops on Ctrl-C or SIGTERM, telling every client first.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
+import sys
 
-from common.logs import setup_logging
-from relay.config import DEFAULT_PORT, RelayConfig
-from relay.server import serve
+from common.listen import PortInUse
+from common.logs import add_logging_arguments, setup_logging
+from relay.config import DEFAULT_PORT, TOKEN_ENV, RelayConfig
+from relay.server import Relay
 
-
-def parse_args(argv: list[str] | None = None) -> RelayConfig:
-    p = argparse.ArgumentParser(prog="python -m relay", description=__doc__)
-    add_relay_arguments(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log every join and assignment")
-    args = p.parse_args(argv)
-    setup_logging(args.verbose)
-    return relay_config_from_args(args)
+LEGACY_TOKEN_ENV = "RELAY_TOKENS"  # read too: earlier versions documented it
 
 
-def add_relay_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m relay", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = RelayConfig()
+    p.add_argument("--host", default=defaults.host,
+                   help="address to listen on (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--token", action="append", default=[],
-                   help="accepted token (repeatable); also RELAY_TOKENS=a,b. None: no token needed")
-    p.add_argument("--max-frame-bytes", type=int, default=RelayConfig.max_frame_bytes)
-    p.add_argument("--max-width", type=int, default=RelayConfig.max_width)
-    p.add_argument("--max-height", type=int, default=RelayConfig.max_height)
-    p.add_argument("--max-channels", type=int, default=RelayConfig.max_channels)
+                   help=f"accepted token (repeatable); also ${TOKEN_ENV}=a,b. None: no token needed "
+                        "(loopback only)")
+    p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes, metavar="BYTES",
+                   help=f"largest encoded frame accepted (default {defaults.max_frame_bytes})")
+    p.add_argument("--max-width", type=int, default=defaults.max_width, metavar="PIXELS",
+                   help=f"widest frame accepted (default {defaults.max_width})")
+    p.add_argument("--max-height", type=int, default=defaults.max_height, metavar="PIXELS",
+                   help=f"tallest frame accepted (default {defaults.max_height})")
+    p.add_argument("--max-channels", type=int, default=defaults.max_channels, metavar="N",
+                   help=f"channels at once (default {defaults.max_channels})")
     p.add_argument("--channel", action="append", default=[],
                    help="allow only these channel names (repeatable); default any")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening beyond loopback with no tokens")
+    add_logging_arguments(p)
+    return p
+
+
+def tokens_from_environment() -> list[str]:
+    """``$RELAY_TOKEN`` (and the older ``$RELAY_TOKENS``), comma-separated."""
+    values = (os.environ.get(TOKEN_ENV, ""), os.environ.get(LEGACY_TOKEN_ENV, ""))
+    return [token for value in values for token in value.split(",") if token]
 
 
 def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
-    env_tokens = [t for t in os.environ.get("RELAY_TOKENS", "").split(",") if t]
     return RelayConfig(
-        host=args.host, port=args.port, tokens=frozenset(args.token + env_tokens),
+        host=args.host, port=args.port, tokens=frozenset(args.token + tokens_from_environment()),
         max_frame_bytes=args.max_frame_bytes, max_width=args.max_width,
         max_height=args.max_height, max_channels=args.max_channels,
         allowed_channels=frozenset(args.channel), insecure=args.insecure,
     )
 
 
+async def run(config: RelayConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then say ``shutdown`` to every client and close."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(sig, stop.set)
+    async with Relay(config) as relay:
+        print(f"relay listening on {relay.url}", flush=True)
+        await stop.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    config = relay_config_from_args(args)
     try:
         config.check()
+        asyncio.run(run(config))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        pass
+    except PortInUse as exc:
+        print(f"error: {exc}: stop what uses it, or pick another port with --port", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 DEFAULT_PORT = 8765
+#: relay tokens (comma-separated) for every command: relay, worker, producers, viewer
+TOKEN_ENV = "RELAY_TOKEN"
+
+
+def token_from_environment() -> str | None:
+    """The token a client sends: the first of ``$RELAY_TOKEN``'s comma-separated values."""
+    return os.environ.get(TOKEN_ENV, "").split(",")[0].strip() or None
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class RelayConfig:
             return
         raise ValueError(
             f"refusing to listen on {self.host} without tokens: pass --token "
-            "(or set RELAY_TOKENS), or --insecure to accept anyone")
+            "(or set RELAY_TOKEN), or --insecure to accept anyone")
 
 
 def is_loopback(host: str) -> bool:

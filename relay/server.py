@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -25,6 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from common.listen import listen
 from relay.config import RelayConfig
 from relay.hub import Delivery, Hub, Peer
 from relay.outbox import Outbox
@@ -54,16 +56,19 @@ CLOSE_GOING_AWAY = 1001
 class Relay:
     """A running relay. ``async with Relay(config) as relay:`` serves until the block ends."""
 
-    def __init__(self, config: RelayConfig | None = None) -> None:
+    def __init__(self, config: RelayConfig | None = None, sock: socket.socket | None = None) -> None:
+        """``sock``: a socket already listening (see :func:`common.listen.listen`); else one is bound."""
         self.config = config or RelayConfig()
+        self._sock = sock
         self.hub = Hub(self.config)
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()
 
     async def start(self) -> None:
         self.config.check()
+        sock = self._sock or listen(self.config.host, self.config.port)
         self._server = await websockets.serve(
-            self._handle, self.config.host, self.config.port,
+            self._handle, sock=sock,
             compression=None,  # deflate makes JPEG round trips ~40x slower
             max_size=self.config.websocket_max_size,
         )

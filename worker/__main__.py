@@ -1,4 +1,9 @@
-"""``python -m worker``: connect to a relay and process the channels it assigns."""
+"""python -m worker (sd-worker): connect to a relay and process the channels it assigns.
+
+Reconnects by itself when the relay restarts. The relay token comes from
+--token or $RELAY_TOKEN (the server passes it to its own workers that way,
+never on the command line).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ import logging
 
 import orjson
 
-from common.logs import setup_logging
+from common.logs import add_logging_arguments, setup_logging
 from relay.client import RelayRefused
+from relay.config import TOKEN_ENV, token_from_environment
 from wire.frames import ImageFormat
 from worker.engines import ENGINES, default_engine_name
 from worker.runtime import WorkerOptions, run_forever
@@ -17,21 +23,31 @@ from worker.runtime import WorkerOptions, run_forever
 log = logging.getLogger("worker")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, bool]:
-    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    p.add_argument("--relay", default="ws://127.0.0.1:8765", help="relay URL")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--relay", default="ws://127.0.0.1:8765", help="relay URL (default ws://127.0.0.1:8765)")
     p.add_argument("--engine", choices=["auto", *ENGINES], default="auto",
-                   help="auto: diffusion with a CUDA GPU, filter otherwise")
-    p.add_argument("--token", help="relay token")
-    p.add_argument("--capacity", type=int, default=1, help="channels served at once")
+                   help="auto (default): diffusion with a CUDA GPU and diffusers, filter otherwise")
+    p.add_argument("--token", default=token_from_environment(),
+                   help=f"relay token (default: ${TOKEN_ENV}; prefer the variable: argv is visible to ps)")
+    p.add_argument("--capacity", type=int, default=1, help="channels served at once (default 1)")
     p.add_argument("--channel", action="append", default=[],
                    help="serve only these channels (repeatable); default any")
-    p.add_argument("--name", default="", help="shown in relay stats")
+    p.add_argument("--name", default="", help="this worker's name in relay stats")
     p.add_argument("--model", help="diffusion model id or local path (sets params.model_id)")
-    p.add_argument("--params", default="{}", help="JSON defaults under each channel's params")
-    p.add_argument("--format", default="jpeg", help="output image format: jpeg or png")
-    p.add_argument("--quality", type=int, default=85, help="output JPEG quality")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--acceleration", choices=["none", "sdpa", "xformers", "compile", "tensorrt"],
+                   help="diffusion acceleration (sets params.acceleration)")
+    p.add_argument("--params", default="{}", metavar="JSON",
+                   help="JSON defaults under each channel's params, e.g. '{\"prompt\": \"a cat\"}'")
+    p.add_argument("--format", default="jpeg", help="output image format: jpeg (default) or png")
+    p.add_argument("--quality", type=int, default=85, help="output JPEG quality 1-100 (default 85)")
+    add_logging_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, str | None]:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         params = orjson.loads(args.params)
@@ -41,17 +57,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, bool]:
         p.error("--params must be a JSON object")
     if args.model:
         params["model_id"] = args.model
+    if args.acceleration:
+        params["acceleration"] = args.acceleration
     engine = default_engine_name() if args.engine == "auto" else args.engine
     options = WorkerOptions(
         relay_url=args.relay, engine=engine, token=args.token, capacity=args.capacity,
         channels=args.channel, name=args.name, params=params,
         output_format=ImageFormat.parse(args.format), quality=args.quality)
-    return options, args.verbose
+    return options, args.log_level
 
 
 def main(argv: list[str] | None = None) -> None:
-    options, verbose = parse_args(argv)
-    setup_logging(verbose)
+    options, log_level = parse_args(argv)
+    setup_logging(log_level)
     log.warning("engine %s%s", options.engine, " (OpenCV effects on the CPU: no CUDA GPU with "
                 "diffusers here)" if options.engine == "filter" else "")
     try:

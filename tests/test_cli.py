@@ -1,0 +1,188 @@
+"""The commands explain themselves: help for every flag, one-line errors, settings that reach the workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.__main__ import build_parser as api_parser
+from api.config import load_config
+from api.doctor import build_parser as doctor_parser
+from producers.cli import build_parser as producers_parser
+from relay.__main__ import build_parser as relay_parser
+from relay.client import connect
+from tests.helpers import recv_json
+from tests.test_commands import ROOT
+from worker.__main__ import build_parser as worker_parser
+
+PARSERS = {"api": api_parser, "relay": relay_parser, "worker": worker_parser, "producers": producers_parser,
+           "doctor": doctor_parser}
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_every_flag_has_help_and_a_log_level(command):
+    parsers = list(_all_parsers(PARSERS[command]()))
+    for prog, parser in parsers:
+        text = parser.format_help()
+        assert "``" not in text, f"{prog}: raw reStructuredText in its help"
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction) or \
+                    action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{prog} {'/'.join(action.option_strings) or action.dest}: no help text"
+    leaves = [p for _, p in parsers if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)]
+    for parser in leaves:
+        if command != "doctor":  # the doctor only prints; it has nothing to log
+            assert "--log-level" in parser.format_help(), f"{parser.prog}: no --log-level"
+
+
+def _busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def busy_port():
+    yield from _busy_port()
+
+
+def test_relay_port_in_use_is_one_line(busy_port):
+    result = subprocess.run([sys.executable, "-m", "relay", "--port", str(busy_port)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"port {busy_port}" in result.stderr and "--port" in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "variable"), [("--port", "STREAMDIFFUSION_SERVER__PORT"),
+                                                ("--relay-port", "STREAMDIFFUSION_RELAY__PORT")])
+def test_server_port_in_use_is_one_line(busy_port, flag, variable, tmp_path):
+    other = "--relay-port" if flag == "--port" else "--port"
+    result = subprocess.run([sys.executable, "-m", "api", flag, str(busy_port), other, "0", "--workers", "0",
+                             "--data-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"port {busy_port}" in result.stderr and flag in result.stderr and variable in result.stderr
+
+
+async def test_relay_says_where_it_listens_and_says_shutdown_on_sigterm():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "--port", "0", cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        url = re.search(r"relay listening on (ws://127\.0\.0\.1:\d+)", line).group(1)
+        client, _ = await connect(url, "viewer", "x")
+        process.send_signal(signal.SIGTERM)
+        assert (await recv_json(client, "shutdown"))["type"] == "shutdown"
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_print_config_ends_quietly_when_the_reader_leaves():
+    result = subprocess.run(f"'{sys.executable}' -m api --print-config | head -1", shell=True, cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout == "server:\n"
+    assert result.stderr == ""
+
+
+def test_model_and_acceleration_reach_the_local_workers():
+    args = api_parser().parse_args(["--model", "my/model", "--acceleration", "none"])
+    from api.__main__ import overrides_from_args
+
+    worker_args = load_config(None, overrides_from_args(args)).server_settings().worker_args
+    options, _ = __import__("worker.__main__", fromlist=["parse_args"]).parse_args(worker_args)
+    assert options.params["model_id"] == "my/model" and options.params["acceleration"] == "none"
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with open(entry / "stat") as file:
+                if int(file.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
+async def _start_server(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api", "--port", "0", "--relay-port", "0", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env)
+    lines = []
+    while not lines or not lines[-1].startswith("  api key:"):
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert line, "server exited before printing its key"
+        lines.append(line)
+    return process, "".join(lines)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 15) == 0
+
+
+async def test_relay_token_reaches_workers_by_environment_never_argv(tmp_path):
+    process, _ = await _start_server("--token", "s3cret-token", "--data-dir", str(tmp_path))
+    try:
+        (worker,) = _children(process.pid)
+        argv = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+        assert b"s3cret-token" not in b" ".join(argv)
+        assert b"RELAY_TOKEN=s3cret-token" in environ
+        assert b"--model" in argv  # the server's model settings do travel on argv
+    finally:
+        await _stop(process)
+
+
+async def test_generated_api_key_survives_a_restart(tmp_path):
+    data = tmp_path / "data"
+    keys = []
+    for _ in range(2):
+        process, text = await _start_server("--workers", "0", "--data-dir", str(data))
+        try:
+            key = re.search(r"api key:\s+(sdk_\w+) \(kept in (.+)\)", text)
+            assert key is not None, text
+            keys.append(key.group(1))
+            assert Path(key.group(2)) == data / "api_key"
+            url = re.search(r"api ready at (http://\S+)", text).group(1)
+            async with httpx.AsyncClient() as client:
+                ok = await client.get(url + "/v1/streams", headers={"Authorization": f"Bearer {keys[-1]}"})
+                refused = await client.get(url + "/v1/streams", headers={"Authorization": "Bearer nope"})
+            assert ok.status_code == 200 and refused.status_code == 401
+        finally:
+            await _stop(process)
+    assert keys[0] == keys[1]
+    assert stat.S_IMODE(os.stat(data / "api_key").st_mode) == 0o600
+
+
+async def test_a_configured_api_key_is_not_printed(tmp_path):
+    process, text = await _start_server("--workers", "0", "--api-key", "my-own-key", "--data-dir", str(tmp_path))
+    await _stop(process)
+    assert "my-own-key" not in text and "as configured" in text
+    assert not (tmp_path / "api_key").exists()
