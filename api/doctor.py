@@ -58,7 +58,7 @@ class CoreRequirement:
     specifier: str
 
 
-def _normalize(name: str) -> str:
+def normalize_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -97,7 +97,7 @@ def modules_of_distributions() -> dict[str, list[str]]:
     for module, distributions in importlib.metadata.packages_distributions().items():
         if module.isidentifier() and not module.startswith("_"):
             for distribution in distributions:
-                modules.setdefault(_normalize(distribution), []).append(module)
+                modules.setdefault(normalize_name(distribution), []).append(module)
     return modules
 
 
@@ -115,7 +115,7 @@ def check_requirement(req: CoreRequirement, modules: dict[str, list[str]]) -> Ch
         version = importlib.metadata.version(req.name)
     except importlib.metadata.PackageNotFoundError:
         return Check(req.name, False, f"not installed (requires {req.name}{req.specifier})", CORE_FIX, True)
-    for module in modules.get(_normalize(req.name), []):
+    for module in modules.get(normalize_name(req.name), []):
         if error := _import_error(module):
             return Check(req.name, False, f"{version} installed but `import {module}` fails: {error}",
                          CORE_FIX, True)
