@@ -1,9 +1,10 @@
 """A viewer: receive a channel's frames and show them, save them, or write an MP4.
 
-The window shows the newest frame only (a slow display skips frames rather
-than falling behind); ``--save`` and ``--mp4`` keep every frame received.
-Disk and MP4 work runs in one helper thread, in arrival order, so the event
-loop (and an in-process relay sharing it) is never blocked by it.
+The window (SDL through pygame-ce) shows the newest frame only: a slow
+display skips frames rather than falling behind. ``--save`` and ``--mp4``
+keep every frame received. Disk and MP4 work runs in one helper thread, in
+arrival order, so the event loop (and an in-process relay sharing it) is
+never blocked by it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 import orjson
@@ -36,12 +38,23 @@ from wire.messages import Role
 
 log = logging.getLogger("producers")
 
-WINDOW = "stream"
 LATENCY_SAMPLES = 10_000
+HEADLESS_ADVICE = "run headless with --save DIR or --mp4 PATH"
+#: the window's size until the first frame sets it
+WAITING_SIZE = (480, 270)
+#: SDL drivers that show nothing: chosen only when no real display works (unless asked for)
+INVISIBLE_DRIVERS = ("offscreen", "dummy")
+#: how often the window handles its events when no frame arrives
+WINDOW_POLL_S = 0.05
+#: MP4 timestamps count this many ticks a second (the usual video clock)
+MP4_CLOCK = 90_000
+MP4_TIME_BASE = Fraction(1, MP4_CLOCK)
+#: a single frame has no rate: it lasts one frame at this rate in the MP4
+MP4_SINGLE_FRAME_FPS = 30
 
 
 class ViewerError(RuntimeError):
-    """A local problem the user must fix (no GUI, unwritable output): no traceback."""
+    """A local problem the user must fix (no display, unwritable output): no traceback."""
 
 
 @dataclass
@@ -51,13 +64,12 @@ class ViewerOptions:
     token: str | None = None
     #: "output" (the worker's results), "input" (the producer's raw frames) or "both".
     receive: str = "output"
-    #: show a window (needs opencv-python with GUI support and a display).
+    #: show a window (needs a display: $DISPLAY or $WAYLAND_DISPLAY on Linux).
     show: bool = True
     #: write every frame's encoded bytes there as ``{seq:08d}.jpg`` (or .png).
     save_dir: Path | None = None
-    #: write every frame into this MP4 (mp4v) at ``fps``.
+    #: write every frame into this H.264 MP4, stamped with its arrival time.
     mp4: Path | None = None
-    fps: float = 30.0
     max_frames: int | None = None
     duration: float | None = None
     progress: bool = False
@@ -69,7 +81,11 @@ class ViewerReport:
     frames: int = 0
     saved: int = 0
     mp4_frames: int = 0
+    #: the MP4's length: first to last arrival plus the last frame's share.
+    mp4_seconds: float = 0.0
     elapsed: float = 0.0
+    #: seconds between the first and the last frame's arrival.
+    span: float = 0.0
     width: int = 0
     height: int = 0
     #: capture-to-arrival age from the producer's timestamps (same clock only on one machine).
@@ -81,18 +97,30 @@ class ViewerReport:
     def fps(self) -> float:
         return self.frames / self.elapsed if self.elapsed > 0 else 0.0
 
+    @property
+    def arrival_fps(self) -> float:
+        """The rate while frames came (first to last arrival): the MP4's average rate."""
+        return (self.frames - 1) / self.span if self.span > 0 else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
-        data.update(fps=round(self.fps, 2), elapsed=round(self.elapsed, 3))
+        data.update(fps=round(self.fps, 2), arrival_fps=round(self.arrival_fps, 2),
+                    elapsed=round(self.elapsed, 3), span=round(self.span, 3),
+                    mp4_seconds=round(self.mp4_seconds, 3))
         return data
 
     def summary(self) -> str:
-        lines = [(f"received {self.frames} frames ({self.width}x{self.height}) in "
-                  f"{self.elapsed:.1f} s: {self.fps:.1f} fps")]
+        line = (f"received {self.frames} frames ({self.width}x{self.height}) in "
+                f"{self.elapsed:.1f} s: {self.fps:.1f} fps")
+        if self.span > 0:
+            line += f"; {self.arrival_fps:.1f} fps from the first to the last"
+        lines = [line]
         if self.saved:
             lines.append(f"saved {self.saved} files")
         if self.mp4_frames:
-            lines.append(f"wrote {self.mp4_frames} frames to the MP4")
+            rate = self.mp4_frames / self.mp4_seconds if self.mp4_seconds > 0 else 0.0
+            lines.append(f"wrote {self.mp4_frames} frames to the MP4 (H.264): "
+                         f"{self.mp4_seconds:.2f} s at {rate:.1f} fps on average")
         if self.latency_ms:
             lines.append("age since capture ms: "
                          + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
@@ -104,94 +132,270 @@ class ViewerReport:
 
 
 def check_display() -> None:
-    """Raise :class:`ViewerError` unless ``cv2.imshow`` can work here."""
-    advice = "or run headless with --save DIR or --mp4 PATH"
-    if re.search(r"GUI:\s+NONE", cv2.getBuildInformation()):
-        raise ViewerError("this OpenCV has no GUI support (opencv-python-headless is installed): "
-                          f"pip install opencv-python to show a window, {advice}")
+    """Raise :class:`ViewerError` when this Linux session has no display to open a window on."""
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
                                                  or os.environ.get("WAYLAND_DISPLAY")):
-        raise ViewerError(f"no display to show a window on ($DISPLAY is not set): {advice}")
+        raise ViewerError("no display to show a window on ($DISPLAY and $WAYLAND_DISPLAY are "
+                          f"not set); {HEADLESS_ADVICE}")
+
+
+def draw_label(rgb: np.ndarray, text: str) -> None:
+    """Write ``text`` in the top-left corner, white on a black outline (readable on any image)."""
+    for color, thickness in (((0, 0, 0), 4), ((255, 255, 255), 1)):
+        cv2.putText(rgb, text, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, color, thickness,
+                    cv2.LINE_AA)
+
+
+def labelled(frame: Frame, text: str) -> np.ndarray | None:
+    """The frame decoded with ``text`` drawn on it; None when it does not decode.
+
+    Pure NumPy/OpenCV work, so it can run off the event loop."""
     try:
-        cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
-    except cv2.error as exc:
-        raise ViewerError(f"cannot open a window ({str(exc).strip().splitlines()[-1]}): "
-                          f"pip install opencv-python, {advice}") from None
+        rgb = decode_image(frame.payload, frame.format)
+    except ProtocolError:
+        return None
+    if not (rgb.flags.writeable and rgb.flags.c_contiguous):
+        rgb = np.ascontiguousarray(rgb).copy()
+    draw_label(rgb, text)
+    return rgb
+
+
+def fit(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
+    """The largest size with the frame's aspect that fits the box (at least 1x1)."""
+    scale = min(box_w / width, box_h / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class Window:
+    """An SDL window (pygame-ce) showing RGB frames, letterboxed when resized.
+
+    pygame is imported here, not at module import: headless viewers never load
+    SDL. All calls must come from the thread that opened it (SDL's rule; the
+    event loop's thread, which is the main thread under ``asyncio.run``).
+    """
+
+    def __init__(self, title: str) -> None:
+        check_display()
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        import pygame
+
+        self.pg = pygame
+        try:
+            pygame.display.init()
+            invisible = pygame.display.get_driver() in INVISIBLE_DRIVERS
+            if invisible and not os.environ.get("SDL_VIDEODRIVER"):
+                raise pygame.error("no display answered; SDL fell back to its "
+                                   f"{pygame.display.get_driver()} driver")
+            pygame.display.set_mode(WAITING_SIZE, pygame.RESIZABLE)
+        except pygame.error as exc:
+            pygame.display.quit()
+            raise ViewerError(f"cannot open a window ({exc}); {HEADLESS_ADVICE}") from None
+        pygame.display.set_caption(title)
+        self.frame_size = (0, 0)
+        self.pixels: np.ndarray | None = None  # keeps the buffer under ``image`` alive
+        self.image: Any = None
+        waiting = np.zeros((WAITING_SIZE[1], WAITING_SIZE[0], 3), np.uint8)
+        draw_label(waiting, "waiting for frames")
+        self._set_image(waiting)
+        self.draw()
+
+    def show(self, rgb: np.ndarray) -> None:
+        """Show a frame; a new frame size refits the window (within the desktop)."""
+        height, width = rgb.shape[:2]
+        if (width, height) != self.frame_size:
+            self.frame_size = (width, height)
+            desk_w, desk_h = self.pg.display.get_desktop_sizes()[0]
+            box_w, box_h = int(desk_w * 0.9), int(desk_h * 0.9)
+            fits = width <= box_w and height <= box_h
+            size = (width, height) if fits else fit(width, height, box_w, box_h)
+            self.pg.display.set_mode(size, self.pg.RESIZABLE)
+        self._set_image(rgb)
+        self.draw()
+
+    def _set_image(self, rgb: np.ndarray) -> None:
+        self.pixels = rgb
+        self.image = self.pg.image.frombuffer(rgb, (rgb.shape[1], rgb.shape[0]), "RGB")
+
+    def draw(self) -> None:
+        screen = self.pg.display.get_surface()
+        (sw, sh), (iw, ih) = screen.get_size(), self.image.get_size()
+        w, h = fit(iw, ih, sw, sh)
+        image = self.image if (w, h) == (iw, ih) else self.pg.transform.smoothscale(self.image, (w, h))
+        if (w, h) != (sw, sh):
+            screen.fill((0, 0, 0))
+        screen.blit(image, ((sw - w) // 2, (sh - h) // 2))
+        self.pg.display.flip()
+
+    def closed_by_user(self) -> bool:
+        """Handle pending events; True once the window was closed or q / Esc pressed."""
+        pg = self.pg
+        redraw = False
+        for event in pg.event.get():
+            if event.type in (pg.QUIT, pg.WINDOWCLOSE):
+                return True
+            if event.type == pg.KEYDOWN and event.key in (pg.K_q, pg.K_ESCAPE):
+                return True
+            if event.type in (pg.WINDOWEXPOSED, pg.WINDOWSIZECHANGED, pg.VIDEORESIZE):
+                redraw = True
+        if redraw:
+            self.draw()
+        return False
+
+    def close(self) -> None:
+        self.pg.display.quit()
+
+
+def _even(n: int) -> int:
+    return max(2, n - n % 2)
 
 
 class _Mp4:
-    """An OpenCV mp4v writer opened at the first frame's size; later sizes are resized to it."""
+    """H.264 (yuv420p) in an MP4, each frame stamped with the time it arrived.
 
-    def __init__(self, path: Path, fps: float) -> None:
-        self.path, self.fps = path, fps
-        self.writer: cv2.VideoWriter | None = None
+    The file lasts as long as the frames took to arrive and its average rate is
+    the received rate. A frame's duration is only known when the next one
+    comes, so each packet is held back one step; the last frame gets the mean
+    interval. No B-frames: packets then leave the encoder in arrival order.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.container: Any = None
+        self.stream: Any = None
         self.size = (0, 0)
         self.frames = 0
+        self.first = 0.0
+        self.last_pts = -1
+        self.held: Any = None
+        self.end_pts = 0
 
-    def write(self, rgb: np.ndarray) -> None:
-        if self.writer is None:
-            self.size = (rgb.shape[1], rgb.shape[0])
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter.fourcc(*"mp4v"),
-                                          self.fps, self.size)
-            if not self.writer.isOpened():
-                raise ViewerError(f"cannot write an MP4 at {self.path} (mp4v encoder unavailable "
-                                  "or the path is not writable)")
-        self.writer.write(cv2.cvtColor(resize_rgb(rgb, *self.size), cv2.COLOR_RGB2BGR))
+    @property
+    def seconds(self) -> float:
+        return self.end_pts / MP4_CLOCK
+
+    def write(self, rgb: np.ndarray, arrival: float) -> None:
+        if self.container is None:
+            self._open(rgb, arrival)
+        pts = max(round((arrival - self.first) * MP4_CLOCK), self.last_pts + 1)
+        frame = av.VideoFrame.from_ndarray(self._sized(rgb), format="rgb24")
+        frame.pts, frame.time_base = pts, MP4_TIME_BASE
+        self._mux(self.stream.encode(frame))
+        self.last_pts = pts
         self.frames += 1
 
+    def _open(self, rgb: np.ndarray, arrival: float) -> None:
+        """Open at the first frame's size (made even, as yuv420p needs)."""
+        self.size = (_even(rgb.shape[1]), _even(rgb.shape[0]))
+        self.first = arrival
+        try:
+            container = av.open(str(self.path), "w", format="mp4")
+        except (OSError, av.FFmpegError) as exc:
+            raise ViewerError(f"cannot write an MP4 at {self.path}: {exc}") from None
+        stream = container.add_stream("libx264")
+        stream.width, stream.height = self.size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = MP4_TIME_BASE
+        stream.options = {"preset": "veryfast", "bf": "0"}
+        self.container, self.stream = container, stream
+
+    def _sized(self, rgb: np.ndarray) -> np.ndarray:
+        """Crop an odd row/column away; resize other sizes to the file's."""
+        width, height = self.size
+        if rgb.shape[1] - width in (0, 1) and rgb.shape[0] - height in (0, 1):
+            return np.ascontiguousarray(rgb[:height, :width])
+        return resize_rgb(rgb, width, height)
+
+    def _mux(self, packets: list[Any]) -> None:
+        for packet in packets:
+            if self.held is not None:
+                self.held.duration = packet.pts - self.held.pts
+                self.container.mux(self.held)
+            self.held = packet
+
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
+        """Flush the encoder and finish the file (no file when no frame came)."""
+        if self.container is None:
+            return
+        try:
+            self._mux(self.stream.encode(None))
+            if self.held is not None:
+                last = (self.last_pts // (self.frames - 1) if self.frames > 1
+                        else MP4_CLOCK // MP4_SINGLE_FRAME_FPS)
+                self.held.duration = max(1, last)
+                self.end_pts = self.held.pts + self.held.duration
+                self.container.mux(self.held)
+                self.held = None
+        finally:
+            self.container.close()
+            self.container = None
 
 
 async def run_viewer(options: ViewerOptions, *, ready: asyncio.Event | None = None,
                      stop: asyncio.Event | None = None,
                      on_frame: Callable[[Frame], None] | None = None) -> ViewerReport:
-    """Receive the channel until ``max_frames``, ``duration``, ``stop`` or the relay closes.
+    """Receive the channel until ``max_frames``, ``duration``, ``stop``, the relay closes
+    or the user closes the window.
 
     ``ready`` is set once the relay has welcomed the viewer (frames sent from
     then on reach it). Raises :class:`ViewerError` for local problems (checked
-    before connecting) and :class:`producers.net.ConnectError`.
+    before connecting: the window opens first) and :class:`producers.net.ConnectError`.
     """
     o = options
     if o.receive not in ("output", "input", "both"):
         raise ViewerError(f"receive must be output, input or both, not {o.receive!r}")
-    if o.show:
-        check_display()
+    _check_outputs(o)
+    window = Window(f"{o.channel} - stream viewer") if o.show else None
+    try:
+        ws, _welcome = await open_relay(o.relay, Role.VIEWER.value, o.channel, o.token,
+                                        receive=o.receive, name=o.name)
+    except BaseException:
+        if window is not None:
+            window.close()
+        raise
+    if ready is not None:
+        ready.set()
+    return await _Viewer(o, ws, on_frame, window).run(stop)
+
+
+def _check_outputs(o: ViewerOptions) -> None:
+    """Fail before connecting when ``--save`` or ``--mp4`` cannot be written."""
     if o.save_dir is not None:
         try:
             o.save_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ViewerError(f"cannot create {o.save_dir}: {exc.strerror}") from None
-    if o.mp4 is not None and not o.mp4.parent.is_dir():
-        raise ViewerError(f"cannot write {o.mp4}: directory {o.mp4.parent} does not exist")
-    ws, _welcome = await open_relay(o.relay, Role.VIEWER.value, o.channel, o.token,
-                                    receive=o.receive, name=o.name)
-    if ready is not None:
-        ready.set()
-    return await _Viewer(o, ws, on_frame).run(stop)
+    if o.mp4 is not None:
+        if not o.mp4.parent.is_dir():
+            raise ViewerError(f"cannot write {o.mp4}: directory {o.mp4.parent} does not exist")
+        try:
+            av.codec.Codec("libx264", "w")
+        except (ValueError, av.FFmpegError):
+            raise ViewerError("this PyAV has no libx264 encoder to write --mp4 with") from None
 
 
 class _Viewer:
     def __init__(self, options: ViewerOptions, ws: ClientConnection,
-                 on_frame: Callable[[Frame], None] | None) -> None:
+                 on_frame: Callable[[Frame], None] | None, window: Window | None) -> None:
         self.opts = options
         self.ws = ws
         self.on_frame = on_frame
+        self.window = window
         self.report = ViewerReport()
         self.count = Rate()
         self.arrivals: deque[float] = deque(maxlen=30)
+        self.first_arrival: float | None = None
         self.ages: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.mp4 = _Mp4(options.mp4, options.fps) if options.mp4 is not None else None
+        self.mp4 = _Mp4(options.mp4) if options.mp4 is not None else None
         self.latest: Frame | None = None
         self.fresh = asyncio.Event()
         self.done = False
 
     async def run(self, stop: asyncio.Event | None) -> ViewerReport:
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="viewer-io")
         closer = asyncio.create_task(self._close_when(stop))
-        window = asyncio.create_task(self._display()) if self.opts.show else None
+        display = asyncio.create_task(self._display(self.window)) if self.window else None
         try:
             async with every_second(self._progress_line if self.opts.progress else None):
                 await self._receive(pool)
@@ -202,12 +406,13 @@ class _Viewer:
             closer.cancel()
             await asyncio.gather(closer, return_exceptions=True)
             await self.ws.close()
-            if window is not None:
-                await asyncio.gather(window, return_exceptions=True)
-            pool.shutdown(wait=True)
+            if display is not None:
+                await asyncio.gather(display, return_exceptions=True)
             if self.mp4 is not None:
-                self.mp4.close()
+                await loop.run_in_executor(pool, self.mp4.close)  # flushing encodes: off the loop
                 self.report.mp4_frames = self.mp4.frames
+                self.report.mp4_seconds = self.mp4.seconds
+            pool.shutdown(wait=True)
         self.report.frames = self.count.total
         self.report.latency_ms = percentiles_ms(list(self.ages))
         return self.report
@@ -233,9 +438,9 @@ class _Viewer:
                 except ProtocolError as exc:
                     self._error("bad_message", str(exc))
                     continue
-                self._arrived(frame)
+                arrival = self._arrived(frame)
                 if self.opts.save_dir is not None or self.mp4 is not None:
-                    await loop.run_in_executor(pool, self._store, frame)
+                    await loop.run_in_executor(pool, self._store, frame, arrival)
                 if self.on_frame is not None:
                     self.on_frame(frame)
                 if self.opts.max_frames is not None and self.count.total >= self.opts.max_frames:
@@ -244,16 +449,21 @@ class _Viewer:
             if exc.rcvd is not None and exc.rcvd.code not in (1000, 1001):
                 self.report.closed = f"closed by the relay ({exc.rcvd.code} {exc.rcvd.reason})"
 
-    def _arrived(self, frame: Frame) -> None:
+    def _arrived(self, frame: Frame) -> float:
+        """Count the frame and return its arrival time (the MP4's clock)."""
         now = time.monotonic()
+        if self.first_arrival is None:
+            self.first_arrival = now
+        self.report.span = now - self.first_arrival
         self.count.add()
         self.arrivals.append(now)
         self.ages.append(max(0.0, time.time() - frame.timestamp))
         self.report.width, self.report.height = frame.width, frame.height
         self.latest = frame
         self.fresh.set()
+        return now
 
-    def _store(self, frame: Frame) -> None:
+    def _store(self, frame: Frame, arrival: float) -> None:
         """Save and/or encode one frame (runs in the I/O thread, in arrival order)."""
         if self.opts.save_dir is not None:
             ext = "jpg" if frame.format is ImageFormat.JPEG else "png"
@@ -261,7 +471,7 @@ class _Viewer:
             (self.opts.save_dir / f"{frame.seq:08d}{suffix}.{ext}").write_bytes(frame.payload)
             self.report.saved += 1
         if self.mp4 is not None:
-            self.mp4.write(decode_image(frame.payload, frame.format))
+            self.mp4.write(decode_image(frame.payload, frame.format), arrival)
 
     def _control(self, text: str) -> None:
         try:
@@ -286,35 +496,33 @@ class _Viewer:
             return 0.0
         return (len(self.arrivals) - 1) / max(1e-6, self.arrivals[-1] - self.arrivals[0])
 
-    async def _display(self) -> None:
-        """Show the newest frame with an fps overlay; q, Esc or closing the window stops."""
+    async def _display(self, window: Window) -> None:
+        """Show the newest frame with an fps overlay; q, Esc or closing the window stops.
+
+        SDL calls stay on this (the loop's) thread, a few milliseconds each;
+        decoding and drawing the label run in a worker thread.
+        """
         shown: Frame | None = None
-        while not self.done:
-            try:
-                await asyncio.wait_for(self.fresh.wait(), 0.05)  # keep the window responsive
-            except TimeoutError:
-                pass
-            self.fresh.clear()
-            frame = self.latest
-            if frame is not None and frame is not shown:
-                shown = frame
+        try:
+            while not self.done:
                 try:
-                    rgb = decode_image(frame.payload, frame.format)
-                except ProtocolError:
+                    await asyncio.wait_for(self.fresh.wait(), WINDOW_POLL_S)
+                except TimeoutError:
+                    pass
+                self.fresh.clear()
+                if window.closed_by_user():
+                    await self.ws.close()  # ends the receive loop: a clean end, like Ctrl-C
+                    return
+                frame = self.latest
+                if frame is None or frame is shown:
                     continue
-                bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+                shown = frame
                 label = f"{self._recent_fps():.1f} fps  #{frame.seq}"
-                cv2.putText(bgr, label, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4,
-                            cv2.LINE_AA)
-                cv2.putText(bgr, label, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 1,
-                            cv2.LINE_AA)
-                cv2.imshow(WINDOW, bgr)
-            key = cv2.waitKey(1) & 0xFF
-            closed = cv2.getWindowProperty(WINDOW, cv2.WND_PROP_VISIBLE) < 1
-            if key in (ord("q"), 27) or closed:
-                await self.ws.close()
-                break
-        cv2.destroyAllWindows()
+                rgb = await asyncio.to_thread(labelled, frame, label)
+                if rgb is not None and not self.done:
+                    window.show(rgb)
+        finally:
+            window.close()
 
     def _progress_line(self, seconds: float) -> str:
         line = f"received {self.count.delta() / seconds:5.1f} fps | total {self.count.total}"
