@@ -97,6 +97,9 @@ class DiffusionEngine(Engine):
 
     def load(self) -> None:
         config = self._config
+        if self._device.type != "cuda":  # said once per load: a user sees why frames take seconds
+            where = "the CPU" if self._device.type == "cpu" else str(self._device)
+            log.warning("no CUDA device: the diffusion engine runs on %s, expect seconds per frame", where)
         models = load_models(config, self._device, self._dtype)
         if config.ip_adapter is not None:
             ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)

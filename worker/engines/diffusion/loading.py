@@ -1,15 +1,17 @@
 """Load a pipeline, VAE, LoRAs and ControlNets with diffusers' ``from_pretrained``.
 
 Hub ids download once into the Hugging Face cache (huggingface_hub prints
-progress bars); without network, or with ``HF_HUB_OFFLINE`` set, only local
-directories and the cache are used, and anything missing becomes an
-``EngineError`` that names it.
+progress bars). One short request first tells whether the hub answers and
+has the id; without it, or with ``HF_HUB_OFFLINE`` set, only local
+directories and the cache are used, and anything missing becomes one
+``EngineError`` that names it, says why, and lists what the cache holds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,9 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, DiffusionPipeline, LCMScheduler
+from huggingface_hub import HfApi, constants, scan_cache_dir
+from huggingface_hub.errors import CacheNotFound, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from worker.engines.base import EngineError
 from worker.engines.diffusion.params import DiffusionParams
@@ -40,6 +45,10 @@ PRESETS: dict[str, ModelKind] = {
 TINY_VAES = {False: "madebyollin/taesd", True: "madebyollin/taesdxl"}  # keyed by "is SDXL"
 SDXL_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
 SD15_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+PROBE_TIMEOUT_S = 3.0  # httpx's connect and read timeouts for the one request that asks the hub about a model id
+PROBE_DEADLINE_S = 4.0  # the whole of it, DNS and huggingface_hub's first-call lookups included
+REMEMBER_S = 60.0  # how long a hub's answer (or silence) is reused instead of asking again
+CACHED_SHOWN = 12  # cached model ids an error message lists
 
 
 @dataclass
@@ -84,20 +93,23 @@ def load_models(params: DiffusionParams, device: torch.device, dtype: torch.dtyp
 
 
 def pretrained(load: Callable[..., T], source: str, what: str, **kwargs: Any) -> T:
-    """``load(source, ...)`` online, then from the local cache only; ``EngineError`` if both fail."""
+    """``load(source, local_files_only=..., **kwargs)`` from a local directory, the hub or its cache.
+
+    A hub id is first checked with one bounded request (``probe_hub``), so a
+    hub that cannot be reached or a model that does not exist is one clear
+    ``EngineError`` within seconds instead of minutes of retries; a cached
+    copy still loads without the hub.
+    """
     started = time.monotonic()
-    local_only = os.path.isdir(source) or _offline()
-    log.info("loading %s %s%s", what, source, " (local files only)" if local_only else "")
-    try:
-        result = load(source, local_files_only=local_only, **kwargs)
-    except Exception as exc:  # any failure: retry from the cache, then explain
-        if local_only:
-            raise EngineError(_missing(what, source, exc)) from exc
-        log.warning("downloading %s %s failed (%s); trying the local cache", what, source, exc)
+    if os.path.isdir(source):
+        log.info("loading %s %s (local directory)", what, source)
         try:
             result = load(source, local_files_only=True, **kwargs)
-        except Exception as cache_exc:
-            raise EngineError(_missing(what, source, exc)) from cache_exc
+        except Exception as exc:
+            raise EngineError(f"{what} {source!r} is not available: it could not be loaded from its local "
+                              f"directory: {_reason(exc)}") from exc
+    else:
+        result = _from_hub(load, source, what, kwargs)
     log.info("loaded %s %s in %.1f s", what, source, time.monotonic() - started)
     return result
 
@@ -147,11 +159,150 @@ def _load_vae(params: DiffusionParams, pipe: Any, is_xl: bool, dtype: torch.dtyp
     return pipe.vae
 
 
+@dataclass(frozen=True)
+class HubAnswer:
+    """What the hub said about a model id: ``found``, ``missing`` (404, or 401 for private/gated) or ``unreachable``."""
+
+    state: Literal["found", "missing", "unreachable"]
+    cause: str = ""
+
+
+def probe_hub(repo_id: str) -> HubAnswer:
+    """Ask the hub once, without retries and within ``PROBE_DEADLINE_S``, whether ``repo_id`` exists.
+
+    huggingface_hub's downloads retry network errors with backoff (5 tries, up
+    to 8 s apart, 10 s timeouts): minutes before a plain "no network". An
+    unreachable hub is remembered for ``REMEMBER_S`` so that the next models
+    of the same load do not wait again; answers about an id are remembered too.
+    """
+    endpoint, now = constants.ENDPOINT, time.monotonic()
+    for key in ((endpoint, ""), (endpoint, repo_id)):
+        if key in _answers and now - _answers[key][0] < REMEMBER_S:
+            return _answers[key][1]
+    answer = _within(PROBE_DEADLINE_S, lambda: _ask_hub(endpoint, repo_id, PROBE_TIMEOUT_S))
+    if answer is None:
+        answer = HubAnswer("unreachable", f"no answer within {PROBE_DEADLINE_S:g} s")
+    _answers[(endpoint, "" if answer.state == "unreachable" else repo_id)] = (now, answer)
+    return answer
+
+
+def cached_models() -> list[str]:
+    """The model ids in the hub cache, as huggingface_hub's own scan sees them."""
+    try:
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
+    except CacheNotFound:
+        return []
+    return sorted(repo.repo_id for repo in info.repos if repo.repo_type == "model")
+
+
+_answers: dict[tuple[str, str], tuple[float, HubAnswer]] = {}  # (endpoint, repo id or "" for the hub) -> answer
+_warned: dict[str, float] = {}  # warning -> when it was logged
+
+
+def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str, Any]) -> T:
+    """Download (or update) from a hub that answers, else load the cached copy, else explain why neither works."""
+    name = f"{what} {repo_id!r}"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise EngineError(f"{name} is not available: it is neither a local directory nor a valid "
+                          "Hugging Face model id") from None
+    endpoint = constants.ENDPOINT
+    if _offline():
+        problem, hint = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE to download it, or {_download_hint(repo_id)}"
+    else:
+        answer = probe_hub(repo_id)
+        if answer.state == "found":
+            log.info("loading %s %s from %s (downloads what the cache lacks)", what, repo_id, endpoint)
+            try:
+                return load(repo_id, local_files_only=False, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure: the cached copy may still load
+                problem, hint = f"loading it from {endpoint} failed ({_reason(exc)})", ""
+        elif answer.state == "missing":
+            problem = f"it does not exist on the Hugging Face hub {endpoint} ({answer.cause})"
+            hint = "check the id; a private or gated model needs a token with access (hf auth login)"
+        else:
+            problem = f"cannot reach the Hugging Face hub {endpoint} ({answer.cause})"
+            hint = _download_hint(repo_id)
+    try:
+        result = load(repo_id, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise EngineError(f"{name} is not available: {problem} and {_cache_state(repo_id, exc)}"
+                          + (f"; {hint}" if hint else "")) from exc
+    if not _offline():
+        _warn_once(f"{name}: {problem}; loaded the copy in the local cache")
+    return result
+
+
+def _ask_hub(endpoint: str, repo_id: str, timeout: float) -> HubAnswer:
+    """One ``model_info`` request: it goes through no retry loop, unlike downloads."""
+    try:
+        HfApi(endpoint=endpoint).model_info(repo_id, timeout=timeout)
+    except RepositoryNotFoundError as exc:  # gated and private repositories included (401)
+        return HubAnswer("missing", _status(exc))
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        return HubAnswer("missing" if status in (401, 404) else "unreachable", _status(exc))
+    except Exception as exc:  # noqa: BLE001 - refused, DNS, timeouts, offline mode, proxies: all "unreachable"
+        return HubAnswer("unreachable", f"{type(exc).__name__}: {_reason(exc)}")
+    return HubAnswer("found")
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T | None:
+    """``call()``, or None when it has not returned after ``seconds``.
+
+    httpx bounds each connect and read, not a DNS lookup that hangs, nor the
+    lookups huggingface_hub makes before its first request; a daemon thread
+    bounds everything, and is left behind if it never returns.
+    """
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(call()), name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return results[0] if results else None
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` once per ``REMEMBER_S``: a pipeline's config and weights load apart, yet are one model."""
+    now = time.monotonic()
+    if now - _warned.get(message, -REMEMBER_S) >= REMEMBER_S:
+        _warned[message] = now
+        log.warning("%s", message)
+
+
+def _cache_state(repo_id: str, exc: Exception) -> str:
+    """Why the cache could not serve ``repo_id``, with what it holds instead."""
+    cache, models = constants.HF_HUB_CACHE, cached_models()
+    if repo_id in models:
+        return f"its copy in the local cache {cache} does not load ({_reason(exc)})"
+    shown = ", ".join(models[:CACHED_SHOWN]) or "none"
+    more = f" and {len(models) - CACHED_SHOWN} more" if len(models) > CACHED_SHOWN else ""
+    return f"it is not in the local cache {cache} (cached models: {shown}{more})"
+
+
+def _download_hint(repo_id: str) -> str:
+    return (f"run `hf download {repo_id}` on a machine with network access and copy its cache here, "
+            "or use a local directory instead")
+
+
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, at import)."""
+    now = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return now or constants.is_offline_mode()
 
 
-def _missing(what: str, source: str, exc: Exception) -> str:
-    where = "its local directory" if os.path.isdir(source) else "the Hugging Face cache, nor downloaded"
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{what} {source!r} is not available: it could not be loaded from {where}: {reason}"
+def _status(exc: HfHubHTTPError) -> str:
+    return f"HTTP {exc.response.status_code}" if exc.response is not None else _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the error, or what it means when a gated repository is behind it."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, GatedRepoError):
+            return "it is gated: accept its conditions on the hub, then log in with `hf auth login`"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
