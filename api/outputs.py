@@ -49,13 +49,23 @@ class Republisher:
 
 
 class Outputs:
-    def __init__(self, relay_url: str, token: str | None, hls_base: Path,
+    """The API's output processes per stream, and the HLS directories they write.
+
+    ``hls_base`` is the configured ``server.hls_dir``; None means a temporary
+    directory, made on the first HLS request and removed with the last HLS
+    output, so a server that stops (or never serves HLS) leaves none behind.
+    A stream's own directory goes when the stream closes; a configured base
+    is never removed (it may hold other things).
+    """
+
+    def __init__(self, relay_url: str, token: str | None, hls_base: Path | None,
                  republish: Republisher | None = None) -> None:
         self.relay_url, self.token, self.hls_base = relay_url, token, hls_base
         self.republish = republish
         self.rtmp: dict[str, OutputProcess] = {}
         self.hls: dict[str, OutputProcess] = {}
         self.external: dict[str, OutputProcess] = {}
+        self._temp_base: Path | None = None
 
     async def stream_created(self, stream: Stream) -> None:
         await self.stream_changed(stream)
@@ -77,20 +87,34 @@ class Outputs:
             self.rtmp[stream.id] = output
             await output.start()
 
+    def _hls_base(self) -> Path:
+        """The configured base, or our temporary one (made now if there is none)."""
+        if self.hls_base is not None:
+            return self.hls_base
+        if self._temp_base is None:
+            self._temp_base = Path(tempfile.mkdtemp(prefix="sd-hls-"))
+        return self._temp_base
+
     async def hls_for(self, stream: Stream) -> Path:
-        directory = hls_dir_for(self.hls_base, stream.id)
-        if stream.id not in self.hls:
-            output = OutputProcess(self.relay_url, stream.channel, hls_dir=directory, token=self.token)
+        output = self.hls.get(stream.id)
+        if output is None:
+            output = OutputProcess(self.relay_url, stream.channel, token=self.token,
+                                   hls_dir=hls_dir_for(self._hls_base(), stream.id))
             self.hls[stream.id] = output
             await output.start()
-        return directory
+        assert output.hls_dir is not None
+        return output.hls_dir
 
     async def stream_closed(self, stream: Stream) -> None:
         for outputs in (self.rtmp, self.hls, self.external):
             output = outputs.pop(stream.id, None)
             if output is not None:
                 await output.stop()
-        remove_dir(hls_dir_for(self.hls_base, stream.id))
+                if output.hls_dir is not None:
+                    remove_dir(output.hls_dir)
+        if self._temp_base is not None and not self.hls:  # checked after the awaits above
+            remove_dir(self._temp_base)
+            self._temp_base = None
 
     def state(self, stream: Stream) -> dict[str, Any]:
         return {kind: outputs[stream.id].state() for kind, outputs in
@@ -117,7 +141,7 @@ def install(app: FastAPI) -> None:
 
     async def start(app_: FastAPI) -> None:
         settings = app_.state.settings
-        base = Path(settings.hls_dir) if settings.hls_dir else Path(tempfile.mkdtemp(prefix="sd-hls-"))
+        base = Path(settings.hls_dir) if settings.hls_dir else None
         republish = (Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
                      if settings.mediamtx_publish_url and settings.mediamtx_whep_url else None)
         outputs = Outputs(app_.state.relay_url, next(iter(settings.relay.tokens), None), base, republish)

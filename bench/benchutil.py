@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# for this process only: the benches import tests.tiny_models, and a lent GPU machine has no install
 sys.path.insert(0, ROOT)
 
 
@@ -39,9 +40,13 @@ def natural_image(width: int = 512, height: int = 512, seed: int = 0) -> np.ndar
 
 
 def child_env() -> dict[str, str]:
-    """The environment for a child ``python -m ...``: this repository first on PYTHONPATH, the rest kept."""
-    paths = [ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    """The environment for a child ``sys.executable -m ...``: ours, unchanged.
+
+    The project is an installed package; where it is not (a lent GPU
+    machine), the children run with ``cwd=ROOT``, which ``-m`` puts first on
+    ``sys.path``. The repository never goes on PYTHONPATH.
+    """
+    return dict(os.environ)
 
 
 def free_port() -> int:

@@ -42,7 +42,7 @@ def prepare_dir(directory: Path) -> None:
 
 
 def remove_dir(directory: Path) -> None:
-    """Delete a stream's HLS directory (when the stream is deleted)."""
+    """Delete an HLS directory and its files: a stream's when it closes, a temporary base with its last output."""
     shutil.rmtree(directory, ignore_errors=True)
 
 

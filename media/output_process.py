@@ -64,7 +64,6 @@ ENV_TOKEN = "OUTPUT_RELAY_TOKEN"
 KEYFRAME_EVERY = 1.0  # s: RTMP keyframe at least this often, whatever the input rate
 REPEAT_AFTER = 1.0  # s: RTMP repeats the last picture after this long without a frame
 BACKOFF = (0.5, 10.0)  # s: first and longest wait before retrying the target or the relay
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -296,9 +295,11 @@ async def read_relay(options: Options, mailbox: Mailbox) -> None:
     delay = BACKOFF[0]
     while True:
         try:
-            ws, _ = await asyncio.wait_for(
-                connect(options.relay, "viewer", options.channel, options.token,
-                        receive="output", name="output", max_queue=4), 10)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel (SIGTERM) that lands
+            # as the connection is refused, and this loop would outlive the stop
+            async with asyncio.timeout(10):
+                ws, _ = await connect(options.relay, "viewer", options.channel, options.token,
+                                      receive="output", name="output", max_queue=4)
         except RelayRefused as exc:
             problem = f"the relay refused the output viewer: {exc}"
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
@@ -391,7 +392,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
             p.error(str(exc))
     if a.fps <= 0 or a.hls_time < 1 or a.hls_list_size < 1 or a.stall_timeout <= 0:
         p.error("--fps and --stall-timeout must be > 0, --hls-time and --hls-list-size >= 1")
-    setup_logging(a.verbose)
+    setup_logging("info" if a.verbose else None)
     return Options(relay=a.relay, channel=a.channel, token=a.token, rtmp=a.rtmp, hls=a.hls, fps=a.fps,
                    hls_time=a.hls_time, hls_list_size=a.hls_list_size, status=a.status,
                    watch_stdin=a.watch_stdin, stall_timeout=a.stall_timeout)
@@ -469,6 +470,8 @@ class OutputProcess:
         self._stopping.clear()
         await self._spawn()
         self._task = asyncio.create_task(self._supervise())
+        if self._stopping.is_set():  # stop() ran while we spawned, before there was a child to stop
+            await self.stop()
 
     async def stop(self) -> None:
         """SIGTERM the child, SIGKILL it after ``stop_timeout``, and stop restarting it."""
@@ -505,8 +508,7 @@ class OutputProcess:
             self._changed.notify_all()
 
     async def _spawn(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        env = dict(os.environ)  # the package is installed: ``-m`` finds it without PYTHONPATH
         env.pop(ENV_RTMP, None)
         env.pop(ENV_TOKEN, None)
         if self.rtmp_url is not None:

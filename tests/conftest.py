@@ -1,10 +1,28 @@
 from __future__ import annotations
 
+import getpass
 from collections.abc import Iterator
 
 import pytest
 
 from relay import Relay, RelayConfig
+from tests.leftovers import (  # noqa: F401  (hooks and the autouse fixture, run from here)
+    _nothing_left_behind,
+    install,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_unconfigure,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The run's own temp dir (tests/leftovers.py), before anything imports torch.
+
+    torch makes its compile cache, ``torchinductor_<user>``, in the temp dir
+    (importing diffusers does, and ``torch.compile``, partly whatever
+    ``TORCHINDUCTOR_CACHE_DIR`` says): expected there, and gone with the run.
+    """
+    install(config).allow(f"torchinductor_{getpass.getuser()}")
 
 
 @pytest.fixture(scope="session", autouse=True)

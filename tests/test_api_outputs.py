@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
+from pathlib import Path
 
+import httpx
+import pytest
+
+from api.app import create_app
+from api.server import running
+from api.settings import ServerSettings
+from relay import RelayConfig
 from relay.local import LocalProducer
 from tests.helpers import jpeg
-from tests.test_api import api, create, wait_until_ready, worker  # noqa: F401  (fixtures)
+from tests.test_api import AUTH, KEY, api, create, wait_until_ready, worker  # noqa: F401  (fixtures)
 from tests.test_rtmp_hls import decode, rtmp_server  # noqa: F401  (fixture)
 
 SIZE = 384
@@ -123,3 +132,38 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
         assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def temp_hls_bases() -> list[Path]:
+    return sorted(Path(tempfile.gettempdir()).glob("sd-hls-*"))
+
+
+@pytest.mark.parametrize("configured", [False, True], ids=["temporary", "configured"])
+async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Path, configured: bool):
+    """Each stream's HLS directory goes when it closes (here: one deleted, one at server shutdown).
+
+    A temporary base exists only while some HLS output does; a configured
+    ``hls_dir`` stays (it is the operator's), emptied of the stream directories.
+    """
+    configured_base = tmp_path / "hls" if configured else None
+    settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
+                              hls_dir=str(configured_base) if configured_base else None)
+    app = create_app(settings)
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
+        streams = [await create(client), await create(client)]
+        assert temp_hls_bases() == []  # nothing made before anyone asks for HLS
+        for stream in streams:
+            assert (await client.get(stream["hls_url"])).status_code == 503
+        outputs = [app.state.outputs.hls[stream["id"]] for stream in streams]
+        for output in outputs:
+            assert await output.wait_for(lambda o: o.ready, 15)  # the child has made its directory
+        directories = [output.hls_dir for output in outputs]
+        base = directories[0].parent
+        assert directories[1].parent == base and all(d.is_dir() for d in directories)
+        assert base == configured_base if configured else temp_hls_bases() == [base]
+        assert (await client.delete(f"/v1/streams/{streams[0]['id']}")).status_code == 200
+        assert not directories[0].exists() and directories[1].is_dir()
+    assert not any(output.running for output in outputs)
+    assert not directories[1].exists()
+    assert base.is_dir() == configured
+    assert temp_hls_bases() == []

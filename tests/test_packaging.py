@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -78,12 +79,22 @@ def test_one_version_number():
     assert importlib.metadata.version("streamdiffusion-server") == __version__
 
 
+def _not_source(directory: str, names: list[str]) -> set[str]:
+    """What ``copytree`` leaves out of the copy built from: the checkout's VCS, environments and outputs."""
+    skipped = {"__pycache__"}
+    if Path(directory) == ROOT:
+        skipped |= {".git", ".venv", ".whl", "build", "dist", "artifacts", "out", ".hypothesis"}
+    return {name for name in names if name in skipped or name.endswith((".egg-info", "_cache"))}
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A fresh virtualenv with the project's wheel installed (dependencies: this environment's, by .pth)."""
     work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"  # pip builds in the tree it is given (build/, *.egg-info): not in the checkout
+    shutil.copytree(ROOT, source, symlinks=True, ignore=_not_source)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(work / "dist"), str(ROOT)], check=True, cwd=work, timeout=300,
+                    "-w", str(work / "dist"), str(source)], check=True, cwd=work, timeout=300,
                    env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     (wheel,) = (work / "dist").glob("streamdiffusion_server-*.whl")
     venv = work / "venv"
@@ -101,8 +112,8 @@ def installed(tmp_path_factory) -> Path:
 def test_wheel_installs_the_packages_and_the_web_page(installed):
     python = installed / "bin" / "python"
     where = subprocess.run(
-        [python, "-c", "import api, relay, worker, producers, wire, media, common, importlib.resources as r;"
-                       "print(api.__file__); print(r.files('api').joinpath('static/index.html').is_file())"],
+        [python, "-c", ("import api, relay, worker, producers, wire, media, common, importlib.resources as r;"
+                        "print(api.__file__); print(r.files('api').joinpath('static/index.html').is_file())")],
         cwd=installed, capture_output=True, text=True, check=True, timeout=60).stdout.split()
     assert where[0].startswith(str(installed)), f"imported from {where[0]}, not the installed wheel"
     assert where[1] == "True", "api/static is missing from the wheel"

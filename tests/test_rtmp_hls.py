@@ -212,6 +212,24 @@ async def test_child_exits_when_stdin_closes(tmp_path: Path) -> None:
     assert b"cannot connect to the relay" in stderr
 
 
+async def test_stop_during_start_leaves_no_child(tmp_path: Path) -> None:
+    """A stream deleted while its output is still spawning: the late child must be stopped too."""
+    out = OutputProcess(f"ws://127.0.0.1:{free_port()}", "x", hls_dir=tmp_path / "h")
+    await asyncio.gather(out.start(), out.stop())  # stop() runs while start() awaits the spawn
+    assert out.pid is not None and not out.running and out.returncode is not None
+
+
+async def test_child_runs_as_an_installed_module_with_our_environment(tmp_path: Path) -> None:
+    """No repository on PYTHONPATH: the package is installed; the rest of the environment is inherited."""
+    root = str(Path(__file__).resolve().parents[1])
+    async with output(relay_url=f"ws://127.0.0.1:{free_port()}", channel="x", hls_dir=tmp_path / "h") as out:
+        assert await out.wait_for(lambda o: o.ready, LIMIT)
+        environ = Path(f"/proc/{out.pid}/environ").read_bytes().decode().split("\0")
+    variables = dict(item.split("=", 1) for item in environ if "=" in item)
+    assert root not in variables.get("PYTHONPATH", "").split(os.pathsep)
+    assert variables.get("TMPDIR") == os.environ.get("TMPDIR")
+
+
 def test_urls_are_checked_and_masked(tmp_path: Path) -> None:
     assert validate_rtmp_url("rtmp://h/app/key") == "rtmp://h/app/key"
     for bad in ("http://h/app/key", "rtmp:///app/key", "rtmp://h/app", "rtmp://h:99999/a/k"):

@@ -7,6 +7,9 @@
 set -eu
 cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# /tmp/site holds only the carried wheels. The project is not installed here and needs no
+# PYTHONPATH: bench/benchutil.py puts the checkout on sys.path for the bench itself, and its
+# `python -m relay|worker` children run in the checkout, which -m puts first on sys.path.
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
