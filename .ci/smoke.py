@@ -79,7 +79,8 @@ def stop_group(process: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.2)
         process.poll()
     if group_alive(pgid):
-        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(pgid)], capture_output=True, text=True).stdout
+        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(pgid)], check=False, capture_output=True,
+                              text=True).stdout
         os.killpg(pgid, signal.SIGKILL)
         fail(f"processes still running {STOP_TIMEOUT_S} s after Ctrl-C:\n{left}", log)
 
@@ -114,7 +115,7 @@ def main() -> int:
         producer = subprocess.run(
             [str(PY), "-m", "producers", "pattern", "--relay", relay, "--duration", str(STREAM_SECONDS),
              "--fps", "15", "--quiet"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=120)
+            check=False, cwd=work, env=env, capture_output=True, text=True, timeout=120)
         viewer_out = viewer.communicate(timeout=60)[0].decode(errors="replace")
         print(f"smoke: producer: {producer.stdout.strip()}", flush=True)
         print(f"smoke: viewer: {viewer_out.strip()}", flush=True)

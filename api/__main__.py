@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
-from api.app import create_app
-from api.config import ENV_PREFIX, Config, ConfigError, example_yaml, load_config
-from api.keyfile import default_data_dir, load_or_create_api_key
-from api.server import uvicorn_server
-from api.settings import ServerSettings
-from api.workers import resolve_engine
+from api.server.app import create_app
+from api.server.config import ENV_PREFIX, Config, ConfigError, example_yaml, load_config
+from api.server.http import uvicorn_server
+from api.server.keyfile import default_data_dir, load_or_create_api_key
+from api.server.settings import ServerSettings
+from api.server.workers import resolve_engine
 from common.listen import PortInUse, listen
 from common.logs import add_logging_arguments, setup_logging
 

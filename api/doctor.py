@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.core:
         checks = core_checks()
     else:
-        from api.config import ConfigError, load_config  # after the core check could say what is missing
+        from api.server.config import (  # after the core check could say what is missing
+            ConfigError,
+            load_config,
+        )
         try:
             config = load_config(args.config)
         except ConfigError as exc:

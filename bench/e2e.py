@@ -70,9 +70,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the repository first, so its packages answer imports before bench/ modules do
 sys.path.insert(0, ROOT)
 
-from api.app import create_app
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
 from bench.benchutil import child_env, machine, natural_image, pct_ms
 from media.codec import decode_image, encode_image
 from relay import RelayConfig

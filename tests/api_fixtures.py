@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
 from relay import RelayConfig
 from worker.runtime import Worker, WorkerOptions
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from api.ids import ALPHABET
+from api.streams.ids import ALPHABET
 from media.codec import decode_image
 from relay.local import LocalProducer, LocalViewer
 from tests.api_fixtures import AUTH, KEY, api, worker  # noqa: F401  (fixtures)

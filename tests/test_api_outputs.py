@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.app import create_app
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
 from relay import RelayConfig
 from relay.local import LocalProducer
 from tests.helpers import jpeg
@@ -102,9 +102,9 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
     """nginx-rtmp stands in for MediaMTX's RTMP listener (MediaMTX itself cannot be fetched here)."""
     import httpx
 
-    from api.app import create_app
-    from api.server import running
-    from api.settings import ServerSettings
+    from api.server.app import create_app
+    from api.server.http import running
+    from api.server.settings import ServerSettings
     from relay import RelayConfig
     from tests.test_api import AUTH, KEY
     from worker.runtime import Worker, WorkerOptions

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from api.__main__ import build_parser as api_parser
-from api.config import load_config
 from api.doctor import build_parser as doctor_parser
+from api.server.config import load_config
 from producers.cli import build_parser as producers_parser
 from relay.__main__ import build_parser as relay_parser
 from relay.client import connect

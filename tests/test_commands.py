@@ -58,9 +58,9 @@ async def test_shutdown_tells_websocket_clients_in_their_protocol():
     import orjson
     import websockets
 
-    from api.app import create_app
-    from api.server import running
-    from api.settings import ServerSettings
+    from api.server.app import create_app
+    from api.server.http import running
+    from api.server.settings import ServerSettings
     from relay import RelayConfig
 
     app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0))

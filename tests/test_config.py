@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from api.__main__ import build_parser, overrides_from_args
-from api.config import Config, ConfigError, example_yaml, load_config
+from api.server.config import Config, ConfigError, example_yaml, load_config
 from tests.test_commands import ROOT
 
 

@@ -55,9 +55,9 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
     """PATCH /v1/streams/{id} with a new size: the old pipeline serves while the new one loads."""
     import httpx
 
-    from api.app import create_app
-    from api.server import running
-    from api.settings import ServerSettings
+    from api.server.app import create_app
+    from api.server.http import running
+    from api.server.settings import ServerSettings
     from relay import RelayConfig
     from relay.local import LocalProducer, LocalViewer
     from tests.api_fixtures import AUTH, KEY

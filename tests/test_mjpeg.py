@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from api.mjpeg import mjpeg_stream
+from api.playback.mjpeg import mjpeg_stream
 from media.codec import decode_image, encode_image
 from relay.local import LocalProducer
 from tests.api_fixtures import api, create_stream, eventually, multipart_parts, worker  # noqa: F401

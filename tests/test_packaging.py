@@ -56,7 +56,7 @@ def _top_level_imports(path: Path) -> set[str]:
 
 
 def test_core_modules_import_only_core_requirements():
-    """What broke `make run` once: api/style_image.py imported httpx, a dev-only requirement."""
+    """What broke `make run` once: api/streams/style_image.py imported httpx, a dev-only requirement."""
     provided = modules_of_distributions()
     core = {m for req in core_requirements() for m in provided.get(normalize_name(req.name), [])}
     assert {"websockets", "cv2", "yaml", "httpx"} <= core
@@ -113,7 +113,7 @@ def test_wheel_installs_the_packages_and_the_web_page(installed):
     python = installed / "bin" / "python"
     where = subprocess.run(
         [python, "-c", ("import api, relay, worker, producers, wire, media, common, importlib.resources as r;"
-                        "print(api.__file__); print(r.files('api').joinpath('static/index.html').is_file())")],
+                        "print(api.__file__); print(r.files('api').joinpath('web/static/index.html').is_file())")],
         cwd=installed, capture_output=True, text=True, check=True, timeout=60).stdout.split()
     assert where[0].startswith(str(installed)), f"imported from {where[0]}, not the installed wheel"
     assert where[1] == "True", "api/static is missing from the wheel"

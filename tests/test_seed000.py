@@ -14,9 +14,9 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from api.app import create_app
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
 from media.codec import decode_image
 from relay import RelayConfig
 from tests.helpers import jpeg, noise_png

@@ -19,10 +19,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from api.app import create_app
 from api.seeds.settings001 import Seed001Options
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
 from media.codec import decode_image
 from relay import RelayConfig
 from tests.helpers import jpeg

@@ -10,11 +10,11 @@ import threading
 import httpx
 import pytest
 
-from api import style_image
-from api.app import create_app
-from api.errors import ApiError
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.errors import ApiError
+from api.server.http import running
+from api.server.settings import ServerSettings
+from api.streams import style_image
 from relay import RelayConfig
 from tests.api_fixtures import AUTH, KEY, api  # noqa: F401  (fixture)
 from tests.helpers import jpeg

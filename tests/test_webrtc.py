@@ -26,9 +26,9 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
 
-from api.app import create_app
-from api.server import running
-from api.settings import ServerSettings
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
 from api.webrtc import WebRTCSettings
 from api.webrtc.fanout import MAX_BACKLOG, PacketTrack, SharedEncoder, VideoEncoder
 from api.webrtc.signaling import link_header

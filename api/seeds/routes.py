@@ -7,7 +7,7 @@
   ``page_content`` (see :mod:`api.seeds.settings001`);
 * ``GET /api/queue``: ``{"queue_size": <connected users>}``;
 * ``GET /api/stream/{userId}?quality=85&max_fps=30``: the user's results as
-  MJPEG (``api.mjpeg``: boundary ``frame``, newest frame wins), from the
+  MJPEG (``api.playback.mjpeg``: boundary ``frame``, newest frame wins), from the
   request on until the client leaves or the user's session ends. Unknown
   users get 404 ``{"detail": "User not found"}``.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.mjpeg import MjpegResponse, mjpeg_stream
+from api.playback.mjpeg import MjpegResponse, mjpeg_stream
 from api.seeds import ws000, ws001
 from api.seeds.params import initial_params
 from api.seeds.settings001 import settings_body

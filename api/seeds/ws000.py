@@ -32,10 +32,10 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket
 
-from api.farewell import SHUTDOWN_TEXT
 from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.socket import Outgoing, first_done, receive
+from api.server.farewell import SHUTDOWN_TEXT
 from wire.errors import ProtocolError
 
 log = logging.getLogger("api.seeds")

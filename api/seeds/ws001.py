@@ -45,7 +45,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, FastAPI, WebSocket
 
-from api.mjpeg import MjpegStream
+from api.playback.mjpeg import MjpegStream
 from api.seeds.channel import SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.settings001 import Seed001Options, options

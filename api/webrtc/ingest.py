@@ -15,7 +15,7 @@ import time
 
 from aiortc.mediastreams import MediaStreamError
 
-from api.streams import Stream
+from api.streams.manager import Stream
 from api.webrtc.sessions import Session, SessionRegistry, WebRTCSettings, close_all
 from api.webrtc.signaling import BadOffer, accept_offer, answer, peer_connection
 from api.webrtc.tracks import LatestFrame, discard, frame_to_jpeg

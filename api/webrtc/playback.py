@@ -13,7 +13,7 @@ import asyncio
 
 from aiortc import RTCPeerConnection, sdp
 
-from api.streams import Stream
+from api.streams.manager import Stream
 from api.webrtc.fanout import EncoderPool, PacketTrack, forward_keyframe_requests
 from api.webrtc.sessions import Session, SessionRegistry, WebRTCSettings
 from api.webrtc.signaling import BadOffer, accept_offer, answer, peer_connection

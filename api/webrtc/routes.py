@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from api.errors import ApiError, not_found
-from api.routes_streams import base_url
-from api.streams import Stream, StreamManager
+from api.server.errors import ApiError, not_found
+from api.streams.manager import Stream, StreamManager
+from api.streams.routes import base_url
 from api.webrtc.ingest import open_whip
 from api.webrtc.playback import open_whep
 from api.webrtc.sessions import Kind, Session, WebRTCState

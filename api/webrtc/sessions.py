@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from aiortc import RTCPeerConnection
 
-from api.streams import Stream
+from api.streams.manager import Stream
 from api.webrtc.fanout import EncoderPool
 
 log = logging.getLogger("api.webrtc")

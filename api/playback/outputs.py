@@ -20,8 +20,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from api.errors import error_response, not_found
-from api.streams import Stream
+from api.server.errors import error_response, not_found
+from api.streams.manager import Stream
 from media.hls import hls_dir_for, hls_response, remove_dir
 from media.output_process import OutputProcess
 

@@ -27,7 +27,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from api.settings import ServerSettings
+from api.server.settings import ServerSettings
 from relay.config import RelayConfig
 
 ENV_PREFIX = "STREAMDIFFUSION_"

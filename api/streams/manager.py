@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api import ids
-from api.errors import ApiError, describe_validation, not_found
+from api.server.errors import ApiError, describe_validation, not_found
+from api.streams import ids
 from relay.hub import Hub
 from worker.engines.diffusion.params import DiffusionParams, reload_fields
 

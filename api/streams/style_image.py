@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from api.errors import ApiError
+from api.server.errors import ApiError
 from wire.errors import ProtocolError
 from wire.images import probe_image
 

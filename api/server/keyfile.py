@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from api import ids
+from api.streams import ids
 
 APP_DIR = "streamdiffusion-server"
 KEY_FILE = "api_key"

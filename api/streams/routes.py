@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 
-from api import style_image
-from api.auth import require_api_key
-from api.errors import ApiError
-from api.health import health_report
-from api.schemas import CreateStream, UpdateStream
-from api.streams import Stream, StreamManager, validate_params
+from api.server.errors import ApiError
+from api.server.health import health_report
+from api.streams import style_image
+from api.streams.auth import require_api_key
+from api.streams.manager import Stream, StreamManager, validate_params
+from api.streams.schemas import CreateStream, UpdateStream
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.errors import not_found
+from api.server.errors import not_found
 from common.tasks import first_done
 from media.codec import decode_image, encode_image
 from relay.hub import Hub

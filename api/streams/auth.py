@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from api.errors import ApiError
+from api.server.errors import ApiError
 
 
 def require_api_key(request: Request) -> str:

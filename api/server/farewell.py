@@ -3,7 +3,7 @@
 uvicorn closes every WebSocket with 1012 (service restart) when it shuts
 down, before the app's lifespan shutdown runs. Endpoints register a
 coroutine that says goodbye in their protocol; the server awaits them all
-first (see :class:`api.server.GracefulServer`).
+first (see :class:`api.server.http.GracefulServer`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from api.farewell import SHUTDOWN_TEXT
+from api.server.farewell import SHUTDOWN_TEXT
 from relay.hub import Delivery
 from relay.local import LocalProducer
 from wire.errors import ProtocolError

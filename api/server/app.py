@@ -14,14 +14,19 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import errors, ids, metrics, mjpeg, outputs, page, webrtc, ws_ingest
-from api.farewell import Farewells
-from api.health import VERSION
-from api.routes_streams import router, v1
+from api import webrtc
+from api.ingest import websocket as ws_ingest
+from api.playback import mjpeg, outputs
 from api.seeds.routes import router as seeds_router
-from api.settings import ServerSettings
-from api.streams import StreamManager
-from api.workers import LocalWorkers
+from api.server import errors, metrics
+from api.server.farewell import Farewells
+from api.server.health import VERSION
+from api.server.settings import ServerSettings
+from api.server.workers import LocalWorkers
+from api.streams import ids
+from api.streams.manager import StreamManager
+from api.streams.routes import router, v1
+from api.web import page
 from relay import Relay
 
 log = logging.getLogger("api")

@@ -1,0 +1,1 @@
+"""Ways frames come in for a stream besides WebRTC (api.webrtc): WebSocket ingest."""

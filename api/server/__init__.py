@@ -1,0 +1,1 @@
+"""HTTP server: the app's composition, uvicorn, configuration, health, metrics, local workers."""
