@@ -23,6 +23,7 @@ from api.server.app import create_app
 from api.server.config import ENV_PREFIX, Config, ConfigError, example_yaml, load_config
 from api.server.http import uvicorn_server
 from api.server.keyfile import default_data_dir, load_or_create_api_key
+from api.server.services import services
 from api.server.settings import ServerSettings
 from api.server.workers import resolve_engine
 from common.listen import PortInUse, listen
@@ -140,12 +141,16 @@ async def serve(settings: ServerSettings) -> None:
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     http_url = f"http://{shown_host}:{http_sock.getsockname()[1]}"
 
-    async def announce(app_) -> None:
-        print(instructions(http_url, app_.state.relay_url, api_key, key_source, bool(settings.relay.tokens)),
+    async def announce() -> None:
+        await app.state.ready.wait()
+        print(instructions(http_url, services(app).relay_url, api_key, key_source, bool(settings.relay.tokens)),
               flush=True)
 
-    app.state.startup_hooks.append(announce)
-    await server.serve(sockets=[http_sock])
+    announcing = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[http_sock])
+    finally:
+        announcing.cancel()
 
 
 def _listen_or_exit(host: str, port: int, what: str, flag: str, path: str) -> Any:

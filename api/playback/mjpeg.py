@@ -22,6 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.server.errors import not_found
+from api.server.services import services
 from common.tasks import first_done
 from media.codec import decode_image, encode_image
 from relay.hub import Hub
@@ -132,7 +133,8 @@ async def mjpeg(playback_id: str, request: Request,
                                               description="at most this many frames a second"),
                 ) -> MjpegResponse:
     """The stream's output as MJPEG: ``<img src=".../mjpeg">``."""
-    stream = request.app.state.streams.by_playback_id(playback_id)
+    found = services(request)
+    stream = found.streams.by_playback_id(playback_id)
     if stream is None:
         raise not_found()
-    return MjpegResponse(mjpeg_stream(request.app.state.relay.hub, stream.channel, quality, max_fps))
+    return MjpegResponse(mjpeg_stream(found.hub, stream.channel, quality, max_fps))

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.server.errors import error_response, not_found
-from api.streams.manager import Stream
+from api.server.services import services
+from api.server.settings import ServerSettings
+from api.streams.manager import Stream, StreamListener
 from media.hls import hls_dir_for, hls_response, remove_dir
 from media.output_process import OutputProcess
 
@@ -48,7 +50,7 @@ class Republisher:
         return f"{self.whep_base.rstrip('/')}/{path}/whep"
 
 
-class Outputs:
+class Outputs(StreamListener):
     """The API's output processes per stream, and the HLS directories they write.
 
     ``hls_base`` is the configured ``server.hls_dir``; None means a temporary
@@ -124,11 +126,11 @@ class Outputs:
 
 @router.get("/live/video-to-video/{playback_id}/hls/{filename}")
 async def hls_file(playback_id: str, filename: str, request: Request) -> Response:
-    stream = request.app.state.streams.by_playback_id(playback_id)
+    found = services(request)
+    stream = found.streams.by_playback_id(playback_id)
     if stream is None:
         raise not_found()
-    outputs: Outputs = request.app.state.outputs
-    directory = await outputs.hls_for(stream)
+    directory = await found.outputs.hls_for(stream)
     response = await hls_response(directory, filename)
     if response.status_code == 404 and filename == "index.m3u8":
         return error_response(503, "HLS output is starting; retry shortly", "STREAMS/HLS_STARTING",
@@ -136,19 +138,9 @@ async def hls_file(playback_id: str, filename: str, request: Request) -> Respons
     return response
 
 
-def install(app: FastAPI) -> None:
-    app.include_router(router)
-
-    async def start(app_: FastAPI) -> None:
-        settings = app_.state.settings
-        base = Path(settings.hls_dir) if settings.hls_dir else None
-        republish = (Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
-                     if settings.mediamtx_publish_url and settings.mediamtx_whep_url else None)
-        outputs = Outputs(app_.state.relay_url, next(iter(settings.relay.tokens), None), base, republish)
-        app_.state.outputs = outputs
-        streams = app_.state.streams
-        streams.change_hooks.append(outputs.stream_changed)
-        streams.close_hooks.append(outputs.stream_closed)
-        app_.state.stream_created_hooks.append(outputs.stream_created)
-
-    app.state.startup_hooks.insert(0, start)
+def outputs_for(settings: ServerSettings, relay_url: str) -> Outputs:
+    """The outputs ``settings`` ask for: where HLS goes, and the MediaMTX republisher if configured."""
+    base = Path(settings.hls_dir) if settings.hls_dir else None
+    republish = (Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
+                 if settings.mediamtx_publish_url and settings.mediamtx_whep_url else None)
+    return Outputs(relay_url, next(iter(settings.relay.tokens), None), base, republish)

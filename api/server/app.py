@@ -1,12 +1,13 @@
 """The ASGI application: REST API, media endpoints, and the relay it hosts.
 
-``create_app`` wires everything; the lifespan starts the relay (a websockets
-server on its own port, in the same event loop) and the local workers, and
-stops them in reverse order, telling clients first.
+``create_app`` mounts the routes; its lifespan runs :func:`start_services`,
+the one place that builds the server's parts (relay, streams, outputs,
+WebRTC, metrics, local workers) in order and stops them in reverse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -21,6 +22,7 @@ from api.seeds.routes import router as seeds_router
 from api.server import errors, metrics
 from api.server.farewell import Farewells
 from api.server.health import VERSION
+from api.server.services import Services
 from api.server.settings import ServerSettings
 from api.server.workers import LocalWorkers
 from api.streams import ids
@@ -33,44 +35,69 @@ log = logging.getLogger("api")
 
 
 def create_app(settings: ServerSettings | None = None, relay_socket: socket.socket | None = None) -> FastAPI:
-    """The app for ``settings``; ``relay_socket``: the relay's listening socket, bound by the caller."""
+    """The app for ``settings``; ``relay_socket``: the relay's listening socket, bound by the caller.
+
+    ``app.state.ready`` is set once the lifespan has started every service.
+    """
     settings = settings or ServerSettings()
     if not settings.api_keys:
         settings.api_keys = frozenset({ids.api_key()})
+    farewells = Farewells()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        relay = Relay(settings.relay, sock=relay_socket)
-        await relay.start()
-        host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
-        app.state.relay = relay
-        app.state.relay_url = f"ws://{host}:{relay.port}"
-        app.state.streams = StreamManager(relay.hub)
-        workers = LocalWorkers(settings.workers, settings.engine, settings.worker_args)
-        app.state.workers = workers
-        await workers.start(app.state.relay_url, next(iter(settings.relay.tokens), None))
-        for hook in app.state.startup_hooks:
-            await hook(app)
-        try:
-            yield
-        finally:
-            await app.state.streams.close_all()
-            await workers.stop()
-            await relay.close()
+        async with start_services(settings, relay_socket, farewells) as running:
+            app.state.services = running
+            _legacy_state(app, running)
+            app.state.ready.set()
+            try:
+                yield
+            finally:
+                app.state.ready.clear()
 
     app = FastAPI(title="StreamDiffusion server", version=VERSION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.farewells = Farewells()
-    app.state.startup_hooks = []
-    app.state.stream_created_hooks = []
+    app.state.farewells = farewells
+    app.state.ready = asyncio.Event()
     errors.install(app)
-    metrics.install(app)
-    app.include_router(router)
-    app.include_router(v1)
-    app.include_router(ws_ingest.router)
-    outputs.install(app)
+    for routes in (metrics.router, router, v1, ws_ingest.router, outputs.router, webrtc.router, mjpeg.router,
+                   seeds_router):  # seeds: seed 000's /ws, seed 001's /api/*
+        app.include_router(routes)
     page.install(app)
-    webrtc.install(app)  # WHIP/WHEP; closes sessions with their streams
-    app.include_router(mjpeg.router)
-    app.include_router(seeds_router)  # seed 000's /ws, seed 001's /api/*
     return app
+
+
+@contextlib.asynccontextmanager
+async def start_services(settings: ServerSettings, relay_socket: socket.socket | None,
+                         farewells: Farewells) -> AsyncIterator[Services]:
+    """Start order: relay, streams and what follows them (outputs, WebRTC), metrics, local workers.
+
+    Stopped in reverse: streams first (their outputs and sessions end with
+    them), then the workers, then the relay, which tells its clients.
+    """
+    relay = Relay(settings.relay, sock=relay_socket)
+    await relay.start()
+    host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
+    relay_url = f"ws://{host}:{relay.port}"
+    streams = StreamManager(relay.hub)
+    stream_outputs = outputs.outputs_for(settings, relay_url)
+    streams.subscribe(stream_outputs)
+    webrtc_state = webrtc.webrtc_state(settings)
+    streams.subscribe(webrtc_state.registry)
+    workers = LocalWorkers(settings.workers, settings.engine, settings.worker_args)
+    running = Services(settings=settings, relay=relay, relay_url=relay_url, streams=streams,
+                       outputs=stream_outputs, webrtc=webrtc_state,
+                       metrics=metrics.Metrics(relay.hub, webrtc_state), workers=workers, farewells=farewells)
+    try:
+        await workers.start(relay_url, next(iter(settings.relay.tokens), None))
+        yield running
+    finally:
+        await streams.close_all()
+        await workers.stop()
+        await relay.close()
+
+
+def _legacy_state(app: FastAPI, running: Services) -> None:
+    """The loose ``app.state`` names that modules not yet on :func:`services` still read."""
+    app.state.relay, app.state.relay_url = running.relay, running.relay_url
+    app.state.streams, app.state.outputs, app.state.webrtc = running.streams, running.outputs, running.webrtc

@@ -7,8 +7,7 @@ import importlib.util
 import sys
 from typing import Any
 
-from fastapi import FastAPI
-
+from api.server.services import Services
 from common.version import __version__ as VERSION
 
 
@@ -26,8 +25,8 @@ def gpu_info() -> dict[str, Any] | None:
             "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
 
 
-def health_report(app: FastAPI) -> dict[str, Any]:
-    hub = app.state.relay.hub
+def health_report(running: Services) -> dict[str, Any]:
+    hub = running.hub
     workers = [w.describe() for w in hub.workers]
     return {
         "status": "ok",
@@ -37,6 +36,6 @@ def health_report(app: FastAPI) -> dict[str, Any]:
         "workers": workers,
         "capacity": {"total": sum(w["capacity"] for w in workers),
                      "used": sum(len(w["channels"]) for w in workers)},
-        "streams": len(app.state.streams.streams),
-        "relay_url": app.state.relay_url,
+        "streams": len(running.streams.streams),
+        "relay_url": running.relay_url,
     }

@@ -45,13 +45,8 @@ async def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Async
     """Serve ``app`` in this event loop until the block ends; yields its base URL."""
     sock = listen(host, port)
     server = uvicorn_server(app)
-    started = asyncio.Event()
-
-    async def mark_started(_app: FastAPI) -> None:
-        started.set()
-
-    app.state.startup_hooks.append(mark_started)  # the last step of the lifespan's startup
     task = asyncio.create_task(server.serve(sockets=[sock]))
+    started = app.state.ready  # set by the lifespan once every service runs
     waiter = asyncio.create_task(started.wait())
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if not started.is_set():

@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from api.server.services import services
 from api.webrtc.sessions import WebRTCState
 from relay.hub import Hub
+
+router = APIRouter()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
@@ -74,22 +77,21 @@ class WebRTCCollector:
         yield from (sessions, encoders)
 
 
-def install(app: FastAPI) -> None:
-    """Add ``GET /metrics``; the hub is hooked up when the lifespan has started it."""
-    registry = CollectorRegistry()
-    latency = Histogram("sd_stream_latency_seconds", "Relay latency: input arrival to result arrival",
-                        ["stream"], buckets=LATENCY_BUCKETS, registry=registry)
-    app.state.metrics_registry = registry
+class Metrics:
+    """The Prometheus registry of one server: hub and WebRTC collectors, and the latency histogram."""
 
-    async def attach(app_: FastAPI) -> None:
-        hub: Hub = app_.state.relay.hub
-        registry.register(HubCollector(hub))
-        if hasattr(app_.state, "webrtc"):
-            registry.register(WebRTCCollector(app_.state.webrtc))
+    def __init__(self, hub: Hub, webrtc: WebRTCState) -> None:
+        self.registry = CollectorRegistry()
+        latency = Histogram("sd_stream_latency_seconds", "Relay latency: input arrival to result arrival",
+                            ["stream"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(HubCollector(hub))
+        self.registry.register(WebRTCCollector(webrtc))
         hub.latency_observers.append(lambda stream, seconds: latency.labels(stream).observe(seconds))
 
-    app.state.startup_hooks.insert(0, attach)
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -7,11 +7,12 @@ import hmac
 from fastapi import Request
 
 from api.server.errors import ApiError
+from api.server.services import services
 
 
 def require_api_key(request: Request) -> str:
     """FastAPI dependency: the request's valid key, or a 401 in Daydream's error envelope."""
-    keys: frozenset[str] = request.app.state.settings.api_keys
+    keys: frozenset[str] = services(request).settings.api_keys
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()

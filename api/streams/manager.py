@@ -10,7 +10,6 @@ API and the worker agree on every default and range.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,8 +20,6 @@ from api.server.errors import ApiError, describe_validation, not_found
 from api.streams import ids
 from relay.hub import Hub
 from worker.engines.diffusion.params import DiffusionParams, reload_fields
-
-CloseHook = Callable[["Stream"], Awaitable[None]]
 
 
 @dataclass
@@ -92,17 +89,38 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(422, describe_validation(errors), "REQUEST/VALIDATION", details) from None
 
 
+class StreamListener:
+    """A part of the server that follows streams (outputs, WebRTC sessions); override what you need.
+
+    The manager awaits each event in every listener, in subscription order,
+    before the call that caused it returns.
+    """
+
+    async def stream_created(self, stream: Stream) -> None:
+        """The stream exists and its channel is open."""
+
+    async def stream_changed(self, stream: Stream) -> None:
+        """Its outputs (``output_rtmp_url``) changed; params go to the worker through the hub."""
+
+    async def stream_closed(self, stream: Stream) -> None:
+        """It is being deleted; its channel closes right after the listeners return."""
+
+
 class StreamManager:
+    """The streams by id, key and playback id; publishes created, changed and closed to listeners."""
+
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.streams: dict[str, Stream] = {}
         self._by_key: dict[str, Stream] = {}
         self._by_playback: dict[str, Stream] = {}
-        self.close_hooks: list[CloseHook] = []
-        self.change_hooks: list[CloseHook] = []
+        self._listeners: list[StreamListener] = []
 
-    def create(self, pipeline: str, params: dict[str, Any], name: str = "",
-               output_rtmp_url: str | None = None) -> Stream:
+    def subscribe(self, listener: StreamListener) -> None:
+        self._listeners.append(listener)
+
+    async def create(self, pipeline: str, params: dict[str, Any], name: str = "",
+                     output_rtmp_url: str | None = None) -> Stream:
         stream = Stream(id=ids.stream_id(), stream_key=ids.stream_key(), playback_id=ids.playback_id(),
                         pipeline="streamdiffusion" if pipeline.startswith("pip_") else pipeline,
                         params=params, name=name, output_rtmp_url=output_rtmp_url)
@@ -110,6 +128,8 @@ class StreamManager:
         self.streams[stream.id] = stream
         self._by_key[stream.stream_key] = stream
         self._by_playback[stream.playback_id] = stream
+        for listener in self._listeners:
+            await listener.stream_created(stream)
         return stream
 
     def get(self, stream_id: str) -> Stream:
@@ -148,16 +168,16 @@ class StreamManager:
         if channel is not None:
             self.hub.set_params(channel, params, replace=True)
         if rtmp_changed:
-            for hook in self.change_hooks:
-                await hook(stream)
+            for listener in self._listeners:
+                await listener.stream_changed(stream)
         return stream
 
     async def delete(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         self._by_key.pop(stream.stream_key, None)
         self._by_playback.pop(stream.playback_id, None)
-        for hook in self.close_hooks:
-            await hook(stream)
+        for listener in self._listeners:
+            await listener.stream_closed(stream)
         self.hub.close_channel(stream.channel)
 
     async def close_all(self) -> None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 
 from api.server.errors import ApiError
 from api.server.health import health_report
+from api.server.services import services
 from api.streams import style_image
 from api.streams.auth import require_api_key
 from api.streams.manager import Stream, StreamManager, validate_params
@@ -18,28 +19,26 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 def manager(request: Request) -> StreamManager:
-    return request.app.state.streams
+    return services(request).streams
 
 
 def base_url(request: Request) -> str:
-    return request.app.state.settings.public_url or str(request.base_url).rstrip("/")
+    return services(request).settings.public_url or str(request.base_url).rstrip("/")
 
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    return health_report(request.app)
+    return health_report(services(request))
 
 
 @v1.post("/streams", status_code=201)
 async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
-    settings = request.app.state.settings
+    settings = services(request).settings
     given = await style_image.resolve(body.given_params(), settings.style_image_allow_private)
     params = validate_params({**settings.default_params, **given})
-    stream = streams.create(body.pipeline or body.pipeline_id or "streamdiffusion",
-                            params, body.name or "", body.output_rtmp_url)
-    for hook in request.app.state.stream_created_hooks:
-        await hook(stream)
+    stream = await streams.create(body.pipeline or body.pipeline_id or "streamdiffusion",
+                                  params, body.name or "", body.output_rtmp_url)
     return stream.to_json(base_url(request))
 
 
@@ -59,7 +58,7 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
     """Merge params; hot fields apply on the next frame, others reload while the old pipeline serves."""
     streams = manager(request)
     stream = streams.get(stream_id)
-    patch = await style_image.resolve(body.params, request.app.state.settings.style_image_allow_private)
+    patch = await style_image.resolve(body.params, services(request).settings.style_image_allow_private)
     await streams.update(stream, patch, name=body.name, output_rtmp_url=body.output_rtmp_url)
     return stream.to_json(base_url(request))
 
@@ -71,7 +70,7 @@ async def update_params(stream_id: str, request: Request,
     streams = manager(request)
     stream = streams.get(stream_id)
     patch = body["params"] if set(body) == {"params"} and isinstance(body["params"], dict) else body
-    patch = await style_image.resolve(patch, request.app.state.settings.style_image_allow_private)
+    patch = await style_image.resolve(patch, services(request).settings.style_image_allow_private)
     await streams.update(stream, patch, hot_only=True)
     return {"success": True, "data": stream.to_json(base_url(request))}
 
@@ -80,8 +79,9 @@ async def update_params(stream_id: str, request: Request,
 async def stream_status(stream_id: str, request: Request) -> dict[str, Any]:
     streams = manager(request)
     stream = streams.get(stream_id)
-    outputs = request.app.state.outputs.state(stream)
-    outputs["whep"] = request.app.state.webrtc.playback_state(stream)
+    running = services(request)
+    outputs = running.outputs.state(stream)
+    outputs["whep"] = running.webrtc.playback_state(stream)
     return {"success": True, "error": None, "data": streams.status(stream, base_url(request), outputs)}
 
 

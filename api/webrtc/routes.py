@@ -26,6 +26,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from api.server.errors import ApiError, not_found
+from api.server.services import services
 from api.streams.manager import Stream, StreamManager
 from api.streams.routes import base_url
 from api.webrtc.ingest import open_whip
@@ -51,11 +52,11 @@ def _preflight(methods: str) -> Response:
 
 
 def _state(request: Request) -> WebRTCState:
-    return request.app.state.webrtc
+    return services(request).webrtc
 
 
 def _streams(request: Request) -> StreamManager:
-    return request.app.state.streams
+    return services(request).streams
 
 
 def _no_stream() -> ApiError:
@@ -85,7 +86,7 @@ async def _read_offer(request: Request) -> str:
 async def _open(request: Request, stream: Stream, kind: Kind) -> Response:
     offer = await _read_offer(request)
     state = _state(request)
-    hub = request.app.state.relay.hub
+    hub = services(request).hub
     try:
         if kind == "whip":
             session, answer = await open_whip(hub, state.registry, state.settings, stream, offer)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from aiortc import RTCPeerConnection
 
-from api.streams.manager import Stream
+from api.streams.manager import Stream, StreamListener
 from api.webrtc.fanout import EncoderPool
 
 log = logging.getLogger("api.webrtc")
@@ -108,8 +108,8 @@ class Session:
             self.closed.set()
 
 
-class SessionRegistry:
-    """Open sessions by id; at most one WHIP publisher per stream."""
+class SessionRegistry(StreamListener):
+    """Open sessions by id; at most one WHIP publisher per stream; a deleted stream's sessions end."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
@@ -126,7 +126,7 @@ class SessionRegistry:
         return [s for s in self.sessions.values()
                 if s.stream.id == stream_id and (kind is None or s.kind == kind)]
 
-    async def close_stream(self, stream: Stream) -> None:
+    async def stream_closed(self, stream: Stream) -> None:
         """The stream is being deleted: end every session on it."""
         await close_all(self.for_stream(stream.id), "stream deleted")
 
@@ -144,7 +144,7 @@ async def close_all(sessions: Iterable[Session], reason: str) -> None:
 
 @dataclass
 class WebRTCState:
-    """What the routes need, kept on ``app.state.webrtc``."""
+    """What the WHIP/WHEP routes need: settings, sessions and shared encoders (``Services.webrtc``)."""
 
     settings: WebRTCSettings
     registry: SessionRegistry = field(default_factory=SessionRegistry)

@@ -1,0 +1,52 @@
+"""The server's running parts, built once by :func:`api.server.app.create_app`'s lifespan.
+
+Routes reach them with :func:`services` (typed) instead of reading loose
+attributes off ``app.state``. The lifespan shows the start order (and the
+reverse stop order) in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from starlette.websockets import WebSocket
+
+if TYPE_CHECKING:
+    from api.playback.outputs import Outputs
+    from api.server.farewell import Farewells
+    from api.server.metrics import Metrics
+    from api.server.settings import ServerSettings
+    from api.server.workers import LocalWorkers
+    from api.streams.manager import StreamManager
+    from api.webrtc.sessions import WebRTCState
+    from relay import Relay
+    from relay.hub import Hub
+
+
+@dataclass
+class Services:
+    settings: ServerSettings
+    relay: Relay
+    #: where the relay listens, as clients on this machine reach it
+    relay_url: str
+    streams: StreamManager
+    outputs: Outputs
+    webrtc: WebRTCState
+    metrics: Metrics
+    workers: LocalWorkers
+    farewells: Farewells
+
+    @property
+    def hub(self) -> Hub:
+        return self.relay.hub
+
+
+def services(where: Request | WebSocket | FastAPI) -> Services:
+    """The running services of the app serving ``where`` (a request, a WebSocket or the app itself)."""
+    app = where if isinstance(where, FastAPI) else where.app
+    found: Services | None = getattr(app.state, "services", None)
+    if found is None:
+        raise RuntimeError("the server is not started: services exist from the lifespan's startup on")
+    return found
