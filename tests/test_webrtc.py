@@ -332,7 +332,7 @@ async def test_patch_alias_and_replacement(api, worker):
     stream = await create_stream(api)
     # seed 003's alias, without any Authorization header: the stream key is the credential
     async with httpx.AsyncClient(base_url=str(api.base_url), timeout=15) as anonymous:
-        first_pc, first = await publish(anonymous, f"/whip/{stream['id']}", PatternTrack(), audio=True)
+        first_pc, first = await publish(anonymous, f"/whip/{stream['stream_key']}", PatternTrack(), audio=True)
         assert "m=audio" in first.text and first.text.count("a=recvonly") == 2
         assert first.headers["location"].startswith(stream["whip_url"] + "/")
         patch = await anonymous.patch(first.headers["location"], content="a=end-of-candidates",

@@ -22,6 +22,7 @@ from api.seeds.routes import router as seeds_router
 from api.server import errors, metrics
 from api.server.farewell import Farewells
 from api.server.health import VERSION
+from api.server.limits import BodyLimit
 from api.server.services import Services
 from api.server.settings import ServerSettings
 from api.server.workers import LocalWorkers
@@ -60,6 +61,7 @@ def create_app(settings: ServerSettings | None = None, relay_socket: socket.sock
     app.state.farewells = farewells
     app.state.ready = asyncio.Event()
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for routes in (metrics.router, router, v1, ws_ingest.router, outputs.router, webrtc.router, mjpeg.router,
                    seeds_router):  # seeds: seed 000's /ws, seed 001's /api/*
         app.include_router(routes)

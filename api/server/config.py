@@ -49,6 +49,8 @@ class ServerSection(_Section):
     api_keys: list[str] = Field(default_factory=list,
                                 description="Bearer keys for /v1; empty: one is generated and printed")
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest HTTP request body; larger ones get "
+                                "a 413 (style images as data URLs need ~7 MB)")
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
     data_dir: str | None = Field(None, description="where the server keeps its state, such as the generated "
@@ -171,7 +173,7 @@ class Config(BaseSettings):
             max_queue_size=self.server.max_queue_size, jpeg_quality=self.performance.jpeg_quality,
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
-            data_dir=self.server.data_dir,
+            data_dir=self.server.data_dir, max_body_bytes=self.server.max_body_bytes,
             ice_servers=list(self.server.ice_servers),
             whep_shared_encoder=self.server.whep_shared_encoder,
             whep_bitrate=self.server.whep_bitrate,

@@ -37,10 +37,20 @@ _HTTP_CODES = {400: "REQUEST/BAD_REQUEST", 401: "AUTH/UNAUTHORIZED", 403: "AUTH/
                422: "REQUEST/VALIDATION", 429: "REQUEST/RATE_LIMITED"}
 
 
+#: what pydantic puts in a location for the branch of a union it tried, not a field the client sent
+_BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
+
+
+def client_location(loc: Any) -> list[str]:
+    """A validation error's location as the client wrote it: ``params.seed``, never ``params.seed.constrained-int``."""
+    return [str(p) for p in loc if p != "body"
+            and not (isinstance(p, str) and ("-" in p or "[" in p or p in _BRANCH_TAGS))]
+
+
 def describe_validation(errors: list[dict[str, Any]]) -> str:
     """One line naming the first bad field, as clients show it to users."""
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc = client_location(first.get("loc", ()))
     where = ".".join(loc) or "body"
     if first.get("type") == "extra_forbidden":
         return f"unknown field '{where}'"
@@ -55,7 +65,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+        details = [{"loc": client_location(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
                    for e in errors]
         return error_response(422, describe_validation(errors), "REQUEST/VALIDATION", details)
 

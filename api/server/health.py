@@ -26,16 +26,18 @@ def gpu_info() -> dict[str, Any] | None:
 
 
 def health_report(running: Services) -> dict[str, Any]:
-    hub = running.hub
-    workers = [w.describe() for w in hub.workers]
+    """For anyone, without a key: so it names no stream, channel or key (stream ids would let
+    an anonymous client find a channel to read or publish on)."""
+    workers = [{"name": w.name, "engine": w.engine, "capacity": w.capacity, "used": len(w.assigned)}
+               for w in running.hub.workers]
     return {
-        "status": "ok",
+        "status": "ok" if workers else "degraded",
+        "detail": None if workers else "no worker connected: streams wait in LOADING",
         "version": VERSION,
         "python": sys.version.split()[0],
         "gpu": gpu_info(),
         "workers": workers,
-        "capacity": {"total": sum(w["capacity"] for w in workers),
-                     "used": sum(len(w["channels"]) for w in workers)},
+        "capacity": {"total": sum(w["capacity"] for w in workers), "used": sum(w["used"] for w in workers)},
         "streams": len(running.streams.streams),
         "relay_url": running.relay_url,
     }

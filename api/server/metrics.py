@@ -1,4 +1,4 @@
-"""Prometheus ``/metrics``: per-stream fps, latency histogram, drops, GPU memory, workers, WebRTC sessions.
+"""Prometheus ``/metrics`` (with the API key, as stream ids label its series): per-stream fps, latency histogram, drops, GPU memory, workers, WebRTC sessions.
 
 Gauges and counters are read from the hub at scrape time (a custom
 collector, so nothing is updated on the frame path); the latency histogram
@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from api.server.services import services
+from api.streams.auth import require_api_key
 from api.webrtc.sessions import WebRTCState
 from relay.hub import Hub
 
@@ -92,6 +93,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_api_key)])
 async def metrics(request: Request) -> Response:
     return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

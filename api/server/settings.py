@@ -40,6 +40,8 @@ class ServerSettings:
     style_image_allow_private: bool = False
     #: where HLS segments are written; None: a temporary directory
     hls_dir: str | None = None
+    #: largest HTTP request body accepted (413 above)
+    max_body_bytes: int = 8 * 2**20
     #: where the server keeps its state (the generated API key); None: the platform's data directory
     data_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.server.errors import ApiError, describe_validation, not_found
+from api.server.errors import ApiError, client_location, describe_validation, not_found
 from api.streams import ids
 from relay.hub import Hub
 from worker.engines.diffusion.params import DiffusionParams, reload_fields
@@ -85,7 +85,7 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
         return DiffusionParams.model_validate(params).model_dump(mode="json")
     except ValidationError as exc:
         errors = [{**e, "loc": ("params", *e["loc"])} for e in exc.errors()]
-        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+        details = [{"loc": client_location(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
         raise ApiError(422, describe_validation(errors), "REQUEST/VALIDATION", details) from None
 
 

@@ -4,7 +4,8 @@
 ``{base}/live/video-to-video/{playback_id}/whep`` take an SDP offer and
 answer 201 with the SDP answer and a ``Location`` naming the session
 (``.../whip/{session_id}``; DELETE ends it). Seed 003's shorter
-``/whip/{stream_id}`` and ``/whep/{playback_id}`` are aliases.
+``/whip/{stream_key}`` and ``/whep/{playback_id}`` are aliases (seed 003
+wrote a stream id there; only the key publishes).
 
 Choices worth knowing:
 
@@ -123,7 +124,7 @@ async def _delete(request: Request, session_id: str, kind: Kind, stream: Stream 
 # -- WHIP ---------------------------------------------------------------------
 
 @router.options(f"{LIVE}/{{stream_key}}/whip")
-@router.options("/whip/{stream_ref}")
+@router.options("/whip/{stream_key}")
 async def whip_options() -> Response:
     return _preflight("POST, OPTIONS")
 
@@ -137,11 +138,10 @@ async def whip_publish(stream_key: str, request: Request) -> Response:
     return await _open(request, stream, "whip")
 
 
-@router.post("/whip/{stream_ref}", status_code=201, response_class=Response)
-async def whip_publish_alias(stream_ref: str, request: Request) -> Response:
-    """Seed 003's form: the stream's id (or its key) in the path."""
-    streams = _streams(request)
-    stream = streams.streams.get(stream_ref) or streams.by_stream_key(stream_ref)
+@router.post("/whip/{stream_key}", status_code=201, response_class=Response)
+async def whip_publish_alias(stream_key: str, request: Request) -> Response:
+    """Seed 003's shorter form. Only the stream key publishes: a stream id is not a secret."""
+    stream = _streams(request).by_stream_key(stream_key)
     if stream is None:
         raise _no_stream()
     return await _open(request, stream, "whip")

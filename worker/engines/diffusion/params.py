@@ -17,7 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from worker.engines.base import EngineError
 
 Interpolation = Literal["linear", "slerp"]
-WeightedPrompt = tuple[str, float]
+#: the longest prompt accepted, in characters: CLIP reads 77 tokens, so this only bounds what travels
+MAX_PROMPT_CHARS = 4000
+#: the most entries of a weighted prompt or seed list
+MAX_BLEND_ENTRIES = 16
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+WeightedPrompt = tuple[PromptText, float]
 WeightedSeed = tuple[int, float]
 Size = Annotated[int, Field(ge=384, le=1024, multiple_of=64)]
 
@@ -81,11 +86,13 @@ class DiffusionParams(_Strict):
     """All parameters of the diffusion engine, with Daydream's defaults."""
 
     model_id: str = "stabilityai/sd-turbo"
-    prompt: str | Annotated[list[WeightedPrompt], Field(min_length=1)] = "flowers"
+    prompt: PromptText | Annotated[list[WeightedPrompt], Field(min_length=1, max_length=MAX_BLEND_ENTRIES)] = (
+        "flowers")
     prompt_interpolation_method: Interpolation = "slerp"
     normalize_prompt_weights: bool = True
-    negative_prompt: str = "blurry, low quality, flat, 2d"
-    seed: Annotated[int, Field(ge=0)] | Annotated[list[WeightedSeed], Field(min_length=1)] = 789
+    negative_prompt: PromptText = "blurry, low quality, flat, 2d"
+    seed: Annotated[int, Field(ge=0)] | Annotated[list[WeightedSeed],
+                                                   Field(min_length=1, max_length=MAX_BLEND_ENTRIES)] = 789
     seed_interpolation_method: Interpolation = "linear"
     normalize_seed_weights: bool = True
     guidance_scale: float = Field(1.0, ge=0.0, le=20.0)
