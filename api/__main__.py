@@ -122,8 +122,8 @@ def resolve_api_key(settings: ServerSettings) -> tuple[str, str]:
     """The key to show and where it comes from; generates and keeps one when none is configured."""
     if settings.api_keys:
         return "$API_KEY", "as configured"
-    data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
-    key, path = load_or_create_api_key(data_dir)
+    assert settings.data_dir is not None
+    key, path = load_or_create_api_key(Path(settings.data_dir))
     settings.api_keys = frozenset({key})
     return key, f"kept in {path}"
 
@@ -132,6 +132,7 @@ async def serve(settings: ServerSettings) -> None:
     http_sock = _listen_or_exit(settings.host, settings.port, "HTTP", "--port", "server.port")
     relay_sock = _listen_or_exit(settings.relay.host, settings.relay.port, "relay", "--relay-port",
                                  "relay.port")
+    settings.data_dir = settings.data_dir or str(default_data_dir())
     api_key, key_source = resolve_api_key(settings)
     if settings.workers and settings.engine == "auto" and resolve_engine("auto") == "filter":
         log.info("no CUDA GPU with diffusers found: local workers use engine 'filter' "

@@ -13,6 +13,7 @@ import logging
 
 import orjson
 
+from common.lifeline import exit_with_parent
 from common.logs import add_logging_arguments, setup_logging
 from relay.client import RelayRefused
 from relay.config import TOKEN_ENV, token_from_environment
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, str | None
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_with_parent()  # a server's local worker ends with it
     options, log_level = parse_args(argv)
     setup_logging(log_level)
     log.warning("engine %s%s", options.engine, " (OpenCV effects on the CPU: no CUDA GPU with "

@@ -29,6 +29,7 @@ from api.server.workers import LocalWorkers
 from api.streams import ids
 from api.streams.manager import StreamManager
 from api.streams.routes import router, v1
+from api.streams.store import StreamStore
 from api.web import page
 from relay import Relay
 
@@ -72,16 +73,19 @@ def create_app(settings: ServerSettings | None = None, relay_socket: socket.sock
 @contextlib.asynccontextmanager
 async def start_services(settings: ServerSettings, relay_socket: socket.socket | None,
                          farewells: Farewells) -> AsyncIterator[Services]:
-    """Start order: relay, streams and what follows them (outputs, WebRTC), metrics, local workers.
+    """Start order: relay, streams and what follows them (outputs, WebRTC), metrics, the streams
+    kept in ``settings.data_dir`` (none without one), local workers.
 
     Stopped in reverse: streams first (their outputs and sessions end with
-    them), then the workers, then the relay, which tells its clients.
+    them; their records stay), then the workers, then the relay, which tells
+    its clients.
     """
     relay = Relay(settings.relay, sock=relay_socket)
     await relay.start()
     host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
     relay_url = f"ws://{host}:{relay.port}"
-    streams = StreamManager(relay.hub)
+    store = StreamStore.in_directory(settings.data_dir) if settings.data_dir else None
+    streams = StreamManager(relay.hub, store)
     stream_outputs = outputs.outputs_for(settings, relay_url)
     streams.subscribe(stream_outputs)
     webrtc_state = webrtc.webrtc_state(settings)
@@ -91,12 +95,17 @@ async def start_services(settings: ServerSettings, relay_socket: socket.socket |
                        outputs=stream_outputs, webrtc=webrtc_state,
                        metrics=metrics.Metrics(relay.hub, webrtc_state), workers=workers, farewells=farewells)
     try:
+        restored = await streams.restore()
+        if restored:
+            log.info("restored %d streams from %s", restored, store.path if store else "")
         await workers.start(relay_url, next(iter(settings.relay.tokens), None))
         yield running
     finally:
-        await streams.close_all()
+        await streams.stop_all()
         await workers.stop()
         await relay.close()
+        if store is not None:
+            store.close()
 
 
 def _legacy_state(app: FastAPI, running: Services) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -20,6 +20,9 @@ from api.server.errors import ApiError, client_location, describe_validation, no
 from api.streams import ids
 from relay.hub import Hub
 from worker.engines.diffusion.params import DiffusionParams, reload_fields
+
+if TYPE_CHECKING:
+    from api.streams.store import StreamStore
 
 
 @dataclass
@@ -103,14 +106,20 @@ class StreamListener:
         """Its outputs (``output_rtmp_url``) changed; params go to the worker through the hub."""
 
     async def stream_closed(self, stream: Stream) -> None:
-        """It is being deleted; its channel closes right after the listeners return."""
+        """It stops here (deleted, or the server stops); its channel closes right after the listeners return."""
 
 
 class StreamManager:
-    """The streams by id, key and playback id; publishes created, changed and closed to listeners."""
+    """The streams by id, key and playback id; publishes created, changed and closed to listeners.
 
-    def __init__(self, hub: Hub) -> None:
+    With a ``store`` every change is written through, and :meth:`restore`
+    brings the streams back after a restart: same ids, keys and playback
+    ids, channels open again, outputs started again by the listeners.
+    """
+
+    def __init__(self, hub: Hub, store: StreamStore | None = None) -> None:
         self.hub = hub
+        self.store = store
         self.streams: dict[str, Stream] = {}
         self._by_key: dict[str, Stream] = {}
         self._by_playback: dict[str, Stream] = {}
@@ -124,13 +133,25 @@ class StreamManager:
         stream = Stream(id=ids.stream_id(), stream_key=ids.stream_key(), playback_id=ids.playback_id(),
                         pipeline="streamdiffusion" if pipeline.startswith("pip_") else pipeline,
                         params=params, name=name, output_rtmp_url=output_rtmp_url)
-        self.hub.open_channel(stream.channel, params)
+        if self.store is not None:
+            self.store.save(stream)
+        await self._start(stream)
+        return stream
+
+    async def restore(self) -> int:
+        """Start every stream the store holds (at server start); returns how many."""
+        restored = list(self.store.load()) if self.store is not None else []
+        for stream in restored:
+            await self._start(stream)
+        return len(restored)
+
+    async def _start(self, stream: Stream) -> None:
+        self.hub.open_channel(stream.channel, stream.params)
         self.streams[stream.id] = stream
         self._by_key[stream.stream_key] = stream
         self._by_playback[stream.playback_id] = stream
         for listener in self._listeners:
             await listener.stream_created(stream)
-        return stream
 
     def get(self, stream_id: str) -> Stream:
         stream = self.streams.get(stream_id)
@@ -164,6 +185,8 @@ class StreamManager:
         rtmp_changed = output_rtmp_url is not None and output_rtmp_url != stream.output_rtmp_url
         if output_rtmp_url is not None:
             stream.output_rtmp_url = output_rtmp_url
+        if self.store is not None:
+            self.store.save(stream)
         channel = self.hub.channels.get(stream.channel)
         if channel is not None:
             self.hub.set_params(channel, params, replace=True)
@@ -173,16 +196,23 @@ class StreamManager:
         return stream
 
     async def delete(self, stream: Stream) -> None:
+        """Gone everywhere: the stored record, the outputs and sessions, the channel and its worker."""
+        if self.store is not None:
+            self.store.delete(stream.id)
+        await self._stop(stream)
+
+    async def stop_all(self) -> None:
+        """At shutdown: stop every stream here, keeping the stored records for the next start."""
+        for stream in list(self.streams.values()):
+            await self._stop(stream)
+
+    async def _stop(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         self._by_key.pop(stream.stream_key, None)
         self._by_playback.pop(stream.playback_id, None)
         for listener in self._listeners:
             await listener.stream_closed(stream)
         self.hub.close_channel(stream.channel)
-
-    async def close_all(self) -> None:
-        for stream in list(self.streams.values()):
-            await self.delete(stream)
 
     def status(self, stream: Stream, base_url: str,
                outputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:

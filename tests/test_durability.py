@@ -1,0 +1,158 @@
+"""State that survives restarts and processes that come back, with the real server command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from api.streams.store import StreamStore
+from tests.helpers import jpeg
+from tests.test_commands import ROOT
+from wire.frames import FrameKind, decode_frame
+
+KEY = "durable-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class Server:
+    process: asyncio.subprocess.Process
+    url: str
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in _pids() if _parent(pid) == self.process.pid]
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@asynccontextmanager
+async def server(data_dir: Path) -> AsyncIterator[Server]:
+    """``python -m api`` with a filter worker, its streams kept in ``data_dir``; stopped with SIGTERM
+    unless the test killed it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "api", "--port", "0", "--relay-port", "0", "--data-dir", str(data_dir),
+        "--api-key", KEY, "--engine", "filter", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        url = None
+        while url is None:
+            line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+            assert line, "the server exited before it was ready"
+            if found := re.search(r"api ready at (http://\S+)", line):
+                url = found.group(1)
+        yield Server(process, url)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 15)
+
+
+async def processed_frames(url: str, stream_key: str, count: int) -> list[int]:
+    """Send JPEGs over the stream-key WebSocket ingest until ``count`` results came back; their seqs."""
+    ws_url = url.replace("http://", "ws://") + f"/live/video-to-video/{stream_key}/ws"
+    seqs: list[int] = []
+    async with asyncio.timeout(60), websockets.connect(ws_url, compression=None) as ws:
+        image = jpeg(64, 64, seed=3)
+        while len(seqs) < count:
+            await ws.send(image)
+            with suppress(TimeoutError):
+                message = await asyncio.wait_for(ws.recv(), 1)  # a worker may still be starting
+                if isinstance(message, bytes) and decode_frame(message).kind == FrameKind.OUTPUT:
+                    seqs.append(decode_frame(message).seq)
+    return seqs
+
+
+async def first_mjpeg_frame(api: httpx.AsyncClient, playback_id: str) -> bytes:
+    """The first JPEG of the stream's MJPEG playback URL."""
+    buffer = b""
+    async with asyncio.timeout(60), api.stream("GET", f"/live/video-to-video/{playback_id}/mjpeg") as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_bytes():
+            buffer += chunk
+            start = buffer.find(b"\xff\xd8")
+            end = buffer.find(b"\xff\xd9", start)
+            if start >= 0 and end > start:
+                return buffer[start:end + 2]
+    raise AssertionError("the MJPEG response ended without a frame")
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_streams_survive_a_restart(tmp_path, stop):
+    async with server(tmp_path) as first, httpx.AsyncClient(base_url=first.url, headers=AUTH) as api:
+        created = (await api.post("/v1/streams", json={"pipeline": "streamdiffusion",
+                                                       "params": {"prompt": "photo negative"}})).json()
+        await api.patch(f"/v1/streams/{created['id']}", json={"params": {"prompt": "a pencil sketch"}})
+        assert len(await processed_frames(first.url, created["stream_key"], 2)) == 2
+        workers = first.worker_pids
+        if stop == "sigkill":
+            first.process.kill()
+            await first.process.wait()
+            # the worker follows its parent (no orphan joining the next server)
+            async with asyncio.timeout(15):
+                while any(_alive(pid) for pid in workers):
+                    await asyncio.sleep(0.05)
+    async with server(tmp_path) as second, httpx.AsyncClient(base_url=second.url, headers=AUTH) as api:
+        again = (await api.get(f"/v1/streams/{created['id']}")).json()
+        assert again["stream_key"] == created["stream_key"]
+        assert again["output_playback_id"] == created["output_playback_id"]
+        assert again["params"]["prompt"] == "a pencil sketch"
+        # the same playback URL plays as soon as input returns, through the same stream key
+        playing = asyncio.create_task(first_mjpeg_frame(api, created["output_playback_id"]))
+        await processed_frames(second.url, created["stream_key"], 3)
+        assert (await playing).startswith(b"\xff\xd8")
+        assert (await api.delete(f"/v1/streams/{created['id']}")).status_code == 200
+    async with server(tmp_path) as third, httpx.AsyncClient(base_url=third.url, headers=AUTH) as api:
+        assert (await api.get(f"/v1/streams/{created['id']}")).status_code == 404
+
+
+async def test_a_killed_worker_is_restarted_and_its_stream_resumes(tmp_path):
+    async with server(tmp_path) as running, httpx.AsyncClient(base_url=running.url, headers=AUTH) as api:
+        stream = (await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {}})).json()
+        assert len(await processed_frames(running.url, stream["stream_key"], 1)) == 1
+        (worker,) = running.worker_pids
+        os.kill(worker, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while running.worker_pids in ([], [worker]):
+                await asyncio.sleep(0.05)
+        assert len(await processed_frames(running.url, stream["stream_key"], 2)) == 2
+        health = (await api.get("/health")).json()
+        assert health["status"] == "ok" and len(health["workers"]) == 1
+
+
+def test_the_store_migrates_and_refuses_a_newer_schema(tmp_path):
+    store = StreamStore.in_directory(tmp_path)
+    store.close()
+    store = StreamStore.in_directory(tmp_path)  # an up-to-date file opens again
+    store._db.execute("PRAGMA user_version = 99")
+    store.close()
+    with pytest.raises(RuntimeError, match="newer version"):
+        StreamStore.in_directory(tmp_path)
