@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import functools
 import http.server
 import threading
@@ -46,6 +48,12 @@ def body(url: str) -> dict:
     ("ftp://example.com/style.jpg", "https URL"),
     ("data:text/plain;base64,aGVsbG8=", "data:image"),
     ("data:image/png;base64,aGVsbG8=", "JPEG or PNG"),
+    ("https://[::1/style.jpg", "not a valid URL"),
+    ("https://example.com:99999/style.jpg", "not a valid URL"),
+    ("https://[64:ff9b::7f00:1]/style.jpg", "private address"),  # NAT64 of 127.0.0.1
+    ("https://[2002:a00:1::1]/style.jpg", "private address"),  # 6to4 of 10.0.0.1
+    ("https://[::7f00:1]/style.jpg", "private address"),  # IPv4-compatible 127.0.0.1
+    ("https://[::ffff:192.168.0.1]/style.jpg", "private address"),  # IPv4-mapped
 ])
 async def test_unsafe_or_unusable_urls_are_422(api, url, needle):
     response = await api.post("/v1/streams", json=body(url))
@@ -82,3 +90,31 @@ async def test_download_is_capped_while_it_streams(files):
     with pytest.raises(ApiError) as exc:
         await style_image.fetch(f"{files}/style.jpg", allow_private=True, max_bytes=100)
     assert "over 100 bytes" in exc.value.message
+
+
+async def test_a_trickling_server_cannot_hold_the_fetch():
+    """Each byte comes before the per-read timeout, yet the whole fetch ends at the deadline."""
+    stop = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            while not stop.is_set():
+                writer.write(b"x")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.05)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ApiError) as exc:
+            await style_image.fetch(f"http://127.0.0.1:{port}/slow.jpg", allow_private=True, timeout=5,
+                                    deadline=0.5)
+        assert "took over 0.5 s" in exc.value.message
+    finally:
+        stop.set()
+        server.close()
+        await server.wait_closed()

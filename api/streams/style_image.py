@@ -25,7 +25,10 @@ from wire.errors import ProtocolError
 from wire.images import probe_image
 
 MAX_BYTES = 5 * 2**20
+#: the whole fetch (DNS, connect, headers, body) ends by then: a byte-trickling server cannot hold it
+DEADLINE_S = 15.0
 FIELD = "ip_adapter_style_image_url"
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def _invalid(message: str) -> ApiError:
@@ -53,20 +56,52 @@ async def public_addresses(host: str, port: int) -> list[str]:
         raise _invalid(f"cannot resolve {host!r}") from None
     addresses = sorted({info[4][0] for info in infos})
     for address in addresses:
-        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+        if not is_public(ipaddress.ip_address(address.split("%")[0])):
             raise _invalid(f"{host!r} resolves to a private address; only public hosts are fetched")
     return addresses
 
 
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global, and so is every IPv4 address it carries (NAT64, 6to4, Teredo, IPv4-mapped or -compatible):
+    ``64:ff9b::7f00:1`` reaches 127.0.0.1 through a NAT64 gateway, though Python calls it global."""
+    return address.is_global and all(inner.is_global for inner in embedded_ipv4(address))
+
+
+def embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    inner = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in NAT64 or int(address) >> 32 == 0:  # NAT64, or IPv4-compatible ::a.b.c.d
+        inner.append(low32)
+    return [a for a in inner if a is not None]
+
+
 async def fetch(url: str, allow_private: bool = False, max_bytes: int = MAX_BYTES,
-                timeout: float = 10.0) -> str:
-    """Download ``url`` and return it as a ``data:`` URL; 422 for anything unusable."""
-    parts = urlsplit(url)
+                timeout: float = 10.0, deadline: float = DEADLINE_S) -> str:
+    """Download ``url`` and return it as a ``data:`` URL; 422 for anything unusable.
+
+    ``timeout`` bounds each network step; ``deadline`` the whole fetch.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # https://[::1/ and friends
+        raise _invalid(f"not a valid URL ({exc})") from None
     allowed = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in allowed or not parts.hostname:
         raise _invalid("use an https URL or a data:image/...;base64 URL")
+    try:
+        async with asyncio.timeout(deadline):
+            return await _download(url, parts.hostname, port or 443, allow_private, max_bytes, timeout)
+    except TimeoutError:
+        raise _invalid(f"fetching it took over {deadline:g} s") from None
+
+
+async def _download(url: str, host: str, port: int, allow_private: bool, max_bytes: int,
+                    timeout: float) -> str:
     if not allow_private:
-        await public_addresses(parts.hostname, parts.port or 443)
+        await public_addresses(host, port)
     body = bytearray()
     try:
         async with (
