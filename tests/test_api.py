@@ -216,6 +216,19 @@ async def test_delete_frees_worker_and_channel(api, worker):
     assert (await api.delete("/v1/streams", params={"id": second["id"]})).status_code == 404
 
 
+async def test_metrics_forget_the_streams_that_ended(api, worker):
+    ended = []
+    for _ in range(3):
+        stream = await create(api, prompt="sketch")
+        await asyncio.wait_for(wait_until_ready(api, stream["id"]), 15)
+        await run_frames(api, stream["id"], 2)
+        assert stream["id"] in (await api.get("/metrics")).text
+        assert (await api.delete(f"/v1/streams/{stream['id']}")).status_code == 200
+        ended.append(stream["id"])
+    text = (await api.get("/metrics")).text
+    assert not [sid for sid in ended if sid in text]
+
+
 async def test_metrics_parse_with_prometheus_client(api, worker):
     from prometheus_client.parser import text_string_to_metric_families
 

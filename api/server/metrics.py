@@ -7,12 +7,14 @@ is fed by the hub's latency observer, one ``observe`` per result.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import Counter
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Depends, Request, Response
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from api.server.services import services
@@ -23,6 +25,7 @@ from relay.hub import Hub
 router = APIRouter()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+BUCKET_LABELS = (*(str(bound) for bound in LATENCY_BUCKETS), "+Inf")
 
 
 class HubCollector:
@@ -78,16 +81,47 @@ class WebRTCCollector:
         yield from (sessions, encoders)
 
 
+class LatencyHistograms:
+    """Relay latency per channel, kept only while the channel is open.
+
+    A ``prometheus_client.Histogram`` keeps every label it ever saw, so series
+    of ended streams and sessions would pile up; these drop with the channel.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._counts: dict[str, list[int]] = {}  # per bucket of LATENCY_BUCKETS, then +Inf
+        self._sums: dict[str, float] = {}
+
+    def observe(self, channel: str, seconds: float) -> None:
+        counts = self._counts.get(channel)
+        if counts is None:
+            counts = self._counts[channel] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self._sums[channel] = 0.0
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._sums[channel] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily("sd_stream_latency_seconds",
+                                       "Relay latency: input arrival to result arrival", labels=["stream"])
+        for channel in list(self._counts):
+            if channel not in self.hub.channels:
+                del self._counts[channel], self._sums[channel]
+                continue
+            cumulative = itertools.accumulate(self._counts[channel])
+            family.add_metric([channel], list(zip(BUCKET_LABELS, cumulative, strict=True)), self._sums[channel])
+        yield family
+
+
 class Metrics:
-    """The Prometheus registry of one server: hub and WebRTC collectors, and the latency histogram."""
+    """The Prometheus registry of one server: hub, latency and WebRTC collectors."""
 
     def __init__(self, hub: Hub, webrtc: WebRTCState) -> None:
         self.registry = CollectorRegistry()
-        latency = Histogram("sd_stream_latency_seconds", "Relay latency: input arrival to result arrival",
-                            ["stream"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(HubCollector(hub))
-        self.registry.register(WebRTCCollector(webrtc))
-        hub.latency_observers.append(lambda stream, seconds: latency.labels(stream).observe(seconds))
+        latency = LatencyHistograms(hub)
+        for collector in (HubCollector(hub), latency, WebRTCCollector(webrtc)):
+            self.registry.register(collector)
+        hub.latency_observers.append(latency.observe)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
