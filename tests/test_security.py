@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+import contextlib
 
-from tests.api_fixtures import api, create_stream, worker  # noqa: F401
+import httpx
+import orjson
+import pytest
+import websockets
+
+from api.server.app import create_app
+from api.server.http import running
+from api.server.settings import ServerSettings
+from relay import RelayConfig
+from tests.api_fixtures import KEY, api, create_stream, worker  # noqa: F401
 from tests.test_webrtc import PatternTrack, publish
 
 
@@ -63,3 +73,48 @@ async def test_prompts_are_bounded_and_errors_name_the_field_sent(api):
     assert all("constrained" not in ".".join(d["loc"]) for d in seed.json()["details"])
 
 
+
+
+@pytest.fixture
+async def guarded():
+    """A server with a 0.5 s header deadline and at most 3 connections per client address."""
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
+                                    header_timeout_s=0.5, max_connections_per_client=3))
+    async with running(app) as url:
+        yield url
+
+
+async def _connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def test_connections_without_headers_are_closed(guarded):
+    silent = await _connect(guarded)
+    partial = await _connect(guarded)
+    partial[1].write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    for reader, writer in (silent, partial):
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+        writer.close()
+    async with httpx.AsyncClient(base_url=guarded) as client:
+        assert (await client.get("/health")).status_code == 200
+    async with websockets.connect(guarded.replace("http://", "ws://") + "/ws") as ws:
+        assert orjson.loads(await ws.recv())["type"] == "status"
+        await asyncio.sleep(1)  # past the header deadline: an upgraded connection is not cut
+        await ws.send(orjson.dumps({"type": "ping"}))
+        assert ws.state is websockets.State.OPEN
+
+
+async def test_one_address_cannot_take_every_connection(guarded):
+    held = [await _connect(guarded) for _ in range(3)]
+    reader, writer = await _connect(guarded)
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # the fourth is refused
+    writer.close()
+    for _, other in held:
+        other.close()
+        await other.wait_closed()
+    async with asyncio.timeout(10), httpx.AsyncClient(base_url=guarded) as client:
+        while True:  # the server notices the closed ones, then serves again
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get("/health")).status_code == 200:
+                    break

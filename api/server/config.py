@@ -51,6 +51,10 @@ class ServerSection(_Section):
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest HTTP request body; larger ones get "
                                 "a 413 (style images as data URLs need ~7 MB)")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a connection may take to send a "
+                                    "request's headers before it is closed")
+    max_connections_per_client: int = Field(128, ge=1, description="HTTP and WebSocket connections one "
+                                            "client address may hold at once")
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
     data_dir: str | None = Field(None, description="where the server keeps its state, such as the generated "
@@ -174,6 +178,8 @@ class Config(BaseSettings):
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
             data_dir=self.server.data_dir, max_body_bytes=self.server.max_body_bytes,
+            header_timeout_s=self.server.header_timeout_s,
+            max_connections_per_client=self.server.max_connections_per_client,
             ice_servers=list(self.server.ice_servers),
             whep_shared_encoder=self.server.whep_shared_encoder,
             whep_bitrate=self.server.whep_bitrate,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from api.server.guard import guarded_h11
 from common.listen import listen
 
 
@@ -32,7 +33,9 @@ class GracefulServer(uvicorn.Server):
 
 
 def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
+    settings = app.state.settings
     config = uvicorn.Config(app, log_level=log_level, lifespan="on",
+                            http=guarded_h11(settings.header_timeout_s, settings.max_connections_per_client),
                             ws_per_message_deflate=False,  # deflate costs ~40x on JPEG frames
                             access_log=False,
                             # endless responses (MJPEG) would otherwise hold shutdown forever

@@ -42,6 +42,9 @@ class ServerSettings:
     hls_dir: str | None = None
     #: largest HTTP request body accepted (413 above)
     max_body_bytes: int = 8 * 2**20
+    #: seconds for a request's headers, and connections per client address
+    header_timeout_s: float = 10.0
+    max_connections_per_client: int = 128
     #: where the server keeps its state (the generated API key); None: the platform's data directory
     data_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)
