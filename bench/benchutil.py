@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: machine description, test images, percentiles."""
+"""Helpers shared by the benchmarks: machine description, test images, percentile cells."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # for this process only: the benches import tests.tiny_models, and a lent GPU machine has no install
 sys.path.insert(0, ROOT)
+
+from common.percentiles import percentiles_ms  # after the path: no install needed
 
 
 def machine() -> str:
@@ -63,7 +65,6 @@ def pct_cells(samples: list[float], decimals: int = 2) -> str:
 
 
 def pct_ms(samples: list[float], q: float) -> float:
-    if not samples:
-        return float("nan")
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    """The ``q`` percentile in ms (:func:`common.percentiles.percentiles_ms`); NaN when there are no samples."""
+    (value,) = percentiles_ms(samples, (q,)).values()
+    return float("nan") if value is None else value

@@ -8,17 +8,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from common.percentiles import percentiles_ms
 
-def percentiles_ms(samples: list[float]) -> dict[str, float]:
-    """p50/p90/p99/max of latencies given in seconds, in milliseconds; empty when no samples."""
-    if not samples:
-        return {}
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
-
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": pick(1.0)}
+__all__ = ["Rate", "every_second", "percentiles_ms"]  # percentiles_ms: the common one, for sender.py
 
 
 class Rate:

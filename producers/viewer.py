@@ -29,8 +29,9 @@ import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from common.percentiles import percentiles_ms
 from media.codec import decode_image, resize_rgb
-from producers.meter import Rate, every_second, percentiles_ms
+from producers.meter import Rate, every_second
 from producers.net import DEFAULT_RELAY, open_relay
 from wire.errors import ProtocolError
 from wire.frames import Frame, ImageFormat, decode_frame
@@ -89,7 +90,7 @@ class ViewerReport:
     width: int = 0
     height: int = 0
     #: capture-to-arrival age from the producer's timestamps (same clock only on one machine).
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     closed: str | None = None
 
@@ -121,7 +122,7 @@ class ViewerReport:
             rate = self.mp4_frames / self.mp4_seconds if self.mp4_seconds > 0 else 0.0
             lines.append(f"wrote {self.mp4_frames} frames to the MP4 (H.264): "
                          f"{self.mp4_seconds:.2f} s at {rate:.1f} fps on average")
-        if self.latency_ms:
+        if any(v is not None for v in self.latency_ms.values()):
             lines.append("age since capture ms: "
                          + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
         if self.errors:
@@ -531,7 +532,6 @@ class _Viewer:
         return line
 
 
-if __name__ == "__main__":
-    from producers.cli import main
-
-    sys.exit(main(["view", *sys.argv[1:]]))
+if __name__ == "__main__":  # the command is in producers.cli, which imports this module: no cycle back
+    print("usage: python -m producers view [options] (or sd-view)", file=sys.stderr)
+    sys.exit(2)

@@ -1,9 +1,11 @@
 """Per-peer outgoing mailbox: latest frame wins, control messages in order.
 
-Each peer has one slot per (channel, kind); putting a frame into a full slot
-replaces the unsent one and counts a drop, so a slow peer holds at most one
-frame per slot and never builds a backlog or slows the sender. Control
-messages (errors, acks, params) go through a small bounded queue.
+Each peer has one :class:`~common.slots.Newest` slot per (channel, kind);
+putting a frame into a full slot replaces the unsent one and returns it (the
+hub counts the drop), so a slow peer holds at most one frame per slot and
+never builds a backlog or slows the sender. One event wakes the peer's single
+sender task for all its slots. Control messages (errors, acks, params) go
+through a small bounded queue.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from common.slots import Newest
+
 T = TypeVar("T")
 
 
@@ -20,7 +24,8 @@ class Outbox(Generic[T]):
     def __init__(self, control_limit: int = 64) -> None:
         #: optional: sends an item at once when the socket is idle; True when it did
         self.fast_send: Callable[[T], bool] | None = None
-        self._frames: dict[Hashable, T] = {}
+        #: the slots holding an unsent frame, in the order of their newest put
+        self._frames: dict[Hashable, Newest[T]] = {}
         self._control: deque[str] = deque(maxlen=control_limit)
         self._ready = asyncio.Event()
         self._busy = False  # the sender task holds items it has not finished sending
@@ -31,10 +36,13 @@ class Outbox(Generic[T]):
         if (self.fast_send is not None and not self._busy and not self._frames
                 and not self._control and self.fast_send(item)):
             return None  # nothing queued and the socket idle: written without the sender task
-        replaced = self._frames.pop(slot, None)  # re-insert: oldest slot sends first
-        self._frames[slot] = item
+        frames = self._frames
+        newest = frames.pop(slot, None)  # re-insert: oldest slot sends first
+        if newest is None:
+            newest = Newest()
+        frames[slot] = newest
         self._ready.set()
-        return replaced
+        return newest.put(item)
 
     def put_control(self, text: str) -> None:
         self._control.append(text)
@@ -52,7 +60,7 @@ class Outbox(Generic[T]):
             await self._ready.wait()
         control = list(self._control)
         self._control.clear()
-        frames = list(self._frames.values())
+        frames = [item for newest in self._frames.values() for item in newest.take()]
         self._frames.clear()
         self._busy = True  # until the next take: a direct send now could overtake these
         return control, frames

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 
+from common.percentiles import RELAY_QUANTILES, percentiles_ms
+
 
 class RateMeter:
     """Events per second over roughly the last ``window`` seconds.
@@ -60,17 +62,5 @@ class LatencyTracker:
         return elapsed
 
     def percentiles_ms(self) -> dict[str, float | None]:
-        return percentiles_ms(self.samples)
-
-
-def percentiles_ms(samples) -> dict[str, float | None]:
-    """p50/p99 in milliseconds of a collection of durations in seconds."""
-    if not samples:
-        return {"p50": None, "p99": None}
-    ordered = sorted(samples)
-    last = len(ordered) - 1
-
-    def pick(q: float) -> float:
-        return round(ordered[min(last, int(q * len(ordered)))] * 1000, 3)
-
-    return {"p50": pick(0.50), "p99": pick(0.99)}
+        """``{"p50": ms, "p99": ms}``, ``None`` values before the first sample."""
+        return percentiles_ms(self.samples, RELAY_QUANTILES)

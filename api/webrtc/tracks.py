@@ -23,6 +23,7 @@ import av
 from aiortc import MediaStreamTrack, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from common.slots import AsyncSlot, Closed
 from media.codec import DEFAULT_QUALITY, decode_image, encode_image
 from relay.local import LocalViewer
 from wire.frames import Frame
@@ -33,7 +34,8 @@ VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
 
 
 class LatestFrame:
-    """Drain a received track into a one-frame slot: :meth:`get` returns the newest frame.
+    """Drain a received track into a one-frame :class:`~common.slots.AsyncSlot`:
+    :meth:`get` returns the newest frame.
 
     ``received`` counts decoded frames, ``dropped`` those replaced before
     anyone took them (the consumer was busy: dropping is the point).
@@ -41,36 +43,30 @@ class LatestFrame:
 
     def __init__(self, track: MediaStreamTrack) -> None:
         self._track = track
-        self._frame: av.VideoFrame | None = None
-        self._ready = asyncio.Event()
-        self._ended = False
+        self._slot: AsyncSlot[av.VideoFrame] = AsyncSlot()
         self.received = 0
-        self.dropped = 0
         self._task = asyncio.create_task(self._run(), name=f"drain-{track.id}")
+
+    @property
+    def dropped(self) -> int:
+        return self._slot.dropped
 
     async def _run(self) -> None:
         try:
             while True:
-                frame = await self._track.recv()
-                if self._frame is not None:
-                    self.dropped += 1
-                self._frame = frame
+                self._slot.put(await self._track.recv())
                 self.received += 1
-                self._ready.set()
         except MediaStreamError:
             pass
         finally:
-            self._ended = True
-            self._ready.set()
+            self._slot.close()
 
     async def get(self) -> av.VideoFrame:
         """The newest frame not yet taken; ``MediaStreamError`` once the track has ended."""
-        while self._frame is None:
-            if self._ended:
-                raise MediaStreamError
-            self._ready.clear()
-            await self._ready.wait()
-        frame, self._frame = self._frame, None
+        try:
+            (frame,) = await self._slot.take()
+        except Closed:
+            raise MediaStreamError from None
         return frame
 
     async def close(self) -> None:
