@@ -1,6 +1,6 @@
 """One channel's processing: decode, engine, encode, each on its own thread.
 
-Stages hand work over through :class:`NewestBuffer`, so while the engine
+Stages hand work over through :class:`~common.slots.ThreadSlot`, so while the engine
 runs frame N the decoder prepares the newest frame after it and the encoder
 finishes frame N-1: the engine never waits on I/O or codecs, and a slow
 engine sees the newest frame rather than a queue. Threads, not processes:
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from common.slots import Closed, ThreadSlot
 from media.codec import decode_image, encode_image
 from wire.frames import Frame, ImageFormat
 from worker.engines import Engine, EngineError, create_engine
-from worker.slots import Closed, NewestBuffer
 
 log = logging.getLogger("worker")
 
@@ -94,9 +94,9 @@ class ChannelPipeline:
         self._reloading = False
         self._updates: list[PendingUpdate] = []
         self._lock = threading.Lock()
-        self._incoming: NewestBuffer[Frame] = NewestBuffer(1)
-        self._decoded: NewestBuffer[Decoded] = NewestBuffer(1)
-        self._processed: NewestBuffer[tuple[Frame, np.ndarray, int]] = NewestBuffer(4)
+        self._incoming: ThreadSlot[Frame] = ThreadSlot(1)
+        self._decoded: ThreadSlot[Decoded] = ThreadSlot(1)
+        self._processed: ThreadSlot[tuple[Frame, np.ndarray, int]] = ThreadSlot(4)
         self._threads = [
             threading.Thread(target=self._guard(self._decode_loop), name=f"decode-{channel}", daemon=True),
             threading.Thread(target=self._guard(self._engine_loop), name=f"engine-{channel}", daemon=True),
