@@ -1,1 +1,1 @@
-"""The server users start: relay, local workers and (later) the HTTP API in one process."""
+"""The server users start (``python -m api``, ``sd-server``): the HTTP API, the relay and local workers in one process."""

@@ -24,8 +24,10 @@ class KeyValueFormatter(logging.Formatter):
 def setup_logging(level: str | None = None) -> None:
     """Warnings only unless ``level`` ("debug", "info"...) says otherwise.
 
-    The ``embedded`` logger (what the server tells a user it is running) stays
-    at info even when quiet.
+    The ``embedded`` logger stays at info even when quiet: ``python -m api``
+    (``sd-server``) tells a user through it which engine its local workers
+    fell back to, and that must be seen. The name is spelled in
+    ``api/__main__.py`` too: rename both together.
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())

@@ -70,8 +70,9 @@ async def recv_frame(ws: ClientConnection) -> Frame:
 class EchoWorker:
     """A minimal worker speaking the protocol by hand: returns each input as its output.
 
-    ``gate`` (when set) is awaited before each receive, which makes a
-    deliberately slow worker whose pace the test controls.
+    A test controls its pace: :meth:`serve` echoes ``count`` frames, and a
+    worker that is started but not served is a stalled one (read ``ws``
+    directly to see what reached it).
     """
 
     def __init__(self, url: str, token: str | None = None, max_queue: int = 16) -> None:
