@@ -246,3 +246,27 @@ async def test_metrics_parse_with_prometheus_client(api, worker):
     assert samples[("sd_stream_latency_seconds_count", label)] == 5
     assert samples[("sd_workers", ())] == 1
     assert samples[("sd_stream_output_fps", label)] > 0
+
+
+@pytest.mark.parametrize(("params", "field", "needle"), [
+    ({"controlnets": [{"model_id": "lllyasviel/control_v11p_sd15_canny"}]}, "params.controlnets",
+     "SD 1.5 ControlNet"),
+    ({"model_id": "stabilityai/sdxl-turbo", "controlnets": [
+        {"model_id": f"xinsir/controlnet-{kind}-sdxl-1.0"} for kind in ("depth", "canny", "tile", "openpose")]},
+     "params.controlnets", "at most 3"),
+    ({"ip_adapter": {"type": "regular"}}, "params.ip_adapter", "not SD 2.1"),
+])
+async def test_daydream_model_family_rules(api, params, field, needle):
+    response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith(f"invalid field '{field}'") and needle in response.json()["error"]
+
+
+async def test_model_family_rules_pass_what_fits(api):
+    for params in ({"controlnets": [{"model_id": "thibaud/controlnet-sd21-canny-diffusers"}]},
+                   {"model_id": "stabilityai/sdxl-turbo", "ip_adapter": {"type": "regular"},
+                    "controlnets": [{"model_id": "xinsir/controlnet-depth-sdxl-1.0"},
+                                    {"model_id": "xinsir/controlnet-tile-sdxl-1.0", "enabled": False}]},
+                   {"model_id": "/models/my-own", "controlnets": [{"model_id": "/models/my-controlnet"}]}):
+        response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
+        assert response.status_code == 201, response.text

@@ -345,7 +345,9 @@ def test_a_missing_tiny_vae_or_lora_is_named(tiny: TinyModels) -> None:
 
 def test_ip_adapter_errors_are_clear(tiny: TinyModels) -> None:
     with pytest.raises(EngineError, match="faceid"):
-        DiffusionEngine({"ip_adapter": {"type": "faceid"}})
+        DiffusionEngine({"model_id": "Lykon/dreamshaper-8", "ip_adapter": {"type": "faceid"}})
+    with pytest.raises(EngineError, match="not SD 2.1"):
+        DiffusionEngine({"ip_adapter": {"type": "regular"}})  # sd-turbo has no IP-Adapter
     with pytest.raises(EngineError, match="IP-Adapter 'h94/IP-Adapter' is not available"):
         engine(tiny, ip_adapter={"type": "regular"})
 

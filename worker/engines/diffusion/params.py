@@ -12,9 +12,24 @@ import itertools
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from worker.engines.base import EngineError
+from worker.engines.diffusion.families import (
+    IP_ADAPTER_FAMILIES,
+    MAX_SDXL_CONTROLNETS,
+    NAMES,
+    controlnet_family,
+    model_family,
+)
 
 Interpolation = Literal["linear", "slerp"]
 #: the longest prompt accepted, in characters: CLIP reads 77 tokens, so this only bounds what travels
@@ -148,6 +163,33 @@ class DiffusionParams(_Strict):
         if max(self.t_index_list) > self.num_inference_steps:
             raise ValueError("t_index_list values must be in 0..num_inference_steps")
         return self
+
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets_fit_the_model(cls, value: list[ControlNetParams], info: ValidationInfo,
+                                   ) -> list[ControlNetParams]:
+        """Daydream's rules for known models: ControlNets of the model's family, at most 3 on SDXL."""
+        family = model_family(info.data.get("model_id", ""))
+        if family is None:
+            return value
+        for index, controlnet in enumerate(value):
+            other = controlnet_family(controlnet.model_id)
+            if other is not None and other != family:
+                raise ValueError(f"controlnets[{index}].model_id {controlnet.model_id} is an {NAMES[other]} "
+                                 f"ControlNet; {info.data['model_id']} is {NAMES[family]}")
+        if family == "sdxl" and sum(c.enabled for c in value) > MAX_SDXL_CONTROLNETS:
+            raise ValueError(f"SDXL models take at most {MAX_SDXL_CONTROLNETS} enabled ControlNets")
+        return value
+
+    @field_validator("ip_adapter")
+    @classmethod
+    def _ip_adapter_fits_the_model(cls, value: IPAdapterParams | None, info: ValidationInfo,
+                                   ) -> IPAdapterParams | None:
+        family = model_family(info.data.get("model_id", ""))
+        if value is not None and value.enabled and family is not None and family not in IP_ADAPTER_FAMILIES:
+            raise ValueError(f"IP-Adapter works with SD 1.5 and SDXL models, not {NAMES[family]} "
+                             f"({info.data['model_id']})")
+        return value
 
     def weighted_prompts(self) -> list[WeightedPrompt]:
         """``prompt`` as ``[(text, weight), ...]`` whether given as a string or a list."""
