@@ -74,7 +74,7 @@ async def test_bad_bodies_get_422_naming_the_field(api, body, status, needle):
 async def test_bad_json_is_a_clear_4xx(api):
     response = await api.post("/v1/streams", content=b"{not json",
                               headers={"Content-Type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["success"] is False
 
 
@@ -270,3 +270,13 @@ async def test_model_family_rules_pass_what_fits(api):
                    {"model_id": "/models/my-own", "controlnets": [{"model_id": "/models/my-controlnet"}]}):
         response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
         assert response.status_code == 201, response.text
+
+
+async def test_patch_validates_like_create_and_bad_json_is_400(api):
+    stream = await create(api)
+    bogus = await api.patch(f"/v1/streams/{stream['id']}", json={"pipeline": "bogus"})
+    assert bogus.status_code == 422 and bogus.json()["error"].startswith("invalid field 'pipeline'")
+    for method, url in (("POST", "/v1/streams"), ("PATCH", f"/v1/streams/{stream['id']}")):
+        broken = await api.request(method, url, content=b'{"pipeline": ', headers={"Content-Type": "application/json"})
+        assert broken.status_code == 400 and broken.json()["code"] == "REQUEST/BAD_REQUEST"
+        assert "not valid JSON" in broken.json()["error"]

@@ -67,6 +67,9 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         details = [{"loc": client_location(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
                    for e in errors]
+        if any(e.get("type") == "json_invalid" for e in errors):  # not JSON at all: a bad request, not a bad field
+            return error_response(400, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}"
+                                  .rstrip(": "), "REQUEST/BAD_REQUEST", details)
         return error_response(422, describe_validation(errors), "REQUEST/VALIDATION", details)
 
     @app.exception_handler(StarletteHTTPException)

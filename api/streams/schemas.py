@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.engines.diffusion.params import DiffusionParams
 
@@ -58,3 +58,10 @@ class UpdateStream(_Body):
     params: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=256)
     output_rtmp_url: str | None = Field(default=None, pattern=r"^rtmps?://")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known_pipeline(cls, value: str | None) -> str | None:
+        if value is not None and value not in PIPELINES:
+            raise ValueError(f"unknown pipeline {value!r}; use 'streamdiffusion'")
+        return value
