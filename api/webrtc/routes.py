@@ -12,10 +12,13 @@ Choices worth knowing:
 * The stream key (WHIP) or playback id (WHEP) is the credential: an
   ``Authorization`` header may be sent (OBS sends the key as a Bearer
   token) and is ignored.
-* No trickle ICE: answers carry all our candidates, and clients must put
-  theirs in the offer. PATCH answers 405 on WHIP sessions (what RFC 9725
-  asks of servers without trickle ICE or ICE restarts) and 501 on WHEP
-  sessions (what Daydream's WHEP answers).
+* Trickle ICE (RFC 9725 section 4.3): PATCH a session with an
+  ``application/trickle-ice-sdpfrag`` body to add candidates after the
+  offer (204). ``If-Match`` (or ``ETag``, as one client sends it) must name
+  the session's entity tag when given. Our answers carry all our own
+  candidates. ICE restarts are not supported: 405, start a new session.
+* A DELETE for a session that ended a moment ago (the client closed its
+  peer connection first) answers 200, not 404.
 * ``Location`` is absolute: browser clients that ``fetch(location)``
   would otherwise resolve it against their page, not this server.
 * Every answer, errors included, carries permissive CORS headers so
@@ -30,6 +33,7 @@ from api.server.errors import ApiError, not_found
 from api.server.services import services
 from api.streams.manager import Stream, StreamManager
 from api.streams.routes import base_url
+from api.webrtc import trickle
 from api.webrtc.ingest import open_whip
 from api.webrtc.playback import open_whep
 from api.webrtc.sessions import Kind, Session, WebRTCState
@@ -37,19 +41,20 @@ from api.webrtc.signaling import MAX_OFFER_BYTES, BadOffer, link_header
 
 router = APIRouter(tags=["webrtc"])
 
-NO_TRICKLE = "trickle ICE and ICE restarts are not supported: put all candidates in the offer, or start a new session"
+NO_RESTART = "ICE restarts are not supported: start a new session"
 
 LIVE = "/live/video-to-video"
 SDP = "application/sdp"
 EXPOSED = "Location, ETag, Link, Livepeer-Playback-URL, Accept-Post, Accept-Patch, Allow"
+SESSION_METHODS = "DELETE, PATCH, OPTIONS"
 CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": EXPOSED}
 
 
 def _preflight(methods: str) -> Response:
     return Response(status_code=204, headers={
         **CORS, "Allow": methods, "Access-Control-Allow-Methods": methods,
-        "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-        "Access-Control-Max-Age": "86400", "Accept-Post": SDP})
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, ETag",
+        "Access-Control-Max-Age": "86400", "Accept-Post": SDP, "Accept-Patch": trickle.MEDIA_TYPE})
 
 
 def _state(request: Request) -> WebRTCState:
@@ -66,12 +71,13 @@ def _no_stream() -> ApiError:
     return error
 
 
-async def _read_offer(request: Request) -> str:
+async def _read_offer(request: Request, media: str = SDP) -> str:
     """The body as SDP text, or 415 (wrong type), 413 (too big) or 400 (not text)."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != SDP:
-        raise ApiError(415, f"Content-Type must be {SDP}, not {media_type or 'missing'}",
-                       "REQUEST/UNSUPPORTED_MEDIA_TYPE", headers={**CORS, "Accept-Post": SDP})
+    if media_type != media:
+        accept = "Accept-Post" if media == SDP else "Accept-Patch"
+        raise ApiError(415, f"Content-Type must be {media}, not {media_type or 'missing'}",
+                       "REQUEST/UNSUPPORTED_MEDIA_TYPE", headers={**CORS, accept: media})
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -117,8 +123,27 @@ def _session(request: Request, session_id: str, kind: Kind, stream: Stream | Non
 
 
 async def _delete(request: Request, session_id: str, kind: Kind, stream: Stream | None) -> Response:
+    if stream is not None and _state(request).registry.ended_recently(session_id, kind, stream):
+        return Response(status_code=200, headers=CORS)  # the client closed its peer connection first
     await _session(request, session_id, kind, stream).close("DELETE by client")
     return Response(status_code=200, headers=CORS)
+
+
+async def _trickle(request: Request, session_id: str, kind: Kind, stream: Stream | None) -> Response:
+    """Candidates after the offer: 204; 412 for another entity tag; 405 for an ICE restart."""
+    session = _session(request, session_id, kind, stream)
+    expected = request.headers.get("if-match") or request.headers.get("etag")
+    if expected is not None and expected.strip() not in ("*", session.etag):
+        raise ApiError(412, "If-Match does not name this session's entity tag", "WEBRTC/PRECONDITION_FAILED",
+                       headers=CORS)
+    fragment = trickle.parse_sdpfrag(await _read_offer(request, trickle.MEDIA_TYPE))
+    if trickle.is_restart(session.pc, fragment):
+        raise ApiError(405, NO_RESTART, "REQUEST/METHOD_NOT_ALLOWED", headers={**CORS, "Allow": SESSION_METHODS})
+    try:
+        await trickle.add_candidates(session.pc, fragment)
+    except trickle.BadFragment as exc:
+        raise ApiError(422, str(exc), "WEBRTC/BAD_CANDIDATE", headers=CORS) from None
+    return Response(status_code=204, headers=CORS)
 
 
 # -- WHIP ---------------------------------------------------------------------
@@ -149,7 +174,7 @@ async def whip_publish_alias(stream_key: str, request: Request) -> Response:
 
 @router.options(f"{LIVE}/{{stream_key}}/whip/{{session_id}}")
 async def whip_session_options() -> Response:
-    return _preflight("DELETE, PATCH, OPTIONS")
+    return _preflight(SESSION_METHODS)
 
 
 @router.delete(f"{LIVE}/{{stream_key}}/whip/{{session_id}}")
@@ -159,9 +184,7 @@ async def whip_stop(stream_key: str, session_id: str, request: Request) -> Respo
 
 @router.patch(f"{LIVE}/{{stream_key}}/whip/{{session_id}}")
 async def whip_patch(stream_key: str, session_id: str, request: Request) -> Response:
-    _session(request, session_id, "whip", _streams(request).by_stream_key(stream_key))
-    raise ApiError(405, NO_TRICKLE, "REQUEST/METHOD_NOT_ALLOWED",
-                   headers={**CORS, "Allow": "DELETE, OPTIONS"})
+    return await _trickle(request, session_id, "whip", _streams(request).by_stream_key(stream_key))
 
 
 # -- WHEP ---------------------------------------------------------------------
@@ -193,7 +216,7 @@ async def whep_play(playback_id: str, request: Request) -> Response:
 
 @router.options(f"{LIVE}/{{playback_id}}/whep/{{session_id}}")
 async def whep_session_options() -> Response:
-    return _preflight("DELETE, PATCH, OPTIONS")
+    return _preflight(SESSION_METHODS)
 
 
 @router.delete(f"{LIVE}/{{playback_id}}/whep/{{session_id}}")
@@ -203,5 +226,4 @@ async def whep_stop(playback_id: str, session_id: str, request: Request) -> Resp
 
 @router.patch(f"{LIVE}/{{playback_id}}/whep/{{session_id}}")
 async def whep_patch(playback_id: str, session_id: str, request: Request) -> Response:
-    _session(request, session_id, "whep", _streams(request).by_playback_id(playback_id))
-    raise ApiError(501, NO_TRICKLE, "WEBRTC/NOT_IMPLEMENTED", headers=CORS)
+    return await _trickle(request, session_id, "whep", _streams(request).by_playback_id(playback_id))

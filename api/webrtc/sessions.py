@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,8 @@ from api.webrtc.fanout import EncoderPool
 log = logging.getLogger("api.webrtc")
 
 Kind = Literal["whip", "whep"]
+#: ended sessions remembered for a late DELETE
+ENDED_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,28 @@ class Session:
 
 
 class SessionRegistry(StreamListener):
-    """Open sessions by id; at most one WHIP publisher per stream; a deleted stream's sessions end."""
+    """Open sessions by id; at most one WHIP publisher per stream; a deleted stream's sessions end.
+
+    Remembers the last :data:`ENDED_KEPT` sessions that ended, so a client's
+    DELETE arriving just after it closed its peer connection still succeeds.
+    """
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
+        self._ended: OrderedDict[str, tuple[Kind, str]] = OrderedDict()
 
     def add(self, session: Session) -> None:
         self.sessions[session.id] = session
-        session.on_closed.append(lambda s, _reason: self.sessions.pop(s.id, None))
+        session.on_closed.append(self._ended_now)
+
+    def _ended_now(self, session: Session, _reason: str) -> None:
+        self.sessions.pop(session.id, None)
+        self._ended[session.id] = (session.kind, session.stream.id)
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+
+    def ended_recently(self, session_id: str, kind: Kind, stream: Stream) -> bool:
+        return self._ended.get(session_id) == (kind, stream.id)
 
     def get(self, session_id: str, kind: Kind) -> Session | None:
         session = self.sessions.get(session_id)
