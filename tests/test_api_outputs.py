@@ -82,16 +82,23 @@ async def test_hls_playlist_plays_back_with_pyav(api, worker):
     await asyncio.wait_for(wait_until_ready(api, stream["id"]), 15)
     playlist = stream["hls_url"]
     async with feeding(api, stream["id"]):
-        first = await api.get(playlist)
-        assert first.status_code in (200, 503)
-        if first.status_code == 503:
-            assert first.headers["retry-after"] and first.json()["code"] == "STREAMS/HLS_STARTING"
+        first = await api.get(playlist, headers={"Origin": "http://player.example"}, timeout=30)
+        # the first request waits for the first segment: a player with default settings plays
+        assert first.status_code == 200 and "#EXTINF" in first.text
+        assert first.headers["access-control-allow-origin"] == "*"
+        assert "Retry-After" in first.headers["access-control-expose-headers"]
+        preflight = await api.options(playlist, headers={"Origin": "http://player.example",
+                                                         "Access-Control-Request-Method": "GET"})
+        assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "*"
 
         async def two_segments():
             response = await api.get(playlist)
             return response.status_code == 200 and response.text.count("#EXTINF") >= 2
         await poll(two_segments, 30)
         frames = await asyncio.to_thread(decode, playlist, 5)
+        segment = next(line for line in (await api.get(playlist)).text.splitlines() if line.endswith(".ts"))
+        answer = await api.get(playlist.replace("index.m3u8", segment))
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
     assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
     assert (await api.get(stream["hls_url"].replace("index.m3u8", "../../etc/passwd"))).status_code == 404
     await api.delete(f"/v1/streams/{stream['id']}")
@@ -147,13 +154,16 @@ async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Pa
     """
     configured_base = tmp_path / "hls" if configured else None
     settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
-                              hls_dir=str(configured_base) if configured_base else None)
+                              hls_dir=str(configured_base) if configured_base else None,
+                              hls_first_playlist_wait_s=0)  # no input here: the 503 at once
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         streams = [await create(client), await create(client)]
         assert temp_hls_bases() == []  # nothing made before anyone asks for HLS
         for stream in streams:
-            assert (await client.get(stream["hls_url"])).status_code == 503
+            starting = await client.get(stream["hls_url"])
+            assert starting.status_code == 503 and starting.headers["retry-after"]
+            assert starting.headers["access-control-allow-origin"] == "*"
         outputs = [app.state.outputs.hls[stream["id"]] for stream in streams]
         for output in outputs:
             assert await output.wait_for(lambda o: o.ready, 15)  # the child has made its directory

@@ -6,12 +6,14 @@ with the stream when ``output_rtmp_url`` is set and restarts when it
 changes. With MediaMTX configured, every stream's output is also pushed
 there over RTMP and the stream's WHEP URL is MediaMTX's. HLS starts on the
 first playlist request (no encoder runs for
-streams nobody watches over HLS) and answers 503 with ``Retry-After`` until
-the first segment exists.
+streams nobody watches over HLS); that first playlist request waits for the
+first segment, and only answers 503 with ``Retry-After`` when none comes in
+time. Every HLS answer carries CORS headers for players on other origins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from api.server.errors import error_response, not_found
 from api.server.services import services
 from api.server.settings import ServerSettings
 from api.streams.manager import Stream, StreamListener
-from media.hls import hls_dir_for, hls_response, remove_dir
+from media.hls import PLAYLIST, hls_dir_for, hls_response, remove_dir
 from media.output_process import OutputProcess
 
 router = APIRouter()
@@ -61,8 +63,11 @@ class Outputs(StreamListener):
     """
 
     def __init__(self, relay_url: str, token: str | None, hls_base: Path | None,
-                 republish: Republisher | None = None) -> None:
+                 republish: Republisher | None = None, first_playlist_wait_s: float = 15.0) -> None:
         self.relay_url, self.token, self.hls_base = relay_url, token, hls_base
+        #: how long a first playlist request waits for the first segment before a 503 (players with
+        #: default settings retry a 503 once, about a second later, and ignore Retry-After)
+        self.first_playlist_wait_s = first_playlist_wait_s
         self.republish = republish
         self.rtmp: dict[str, OutputProcess] = {}
         self.hls: dict[str, OutputProcess] = {}
@@ -124,17 +129,41 @@ class Outputs(StreamListener):
                 if stream.id in outputs}
 
 
+#: every HLS answer, errors included: players (hls.js) on other origins read them and the Retry-After
+HLS_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Retry-After, Content-Length"}
+PLAYLIST_POLL_S = 0.1
+
+
+@router.options("/live/video-to-video/{playback_id}/hls/{filename}")
+async def hls_preflight() -> Response:
+    return Response(status_code=204, headers={**HLS_CORS, "Access-Control-Allow-Methods": "GET, OPTIONS",
+                                              "Access-Control-Allow-Headers": "Range",
+                                              "Access-Control-Max-Age": "86400"})
+
+
 @router.get("/live/video-to-video/{playback_id}/hls/{filename}")
 async def hls_file(playback_id: str, filename: str, request: Request) -> Response:
+    """A playlist or segment. HLS starts with the first request for it; that request waits for the
+    first segment (up to ``server.hls_first_playlist_wait_s``), so a player with default settings plays."""
     found = services(request)
     stream = found.streams.by_playback_id(playback_id)
     if stream is None:
-        raise not_found()
+        error = not_found()
+        error.headers = HLS_CORS
+        raise error
     directory = await found.outputs.hls_for(stream)
     response = await hls_response(directory, filename)
-    if response.status_code == 404 and filename == "index.m3u8":
-        return error_response(503, "HLS output is starting; retry shortly", "STREAMS/HLS_STARTING",
-                              headers={"Retry-After": "2"})
+    if response.status_code == 404 and filename == PLAYLIST:
+        deadline = asyncio.get_running_loop().time() + found.outputs.first_playlist_wait_s
+        while response.status_code == 404 and asyncio.get_running_loop().time() < deadline:
+            if await request.is_disconnected():
+                break
+            await asyncio.sleep(PLAYLIST_POLL_S)  # the encoder writes the playlist by rename: poll for it
+            response = await hls_response(directory, filename)
+        if response.status_code == 404:
+            return error_response(503, "HLS output is starting; retry shortly", "STREAMS/HLS_STARTING",
+                                  headers={**HLS_CORS, "Retry-After": "2"})
+    response.headers.update(HLS_CORS)
     return response
 
 
@@ -143,4 +172,5 @@ def outputs_for(settings: ServerSettings, relay_url: str) -> Outputs:
     base = Path(settings.hls_dir) if settings.hls_dir else None
     republish = (Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
                  if settings.mediamtx_publish_url and settings.mediamtx_whep_url else None)
-    return Outputs(relay_url, next(iter(settings.relay.tokens), None), base, republish)
+    return Outputs(relay_url, next(iter(settings.relay.tokens), None), base, republish,
+                   settings.hls_first_playlist_wait_s)

@@ -57,6 +57,8 @@ class ServerSection(_Section):
                                             "client address may hold at once")
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
+    hls_first_playlist_wait_s: float = Field(15.0, ge=0, description="how long the first HLS playlist "
+                                             "request waits for the first segment before a 503")
     data_dir: str | None = Field(None, description="where the server keeps its state, such as the generated "
                                  "API key (default: $XDG_DATA_HOME/streamdiffusion-server, "
                                  "else ~/.local/share/streamdiffusion-server)")
@@ -178,6 +180,7 @@ class Config(BaseSettings):
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
             data_dir=self.server.data_dir, max_body_bytes=self.server.max_body_bytes,
+            hls_first_playlist_wait_s=self.server.hls_first_playlist_wait_s,
             header_timeout_s=self.server.header_timeout_s,
             max_connections_per_client=self.server.max_connections_per_client,
             ice_servers=list(self.server.ice_servers),

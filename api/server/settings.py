@@ -40,6 +40,8 @@ class ServerSettings:
     style_image_allow_private: bool = False
     #: where HLS segments are written; None: a temporary directory
     hls_dir: str | None = None
+    #: how long the first HLS playlist request waits for the first segment (then 503)
+    hls_first_playlist_wait_s: float = 15.0
     #: largest HTTP request body accepted (413 above)
     max_body_bytes: int = 8 * 2**20
     #: seconds for a request's headers, and connections per client address
