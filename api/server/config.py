@@ -101,7 +101,8 @@ class WorkersSection(_Section):
 class ModelSection(_Section):
     model_id: str = Field("stabilityai/sd-turbo", description="default model: hub id or local path")
     acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = Field(
-        "sdpa", description="default acceleration (tensorrt engines are cached in $TENSORRT_CACHE_DIR)")
+        "xformers", description="default acceleration, as Daydream's default (xformers: PyTorch's SDPA where "
+        "xformers is not installed; tensorrt engines are cached in $TENSORRT_CACHE_DIR)")
 
 
 class PipelineSection(_Section):

@@ -53,7 +53,8 @@ def accelerate(
                 model.enable_xformers_memory_efficient_attention()
             log.info("acceleration xformers: memory-efficient attention")
             return Accelerated(unet, "xformers")
-        log.warning("acceleration xformers unavailable (%s); falling back to sdpa", _why_not("xformers", device))
+        # expected without xformers installed: SDPA is the same kind of memory-efficient attention
+        log.info("acceleration xformers unavailable (%s); using sdpa", _why_not("xformers", device))
     if mode == "tensorrt":
         if device.type == "cuda" and importlib.util.find_spec("torch_tensorrt") is not None:
             return Accelerated(_tensorrt(_sdpa(unet, controlnets, device), unet.dtype, cache_key), "tensorrt")

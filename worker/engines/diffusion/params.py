@@ -121,7 +121,9 @@ class DiffusionParams(_Strict):
     lora_dict: dict[str, float] | None = None
     use_lcm_lora: bool = True
     lcm_lora_id: str = "latent-consistency/lcm-lora-sdv1-5"
-    acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = "sdpa"
+    # Daydream's values are none, xformers and tensorrt; sdpa and compile are ours. The default is
+    # Daydream's (xformers), which runs PyTorch's SDPA where xformers is not installed.
+    acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = "xformers"
     use_safety_checker: bool = True
     use_denoising_batch: bool = True
     do_add_noise: bool = True
