@@ -120,6 +120,18 @@ async def run_frames(api, stream_id: str, count: int, size=(512, 512)):
         viewer.close()
 
 
+async def status_with_rates(api, stream_id: str) -> dict:
+    """The stream's status once it shows input and output rates, one more frame before each look.
+
+    Rates cover the last 2 s: a machine stalled between the frames and the look reads 0.
+    """
+    while True:
+        data = (await api.get(f"/v1/streams/{stream_id}/status")).json()["data"]
+        if data["inference_status"]["input_fps"] > 0 and data["inference_status"]["output_fps"] > 0:
+            return data
+        await run_frames(api, stream_id, 1)
+
+
 async def wait_until_ready(api, stream_id: str) -> dict:
     hub = api.app.state.relay.hub
     viewer = LocalViewer(hub, stream_id, receive="none")
@@ -135,7 +147,7 @@ async def test_stream_with_worker_goes_online_and_reports_metrics(api, worker):
     stream = await create(api, prompt="a pencil sketch")
     await asyncio.wait_for(wait_until_ready(api, stream["id"]), 15)
     await run_frames(api, stream["id"], 10)
-    data = (await api.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
+    data = await asyncio.wait_for(status_with_rates(api, stream["id"]), 30)
     assert data["state"] == "ONLINE"
     info = data["inference_status"]
     assert info["input_fps"] > 0 and info["output_fps"] > 0
@@ -245,7 +257,18 @@ async def test_metrics_parse_with_prometheus_client(api, worker):
     assert samples[("sd_stream_output_frames_total", label)] == 5
     assert samples[("sd_stream_latency_seconds_count", label)] == 5
     assert samples[("sd_workers", ())] == 1
-    assert samples[("sd_stream_output_fps", label)] > 0
+
+    async def output_fps() -> float:
+        """The rate covers the last 2 s: a machine stalled since the frames reads 0, so one more frame."""
+        while True:
+            text = (await api.get("/metrics")).text
+            fps = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "sd_stream_output_fps" and s.labels == {"stream": stream["id"]}]
+            if fps and fps[0] > 0:
+                return fps[0]
+            await run_frames(api, stream["id"], 1)
+
+    assert await asyncio.wait_for(output_fps(), 30) > 0
 
 
 @pytest.mark.parametrize(("params", "field", "needle"), [

@@ -199,18 +199,18 @@ async def test_fps_follows_an_absolute_schedule() -> None:
         report = await asyncio.wait_for(run_producer(PatternSource(64, 64), options), LIMIT)
         took = time.monotonic() - started
     assert report.sent == 10
-    assert 9 / 50 - 0.01 <= report.elapsed <= took < 1.0  # frame 9 is due at 0.18 s
+    # never ahead of the schedule: the last frame went out at tick 9 + skipped ticks, due at tick / 50 s
+    assert (9 + report.late) / 50 - 0.01 <= report.elapsed <= took
 
 
 @pytest.mark.asyncio
 async def test_no_worker_does_not_wait_for_results() -> None:
     async with Relay(RelayConfig(port=0)) as relay:
+        # waiting for results would take an hour and the wait_for below would fail
         options = ProducerOptions(relay=relay.url, fps=0, max_frames=20, max_in_flight=1,
-                                  drain_timeout=LIMIT, in_flight_timeout=LIMIT)
-        started = time.monotonic()
+                                  drain_timeout=3600, in_flight_timeout=3600)
         report = await asyncio.wait_for(run_producer(PatternSource(64, 64), options), LIMIT)
     assert report.sent == 20 and report.received == 0 and report.unanswered <= 20
-    assert time.monotonic() - started < LIMIT / 2  # the relay said no worker: no waiting
 
 
 @pytest.mark.asyncio

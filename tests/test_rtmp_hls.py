@@ -64,15 +64,19 @@ async def pipeline(relay: Relay, channel: str) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def output(clean: bool = True, **kwargs: object) -> AsyncIterator[OutputProcess]:
-    """A started :class:`OutputProcess`; stopping it must be prompt (and exit 0 when ``clean``)."""
+    """A started :class:`OutputProcess`; SIGTERM alone must stop it (and exit 0 when ``clean``).
+
+    A child that ignores SIGTERM is killed after ``stop_timeout`` (generous
+    here, so a loaded machine is not taken for a hung child) and fails.
+    """
+    kwargs.setdefault("stop_timeout", LIMIT)
     out = OutputProcess(**kwargs)  # type: ignore[arg-type]
     await out.start()
     try:
         yield out
     finally:
-        started = time.monotonic()
         await out.stop()
-        assert time.monotonic() - started < 5, "SIGTERM should stop the output process promptly"
+        assert out.returncode != -signal.SIGKILL, "SIGTERM should stop the output process"
         assert not out.running and (out.returncode == 0 or not clean), out.returncode
 
 
