@@ -55,6 +55,7 @@ async def poll(check, timeout: float = 20.0):
     raise AssertionError("condition not met in time")
 
 
+@pytest.mark.network_service
 async def test_output_rtmp_url_pushes_to_nginx(api, worker, rtmp_server):
     url = rtmp_server.url("live", "apitest")
     response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "output_rtmp_url": url,
@@ -105,6 +106,7 @@ async def test_hls_playlist_plays_back_with_pyav(api, worker):
     assert stream["id"] not in api.app.state.outputs.hls
 
 
+@pytest.mark.network_service
 async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_url(rtmp_server):
     """nginx-rtmp stands in for MediaMTX's RTMP listener (MediaMTX itself cannot be fetched here)."""
     import httpx

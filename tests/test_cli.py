@@ -160,6 +160,7 @@ async def test_relay_token_reaches_workers_by_environment_never_argv(tmp_path):
         await _stop(process)
 
 
+@pytest.mark.slow
 async def test_generated_api_key_survives_a_restart(tmp_path):
     data = tmp_path / "data"
     keys = []

@@ -45,6 +45,7 @@ APPEAR_S = 60.0
 EXIT_S = 20.0
 
 pytestmark = [
+    pytest.mark.network_service,  # Xvfb
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Xvfb is an X11 server"),
     pytest.mark.skipif(shutil.which("Xvfb") is None,
                        reason="Xvfb is not installed (Debian: apt-get install xvfb; "

@@ -23,6 +23,7 @@ from worker.engines.diffusion.pose import COLOURS, draw_skeleton, openpose_point
 from worker.engines.diffusion.preprocessors import PREPROCESSORS, preprocessor
 from worker.engines.diffusion.stream import Conditioning, StreamConfig, StreamDenoiser, unet_batch_sizes
 
+pytestmark = pytest.mark.diffusion
 SIZE = 384
 
 
@@ -323,6 +324,7 @@ def test_openpose_preprocessor_runs_vitpose(tiny: TinyModels, reference: list[np
     assert not same(reference, run(eng, SEQUENCE))
 
 
+@pytest.mark.slow
 def test_a_missing_depth_model_is_named(tiny: TinyModels) -> None:
     depth = {"model_id": str(tiny.controlnet), "preprocessor": "depth"}
     with pytest.raises(EngineError, match="depth model 'depth-anything/Depth-Anything-V2-Small-hf' is not available"):
@@ -518,7 +520,12 @@ FLOAT16_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", FLOAT16_CASES)
+#: over ~5 s each on two cores (pytest --durations): a depth, HED or pose network, an IP-Adapter, SDXL
+SLOW_FLOAT16 = {"controlnet-ip-adapter", "sdxl", "depth-controlnet", "hed-controlnet", "openpose-controlnet"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_FLOAT16 else case
+                                  for case in FLOAT16_CASES])
 def test_float16_runs_and_matches_float32(tiny: TinyModels, case: str) -> None:
     """CUDA runs the engine in float16; run that dtype here so a dtype mix-up fails on a CPU too."""
     params = {**fast_defaults(tiny), **FLOAT16_CASES[case](tiny)}
@@ -533,6 +540,7 @@ def test_float16_runs_and_matches_float32(tiny: TinyModels, case: str) -> None:
     assert difference.mean() < 0.5  # measured: under 0.06 of 255; NaN or overflow would blacken whole frames
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # inductor compiles the tiny UNet in about a minute on two cores
 def test_compile_matches_sdpa_and_batch_changes_reload(tiny: TinyModels, reference: list[np.ndarray]) -> None:
     eng = engine(tiny, acceleration="compile")

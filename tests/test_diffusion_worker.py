@@ -8,15 +8,18 @@ import sys
 
 import numpy as np
 import orjson
+import pytest
 
 from media.codec import decode_image
 from relay.client import connect
 from tests.helpers import input_frame, jpeg, recv_frame, recv_json
 from tests.test_commands import ROOT
 
+pytestmark = pytest.mark.diffusion
 SIZE = 384
 
 
+@pytest.mark.slow
 async def test_worker_process_runs_the_tiny_diffusion_model(relay, tiny):
     defaults = {"vae_id": str(tiny.tiny_vae), "use_lcm_lora": False, "width": SIZE, "height": SIZE,
                 "t_index_list": [10, 30], "prompt": "a red fox"}

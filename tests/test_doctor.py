@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from api.doctor import check_model_cache, check_port
 from tests.test_commands import ROOT
 
 
+@pytest.mark.slow
 def test_doctor_json_lists_checks_and_passes_on_this_machine():
     result = subprocess.run([sys.executable, "-m", "api.doctor", "--json"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

@@ -105,6 +105,7 @@ async def first_mjpeg_frame(api: httpx.AsyncClient, playback_id: str) -> bytes:
     raise AssertionError("the MJPEG response ended without a frame")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 async def test_streams_survive_a_restart(tmp_path, stop):
     async with server(tmp_path) as first, httpx.AsyncClient(base_url=first.url, headers=AUTH) as api:
@@ -134,6 +135,7 @@ async def test_streams_survive_a_restart(tmp_path, stop):
         assert (await api.get(f"/v1/streams/{created['id']}")).status_code == 404
 
 
+@pytest.mark.slow
 async def test_a_killed_worker_is_restarted_and_its_stream_resumes(tmp_path):
     async with server(tmp_path) as running, httpx.AsyncClient(base_url=running.url, headers=AUTH) as api:
         stream = (await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {}})).json()

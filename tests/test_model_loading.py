@@ -35,6 +35,7 @@ from tests.tiny_models import TinyModels
 from worker.engines.base import EngineError
 from worker.engines.diffusion import DiffusionEngine, loading
 
+pytestmark = pytest.mark.diffusion
 REPO = "tiny-org/tiny-sd"
 SIZE = 384
 
@@ -234,6 +235,7 @@ def test_offline_mode_names_the_cache_and_what_it_holds(hub_cache: Path, monkeyp
                               f"in the local cache {hub_cache} (cached models: {REPO})")
 
 
+@pytest.mark.slow
 def test_a_reachable_hub_downloads_the_model_into_the_cache(tiny: TinyModels, tmp_path: Path) -> None:
     """The real download path, in a process whose huggingface_hub read ``HF_ENDPOINT`` at import."""
     hub = FakeHub({REPO: tiny.sd})

@@ -98,6 +98,7 @@ def assert_video(frames: list[np.ndarray], count: int) -> None:
     assert max(changes) > 2.0, f"the picture never changes: {changes}"
 
 
+@pytest.mark.network_service
 async def test_rtmp_reaches_nginx_and_plays_back(relay: Relay, rtmp_server: NginxRtmp) -> None:
     url = rtmp_server.url("live", "test")
     async with pipeline(relay, "rtmp-test"), output(relay_url=relay.url, channel="rtmp-test",
@@ -111,6 +112,7 @@ async def test_rtmp_reaches_nginx_and_plays_back(relay: Relay, rtmp_server: Ngin
     assert_video(frames, 20)
 
 
+@pytest.mark.network_service
 async def test_rtmp_reconnects_when_the_server_comes_back(relay: Relay, tmp_path: Path) -> None:
     port = free_port()
     url = f"rtmp://127.0.0.1:{port}/live/again"

@@ -26,6 +26,7 @@ ARGS = ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
 KEY = "page-test-key"
 
+pytestmark = pytest.mark.browser
 playwright_api = pytest.importorskip("playwright.async_api")
 if not shutil.which(CHROMIUM):
     pytest.skip("Debian chromium is not installed (apt-get install chromium)", allow_module_level=True)
