@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from wire.errors import ProtocolError
 from wire.messages import Role, decode_control, encode_control
+from wire.relay_messages import Error, Welcome, decode_relay_message
 
 
 class RelayRefused(ConnectionError):
@@ -29,17 +30,24 @@ async def connect(url: str, role: Role | str, channel: str = "default", token: s
     arguments go into the hello (``receive``, ``capacity``, ``engine``...).
     ``max_queue`` is how many received messages wait unread before the
     socket stops reading (a slow reader's backpressure).
-    Raises :class:`RelayRefused` when the relay says no.
+    Returns the socket and the welcome's fields. Raises :class:`RelayRefused`
+    when the relay says no (or answers something other than a welcome), and
+    ``ProtocolError`` for a hello the relay would refuse, before connecting.
     """
-    ws = await websockets.connect(url, compression=None, max_size=max_size, max_queue=max_queue)
     role = role.value if isinstance(role, Role) else role
     message = {"type": "hello", "role": role, "channel": channel, **hello}
     if token:
         message["token"] = token
-    decode_control(encode_control(message))  # fail here, not at the relay, on a bad hello
-    await ws.send(encode_control(message))
-    reply = orjson.loads(await ws.recv())
-    if reply.get("type") != "welcome":
+    decode_control(message)  # fail here, not at the relay, on a bad hello
+    ws = await websockets.connect(url, compression=None, max_size=max_size, max_queue=max_queue)
+    await ws.send(encode_control(message))  # the fields given, not every default
+    try:
+        reply = decode_relay_message(await ws.recv())
+    except ProtocolError as exc:
+        reply = Error.of(exc)
+    if not isinstance(reply, Welcome):
         await ws.close()
-        raise RelayRefused(reply.get("code", "bad_message"), reply.get("message", str(reply)))
-    return ws, reply
+        if isinstance(reply, Error):
+            raise RelayRefused(reply.code, reply.message)
+        raise RelayRefused("bad_message", f"expected a welcome, got {reply.type!r}")
+    return ws, reply.model_dump(mode="json")

@@ -1,7 +1,10 @@
 """Routing state of the relay: channels, peers, worker assignment. No sockets.
 
-The server feeds it decoded messages; the hub decides who gets what and
-drops it into the receivers' outboxes. Keeping it free of I/O makes the
+The server (and in-process sessions, :mod:`relay.local`) feed it frames and
+decoded control messages; the hub decides who gets what and drops it into
+the receivers' outboxes: frames as :class:`Delivery` (bytes, never parsed
+again), control messages as typed models that each transport encodes (or,
+in process, hands over as they are). Keeping it free of I/O makes the
 routing rules readable in one place and testable without a network.
 """
 
@@ -17,26 +20,43 @@ from typing import Any
 from relay.config import RelayConfig
 from relay.outbox import Outbox
 from relay.stats import LatencyTracker, RateMeter
-from wire.errors import ProtocolError
-from wire.frames import Frame, FrameKind, encode_frame
+from wire.errors import ErrorCode, ProtocolError
+from wire.frames import Frame, FrameKind, ImageFormat, encode_frame
 from wire.images import probe_image
 from wire.messages import (
-    LEGACY_ACK,
-    ErrorCode,
+    ClientMessage,
+    Encoding,
+    Hello,
+    LegacyImage,
+    Message,
+    Params,
+    Ping,
+    Receive,
+    Report,
+    ReportEvent,
     Role,
-    assign_message,
+    StatsRequest,
     encode_control,
     legacy_image_message,
-    params_message,
-    release_message,
-    status_message,
+)
+from wire.relay_messages import (
+    Ack,
+    Assign,
+    ChannelParams,
+    ChannelState,
+    EngineState,
+    ParamsAck,
+    Pong,
+    Release,
+    StatsReply,
+    Status,
 )
 
 log = logging.getLogger("relay")
 
-# what each ``receive`` setting delivers (kind.name.lower() cost ~1 us per frame and peer)
-_WANTED = {"input": frozenset({FrameKind.INPUT}), "output": frozenset({FrameKind.OUTPUT}),
-           "both": frozenset(FrameKind), "none": frozenset()}
+# what each ``receive`` setting delivers, looked up once per peer, not per frame
+_WANTED = {Receive.INPUT: frozenset({FrameKind.INPUT}), Receive.OUTPUT: frozenset({FrameKind.OUTPUT}),
+           Receive.BOTH: frozenset(FrameKind), Receive.NONE: frozenset()}
 
 
 class Delivery:
@@ -60,13 +80,18 @@ class Delivery:
 
 @dataclass(eq=False)
 class Peer:
-    """One connection after its handshake."""
+    """One connection (or in-process session) after its handshake.
+
+    Its outbox holds frames as :class:`Delivery` and control messages as
+    models (:mod:`wire.relay_messages`): a network transport encodes them
+    with ``encode_control`` when it sends them, an in-process one reads them.
+    """
 
     id: str
     role: Role
     channel: str
-    receive: str = "output"
-    encoding: str = "binary"
+    receive: Receive = Receive.OUTPUT
+    encoding: Encoding = Encoding.BINARY
     capacity: int = 1
     pinned: frozenset[str] = frozenset()
     name: str = ""
@@ -75,16 +100,28 @@ class Peer:
     assigned: list[str] = field(default_factory=list)  # workers only
     legacy_seq: itertools.count = field(default_factory=itertools.count)
     last_input_seq: dict[str, int] = field(default_factory=dict)
+    _wanted: frozenset[FrameKind] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.receive, self.encoding = Receive(self.receive), Encoding(self.encoding)
+        self._wanted = _WANTED[self.receive]
+
+    @classmethod
+    def from_hello(cls, peer_id: str, hello: Hello, outbox: Outbox[Delivery]) -> Peer:
+        return cls(id=peer_id, role=hello.role, channel=hello.channel, receive=hello.receive,
+                   encoding=hello.encoding, capacity=hello.capacity, pinned=frozenset(hello.channels),
+                   name=hello.name, engine=hello.engine, outbox=outbox)
 
     @property
     def legacy(self) -> bool:
-        return self.encoding == "json"
+        return self.encoding is Encoding.JSON
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.outbox.put_control(encode_control(message))
+    def send(self, message: Message) -> None:
+        """Queue a control message (a model: the transport encodes it, if it must)."""
+        self.outbox.put_control(message)  # type: ignore[arg-type]  # Outbox's control items: any message
 
     def wants(self, kind: FrameKind) -> bool:
-        return kind in _WANTED[self.receive]
+        return kind in self._wanted
 
     def describe(self) -> dict[str, Any]:
         info = {"id": self.id, "role": self.role.value, "name": self.name}
@@ -109,7 +146,7 @@ class Channel:
     latency: LatencyTracker = field(default_factory=LatencyTracker)
     drops: dict[str, int] = field(default_factory=lambda: {"worker": 0, "viewers": 0, "no_worker": 0})
     #: what the worker last said: loading, ready, reloading or error
-    engine_state: str = "waiting_for_worker"
+    engine_state: EngineState = EngineState.WAITING_FOR_WORKER
     engine_info: dict[str, Any] = field(default_factory=dict)
     worker_stats: dict[str, Any] = field(default_factory=dict)
     last_error: str | None = None
@@ -167,11 +204,11 @@ class Hub:
             return
         allowed = self.config.allowed_channels
         if allowed and peer.channel not in allowed:
-            raise ProtocolError(f"unknown channel {peer.channel!r}", ErrorCode.UNKNOWN_CHANNEL.value)
+            raise ProtocolError(f"unknown channel {peer.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
         if peer.channel not in self.channels and len(self.channels) >= self.config.max_channels:
             raise ProtocolError(
                 f"the relay already serves {self.config.max_channels} channels",
-                ErrorCode.TOO_MANY_CHANNELS.value)
+                ErrorCode.TOO_MANY_CHANNELS)
 
     def join(self, peer: Peer) -> None:
         self.check_join(peer)
@@ -186,7 +223,7 @@ class Hub:
             if channel.worker is None:
                 self._assign(channel)
             if channel.worker is None:
-                peer.send(status_message(channel.name, "waiting_for_worker"))
+                peer.send(Status(channel=channel.name, state=ChannelState.WAITING_FOR_WORKER))
         else:
             channel.viewers.add(peer)
 
@@ -198,11 +235,12 @@ class Hub:
                 channel = self.channels.get(name)
                 if channel is not None and channel.worker is peer:
                     channel.worker = None
-                    channel.engine_state = "waiting_for_worker"
+                    channel.engine_state = EngineState.WAITING_FOR_WORKER
                     log.info("worker %s left; reassigning channel %s", peer.id, name)
                     self._assign(channel)
                     if channel.worker is None:
-                        self._tell_channel(channel, status_message(name, "waiting_for_worker"))
+                        self._tell_channel(channel, Status(channel=name,
+                                                           state=ChannelState.WAITING_FOR_WORKER))
             peer.assigned.clear()
             return
         channel = self.channels.get(peer.channel)
@@ -230,64 +268,81 @@ class Hub:
 
     # -- frames -------------------------------------------------------------
 
-    def route(self, peer: Peer, frame: Frame, raw: bytes | None) -> None:
-        """Check and forward one frame; ``raw`` is its encoded form when already at hand."""
-        self._check_image(frame)
+    def route(self, peer: Peer, frame: Frame, raw: bytes | None, *, probed: bool = False) -> None:
+        """Check and forward one frame; ``raw`` is its encoded form when already at hand.
+
+        The image's own header must agree with the frame header (format, size),
+        unless ``probed``: the frame was made from the image's header (``route_image``).
+        """
+        if not probed:
+            self._check_image(frame.payload, frame)
         if peer.role is Role.PRODUCER:
             if frame.kind is not FrameKind.INPUT:
-                raise ProtocolError("producers send input frames", ErrorCode.NOT_ALLOWED.value)
+                raise ProtocolError("producers send input frames", ErrorCode.NOT_ALLOWED)
             if frame.channel != peer.channel:
                 raise ProtocolError(f"not joined to channel {frame.channel!r}",
-                                    ErrorCode.UNKNOWN_CHANNEL.value)
+                                    ErrorCode.UNKNOWN_CHANNEL)
             self._route_input(self.channels[peer.channel], Delivery(frame, raw or encode_frame(frame)))
         elif peer.role is Role.WORKER:
             if frame.channel not in peer.assigned:
                 raise ProtocolError(f"channel {frame.channel!r} is not assigned to this worker",
-                                    ErrorCode.UNKNOWN_CHANNEL.value)
+                                    ErrorCode.UNKNOWN_CHANNEL)
             if frame.kind is not FrameKind.OUTPUT:
-                raise ProtocolError("workers send output frames", ErrorCode.NOT_ALLOWED.value)
+                raise ProtocolError("workers send output frames", ErrorCode.NOT_ALLOWED)
             self._route_output(self.channels[frame.channel], Delivery(frame, raw or encode_frame(frame)))
         else:
-            raise ProtocolError("viewers cannot send frames", ErrorCode.NOT_ALLOWED.value)
+            raise ProtocolError("viewers cannot send frames", ErrorCode.NOT_ALLOWED)
 
-    def route_legacy(self, peer: Peer, fmt, payload: bytes, timestamp: float | None,
-                     seq: int | None) -> None:
-        """A seed-002 image message: from a producer it is input (acked), from a worker output."""
-        kind_out = peer.role is Role.WORKER
-        if kind_out:
+    def route_image(self, peer: Peer, payload: bytes, timestamp: float | None = None,
+                    seq: int | None = None) -> Frame:
+        """Forward an encoded image that has no frame header (seed 002, in-process sessions).
+
+        The hub reads its format and size (the one probe it gets); a producer's
+        image is input for its channel numbered by the peer when ``seq`` is
+        None, a worker's is output for its first channel, matched to the last
+        input. Returns the frame as routed.
+        """
+        if peer.role is Role.WORKER:
             if not peer.assigned:
                 raise ProtocolError("no channel is assigned to this worker yet",
-                                    ErrorCode.UNKNOWN_CHANNEL.value)
-            channel = peer.assigned[0]
+                                    ErrorCode.UNKNOWN_CHANNEL)
+            channel, kind = peer.assigned[0], FrameKind.OUTPUT
             if seq is None:
                 seq = peer.last_input_seq.get(channel, 0)
         else:
-            channel = peer.channel
+            channel, kind = peer.channel, FrameKind.INPUT
             if seq is None:
                 seq = next(peer.legacy_seq)
-        fmt_probe, width, height = probe_image(payload)
+        fmt, width, height = self._check_image(payload, None)
         frame = Frame(channel=channel, seq=seq, timestamp=time.time() if timestamp is None else timestamp,
-                      width=width, height=height, format=fmt_probe, payload=payload,
-                      kind=FrameKind.OUTPUT if kind_out else FrameKind.INPUT)
-        self.route(peer, frame, None)
-        if peer.role is Role.PRODUCER:
-            peer.send(LEGACY_ACK)
+                      width=width, height=height, format=fmt, payload=payload, kind=kind)
+        self.route(peer, frame, None, probed=True)
+        return frame
 
-    def _check_image(self, frame: Frame) -> None:
-        size = len(frame.payload)
+    def route_legacy(self, peer: Peer, payload: bytes, timestamp: float | None, seq: int | None) -> None:
+        """A seed-002 image message: from a producer it is input (acked), from a worker output."""
+        self.route_image(peer, payload, timestamp, seq)
+        if peer.role is Role.PRODUCER:
+            peer.send(Ack())
+
+    def _check_image(self, payload: bytes, header: Frame | None) -> tuple[ImageFormat, int, int]:
+        """The image's format and size, within the limits and (given a frame header) as it says."""
+        size = len(payload)
         if size > self.config.max_frame_bytes:
             raise ProtocolError(f"frame of {size} bytes exceeds the limit of "
-                                f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE.value)
-        fmt, width, height = probe_image(frame.payload)
-        if fmt != frame.format:
-            raise ProtocolError(f"header says {frame.format.label} but the payload is {fmt.label}",
-                                ErrorCode.BAD_IMAGE.value)
-        if (width, height) != (frame.width, frame.height):
-            raise ProtocolError(f"header says {frame.width}x{frame.height} but the image is "
-                                f"{width}x{height}", ErrorCode.BAD_IMAGE.value)
+                                f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
+        fmt, width, height = probe_image(payload)
+        if header is not None:
+            if fmt != header.format:
+                raise ProtocolError(f"header says {header.format.label} but the payload is {fmt.label}",
+                                    ErrorCode.BAD_IMAGE)
+            if (width, height) != (header.width, header.height):
+                raise ProtocolError(f"header says {header.width}x{header.height} but the image is "
+                                    f"{width}x{height}", ErrorCode.BAD_IMAGE)
         if width > self.config.max_width or height > self.config.max_height:
             raise ProtocolError(f"{width}x{height} exceeds the limit of {self.config.max_width}x"
-                                f"{self.config.max_height}", ErrorCode.RESOLUTION_TOO_LARGE.value)
+                                f"{self.config.max_height}", ErrorCode.RESOLUTION_TOO_LARGE)
+        return fmt, width, height
 
     def _route_input(self, channel: Channel, delivery: Delivery) -> None:
         channel.frames_in.tick()
@@ -323,50 +378,66 @@ class Hub:
 
     # -- control ------------------------------------------------------------
 
+    def on_message(self, peer: Peer, message: ClientMessage) -> None:
+        """A decoded control message from a joined peer; refusals raise ``ProtocolError``."""
+        match message:
+            case LegacyImage():
+                self.route_legacy(peer, message.data, message.timestamp, message.seq)
+            case Params():
+                version = self.on_params(peer, message)
+                peer.send(ParamsAck(channel=peer.channel, version=version))
+            case StatsRequest():
+                peer.send(self.stats(None if peer.role is Role.WORKER else [peer.channel]))
+            case Report():
+                self.on_report(peer, message)
+            case Ping():
+                peer.send(Pong())
+            case _:
+                raise ProtocolError(f"unexpected {message.type!r} message after the handshake")
+
     def set_params(self, channel: Channel, params: dict[str, Any], replace: bool = False) -> int:
         channel.params = dict(params) if replace else {**channel.params, **params}
         channel.params_version += 1
         channel.last_params_time = time.time()
         if channel.worker is not None:
-            channel.worker.send(params_message(channel.name, channel.params, channel.params_version))
+            channel.worker.send(ChannelParams(channel=channel.name, params=channel.params,
+                                              version=channel.params_version))
         return channel.params_version
 
-    def on_params(self, peer: Peer, params: dict[str, Any], channel_name: str | None,
-                  replace: bool) -> int:
+    def on_params(self, peer: Peer, message: Params) -> int:
         if peer.role is not Role.PRODUCER:
-            raise ProtocolError("only producers set a channel's params", ErrorCode.NOT_ALLOWED.value)
-        if channel_name not in (None, peer.channel):
-            raise ProtocolError(f"not joined to channel {channel_name!r}", ErrorCode.UNKNOWN_CHANNEL.value)
-        return self.set_params(self.channels[peer.channel], params, replace)
+            raise ProtocolError("only producers set a channel's params", ErrorCode.NOT_ALLOWED)
+        if message.channel not in (None, peer.channel):
+            raise ProtocolError(f"not joined to channel {message.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
+        return self.set_params(self.channels[peer.channel], message.params, message.replace)
 
-    def on_report(self, peer: Peer, channel_name: str, event: str, message: str,
-                  data: dict[str, Any]) -> None:
-        if peer.role is not Role.WORKER or channel_name not in peer.assigned:
-            raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED.value)
-        channel = self.channels[channel_name]
-        if event == "stats":
-            channel.worker_stats = data
-            return
-        if event == "error":
-            channel.last_error, channel.last_error_time = message, time.time()
-            if channel.engine_state == "loading":
-                channel.engine_state = "error"
-            elif data.get("reload_failed"):
-                channel.engine_state = "ready"  # the previous engine keeps serving
-        elif event == "reloading":
-            channel.engine_state = "reloading"
-            channel.restart_count += 1
-            channel.last_restart_time = time.time()
-        elif event == "ready":
-            channel.engine_state, channel.engine_info = "ready", data
-        self._tell_channel(channel, {"type": "report", "channel": channel_name, "event": event,
-                                     "message": message, "data": data})
+    def on_report(self, peer: Peer, report: Report) -> None:
+        """A worker's report moves its channel's engine state; all but stats reach the channel's peers."""
+        if peer.role is not Role.WORKER or report.channel not in peer.assigned:
+            raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED)
+        channel = self.channels[report.channel]
+        match report.event:
+            case ReportEvent.STATS:
+                channel.worker_stats = report.data
+                return
+            case ReportEvent.ERROR:
+                channel.last_error, channel.last_error_time = report.message, time.time()
+                if channel.engine_state is EngineState.LOADING:
+                    channel.engine_state = EngineState.ERROR
+                elif report.data.get("reload_failed"):
+                    channel.engine_state = EngineState.READY  # the previous engine keeps serving
+            case ReportEvent.RELOADING:
+                channel.engine_state = EngineState.RELOADING
+                channel.restart_count += 1
+                channel.last_restart_time = time.time()
+            case ReportEvent.READY:
+                channel.engine_state, channel.engine_info = EngineState.READY, report.data
+        self._tell_channel(channel, report)
 
-    def stats(self, channels: list[str] | None = None) -> dict[str, Any]:
+    def stats(self, channels: list[str] | None = None) -> StatsReply:
         names = self.channels if channels is None else [c for c in channels if c in self.channels]
-        return {"type": "stats",
-                "channels": {name: self.channels[name].stats() for name in names},
-                "workers": [w.describe() for w in self.workers]}
+        return StatsReply(channels={name: self.channels[name].stats() for name in names},
+                          workers=[w.describe() for w in self.workers])
 
     # -- internals ----------------------------------------------------------
 
@@ -375,7 +446,7 @@ class Hub:
         if channel is None:
             if len(self.channels) >= self.config.max_channels:
                 raise ProtocolError(f"the relay already serves {self.config.max_channels} channels",
-                                    ErrorCode.TOO_MANY_CHANNELS.value)
+                                    ErrorCode.TOO_MANY_CHANNELS)
             channel = self.channels[name] = Channel(name)
         return channel
 
@@ -386,11 +457,12 @@ class Hub:
             return
         worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
         channel.worker = worker
-        channel.engine_state = "loading"
+        channel.engine_state = EngineState.LOADING
         worker.assigned.append(channel.name)
-        worker.send(assign_message(channel.name, channel.params, channel.params_version))
+        worker.send(Assign(channel=channel.name, params=channel.params, version=channel.params_version))
         log.info("channel %s assigned to worker %s", channel.name, worker.id)
-        self._tell_channel(channel, status_message(channel.name, "assigned", worker=worker.id))
+        self._tell_channel(channel, Status(channel=channel.name, state=ChannelState.ASSIGNED,
+                                           worker=worker.id))
 
     def _assign_waiting(self) -> None:
         for channel in self.channels.values():
@@ -402,10 +474,10 @@ class Hub:
         if worker is None:
             return
         channel.worker = None
-        channel.engine_state = "waiting_for_worker"
+        channel.engine_state = EngineState.WAITING_FOR_WORKER
         if channel.name in worker.assigned:
             worker.assigned.remove(channel.name)
-        worker.send(release_message(channel.name))
+        worker.send(Release(channel=channel.name))
         self._assign_waiting()
 
     def _tidy(self, channel: Channel) -> None:
@@ -414,7 +486,7 @@ class Hub:
         if channel.empty:
             del self.channels[channel.name]
 
-    def _tell_channel(self, channel: Channel, message: dict[str, Any]) -> None:
+    def _tell_channel(self, channel: Channel, message: Message) -> None:
         for peer in (*channel.producers, *channel.viewers):
             peer.send(message)
 

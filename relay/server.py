@@ -18,7 +18,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Self, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import websockets
@@ -30,22 +30,10 @@ from common.listen import listen
 from relay.config import RelayConfig
 from relay.hub import Delivery, Hub, Peer
 from relay.outbox import Outbox
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError
 from wire.frames import decode_frame
-from wire.messages import (
-    DEFAULT_CHANNEL,
-    ErrorCode,
-    Hello,
-    LegacyImage,
-    Params,
-    Ping,
-    StatsRequest,
-    WorkerReport,
-    decode_control,
-    encode_control,
-    error_message,
-    welcome_message,
-)
+from wire.messages import DEFAULT_CHANNEL, Hello, LegacyImage, Message, decode_control, encode_control
+from wire.relay_messages import Error, Shutdown, Welcome
 
 log = logging.getLogger("relay")
 
@@ -87,7 +75,7 @@ class Relay:
         if self._server is None:
             return
         self._server.close(close_connections=False)
-        shutdown = encode_control({"type": "shutdown", "message": "relay shutting down"})
+        shutdown = encode_control(Shutdown(message="relay shutting down"))
         for ws in list(self._connections):
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(shutdown)
@@ -132,7 +120,7 @@ class Relay:
                 try:
                     self._dispatch(peer, message)
                 except ProtocolError as exc:
-                    peer.send(error_message(exc.code, str(exc)))
+                    peer.send(Error.of(exc))
                 if isinstance(message, bytes):
                     # Let the receivers' sender tasks run before the next frame. Frames
                     # already read from the socket would otherwise be routed in one go,
@@ -176,21 +164,17 @@ class Relay:
         try:
             greeting = hello()
             if not self._token_ok(greeting.token):
-                raise ProtocolError("missing or wrong token", ErrorCode.UNAUTHORIZED.value)
-            peer = Peer(
-                id=secrets.token_hex(4), role=greeting.role, channel=greeting.channel,
-                receive=greeting.receive, encoding=greeting.encoding, capacity=greeting.capacity,
-                pinned=frozenset(greeting.channels), name=greeting.name, engine=greeting.engine,
-                outbox=Outbox(self.config.control_queue),
-            )
+                raise ProtocolError("missing or wrong token", ErrorCode.UNAUTHORIZED)
+            peer = Peer.from_hello(secrets.token_hex(4), greeting, Outbox(self.config.control_queue))
             self.hub.check_join(peer)
         except ProtocolError as exc:
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(encode_control(error_message(exc.code, str(exc))))
+                await ws.send(encode_control(Error.of(exc)))
                 await ws.close(CLOSE_POLICY, str(exc)[:120])
             return None
         if welcome and not peer.legacy:
-            peer.send(welcome_message(peer.role, peer.channel, peer.id, self.config.limits()))
+            peer.send(Welcome(role=peer.role, channel=peer.channel, session=peer.id,
+                              limits=self.config.limits()))
         self.hub.join(peer)
         return peer
 
@@ -202,35 +186,24 @@ class Relay:
         return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.config.tokens)
 
     def _dispatch(self, peer: Peer, message: str | bytes) -> None:
+        """Frames go to the hub as bytes plus their parsed header; text is decoded into a model."""
         if isinstance(message, bytes):
             if len(message) > self.config.max_frame_bytes + 4096:
                 raise ProtocolError(f"message of {len(message)} bytes exceeds the frame limit of "
-                                    f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE.value)
+                                    f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
             self.hub.route(peer, decode_frame(message), message)
             return
-        control = decode_control(message)
-        if isinstance(control, LegacyImage):
-            self.hub.route_legacy(peer, control.image_format, control.data, control.timestamp,
-                                  control.seq)
-        elif isinstance(control, Params):
-            version = self.hub.on_params(peer, control.params, control.channel, control.replace)
-            peer.send({"type": "params_ack", "channel": peer.channel, "version": version})
-        elif isinstance(control, StatsRequest):
-            names = None if peer.role.value == "worker" else [peer.channel]
-            peer.send(self.hub.stats(names))
-        elif isinstance(control, WorkerReport):
-            self.hub.on_report(peer, control.channel, control.event, control.message, control.data)
-        elif isinstance(control, Ping):
-            peer.send({"type": "pong"})
-        else:
-            raise ProtocolError(f"unexpected {control.type!r} message after the handshake")
+        self.hub.on_message(peer, decode_control(message))
 
     async def _send_loop(self, ws: ServerConnection, peer: Peer) -> None:
+        async def send_control(message: Message) -> None:
+            await ws.send(encode_control(message))
+
         async def send_frame(delivery: Delivery) -> None:
             await ws.send(delivery.as_json() if peer.legacy else delivery.raw)
 
         with contextlib.suppress(ConnectionClosed):
-            await peer.outbox.drain(ws.send, send_frame)
+            await peer.outbox.drain(send_control, send_frame)  # type: ignore[arg-type]
 
 
 async def serve(config: RelayConfig) -> None:
@@ -253,7 +226,7 @@ def _hello_from_query(channel: str, query: dict[str, str]) -> Hello:
             fields[key] = query[key]
     if "capacity" in query:
         fields["capacity"] = query["capacity"]
-    return decode_control(encode_control(fields))  # same validation as a hello message
+    return cast(Hello, decode_control(fields))  # same validation (and errors) as a hello message
 
 
 def _direct_sender(ws: ServerConnection, peer: Peer) -> Callable[[Delivery], bool]:

@@ -45,14 +45,14 @@ async def test_slow_worker_gets_the_newest_frame_not_a_queue(relay):
         await producer.send(input_frame(seq, big, "ch", 600, 600, ImageFormat.PNG))
         assert (await recv_frame(fast)).seq == seq
     # now the stalled worker reads what reached it
-    stats = relay.hub.stats()["channels"]["ch"]
+    stats = relay.hub.stats().channels["ch"]
     dropped = stats["drops"]["worker"]
     received: list[int] = []
     while not received or received[-1] != count - 1:
         received.append((await recv_frame(worker.ws)).seq)
     assert received == sorted(received)
     assert dropped > count // 2
-    assert len(received) + relay.hub.stats()["channels"]["ch"]["drops"]["worker"] == count
+    assert len(received) + relay.hub.stats().channels["ch"]["drops"]["worker"] == count
     for ws in (fast, producer):
         await ws.close()
     await worker.close()
@@ -74,7 +74,7 @@ async def test_slow_viewer_drops_while_fast_viewer_keeps_full_rate(relay):
     received: list[int] = []
     while not received or received[-1] != count - 1:
         received.append((await recv_frame(slow)).seq)
-    drops = relay.hub.stats()["channels"]["ch"]["drops"]["viewers"]
+    drops = relay.hub.stats().channels["ch"]["drops"]["viewers"]
     assert len(received) < count // 2 and received == sorted(received)
     assert len(received) + drops == count
     serving.cancel()
@@ -342,3 +342,20 @@ def test_outbox_direct_send_never_overtakes_frames_the_sender_holds():
         assert (await outbox.take())[1] == [3]
 
     asyncio.run(scenario())
+
+
+async def test_control_messages_on_the_wire_are_the_bytes_clients_always_got(relay):
+    async with websockets.connect(relay.url, compression=None) as ws:
+        await ws.send('{"type": "hello", "role": "producer", "channel": "lonely"}')
+        welcome = await asyncio.wait_for(ws.recv(), 5)
+        assert welcome.startswith('{"type":"welcome","role":"producer","channel":"lonely","session":"')
+        assert welcome.endswith('","protocol":1,"limits":{"max_frame_bytes":8388608,"max_width":4096,'
+                                '"max_height":4096,"max_channels":256}}')
+        assert await ws.recv() == '{"type":"status","channel":"lonely","state":"waiting_for_worker"}'
+        await ws.send('{"type": "ping"}')
+        assert await ws.recv() == '{"type":"pong"}'
+        await ws.send('{"type": "params", "params": {"a": 1}}')
+        assert await ws.recv() == '{"type":"params_ack","channel":"lonely","version":1}'
+        await ws.send('{"type": "hello", "role": "viewer"}')
+        assert await ws.recv() == ('{"type":"error","code":"bad_message",'
+                                   '"message":"unexpected \'hello\' message after the handshake"}')

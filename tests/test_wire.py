@@ -11,9 +11,39 @@ from hypothesis import strategies as st
 
 from tests.helpers import jpeg, noise_png
 from wire import ProtocolError
+from wire.errors import ErrorCode, UnknownMessageType
 from wire.frames import HEADER_SIZE, Frame, FrameKind, ImageFormat, decode_frame, encode_frame
 from wire.images import probe_image
-from wire.messages import Hello, LegacyImage, Params, decode_control
+from wire.messages import (
+    Encoding,
+    Hello,
+    LegacyImage,
+    Params,
+    Receive,
+    Report,
+    ReportEvent,
+    Role,
+    decode_control,
+    encode_control,
+    legacy_image_message,
+)
+from wire.relay_messages import (
+    Ack,
+    Assign,
+    ChannelParams,
+    ChannelState,
+    EngineState,
+    Error,
+    LegacyResult,
+    ParamsAck,
+    Pong,
+    Release,
+    Shutdown,
+    StatsReply,
+    Status,
+    Welcome,
+    decode_relay_message,
+)
 
 channels = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True)
 frames = st.builds(
@@ -73,7 +103,7 @@ def test_any_text_decodes_or_raises_protocol_error(text):
 def test_hello_defaults_and_validation():
     hello = decode_control('{"type": "hello", "role": "viewer"}')
     assert isinstance(hello, Hello)
-    assert (hello.channel, hello.receive, hello.encoding) == ("default", "output", "binary")
+    assert (hello.channel, hello.receive, hello.encoding) == ("default", Receive.OUTPUT, Encoding.BINARY)
     with pytest.raises(ProtocolError) as exc:
         decode_control('{"type": "hello", "role": "worker", "capacity": 0}')
     assert "capacity" in str(exc.value)
@@ -85,8 +115,7 @@ def test_seed_002_image_message():
                                            "data": base64.b64encode(image).decode(),
                                            "timestamp": 1234567890.123}))
     assert isinstance(message, LegacyImage)
-    assert (message.data, message.image_format, message.timestamp) == (image, ImageFormat.JPEG,
-                                                                       1234567890.123)
+    assert (message.data, message.format, message.timestamp) == (image, ImageFormat.JPEG, 1234567890.123)
 
 
 def test_params_message():
@@ -104,3 +133,57 @@ def test_probe_reads_real_image_headers():
 
 def test_frame_header_is_32_bytes():
     assert HEADER_SIZE == 32
+
+
+# what the relay sent before its messages were typed, byte for byte (the old dict builders' output)
+RELAY_MESSAGES = [
+    (Welcome(role=Role.PRODUCER, channel="cam1", session="9f2c01ab", limits={"max_frame_bytes": 8388608}),
+     ('{"type":"welcome","role":"producer","channel":"cam1","session":"9f2c01ab","protocol":1,'
+      '"limits":{"max_frame_bytes":8388608}}')),
+    (Error(code=ErrorCode.BAD_IMAGE, message="m"), '{"type":"error","code":"bad_image","message":"m"}'),
+    (Assign(channel="c", params={"prompt": "a"}, version=2),
+     '{"type":"assign","channel":"c","params":{"prompt":"a"},"version":2}'),
+    (Release(channel="c"), '{"type":"release","channel":"c"}'),
+    (ChannelParams(channel="c", params={}, version=3), '{"type":"params","channel":"c","params":{},"version":3}'),
+    (ParamsAck(channel="c", version=1), '{"type":"params_ack","channel":"c","version":1}'),
+    (Status(channel="c", state=ChannelState.WAITING_FOR_WORKER),
+     '{"type":"status","channel":"c","state":"waiting_for_worker"}'),
+    (Status(channel="c", state=ChannelState.ASSIGNED, worker="w"),
+     '{"type":"status","channel":"c","state":"assigned","worker":"w"}'),
+    (StatsReply(channels={"c": {"engine_state": EngineState.READY, "worker": None}}, workers=[]),
+     '{"type":"stats","channels":{"c":{"engine_state":"ready","worker":null}},"workers":[]}'),
+    (Report(channel="c", event=ReportEvent.ERROR, message="x", data={"v": None}),
+     '{"type":"report","channel":"c","event":"error","message":"x","data":{"v":null}}'),
+    (Pong(), '{"type":"pong"}'),
+    (Shutdown(message="relay shutting down"), '{"type":"shutdown","message":"relay shutting down"}'),
+    (Ack(), '{"type":"ack","status":"received"}'),
+]
+
+
+@pytest.mark.parametrize(("message", "text"), RELAY_MESSAGES)
+def test_relay_messages_encode_to_the_same_bytes_and_decode_back(message, text):
+    assert encode_control(message) == text
+    assert decode_relay_message(text) == message
+
+
+def test_legacy_results_decode_with_our_additions():
+    image = jpeg()
+    text = encode_control(legacy_image_message(ImageFormat.JPEG, image, 12.5, seq=3, channel="c",
+                                               kind="output"))
+    result = decode_relay_message(text)
+    assert isinstance(result, LegacyResult)
+    assert (result.data, result.format, result.seq, result.channel, result.kind) == (
+        image, ImageFormat.JPEG, 3, "c", "output")
+
+
+def test_unknown_types_are_their_own_error_and_codes_are_enums():
+    for decoder in (decode_control, decode_relay_message):
+        with pytest.raises(UnknownMessageType) as unknown:
+            decoder('{"type": "launch_missiles"}')
+        assert unknown.value.code is ErrorCode.BAD_MESSAGE
+    with pytest.raises(ProtocolError) as bad:
+        decode_relay_message('{"type": "status", "channel": "c", "state": "sleeping"}')
+    assert bad.value.code is ErrorCode.BAD_MESSAGE
+    assert ProtocolError("x", "bad_image").code is ErrorCode.BAD_IMAGE
+    with pytest.raises(ValueError):
+        ProtocolError("x", "no_such_code")

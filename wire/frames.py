@@ -29,7 +29,7 @@ import re
 import struct
 from dataclasses import dataclass, replace
 
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError
 
 MAGIC = b"SD"
 VERSION = 1
@@ -58,7 +58,7 @@ class ImageFormat(enum.IntEnum):
             return cls.JPEG
         if key in ("png", "image/png"):
             return cls.PNG
-        raise ProtocolError(f"unsupported image format {name!r}: use jpeg or png", "bad_image")
+        raise ProtocolError(f"unsupported image format {name!r}: use jpeg or png", ErrorCode.BAD_IMAGE)
 
     @property
     def label(self) -> str:
@@ -89,7 +89,7 @@ class Frame:
 def validate_channel(name: str) -> str:
     if not isinstance(name, str) or not CHANNEL_PATTERN.match(name):
         raise ProtocolError(
-            f"bad channel name {name!r}: 1-64 characters from A-Z a-z 0-9 _ . -", "bad_channel")
+            f"bad channel name {name!r}: 1-64 characters from A-Z a-z 0-9 _ . -", ErrorCode.BAD_CHANNEL)
     return name
 
 
@@ -130,7 +130,7 @@ def decode_frame(data: bytes) -> Frame:
         raise ProtocolError(f"unknown frame kind {kind}")
     image_format = _FORMATS.get(fmt)
     if image_format is None:
-        raise ProtocolError(f"unknown image format code {fmt}", "bad_image")
+        raise ProtocolError(f"unknown image format code {fmt}", ErrorCode.BAD_IMAGE)
     if not 1 <= channel_len <= MAX_CHANNEL_BYTES:
         raise ProtocolError(f"channel length {channel_len} outside 1..{MAX_CHANNEL_BYTES}")
     end = HEADER_SIZE + channel_len
@@ -142,7 +142,7 @@ def decode_frame(data: bytes) -> Frame:
         try:
             channel = name.decode()
         except UnicodeDecodeError:
-            raise ProtocolError("channel name is not UTF-8", "bad_channel") from None
+            raise ProtocolError("channel name is not UTF-8", ErrorCode.BAD_CHANNEL) from None
         validate_channel(channel)
         if len(_CHANNELS) >= _MAX_CACHED_CHANNELS:
             _CHANNELS.clear()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError
 from wire.frames import ImageFormat
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,12 +25,12 @@ def probe_image(data: bytes) -> tuple[ImageFormat, int, int]:
         return ImageFormat.JPEG, width, height
     if data.startswith(PNG_SIGNATURE):
         if len(data) < 24 or data[12:16] != b"IHDR":
-            raise ProtocolError("PNG without an IHDR chunk", "bad_image")
+            raise ProtocolError("PNG without an IHDR chunk", ErrorCode.BAD_IMAGE)
         width, height = struct.unpack_from("!II", data, 16)
         if not (width and height):
-            raise ProtocolError("PNG with a zero size", "bad_image")
+            raise ProtocolError("PNG with a zero size", ErrorCode.BAD_IMAGE)
         return ImageFormat.PNG, width, height
-    raise ProtocolError("payload is neither a JPEG nor a PNG image", "bad_image")
+    raise ProtocolError("payload is neither a JPEG nor a PNG image", ErrorCode.BAD_IMAGE)
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
@@ -53,9 +53,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
                 break
             height, width = struct.unpack_from("!HH", data, pos + 5)
             if not (width and height):
-                raise ProtocolError("JPEG with a zero size", "bad_image")
+                raise ProtocolError("JPEG with a zero size", ErrorCode.BAD_IMAGE)
             return width, height
         if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
             break
         pos += 2 + length
-    raise ProtocolError("JPEG without a readable frame header", "bad_image")
+    raise ProtocolError("JPEG without a readable frame header", ErrorCode.BAD_IMAGE)

@@ -1,9 +1,12 @@
-"""JSON control messages: handshake, parameters, stats, errors, seed-002 images.
+"""JSON control messages from clients to the relay: handshake, params, stats, reports, seed-002 images.
 
-``decode_control`` turns a text message into a typed model or raises
-:class:`ProtocolError`; the ``*_message`` builders return plain dicts that
-``encode_control`` serialises. Unknown fields are ignored for forward
-compatibility; unknown message types are errors.
+Every control message is a frozen pydantic model with a literal ``type``;
+:func:`decode_control` turns a text message into one (or raises
+:class:`ProtocolError` with an :class:`ErrorCode`) and :func:`encode_control`
+turns a model back into text. What the relay sends back is in
+:mod:`wire.relay_messages`, decoded the same way. Unknown fields are ignored
+for forward compatibility; unknown message types are errors. Frames are
+never models: they stay bytes (:mod:`wire.frames`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,22 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError, UnknownMessageType
 from wire.frames import CHANNEL_PATTERN, ImageFormat
 
 PROTOCOL_VERSION = 1
@@ -29,39 +42,64 @@ class Role(enum.StrEnum):
     VIEWER = "viewer"
 
 
-class ErrorCode(enum.StrEnum):
-    BAD_MESSAGE = "bad_message"
-    BAD_IMAGE = "bad_image"
-    BAD_CHANNEL = "bad_channel"
-    BAD_ROLE = "bad_role"
-    FRAME_TOO_LARGE = "frame_too_large"
-    RESOLUTION_TOO_LARGE = "resolution_too_large"
-    UNAUTHORIZED = "unauthorized"
-    UNKNOWN_CHANNEL = "unknown_channel"
-    TOO_MANY_CHANNELS = "too_many_channels"
-    NOT_ALLOWED = "not_allowed"
-    ENGINE_ERROR = "engine_error"
+class Receive(enum.StrEnum):
+    """Which frames a producer or viewer gets: the worker's output, the producers' input, both, none."""
+
+    OUTPUT = "output"
+    INPUT = "input"
+    BOTH = "both"
+    NONE = "none"
 
 
-class _Message(BaseModel):
+class Encoding(enum.StrEnum):
+    """How the relay sends a peer its frames: binary frames, or seed-002 base64 JSON."""
+
+    BINARY = "binary"
+    JSON = "json"
+
+
+class ReportEvent(enum.StrEnum):
+    """What a worker's ``report`` is about."""
+
+    ERROR = "error"
+    RELOADING = "reloading"
+    READY = "ready"
+    STATS = "stats"
+
+
+class Message(BaseModel):
+    """Base of every control message: immutable, extra fields ignored."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN.pattern)]
 
 
-class Hello(_Message):
+def _image_format(value: Any) -> ImageFormat:
+    """``"jpeg"``, ``"JPG"``, ``"png"``...: the spellings seed-002 clients use."""
+    if isinstance(value, ImageFormat):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    return ImageFormat.parse(value)  # a ProtocolError (bad_image) that decoding re-raises as is
+
+
+ImageFormatName = Annotated[ImageFormat, PlainValidator(_image_format)]
+
+
+class Hello(Message):
     """First message of every connection: who I am and where I go."""
 
-    type: Literal["hello"]
+    type: Literal["hello"] = "hello"
     role: Role
     channel: Channel = DEFAULT_CHANNEL
     token: str | None = None
     protocol: int = PROTOCOL_VERSION
     # viewers: which frames to receive; producers receive outputs unless "none".
-    receive: Literal["output", "input", "both", "none"] = "output"
+    receive: Receive = Receive.OUTPUT
     # "json" makes the relay send images as seed-002 base64 messages.
-    encoding: Literal["binary", "json"] = "binary"
+    encoding: Encoding = Encoding.BINARY
     # workers: how many channels they serve at once; an empty channel list
     # means "any channel the relay assigns".
     capacity: int = Field(default=1, ge=1, le=1024)
@@ -70,42 +108,45 @@ class Hello(_Message):
     engine: str = Field(default="", max_length=64)
 
 
-class Params(_Message):
-    """New parameters for a channel; merged into the channel's current ones."""
+class Params(Message):
+    """A producer's new parameters for its channel; merged into the current ones."""
 
-    type: Literal["params"]
+    type: Literal["params"] = "params"
     params: dict[str, Any]
     channel: Channel | None = None
     replace: bool = False
     version: int | None = None
 
 
-class StatsRequest(_Message):
-    type: Literal["stats"]
+class StatsRequest(Message):
+    type: Literal["stats"] = "stats"
 
 
-class WorkerReport(_Message):
-    """A worker's news about a channel: an engine error, a reload, its own timings."""
+class Report(Message):
+    """A worker's news about a channel (an engine error, a reload, its timings); forwarded as is."""
 
-    type: Literal["report"]
+    type: Literal["report"] = "report"
     channel: Channel
-    event: Literal["error", "reloading", "ready", "stats"]
+    event: ReportEvent
     message: str = ""
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class LegacyImage(_Message):
-    """The base64 image message of seed 002."""
+class LegacyImage(Message):
+    """The base64 image message of seed 002 (as a producer or a JSON worker sends it)."""
 
-    type: Literal["image"]
-    format: str = "jpeg"
+    type: Literal["image"] = "image"
+    # data before format: a message wrong in both is refused for its data, as it always was
     data: bytes
+    format: ImageFormatName = ImageFormat.JPEG
     timestamp: float | None = None
     seq: int | None = Field(default=None, ge=0, lt=2**64)  # our addition; seed clients omit it
 
     @field_validator("data", mode="before")
     @classmethod
     def _b64(cls, value: Any) -> bytes:
+        if isinstance(value, bytes):
+            return value  # built in process from the image itself (JSON has no bytes)
         if not isinstance(value, str):
             raise ValueError("data must be a base64 string")  # noqa: TRY004 (pydantic turns ValueError into a 422)
         try:
@@ -113,83 +154,67 @@ class LegacyImage(_Message):
         except (binascii.Error, ValueError):
             raise ValueError("data is not valid base64") from None
 
-    @property
-    def image_format(self) -> ImageFormat:
-        return ImageFormat.parse(self.format)
+
+class Ping(Message):
+    type: Literal["ping"] = "ping"
 
 
-class Ping(_Message):
-    type: Literal["ping"]
+ClientMessage = Hello | Params | StatsRequest | Report | LegacyImage | Ping
+_client = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
+
+def decode_control(message: str | bytes | Mapping[str, Any]) -> ClientMessage:
+    """A client's text message (or its parsed JSON) as a model; :class:`ProtocolError` says what is wrong."""
+    return decode_with(_client, message)
 
 
-ControlMessage = Annotated[
-    Hello | Params | StatsRequest | WorkerReport | LegacyImage | Ping,
-    Field(discriminator="type"),
-]
-_control = TypeAdapter(ControlMessage)
-
-
-def decode_control(text: str | bytes) -> Hello | Params | StatsRequest | WorkerReport | LegacyImage | Ping:
-    """Parse a text message; raise :class:`ProtocolError` naming what is wrong."""
-    try:
-        obj = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"message is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
+def decode_with(adapter: TypeAdapter[Any], message: str | bytes | Mapping[str, Any]) -> Any:
+    """Parse and validate ``message`` against a discriminated union of message models."""
+    if isinstance(message, Mapping):
+        obj: Any = message
+    else:
+        try:
+            obj = orjson.loads(message)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    if not isinstance(obj, Mapping):
         raise ProtocolError("message must be a JSON object")
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("message has no string 'type' field")
     try:
-        return _control.validate_python(obj)
+        return adapter.validate_python(obj)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
         if first["type"] == "union_tag_invalid":
-            raise ProtocolError(f"unknown message type {kind!r}") from None
+            raise UnknownMessageType(f"unknown message type {kind!r}") from None
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ProtocolError):
+            raise cause from None
+        where = ".".join(str(p) for p in first["loc"])
         code = ErrorCode.BAD_IMAGE if kind == "image" else ErrorCode.BAD_MESSAGE
         if kind == "hello" and "role" in where:
             code = ErrorCode.BAD_ROLE
         elif "channel" in where:
             code = ErrorCode.BAD_CHANNEL
-        raise ProtocolError(f"bad {kind!r} message: {where}: {first['msg']}", code.value) from None
+        raise ProtocolError(f"bad {kind!r} message: {where}: {first['msg']}", code) from None
 
 
-def encode_control(message: dict[str, Any]) -> str:
-    """Serialise a control message (a dict with a ``type``) to a text frame."""
+def encode_control(message: Message | Mapping[str, Any]) -> str:
+    """Serialise a control message to a text frame.
+
+    Fields left ``None`` are omitted (``status`` has a ``worker`` only once
+    assigned); field order is the models' order, so the JSON is the same bytes
+    the relay sent before its messages were typed.
+    """
+    if isinstance(message, Message):
+        message = message.model_dump(exclude_none=True)
     return orjson.dumps(message).decode()
 
 
-def error_message(code: str | ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
-    code = code.value if isinstance(code, ErrorCode) else code
-    return {"type": "error", "code": code, "message": message, **extra}
-
-
-def welcome_message(role: Role, channel: str, session: str, limits: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "welcome", "role": role.value, "channel": channel, "session": session,
-            "protocol": PROTOCOL_VERSION, "limits": limits}
-
-
-def assign_message(channel: str, params: dict[str, Any], version: int) -> dict[str, Any]:
-    return {"type": "assign", "channel": channel, "params": params, "version": version}
-
-
-def release_message(channel: str) -> dict[str, Any]:
-    return {"type": "release", "channel": channel}
-
-
-def params_message(channel: str, params: dict[str, Any], version: int) -> dict[str, Any]:
-    return {"type": "params", "channel": channel, "params": params, "version": version}
-
-
-def status_message(channel: str, state: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "status", "channel": channel, "state": state, **extra}
-
-
-LEGACY_ACK = {"type": "ack", "status": "received"}
-
-
 def legacy_image_message(fmt: ImageFormat, payload: bytes, timestamp: float, **extra: Any) -> dict[str, Any]:
-    """A seed-002 image message; ``extra`` carries our additions (seq, channel)."""
+    """A seed-002 image message; ``extra`` carries our additions (seq, channel, kind).
+
+    A frame, not a control message: built from bytes on the way out, never a model.
+    """
     return {"type": "image", "format": fmt.label, "data": base64.b64encode(payload).decode(),
             "timestamp": timestamp, **extra}

@@ -19,11 +19,11 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.server.farewell import SHUTDOWN_TEXT
 from relay.hub import Delivery
-from relay.local import LocalProducer
+from relay.local import Closed, LocalSession
 from wire.errors import ProtocolError
-from wire.frames import decode_frame
-from wire.images import probe_image
-from wire.messages import encode_control, error_message
+from wire.frames import MAGIC, decode_frame
+from wire.messages import Receive, Role, encode_control
+from wire.relay_messages import Error, Shutdown
 
 router = APIRouter()
 
@@ -35,21 +35,20 @@ async def ingest(websocket: WebSocket, stream_key: str) -> None:
         await websocket.close(code=1008, reason="unknown stream key")
         return
     await websocket.accept()
-    hub = websocket.app.state.relay.hub
-    producer = LocalProducer(hub, stream.channel, receive="output")
-    sender = asyncio.create_task(_send_results(websocket, producer))
-    goodbye = encode_control({"type": "shutdown", "message": SHUTDOWN_TEXT})
+    session = LocalSession(websocket.app.state.relay.hub, stream.channel, Role.PRODUCER, Receive.OUTPUT)
+    sender = asyncio.create_task(_send(websocket, session))
+    goodbye = encode_control(Shutdown(message=SHUTDOWN_TEXT))
     try:
         with websocket.app.state.farewells.registered(lambda: websocket.send_text(goodbye)):
-            await _receive(websocket, producer)
+            await _receive(websocket, session)
     finally:
-        producer.close()
+        session.close()
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sender
 
 
-async def _receive(websocket: WebSocket, producer: LocalProducer) -> None:
+async def _receive(websocket: WebSocket, session: LocalSession) -> None:
     with contextlib.suppress(WebSocketDisconnect):
         while True:
             message = await websocket.receive()
@@ -59,26 +58,31 @@ async def _receive(websocket: WebSocket, producer: LocalProducer) -> None:
             if data is None:
                 continue  # text is reserved for control messages; none are needed yet
             try:
-                _publish(producer, data)
+                _publish(session, data)
             except ProtocolError as exc:
-                producer.peer.send(error_message(exc.code, str(exc)))
+                session.post(Error.of(exc))  # after the messages already on their way
 
 
-def _publish(producer: LocalProducer, data: bytes) -> None:
-    if data[:2] == b"SD":
+def _publish(session: LocalSession, data: bytes) -> None:
+    """A relay-protocol frame (its header's claims checked) or bare image bytes, passed through as they are."""
+    if data[:2] == MAGIC:
         frame = decode_frame(data)
-        producer.publish(frame.payload, frame.width, frame.height, frame.format, frame.timestamp)
-        return
-    fmt, width, height = probe_image(data)
-    producer.publish(data, width, height, fmt)
+        session.publish(frame.payload, frame.width, frame.height, frame.format, frame.timestamp)
+    else:
+        session.publish(data)  # the hub reads format and size
 
 
-async def _send_results(websocket: WebSocket, producer: LocalProducer) -> None:
-    async def send_frame(delivery: Delivery) -> None:
-        await websocket.send_bytes(delivery.raw)
-
+async def _send(websocket: WebSocket, session: LocalSession) -> None:
+    """The session's events, translated: results as relay frames (their bytes as routed), messages as JSON."""
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        await producer.peer.outbox.drain(websocket.send_text, send_frame)
+        async for event in session.events():
+            match event:
+                case Delivery():
+                    await websocket.send_bytes(event.raw)
+                case Closed():
+                    return
+                case _:
+                    await websocket.send_text(encode_control(event))
 
 
 __all__ = ["router"]

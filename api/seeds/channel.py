@@ -1,12 +1,13 @@
-"""A seed client's own relay channel: held open with its params, one in-process peer.
+"""A seed client's own relay channel: held open with its params, one in-process session.
 
 Each seed connection (a ``/ws`` socket, a ``/api/ws/{userId}`` session)
 gets a channel of its own, so its params never leak into another client's
 frames. The channel is held (it keeps a worker with no producer) and a
-``LocalProducer`` that also receives outputs publishes the client's images;
-its outbox holds at most one result (latest frame wins) plus the hub's
-control messages (worker assigned, engine ready, engine errors), which the
-protocol adapters translate into their seed's statuses.
+producer :class:`~relay.local.LocalSession` that also receives outputs
+publishes the client's images as they came (the hub reads their format and
+size). Its events are the hub's typed messages (worker assigned, engine
+ready, engine errors), which the protocol adapters translate into their
+seed's statuses, and the results, here as :class:`Result` with their latency.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
-import orjson
-
-from relay.hub import Channel, Hub
-from relay.local import LocalProducer
-from wire.frames import Frame, FrameKind
-from wire.images import probe_image
+from relay.hub import Channel, Delivery, Hub
+from relay.local import Closed, LocalSession
+from wire.frames import Frame
+from wire.messages import Receive, Role
+from wire.relay_messages import EngineState, RelayMessage
 
 _MAX_PENDING = 64  # send times kept for latency; older ones are forgotten
 
@@ -34,6 +34,10 @@ class Result:
     latency_s: float | None
 
 
+#: what :meth:`SessionChannel.events` yields
+SessionEvent = Result | RelayMessage | Closed
+
+
 class SessionChannel:
     """Open on construction, closed by :meth:`close`; raises ``ProtocolError`` if the hub is full."""
 
@@ -43,22 +47,21 @@ class SessionChannel:
         self.params = params
         hub.open_channel(self.name, params)
         try:
-            self.producer = LocalProducer(hub, self.name, receive="output")
+            self.session = LocalSession(hub, self.name, Role.PRODUCER, Receive.OUTPUT)
         except Exception:
             hub.close_channel(self.name)
             raise
         self._sent_at: dict[int, float] = {}
         self.last_seq = -1
-        self.closed = False
 
     @property
     def channel(self) -> Channel | None:
         return self.hub.channels.get(self.name)
 
     @property
-    def engine_state(self) -> str:
+    def engine_state(self) -> EngineState:
         channel = self.channel
-        return channel.engine_state if channel is not None else "closed"
+        return channel.engine_state if channel is not None else EngineState.CLOSED
 
     @property
     def has_worker(self) -> bool:
@@ -70,6 +73,10 @@ class SessionChannel:
         channel = self.channel
         return channel.params_version if channel is not None else 0
 
+    @property
+    def ended(self) -> bool:
+        return self.session.closed
+
     def set_params(self, params: dict[str, Any]) -> int:
         """Send new full params to the worker; returns their version."""
         self.params = params
@@ -80,34 +87,46 @@ class SessionChannel:
 
     def publish(self, data: bytes) -> int:
         """Route one encoded image; non-images and oversize ones raise ``ProtocolError``."""
-        fmt, width, height = probe_image(data)
-        seq = self.producer.publish(data, width, height, fmt)
+        seq = self.session.publish(data)
         self.last_seq = seq
         self._sent_at[seq] = time.monotonic()
         if len(self._sent_at) > _MAX_PENDING:
             self._sent_at.pop(next(iter(self._sent_at)))
         return seq
 
-    async def events(self) -> tuple[list[dict[str, Any]], list[Result]]:
-        """Wait for hub news: control messages (decoded) and output frames (newest only)."""
-        control, deliveries = await self.producer.peer.outbox.take()
-        messages = [orjson.loads(text) for text in control]
-        results = [self._result(d.frame) for d in deliveries if d.frame.kind is FrameKind.OUTPUT]
-        return messages, results
+    def events(self) -> SessionEvents:
+        """The hub's messages and the results, in order, until :data:`relay.local.CLOSED`.
 
-    @property
-    def ended(self) -> bool:
-        return self.producer.peer.outbox.closed
+        Cancel-safe like :class:`relay.local.Events`; use one iterator per session.
+        """
+        return SessionEvents(self)
 
-    def _result(self, frame: Frame) -> Result:
+    def result(self, frame: Frame) -> Result:
+        """``frame`` with its round trip, forgetting the send times of it and older frames."""
         sent = self._sent_at.get(frame.seq)
         for seq in [s for s in self._sent_at if s <= frame.seq]:
             del self._sent_at[seq]
         return Result(frame, None if sent is None else time.monotonic() - sent)
 
     def close(self) -> None:
-        if self.closed:
+        if self.session.closed:
             return
-        self.closed = True
-        self.producer.close()
+        self.session.close()
         self.hub.close_channel(self.name)
+
+
+class SessionEvents:
+    """The session's events with each delivered frame turned into a :class:`Result`."""
+
+    def __init__(self, channel: SessionChannel) -> None:
+        self._channel = channel
+        self._events = channel.session.events()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> SessionEvent:
+        event = await anext(self._events)
+        if isinstance(event, Delivery):
+            return self._channel.result(event.frame)
+        return event

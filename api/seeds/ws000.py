@@ -36,7 +36,9 @@ from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.socket import Outgoing, first_done, receive
 from api.server.farewell import SHUTDOWN_TEXT
+from relay.local import Closed
 from wire.errors import ProtocolError
+from wire.messages import Report, ReportEvent
 
 log = logging.getLogger("api.seeds")
 
@@ -114,14 +116,15 @@ def _control(session: SessionChannel, text: str) -> dict[str, Any]:
 
 async def _pump(out: Outgoing, session: SessionChannel) -> None:
     """Forward results (metadata, then bytes) and engine errors until the socket fails."""
-    while not out.closed:
-        control, results = await session.events()
-        for message in control:
-            if message.get("type") == "report" and message.get("event") == "error":
-                await out.json(error("engine_error", str(message.get("message", ""))))
-        for result in results:
-            await out.json_then_bytes(_processed(result), result.frame.payload)
-        if session.ended:
+    async for event in session.events():
+        match event:
+            case Result():
+                await out.json_then_bytes(_processed(event), event.frame.payload)
+            case Report(event=ReportEvent.ERROR):
+                await out.json(error("engine_error", event.message))
+            case Closed():
+                return
+        if out.closed:
             return
 
 

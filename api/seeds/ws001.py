@@ -46,12 +46,15 @@ import orjson
 from fastapi import APIRouter, FastAPI, WebSocket
 
 from api.playback.mjpeg import MjpegStream
-from api.seeds.channel import SessionChannel
+from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.settings001 import Seed001Options, options
 from api.seeds.socket import Outgoing, first_done, receive
 from media.codec import encode_image
+from relay.local import Closed
 from wire.errors import ProtocolError
+from wire.messages import Report, ReportEvent
+from wire.relay_messages import ChannelState, EngineState, RelayMessage, Status
 
 log = logging.getLogger("api.seeds")
 
@@ -69,6 +72,13 @@ def error(message: str) -> dict[str, Any]:
     return {"status": "error", "message": message}
 
 
+class Mode(enum.StrEnum):
+    """``?mode=``: the client sends images (img2img), or none and a black frame drives txt2img."""
+
+    IMAGE = "image"
+    VIDEO = "video"
+
+
 class Expect(enum.Enum):
     NEXT_FRAME = "next_frame"
     PARAMS = "params"
@@ -78,7 +88,7 @@ class Expect(enum.Enum):
 class Session:
     """One connected user: its socket, its channel, and where it is in the frame loop."""
 
-    def __init__(self, user_id: str, mode: str, out: Outgoing, channel: SessionChannel,
+    def __init__(self, user_id: str, mode: Mode, out: Outgoing, channel: SessionChannel,
                  opts: Seed001Options) -> None:
         self.user_id, self.mode, self.out, self.channel, self.opts = user_id, mode, out, channel, opts
         self.streams: weakref.WeakSet[MjpegStream] = weakref.WeakSet()  # its MJPEG viewers
@@ -120,7 +130,7 @@ class Session:
                 self._bundle_error = str(exc)
         if self._bundle_error is not None:
             await self.out.json(error(self._bundle_error))
-        if self.mode == "image":
+        if self.mode is Mode.IMAGE:
             self.expect = Expect.IMAGE
         else:
             await self._finish_bundle(None)
@@ -157,23 +167,27 @@ class Session:
 
     async def pump(self) -> None:
         """Turn hub news into statuses: results release ``send_frame``; workers come and go."""
-        while not (self.out.closed or self.channel.ended):
+        events = self.channel.events()
+        while not self.out.closed:
             try:
-                control, results = await asyncio.wait_for(self.channel.events(), self._stall_timeout())
+                event = await asyncio.wait_for(anext(events), self._stall_timeout())
             except TimeoutError:
                 log.info("session %s: no result in %.0f s; asking for a new frame",
                          self.user_id, self.opts.stall_s)
                 await self._release()
                 continue
-            for message in control:
-                if not await self._on_control(message):
+            match event:
+                case Result():
+                    if self.awaiting is not None and event.frame.seq >= self.awaiting:
+                        await self._release()
+                case Closed():
                     return
-            for result in results:
-                if self.awaiting is not None and result.frame.seq >= self.awaiting:
-                    await self._release()
+                case _:
+                    if not await self._on_control(event):
+                        return
 
     def _stall_timeout(self) -> float | None:
-        if self.awaiting is None or self.channel.engine_state != "ready":
+        if self.awaiting is None or self.channel.engine_state is not EngineState.READY:
             return None
         return max(0.0, self.published_at + self.opts.stall_s - time.monotonic())
 
@@ -181,24 +195,22 @@ class Session:
         self.awaiting = None
         await self.out.json(SEND_FRAME)
 
-    async def _on_control(self, message: dict[str, Any]) -> bool:
+    async def _on_control(self, message: RelayMessage) -> bool:
         """Handle one hub message; False ends the session."""
-        if message.get("type") == "status":
-            state = message.get("state")
-            if state == "waiting_for_worker" and not self.waiting:
+        match message:
+            case Status(state=ChannelState.WAITING_FOR_WORKER) if not self.waiting:
                 self.waiting, self.awaiting = True, None
                 await self.out.json(WAIT)
-            elif state == "assigned" and (self.waiting or self.awaiting is not None):
+            case Status(state=ChannelState.ASSIGNED) if self.waiting or self.awaiting is not None:
                 self.waiting = False
                 await self._release()  # a new worker has no frame of ours: send one
-        elif message.get("type") == "report" and message.get("event") == "error":
-            text = str(message.get("message", "engine error"))
-            if self.channel.engine_state == "error":
-                await self.out.json(error(text))
-                return False
-            log.warning("session %s: %s", self.user_id, text)
-            if self.awaiting is not None:
-                await self._release()  # that frame failed; the session goes on
+            case Report(event=ReportEvent.ERROR):
+                if self.channel.engine_state is EngineState.ERROR:
+                    await self.out.json(error(message.message))
+                    return False
+                log.warning("session %s: %s", self.user_id, message.message)
+                if self.awaiting is not None:
+                    await self._release()  # that frame failed; the session goes on
         return True
 
     async def timer(self) -> None:
@@ -241,7 +253,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
     mode = mode or opts.input_mode
     max_queue = int(app.state.settings.max_queue_size)
     refusal, code = None, 1008  # policy violation, unless the server is just busy
-    if mode not in ("image", "video"):
+    if mode not in tuple(Mode):
         refusal = f"unknown mode {mode!r}: use image or video"
     elif not user_id or len(user_id) > MAX_USER_ID:
         refusal = f"userId must have 1 to {MAX_USER_ID} characters"
@@ -252,7 +264,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
     if refusal is None:
         try:
             params = initial_params(app.state.settings.default_params,
-                                    mode="img2img" if mode == "image" else "txt2img")
+                                    mode="img2img" if mode == Mode.IMAGE else "txt2img")
             channel = SessionChannel(app.state.relay.hub, "ws001", params)
         except ParamsError as exc:  # the server's own default_params are invalid
             refusal, code = str(exc), 1011
@@ -262,7 +274,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
         await out.json(error(refusal))
         await out.close(code)
         return
-    session = reg.sessions[user_id] = Session(user_id, mode, out, channel, opts)
+    session = reg.sessions[user_id] = Session(user_id, Mode(mode), out, channel, opts)
     try:
         await out.json(CONNECTED)
         await out.json(WAIT if session.waiting else SEND_FRAME)

@@ -20,7 +20,8 @@ from api.webrtc.sessions import Session, SessionRegistry, WebRTCSettings, close_
 from api.webrtc.signaling import BadOffer, accept_offer, answer, peer_connection
 from api.webrtc.tracks import LatestFrame, discard, frame_to_jpeg
 from relay.hub import Hub
-from relay.local import LocalProducer
+from relay.local import LocalSession
+from wire.messages import Receive, Role
 
 log = logging.getLogger("api.webrtc")
 
@@ -54,16 +55,16 @@ async def open_whip(hub: Hub, registry: SessionRegistry, settings: WebRTCSetting
 
     previous = registry.for_stream(stream.id, "whip")
     registry.add(session)
-    producer = LocalProducer(hub, stream.channel)
-    session.cleanups.append(producer.close)
+    publisher = LocalSession(hub, stream.channel, Role.PRODUCER, Receive.NONE)
+    session.cleanups.append(publisher.close)
     first_frame = asyncio.Event()
-    session.spawn(_ingest(session, LatestFrame(video.receiver.track), producer, first_frame), "ingest")
+    session.spawn(_ingest(session, LatestFrame(video.receiver.track), publisher, first_frame), "ingest")
     session.spawn(_watchdog(session, first_frame, settings.first_frame_timeout), "watchdog")
     await close_all(previous, "replaced by a new publisher")
     return session, sdp_answer
 
 
-async def _ingest(session: Session, frames: LatestFrame, producer: LocalProducer,
+async def _ingest(session: Session, frames: LatestFrame, publisher: LocalSession,
                   first_frame: asyncio.Event) -> None:
     """Newest decoded frame -> stream-sized JPEG (in a thread) -> the channel, until the track ends."""
     stream = session.stream
@@ -75,7 +76,7 @@ async def _ingest(session: Session, frames: LatestFrame, producer: LocalProducer
                 first_frame.set()
             width, height = stream.width, stream.height  # read per frame: a PATCH may resize
             payload = await asyncio.to_thread(frame_to_jpeg, frame, width, height)
-            producer.publish(payload, width, height)
+            publisher.publish(payload)  # the hub reads its format and size
     except MediaStreamError:
         session.close_soon("publisher's video ended")
     finally:

@@ -1,0 +1,147 @@
+"""JSON control messages from the relay to its peers, and the states they carry.
+
+The relay builds these models and encodes them with
+:func:`wire.messages.encode_control` (in-process peers get the models
+themselves); workers, producers and viewers decode them with
+:func:`decode_relay_message`. Field order is the order on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from wire.errors import ErrorCode, ProtocolError
+from wire.messages import (
+    PROTOCOL_VERSION,
+    Channel,
+    LegacyImage,
+    Message,
+    Report,
+    Role,
+    decode_with,
+)
+
+
+class EngineState(enum.StrEnum):
+    """Where a channel's engine is, from the relay's side (``engine_state`` in stats)."""
+
+    WAITING_FOR_WORKER = "waiting_for_worker"
+    LOADING = "loading"
+    READY = "ready"
+    RELOADING = "reloading"
+    ERROR = "error"
+    #: in-process sessions only: their channel is gone
+    CLOSED = "closed"
+
+
+class ChannelState(enum.StrEnum):
+    """A ``status`` message's news: the channel lost its worker, or got one."""
+
+    WAITING_FOR_WORKER = "waiting_for_worker"
+    ASSIGNED = "assigned"
+
+
+class Welcome(Message):
+    type: Literal["welcome"] = "welcome"
+    role: Role
+    channel: Channel
+    session: str
+    protocol: int = PROTOCOL_VERSION
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+
+class Error(Message):
+    """A refused message; the connection goes on (except during the handshake)."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+
+    @classmethod
+    def of(cls, exc: ProtocolError) -> Error:
+        return cls(code=exc.code, message=str(exc))
+
+
+class Assign(Message):
+    """To a worker: start serving ``channel`` with these params."""
+
+    type: Literal["assign"] = "assign"
+    channel: Channel
+    params: dict[str, Any]
+    version: int
+
+
+class Release(Message):
+    type: Literal["release"] = "release"
+    channel: Channel
+
+
+class ChannelParams(Message):
+    """To a worker: a channel's new full params (a producer's ``params`` merged in)."""
+
+    type: Literal["params"] = "params"
+    channel: Channel
+    params: dict[str, Any]
+    version: int
+
+
+class ParamsAck(Message):
+    type: Literal["params_ack"] = "params_ack"
+    channel: Channel
+    version: int
+
+
+class Status(Message):
+    """To producers and viewers: the channel's worker changed (``worker`` only when assigned)."""
+
+    type: Literal["status"] = "status"
+    channel: Channel
+    state: ChannelState
+    worker: str | None = None
+
+
+class StatsReply(Message):
+    type: Literal["stats"] = "stats"
+    channels: dict[str, dict[str, Any]]
+    workers: list[dict[str, Any]]
+
+
+class Pong(Message):
+    type: Literal["pong"] = "pong"
+
+
+class Shutdown(Message):
+    type: Literal["shutdown"] = "shutdown"
+    message: str = ""
+
+
+class Ack(Message):
+    """Seed 002: each image a producer sends is acknowledged."""
+
+    type: Literal["ack"] = "ack"
+    status: Literal["received"] = "received"
+
+
+class LegacyResult(LegacyImage):
+    """Seed 002: an image as the relay sends it to a JSON peer, with our additions."""
+
+    channel: Channel | None = None
+    kind: Literal["input", "output"] = "output"
+
+
+RelayMessage = (Welcome | Error | Assign | Release | ChannelParams | ParamsAck | Status | StatsReply
+                | Report | Pong | Shutdown | Ack | LegacyResult)
+_relay = TypeAdapter(Annotated[RelayMessage, Field(discriminator="type")])
+
+
+def decode_relay_message(message: str | bytes | Mapping[str, Any]) -> RelayMessage:
+    """A text message from the relay as a model.
+
+    Raises :class:`ProtocolError`; :class:`wire.errors.UnknownMessageType`
+    (a subclass) for a type this side does not know, which a client may ignore.
+    """
+    return decode_with(_relay, message)
