@@ -179,3 +179,10 @@ async def _next_output(ws, channel):
 
 def test_picture_helper_is_not_flat():
     assert picture().std() > 20
+
+
+def test_the_worker_ignores_unknown_and_malformed_relay_messages():
+    worker = Worker(WorkerOptions(engine="filter"))
+    for text in ('{"type": "from_the_future"}', "not json", '{"type": "assign"}'):
+        worker._on_text(text)
+    assert worker.pipelines == {}

@@ -26,6 +26,7 @@ import numpy as np
 from common.slots import Closed, ThreadSlot
 from media.codec import decode_image, encode_image
 from wire.frames import Frame, ImageFormat
+from wire.messages import ReportEvent
 from worker.engines import Engine, EngineError, create_engine
 
 log = logging.getLogger("worker")
@@ -67,7 +68,7 @@ class Events:
     """Callbacks into the connection (called from pipeline threads)."""
 
     output: Callable[[Frame], None]
-    report: Callable[[str, str, dict[str, Any]], None] = lambda event, message, data: None
+    report: Callable[[ReportEvent, str, dict[str, Any]], None] = lambda event, message, data: None
 
 
 @dataclass
@@ -164,7 +165,7 @@ class ChannelPipeline:
         except Exception as exc:
             self._error(f"engine failed to load: {exc}")
             return
-        self.events.report("ready", "engine loaded", self._engine.info())
+        self.events.report(ReportEvent.READY, "engine loaded", self._engine.info())
         while True:
             batch_size = self._engine.batch_size
             self._decoded.resize(batch_size)
@@ -214,7 +215,7 @@ class ChannelPipeline:
             self._reloading = False
             if old is not None:
                 old.close()
-            self.events.report("ready", "reloaded", self._engine.info())
+            self.events.report(ReportEvent.READY, "reloaded", self._engine.info())
         if not updates or self._engine is None:
             return
         latest = updates[-1]
@@ -229,7 +230,7 @@ class ChannelPipeline:
             self._params, self._version = latest.params, latest.version
 
     def _start_reload(self, update: PendingUpdate, keys: set[str]) -> None:
-        self.events.report("reloading", f"reloading for {sorted(keys)}", {"version": update.version})
+        self.events.report(ReportEvent.RELOADING, f"reloading for {sorted(keys)}", {"version": update.version})
 
         def build() -> None:
             try:
@@ -247,7 +248,7 @@ class ChannelPipeline:
     def _error(self, message: str, **data: Any) -> None:
         self.times.errors += 1
         log.warning("channel %s: %s", self.channel, message)
-        self.events.report("error", message, data)
+        self.events.report(ReportEvent.ERROR, message, data)
 
 
 def engine_factory(name: str) -> EngineFactory:

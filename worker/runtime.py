@@ -12,19 +12,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from relay.client import RelayRefused, connect
 from relay.outbox import Outbox
-from wire.errors import ProtocolError
+from wire.errors import ProtocolError, UnknownMessageType
 from wire.frames import Frame, ImageFormat, decode_frame, encode_frame
-from wire.messages import Role, encode_control
+from wire.messages import Report, ReportEvent, Role, encode_control
+from wire.relay_messages import (
+    Assign,
+    ChannelParams,
+    Error,
+    RelayMessage,
+    Release,
+    Shutdown,
+    decode_relay_message,
+)
 from worker.pipeline import ChannelPipeline, EngineFactory, Events, PipelineOptions, engine_factory
 
 log = logging.getLogger("worker")
@@ -71,7 +78,7 @@ class Worker:
                 if isinstance(message, bytes):
                     self._on_frame(message)
                 else:
-                    self._on_control(orjson.loads(message))
+                    self._on_text(message)
         except ConnectionClosed:
             pass
         finally:
@@ -93,19 +100,28 @@ class Worker:
         if pipeline is not None:
             pipeline.submit(frame)
 
-    def _on_control(self, message: Mapping[str, Any]) -> None:
-        kind = message.get("type")
-        channel = message.get("channel", "")
-        if kind == "assign":
-            self._assign(channel, message.get("params") or {}, int(message.get("version", 0)))
-        elif kind == "release":
-            self._release(channel)
-        elif kind == "params" and channel in self.pipelines:
-            self.pipelines[channel].update(message.get("params") or {}, int(message.get("version", 0)))
-        elif kind == "error":
-            log.warning("relay says: %s: %s", message.get("code"), message.get("message"))
-        elif kind == "shutdown":
-            log.info("relay is shutting down")
+    def _on_text(self, text: str) -> None:
+        try:
+            message = decode_relay_message(text)
+        except UnknownMessageType:
+            return  # a newer relay's addition: nothing for this worker
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed message from the relay: %s", exc)
+            return
+        self._on_control(message)
+
+    def _on_control(self, message: RelayMessage) -> None:
+        match message:
+            case Assign():
+                self._assign(message.channel, message.params, message.version)
+            case Release():
+                self._release(message.channel)
+            case ChannelParams() if message.channel in self.pipelines:
+                self.pipelines[message.channel].update(message.params, message.version)
+            case Error():
+                log.warning("relay says: %s: %s", message.code, message.message)
+            case Shutdown():
+                log.info("relay is shutting down")
 
     def _assign(self, channel: str, params: dict[str, Any], version: int) -> None:
         self._release(channel)
@@ -135,9 +151,8 @@ class Worker:
         data = encode_frame(frame)
         self._call_soon(self._outbox.put_frame, frame.channel, data)
 
-    def _report(self, channel: str, event: str, message: str, data: dict[str, Any]) -> None:
-        text = encode_control({"type": "report", "channel": channel, "event": event,
-                               "message": message, "data": data})
+    def _report(self, channel: str, event: ReportEvent, message: str, data: dict[str, Any]) -> None:
+        text = encode_control(Report(channel=channel, event=event, message=message, data=data))
         self._call_soon(self._outbox.put_control, text)
 
     def _call_soon(self, fn, *args) -> None:
@@ -158,7 +173,8 @@ class Worker:
             await asyncio.sleep(STATS_INTERVAL)  # a reporting period, not synchronisation
             now = time.monotonic()
             for channel, pipeline in list(self.pipelines.items()):
-                self._report(channel, "stats", "", {**pipeline.stats(), "interval_s": round(now - last, 3)})
+                self._report(channel, ReportEvent.STATS, "",
+                             {**pipeline.stats(), "interval_s": round(now - last, 3)})
             last = now
 
 
