@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from api.server.errors import ApiError, client_location, describe_validation, not_found
 from api.streams import ids
 from relay.hub import Hub
+from wire.relay_messages import EngineState
 from worker.engines.diffusion.params import DiffusionParams, reload_fields
 
 if TYPE_CHECKING:
@@ -258,11 +259,11 @@ class StreamManager:
         }
 
 
-def stream_state(engine_state: str, fps_in: float, fps_out: float) -> str:
+def stream_state(engine_state: EngineState | str, fps_in: float, fps_out: float) -> str:
     """Daydream's states from what the relay knows. Clients wait for ONLINE."""
-    if engine_state == "error":
+    if engine_state == EngineState.ERROR:
         return "ERROR"
-    if engine_state in ("waiting_for_worker", "loading"):
+    if engine_state in (EngineState.WAITING_FOR_WORKER, EngineState.LOADING):
         return "LOADING"
     if fps_in <= 0:
         return "OFFLINE"
