@@ -16,8 +16,6 @@ newest frame per receiver).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import time
@@ -28,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -36,10 +33,21 @@ from media.codec import DEFAULT_QUALITY, encode_image, resize_rgb
 from producers.meter import Rate, every_second, percentiles_ms
 from producers.net import DEFAULT_RELAY, open_legacy, open_relay
 from producers.sources import Source
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError, UnknownMessageType
 from wire.frames import Frame, FrameKind, ImageFormat, decode_frame, encode_frame
 from wire.images import probe_image
-from wire.messages import Role, encode_control, legacy_image_message
+from wire.messages import Params, Receive, Report, ReportEvent, Role, encode_control, legacy_image_message
+from wire.relay_messages import (
+    Ack,
+    ChannelState,
+    Error,
+    LegacyResult,
+    ParamsAck,
+    RelayMessage,
+    Shutdown,
+    Status,
+    decode_relay_message,
+)
 
 log = logging.getLogger("producers")
 
@@ -178,16 +186,17 @@ class _Producer:
     async def run(self) -> ProducerReport:
         o = self.opts
         if o.legacy:
-            ws = await open_legacy(o.relay, o.channel, o.token, "output" if o.receive else "none")
+            ws = await open_legacy(o.relay, o.channel, o.token, Receive.OUTPUT if o.receive else Receive.NONE)
         else:
-            ws, _welcome = await open_relay(o.relay, Role.PRODUCER.value, o.channel, o.token,
-                                            receive="output" if o.receive else "none", name=o.name)
+            ws, _welcome = await open_relay(o.relay, Role.PRODUCER, o.channel, o.token,
+                                            receive=Receive.OUTPUT if o.receive else Receive.NONE,
+                                            name=o.name)
         receiver = asyncio.create_task(self._receive(ws))
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture")
         started = time.monotonic()
         try:
             if o.params is not None and not o.legacy:
-                await ws.send(encode_control({"type": "params", "params": o.params}))
+                await ws.send(_params_text(o.params))
             async with every_second(self._progress_line if o.progress else None):
                 try:
                     await self._send_loop(ws, pool)
@@ -303,7 +312,7 @@ class _Producer:
         await ws.send(data)
         if o.legacy and seq == 0 and o.params is not None:
             # a seed-002 connection is registered by its first image: params only after it
-            await ws.send(encode_control({"type": "params", "params": o.params}))
+            await ws.send(_params_text(o.params))
         self.sent.add()
         self.report.bytes_sent += len(data)
         self.report.width, self.report.height = c.width, c.height
@@ -376,46 +385,52 @@ class _Producer:
 
     def _control(self, text: str) -> None:
         try:
-            msg = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            self._error("bad_message", f"unparseable text from the relay: {text[:80]!r}")
+            message = decode_relay_message(text)
+        except UnknownMessageType:
+            return  # a newer relay's addition
+        except ProtocolError as exc:
+            if exc.code is ErrorCode.BAD_IMAGE:
+                self._error("bad_image", f"undecodable image message from the relay: {exc}")
+            else:
+                self._error("bad_message", f"unparseable text from the relay: {text[:80]!r} ({exc})")
             return
-        kind = msg.get("type") if isinstance(msg, dict) else None
-        if kind == "ack":
-            self.report.acks += 1
-            self.changed.set()
-        elif kind == "image":
-            if msg.get("kind", "output") == "output":
-                self._legacy_result(msg)
-        elif kind == "error":
-            self._error(str(msg.get("code", "error")), str(msg.get("message", "")))
-        elif kind == "shutdown":
-            self.report.closed = f"relay shutting down: {msg.get('message', '')}".strip()
-        elif kind == "params_ack":
-            self.report.params_version = msg.get("version")
-        elif kind == "status" and msg.get("state") == "assigned":
-            self.has_worker = True
-        elif kind == "status" and msg.get("state") == "waiting_for_worker":
-            self.has_worker = False  # frames in flight went to a worker that is gone, or nowhere
-            self.report.unanswered += len(self.outstanding)
-            self.outstanding.clear()
-            self.changed.set()
-            self._warn_once("no_worker", "no worker serves channel %s yet: frames are dropped "
-                            "until one joins", msg.get("channel"))
-        elif kind == "report" and msg.get("event") == "error":
-            self._error("engine_error", str(msg.get("message", "")))
+        self._on_message(message)
 
-    def _legacy_result(self, msg: dict[str, Any]) -> None:
+    def _on_message(self, message: RelayMessage) -> None:
+        match message:
+            case Ack():
+                self.report.acks += 1
+                self.changed.set()
+            case LegacyResult(kind="output"):
+                self._legacy_result(message)
+            case Error():
+                self._error(message.code.value, message.message)
+            case Shutdown():
+                self.report.closed = f"relay shutting down: {message.message}".strip()
+            case ParamsAck():
+                self.report.params_version = message.version
+            case Status(state=ChannelState.ASSIGNED):
+                self.has_worker = True
+            case Status(state=ChannelState.WAITING_FOR_WORKER):
+                self.has_worker = False  # frames in flight went to a worker that is gone, or nowhere
+                self.report.unanswered += len(self.outstanding)
+                self.outstanding.clear()
+                self.changed.set()
+                self._warn_once("no_worker", "no worker serves channel %s yet: frames are dropped "
+                                "until one joins", message.channel)
+            case Report(event=ReportEvent.ERROR):
+                self._error("engine_error", message.message)
+
+    def _legacy_result(self, message: LegacyResult) -> None:
         try:
-            payload = base64.b64decode(msg["data"], validate=True)
-            fmt, width, height = probe_image(payload)
-            seq = int(msg["seq"]) if "seq" in msg else self.received.total
-            frame = Frame(channel=str(msg.get("channel", self.opts.channel)), seq=seq,
-                          timestamp=float(msg.get("timestamp") or time.time()), width=width,
-                          height=height, format=fmt, payload=payload, kind=FrameKind.OUTPUT)
-        except (KeyError, TypeError, ValueError, binascii.Error, ProtocolError) as exc:
+            fmt, width, height = probe_image(message.data)
+        except ProtocolError as exc:
             self._error("bad_image", f"undecodable image message from the relay: {exc}")
             return
+        seq = message.seq if message.seq is not None else self.received.total
+        frame = Frame(channel=message.channel or self.opts.channel, seq=seq,
+                      timestamp=message.timestamp or time.time(), width=width, height=height,
+                      format=fmt, payload=message.data, kind=FrameKind.OUTPUT)
         self._result(frame)
 
     def _error(self, code: str, message: str) -> None:
@@ -436,6 +451,10 @@ class _Producer:
         if recent:
             line += f" | rtt p50 {percentiles_ms(recent)['p50']} ms"
         return line
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return encode_control(Params(params=params).model_dump(include={"type", "params"}))
 
 
 def _close_reason(exc: ConnectionClosed) -> str:
