@@ -9,6 +9,7 @@ API and the worker agree on every default and range.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,8 @@ class Stream:
     created: float = field(default_factory=time.time)
     #: WHEP URL on an external republisher (MediaMTX), when one is configured
     external_whep_url: str | None = None
+    #: set when the stream stops here (deleted, or the server stops): its connections end with it
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
     def channel(self) -> str:
@@ -208,6 +211,7 @@ class StreamManager:
             await self._stop(stream)
 
     async def _stop(self, stream: Stream) -> None:
+        stream.ended.set()
         self.streams.pop(stream.id, None)
         self._by_key.pop(stream.stream_key, None)
         self._by_playback.pop(stream.playback_id, None)
