@@ -19,15 +19,14 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    PlainValidator,
     TypeAdapter,
     ValidationError,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from wire.errors import ErrorCode, ProtocolError, UnknownMessageType
 from wire.frames import CHANNEL_PATTERN, ImageFormat
@@ -76,16 +75,10 @@ class Message(BaseModel):
 Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN.pattern)]
 
 
-def _image_format(value: Any) -> ImageFormat:
-    """``"jpeg"``, ``"JPG"``, ``"png"``...: the spellings seed-002 clients use."""
-    if isinstance(value, ImageFormat):
-        return value
-    if not isinstance(value, str):
-        raise PydanticCustomError("string_type", "Input should be a valid string")
-    return ImageFormat.parse(value)  # a ProtocolError (bad_image) that decoding re-raises as is
-
-
-ImageFormatName = Annotated[ImageFormat, PlainValidator(_image_format)]
+#: a string on the wire (``"jpeg"``, ``"JPG"``, ``"png"``...: the spellings seed-002 clients use),
+#: an :class:`ImageFormat` once validated; an unknown name is ImageFormat.parse's ProtocolError
+#: (bad_image), which decoding re-raises as is
+ImageFormatName = Annotated[str, AfterValidator(ImageFormat.parse)]
 
 
 class Hello(Message):
