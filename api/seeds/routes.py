@@ -1,7 +1,8 @@
 """The seed routers in one, plus seed 001's HTTP endpoints.
 
 ``create_app`` includes :data:`router`; it carries seed 000's ``/ws``, seed
-001's ``/api/ws/{userId}`` and the HTTP side of seed 001:
+001's ``/api/ws/{userId}`` and the HTTP side of seed 001, all open, keyed or
+off as ``server.seed_endpoints`` says (:mod:`api.seeds.access`):
 
 * ``GET /api/settings``: ``info``, ``input_params``, ``max_queue_size``,
   ``page_content`` (see :mod:`api.seeds.settings001`);
@@ -14,11 +15,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from api.playback.mjpeg import MjpegResponse, mjpeg_stream
 from api.seeds import ws000, ws001
+from api.seeds.access import require_seed_access
 from api.seeds.params import initial_params
 from api.seeds.settings001 import settings_body
 
@@ -27,18 +29,18 @@ router.include_router(ws000.router)
 router.include_router(ws001.router)
 
 
-@router.get("/api/settings")
+@router.get("/api/settings", dependencies=[Depends(require_seed_access)])
 async def seed001_settings(request: Request) -> JSONResponse:
     app = request.app
     return JSONResponse(settings_body(app, initial_params(app.state.settings.default_params)))
 
 
-@router.get("/api/queue")
+@router.get("/api/queue", dependencies=[Depends(require_seed_access)])
 async def seed001_queue(request: Request) -> JSONResponse:
     return JSONResponse({"queue_size": len(ws001.registry(request.app))})
 
 
-@router.get("/api/stream/{user_id}", response_model=None)
+@router.get("/api/stream/{user_id}", response_model=None, dependencies=[Depends(require_seed_access)])
 async def seed001_stream(request: Request, user_id: str,
                          quality: int = Query(85, ge=1, le=100),
                          max_fps: float = Query(30.0, gt=0, le=120)) -> MjpegResponse | JSONResponse:

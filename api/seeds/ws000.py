@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket
 
+from api.seeds.access import admit
 from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.socket import Outgoing, first_done, receive
@@ -51,6 +52,8 @@ def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 @router.websocket("/ws")
 async def seed000_socket(websocket: WebSocket) -> None:
+    if not await admit(websocket):
+        return
     await websocket.accept()
     out = Outgoing(websocket)
     app = websocket.app

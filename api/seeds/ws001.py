@@ -46,6 +46,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, WebSocket
 
 from api.playback.mjpeg import MjpegStream
+from api.seeds.access import admit
 from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.settings001 import Seed001Options, options
@@ -247,6 +248,8 @@ def registry(app: FastAPI) -> Registry:
 @router.websocket("/api/ws/{user_id}")
 async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = None) -> None:
     app = websocket.app
+    if not await admit(websocket):
+        return
     await websocket.accept()
     out = Outgoing(websocket)
     opts, reg = options(app), registry(app)

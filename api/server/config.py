@@ -49,6 +49,10 @@ class ServerSection(_Section):
     api_keys: list[str] = Field(default_factory=list,
                                 description="Bearer keys for /v1; empty: one is generated and printed")
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
+    seed_endpoints: Literal["auto", "off", "open", "keyed"] = Field(
+        "auto", description="the seed protocols' endpoints (/ws, /api/ws, /api/settings, /api/queue, "
+        "/api/stream): open without a key, keyed (the API key), or off; auto: open when the server "
+        "listens on loopback, else off")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest HTTP request body; larger ones get "
                                 "a 413 (style images as data URLs need ~7 MB)")
     header_timeout_s: float = Field(10.0, gt=0, description="seconds a connection may take to send a "
@@ -177,7 +181,8 @@ class Config(BaseSettings):
                               max_height=self.relay.max_height, max_channels=self.relay.max_channels,
                               insecure=self.relay.insecure),
             workers=self.workers.count, engine=self.workers.engine, worker_args=worker_args,
-            max_queue_size=self.server.max_queue_size, jpeg_quality=self.performance.jpeg_quality,
+            max_queue_size=self.server.max_queue_size, seed_endpoints=self.server.seed_endpoints,
+            jpeg_quality=self.performance.jpeg_quality,
             pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
             session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
             data_dir=self.server.data_dir, max_body_bytes=self.server.max_body_bytes,

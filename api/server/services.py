@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from starlette.websockets import WebSocket
+from fastapi import FastAPI
+from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
     from api.playback.outputs import Outputs
@@ -43,7 +43,7 @@ class Services:
         return self.relay.hub
 
 
-def services(where: Request | WebSocket | FastAPI) -> Services:
+def services(where: HTTPConnection | FastAPI) -> Services:
     """The running services of the app serving ``where`` (a request, a WebSocket or the app itself)."""
     app = where if isinstance(where, FastAPI) else where.app
     found: Services | None = getattr(app.state, "services", None)

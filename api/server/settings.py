@@ -22,6 +22,8 @@ class ServerSettings:
     worker_args: list[str] = field(default_factory=list)
     #: seed-001 sessions at once (0: no limit)
     max_queue_size: int = 0
+    #: the seed endpoints: "auto" (open on loopback, else off), "open", "keyed" (API key) or "off"
+    seed_endpoints: str = "auto"
     #: seed-001 input mode and pipeline name shown by /api/settings
     pipeline_mode: str = "image"
     pipeline_name: str = "img2img"
