@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from api.seeds.settings001 import Seed001Options
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from media.codec import decode_image
 from relay import RelayConfig
@@ -226,7 +227,7 @@ async def test_video_mode_needs_no_image(server):
     user = "user123"
     async with server.ws(user, mode="video") as ws:
         await start(ws)
-        channel = server.app.state.seed001_sessions.get(user).channel
+        channel = services(server.app).seeds.sessions[user].channel
         assert channel.params["mode"] == "txt2img"
         async with server.http.stream("GET", f"/api/stream/{user}") as response:
             await send_bundle(ws, {"prompt": "a pencil sketch"}, None)
@@ -289,7 +290,7 @@ async def test_stream_and_mode_errors(server):
 
 
 async def test_session_timeout(server):
-    server.app.state.seed001 = Seed001Options(timeout_s=0.2)
+    services(server.app).seeds.options = Seed001Options(timeout_s=0.2)
     async with server.ws("short") as ws:
         await start(ws)
         assert await recv_json(ws) == {"status": "timeout", "message": "Your session has ended"}

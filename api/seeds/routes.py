@@ -23,6 +23,7 @@ from api.seeds import ws000, ws001
 from api.seeds.access import require_seed_access
 from api.seeds.params import initial_params
 from api.seeds.settings001 import settings_body
+from api.server.services import services
 
 router = APIRouter()
 router.include_router(ws000.router)
@@ -31,24 +32,25 @@ router.include_router(ws001.router)
 
 @router.get("/api/settings", dependencies=[Depends(require_seed_access)])
 async def seed001_settings(request: Request) -> JSONResponse:
-    app = request.app
-    return JSONResponse(settings_body(app, initial_params(app.state.settings.default_params)))
+    running = services(request)
+    return JSONResponse(settings_body(running, initial_params(running.settings.default_params)))
 
 
 @router.get("/api/queue", dependencies=[Depends(require_seed_access)])
 async def seed001_queue(request: Request) -> JSONResponse:
-    return JSONResponse({"queue_size": len(ws001.registry(request.app))})
+    return JSONResponse({"queue_size": len(services(request).seeds.sessions)})
 
 
 @router.get("/api/stream/{user_id}", response_model=None, dependencies=[Depends(require_seed_access)])
 async def seed001_stream(request: Request, user_id: str,
                          quality: int = Query(85, ge=1, le=100),
                          max_fps: float = Query(30.0, gt=0, le=120)) -> MjpegResponse | JSONResponse:
-    session = ws001.registry(request.app).get(user_id)
+    running = services(request)
+    session = running.seeds.sessions.get(user_id)
     if session is None:
         return JSONResponse({"detail": "User not found"}, status_code=404)
     # the worker's own JPEGs pass through untouched when they already have that quality
-    reencode = None if quality == request.app.state.settings.jpeg_quality else quality
-    stream = mjpeg_stream(request.app.state.relay.hub, session.channel.name, reencode, max_fps)
+    reencode = None if quality == running.settings.jpeg_quality else quality
+    stream = mjpeg_stream(running.hub, session.channel.name, reencode, max_fps)
     session.streams.add(stream)
     return MjpegResponse(stream)

@@ -15,11 +15,13 @@ server's effective defaults. Types, titles and bounds come from the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from fastapi import FastAPI
+from typing import TYPE_CHECKING, Any, Literal
 
 from worker.engines.diffusion.params import DiffusionParams
+
+if TYPE_CHECKING:
+    from api.server.services import Services
+    from api.server.settings import ServerSettings
 
 InputMode = Literal["image", "video"]
 
@@ -47,7 +49,7 @@ HINTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Seed001Options:
-    """What seed 001 configured beside the engine; set ``app.state.seed001`` to override."""
+    """What seed 001 configured beside the engine (``Services.seeds.options``)."""
 
     title: str = "StreamDiffusion Backend"
     name: str = "img2img"
@@ -59,12 +61,8 @@ class Seed001Options:
     stall_s: float = 10.0
 
 
-def options(app: FastAPI) -> Seed001Options:
-    """``app.state.seed001`` if set, else defaults plus what ``ServerSettings`` carries."""
-    configured = getattr(app.state, "seed001", None)
-    if configured is not None:
-        return configured
-    settings = app.state.settings
+def seed001_options(settings: ServerSettings) -> Seed001Options:
+    """Defaults plus what the server's settings say (pipeline name and mode, session timeout)."""
     mode = settings.pipeline_mode
     return Seed001Options(name=settings.pipeline_name,
                           input_mode=mode if mode in ("image", "video") else "image",
@@ -90,11 +88,11 @@ def input_params_schema(defaults: dict[str, Any]) -> dict[str, Any]:
     return {"title": "InputParams", "type": "object", "properties": properties}
 
 
-def settings_body(app: FastAPI, defaults: dict[str, Any]) -> dict[str, Any]:
-    opts = options(app)
+def settings_body(running: Services, defaults: dict[str, Any]) -> dict[str, Any]:
+    opts = running.seeds.options
     return {"info": info_schema(opts),
             "input_params": input_params_schema(defaults),
-            "max_queue_size": int(app.state.settings.max_queue_size),
+            "max_queue_size": int(running.settings.max_queue_size),
             "page_content": opts.page_content}
 
 

@@ -37,6 +37,7 @@ from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
 from api.seeds.socket import Outgoing, first_done, receive
 from api.server.farewell import SHUTDOWN_TEXT
+from api.server.services import services
 from relay.local import Closed
 from wire.errors import ProtocolError
 from wire.messages import Report, ReportEvent
@@ -56,10 +57,9 @@ async def seed000_socket(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     out = Outgoing(websocket)
-    app = websocket.app
+    running = services(websocket)
     try:
-        session = SessionChannel(app.state.relay.hub, "ws000",
-                                 initial_params(app.state.settings.default_params))
+        session = SessionChannel(running.hub, "ws000", initial_params(running.settings.default_params))
     except (ParamsError, ProtocolError) as exc:
         await out.json(error("unavailable", f"cannot open a session: {exc}"))
         await out.close(1013, "try again later")
@@ -69,7 +69,7 @@ async def seed000_socket(websocket: WebSocket) -> None:
             "status": "connected", "message": "Connected", "session_id": session.name,
             "engine_state": session.engine_state, "settings": session.params}})
         goodbye = {"type": "status", "data": {"status": "shutdown", "message": SHUTDOWN_TEXT}}
-        with app.state.farewells.registered(lambda: out.json(goodbye)):
+        with running.farewells.registered(lambda: out.json(goodbye)):
             await first_done(_read(websocket, out, session), _pump(out, session))
     finally:
         session.close()

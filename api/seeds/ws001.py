@@ -43,14 +43,15 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, FastAPI, WebSocket
+from fastapi import APIRouter, WebSocket
 
 from api.playback.mjpeg import MjpegStream
 from api.seeds.access import admit
 from api.seeds.channel import Result, SessionChannel
 from api.seeds.params import ParamsError, initial_params, merge_params
-from api.seeds.settings001 import Seed001Options, options
+from api.seeds.settings001 import Seed001Options
 from api.seeds.socket import Outgoing, first_done, receive
+from api.server.services import services
 from media.codec import encode_image
 from relay.local import Closed
 from wire.errors import ProtocolError
@@ -225,36 +226,16 @@ class Session:
         self.channel.close()
 
 
-class Registry:
-    """The connected users of one app (``max_queue_size`` counts them)."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, Session] = {}
-
-    def __len__(self) -> int:
-        return len(self.sessions)
-
-    def get(self, user_id: str) -> Session | None:
-        return self.sessions.get(user_id)
-
-
-def registry(app: FastAPI) -> Registry:
-    reg = getattr(app.state, "seed001_sessions", None)
-    if reg is None:
-        reg = app.state.seed001_sessions = Registry()
-    return reg
-
-
 @router.websocket("/api/ws/{user_id}")
 async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = None) -> None:
-    app = websocket.app
     if not await admit(websocket):
         return
     await websocket.accept()
     out = Outgoing(websocket)
-    opts, reg = options(app), registry(app)
+    running = services(websocket)
+    opts, reg = running.seeds.options, running.seeds.sessions
     mode = mode or opts.input_mode
-    max_queue = int(app.state.settings.max_queue_size)
+    max_queue = int(running.settings.max_queue_size)
     refusal, code = None, 1008  # policy violation, unless the server is just busy
     if mode not in tuple(Mode):
         refusal = f"unknown mode {mode!r}: use image or video"
@@ -262,13 +243,13 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
         refusal = f"userId must have 1 to {MAX_USER_ID} characters"
     elif max_queue > 0 and len(reg) >= max_queue:
         refusal, code = "Server is full", 1013
-    elif user_id in reg.sessions:
+    elif user_id in reg:
         refusal = "User already connected"
     if refusal is None:
         try:
-            params = initial_params(app.state.settings.default_params,
+            params = initial_params(running.settings.default_params,
                                     mode="img2img" if mode == Mode.IMAGE else "txt2img")
-            channel = SessionChannel(app.state.relay.hub, "ws001", params)
+            channel = SessionChannel(running.hub, "ws001", params)
         except ParamsError as exc:  # the server's own default_params are invalid
             refusal, code = str(exc), 1011
         except ProtocolError as exc:  # the relay's channel limit
@@ -277,18 +258,18 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
         await out.json(error(refusal))
         await out.close(code)
         return
-    session = reg.sessions[user_id] = Session(user_id, Mode(mode), out, channel, opts)
+    session = reg[user_id] = Session(user_id, Mode(mode), out, channel, opts)
     try:
         await out.json(CONNECTED)
         await out.json(WAIT if session.waiting else SEND_FRAME)
         tasks = [session.read(websocket), session.pump()]
         if opts.timeout_s > 0:
             tasks.append(session.timer())
-        with app.state.farewells.registered(lambda: out.json(error("Server is shutting down"))):
+        with running.farewells.registered(lambda: out.json(error("Server is shutting down"))):
             await first_done(*tasks)
     finally:
-        if reg.sessions.get(user_id) is session:
-            del reg.sessions[user_id]
+        if reg.get(user_id) is session:
+            del reg[user_id]
         session.close()
         await out.close()
 

@@ -19,6 +19,8 @@ from api import webrtc
 from api.ingest import websocket as ws_ingest
 from api.playback import mjpeg, outputs
 from api.seeds.routes import router as seeds_router
+from api.seeds.settings001 import seed001_options
+from api.seeds.state import SeedState
 from api.server import errors, metrics
 from api.server.farewell import Farewells
 from api.server.health import VERSION
@@ -93,7 +95,8 @@ async def start_services(settings: ServerSettings, relay_socket: socket.socket |
     workers = LocalWorkers(settings.workers, settings.engine, settings.worker_args)
     running = Services(settings=settings, relay=relay, relay_url=relay_url, streams=streams,
                        outputs=stream_outputs, webrtc=webrtc_state,
-                       metrics=metrics.Metrics(relay.hub, webrtc_state), workers=workers, farewells=farewells)
+                       metrics=metrics.Metrics(relay.hub, webrtc_state), workers=workers, farewells=farewells,
+                       seeds=SeedState(seed001_options(settings)))
     try:
         restored = await streams.restore()
         if restored:

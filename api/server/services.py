@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
     from api.playback.outputs import Outputs
+    from api.seeds.state import SeedState
     from api.server.farewell import Farewells
     from api.server.metrics import Metrics
     from api.server.settings import ServerSettings
@@ -37,6 +38,8 @@ class Services:
     metrics: Metrics
     workers: LocalWorkers
     farewells: Farewells
+    #: the seed protocols' sessions and options
+    seeds: SeedState
 
     @property
     def hub(self) -> Hub:
