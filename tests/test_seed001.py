@@ -196,30 +196,48 @@ async def _queue_is(server: Server, size: int) -> bool:
     ("{broken", "JSON"),
     ([1, 2], "object"),
 ])
-async def test_invalid_params_get_the_error_status_and_the_loop_goes_on(server, params, needle):
+async def test_invalid_params_get_a_warning_and_the_loop_goes_on(server, params, needle):
     image = jpeg(SIZE, SIZE, seed=1)
     async with server.ws(str(uuid.uuid4())) as ws:
         await start(ws)
         await send_bundle(ws, params, image)
         reply = await recv_json(ws)
-        assert reply["status"] == "error" and needle in reply["message"], reply
+        assert reply["status"] == "warning" and needle in reply["message"], reply
         assert await recv_json(ws) == SEND_FRAME  # that frame is dropped; send the next one
         await send_bundle(ws, {"prompt": "negative"}, image)
         assert await recv_json(ws) == SEND_FRAME
 
 
 async def test_bad_frames_and_out_of_order_messages(server):
+    """Every recoverable problem is a warning followed by send_frame: a client that only follows
+    the seed's loop (answer send_frame with a bundle) never stalls."""
     async with server.ws(str(uuid.uuid4())) as ws:
         await start(ws)
         await send_bundle(ws, {"prompt": "x"}, b"not an image at all")
         reply = await recv_json(ws)
-        assert reply["status"] == "error" and "JPEG" in reply["message"]
+        assert reply["status"] == "warning" and "JPEG" in reply["message"]
         assert await recv_json(ws) == SEND_FRAME
-        await ws.send(jpeg(SIZE, SIZE))  # bytes without next_frame and params
-        assert (await recv_json(ws))["status"] == "error"
-        await ws.send('{"status": "hello"}')
-        assert (await recv_json(ws))["status"] == "error"
+        for out_of_turn in (jpeg(SIZE, SIZE),  # bytes without next_frame and params
+                            '{"status": "hello"}',  # an unknown status
+                            '{"prompt": "x"}',  # params before next_frame
+                            "{not json"):
+            await ws.send(out_of_turn)
+            assert (await recv_json(ws))["status"] == "warning"
+            assert await recv_json(ws) == SEND_FRAME
         await send_bundle(ws, {"prompt": "x"}, jpeg(SIZE, SIZE))  # back in step
+        assert await recv_json(ws) == SEND_FRAME
+
+
+async def test_a_missing_image_does_not_stall_the_loop(server):
+    services(server.app).seeds.options = Seed001Options(image_wait_s=0.3)
+    async with server.ws(str(uuid.uuid4())) as ws:
+        await start(ws)
+        await ws.send('{"status": "next_frame"}')
+        await ws.send('{"prompt": "x"}')  # and the image never comes
+        reply = await recv_json(ws)
+        assert reply["status"] == "warning" and "no image" in reply["message"]
+        assert await recv_json(ws) == SEND_FRAME
+        await send_bundle(ws, {"prompt": "x"}, jpeg(SIZE, SIZE))
         assert await recv_json(ws) == SEND_FRAME
 
 

@@ -59,6 +59,8 @@ class Seed001Options:
     timeout_s: float = 0.0
     #: with the engine ready, ask for a new frame when a result is this late
     stall_s: float = 10.0
+    #: after the params, the image must follow within this many seconds, or the bundle is dropped
+    image_wait_s: float = 5.0
 
 
 def seed001_options(settings: ServerSettings) -> Seed001Options:

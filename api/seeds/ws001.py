@@ -17,11 +17,17 @@ backlog). Other statuses, as in the seed's server:
 
 * ``{"status": "wait"}`` while no worker is free for the session;
   ``send_frame`` follows once one is;
-* ``{"status": "error", "message"}``: ``Server is full`` (more than
+* ``{"status": "error", "message"}`` only for what ends the session (the
+  seed's frontend takes it for a disconnect): ``Server is full`` (more than
   ``max_queue_size`` sessions), a userId already connected, an engine that
-  failed to load: the socket is then closed. Invalid params or a
-  non-image frame: the bad frame is dropped, ``send_frame`` follows and the
-  session goes on;
+  failed to load; the socket is then closed;
+* ``{"status": "warning", "message"}`` for what the session survives
+  (ours; the seed's loop ignores statuses it does not know): invalid params,
+  a message that is not JSON, an unknown status, params or bytes out of
+  turn, an undecodable image, or no image within ``image_wait_s`` after the
+  params. The bundle is dropped and ``send_frame`` follows (unless a frame
+  is still being processed: its result brings one), so a client that follows
+  the seed's loop never stalls;
 * ``{"status": "timeout", "message": "Your session has ended"}`` after
   ``timeout_s`` (when set), then the socket is closed.
 
@@ -71,7 +77,13 @@ _NOT_JSON = object()
 
 
 def error(message: str) -> dict[str, Any]:
+    """A problem that ends the session (the seed's frontend disconnects on it)."""
     return {"status": "error", "message": message}
+
+
+def warning(message: str) -> dict[str, Any]:
+    """A problem the session survives: ``send_frame`` follows."""
+    return {"status": "warning", "message": message}
 
 
 class Mode(enum.StrEnum):
@@ -100,6 +112,7 @@ class Session:
         self.waiting = not channel.has_worker
         self._bundle_error: str | None = None
         self._bundle_params: dict[str, Any] | None = None
+        self._image_timer: asyncio.TimerHandle | None = None
 
     # -- the client's side ----------------------------------------------------
 
@@ -118,10 +131,11 @@ class Session:
         if isinstance(data, dict) and data.get("status") == "next_frame":
             self.expect = Expect.PARAMS  # also restarts a bundle left unfinished
             self._bundle_error, self._bundle_params = None, None
+            self._cancel_image_timer()
             return
         if self.expect is not Expect.PARAMS:
             wanted = "image bytes" if self.expect is Expect.IMAGE else '{"status": "next_frame"}'
-            await self.out.json(error(f"expected {wanted}"))
+            await self._recover(f"expected {wanted}")
             return
         if data is _NOT_JSON:
             self._bundle_error = "params must be JSON"
@@ -131,16 +145,17 @@ class Session:
             except ParamsError as exc:
                 self._bundle_error = str(exc)
         if self._bundle_error is not None:
-            await self.out.json(error(self._bundle_error))
+            await self.out.json(warning(self._bundle_error))
         if self.mode is Mode.IMAGE:
             self.expect = Expect.IMAGE
+            self._image_timer = asyncio.get_running_loop().call_later(self.opts.image_wait_s, self._image_late)
         else:
             await self._finish_bundle(None)
 
     async def _on_bytes(self, data: bytes) -> None:
         if self.expect is not Expect.IMAGE:
             wanted = "params JSON" if self.expect is Expect.PARAMS else '{"status": "next_frame"}'
-            await self.out.json(error(f"expected {wanted}, not bytes"))
+            await self._recover(f"expected {wanted}, not bytes")
             return
         if not data:  # no camera frame yet: ask again, as the seed's server does
             self.expect = Expect.NEXT_FRAME
@@ -148,8 +163,29 @@ class Session:
             return
         await self._finish_bundle(data)
 
+    async def _recover(self, problem: str) -> None:
+        """Drop the bundle, say why, and ask for the next one (unless a result is on its way)."""
+        self.expect = Expect.NEXT_FRAME
+        self._bundle_error = self._bundle_params = None
+        self._cancel_image_timer()
+        await self.out.json(warning(problem))
+        if self.awaiting is None and not self.waiting:
+            await self.out.json(SEND_FRAME)
+
+    def _image_late(self) -> None:
+        self._image_timer = None
+        if self.expect is Expect.IMAGE and not self.out.closed:
+            asyncio.get_running_loop().create_task(
+                self._recover(f"no image within {self.opts.image_wait_s:g} s after the params"))
+
+    def _cancel_image_timer(self) -> None:
+        if self._image_timer is not None:
+            self._image_timer.cancel()
+            self._image_timer = None
+
     async def _finish_bundle(self, image: bytes | None) -> None:
         """Apply the bundle's params and publish its image, or drop it and ask again."""
+        self._cancel_image_timer()
         self.expect = Expect.NEXT_FRAME
         if self._bundle_error is not None or self._bundle_params is None:
             await self.out.json(SEND_FRAME)
@@ -162,7 +198,7 @@ class Session:
             self.awaiting = self.channel.publish(payload)
             self.published_at = time.monotonic()
         except ProtocolError as exc:
-            await self.out.json(error(str(exc)))
+            await self.out.json(warning(str(exc)))
             await self.out.json(SEND_FRAME)
 
     # -- the engine's side ----------------------------------------------------
@@ -221,6 +257,7 @@ class Session:
 
     def close(self) -> None:
         """Release the channel; MJPEG responses of this user end with it."""
+        self._cancel_image_timer()
         for stream in list(self.streams):
             stream.viewer.close()
         self.channel.close()
