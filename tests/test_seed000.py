@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from api.server.app import create_app
 from api.server.http import running
@@ -188,3 +189,17 @@ async def test_frames_without_a_worker_get_an_error():
         assert reply["type"] == "error" and reply["data"]["code"] == "waiting_for_worker"
         await send_json(ws, {"type": "settings", "data": {"prompt": "sepia"}})
         assert (await recv_json(ws))["data"]["settings"]["prompt"] == "sepia"  # kept for the worker
+
+
+async def test_an_oversized_frame_gets_an_error_naming_the_limit_then_a_close():
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0, max_frame_bytes=64 * 1024), workers=0,
+                                    api_keys=frozenset({"k"})))
+    async with running(app) as url, client(url.replace("http://", "ws://") + "/ws") as ws:
+        await recv_json(ws)  # connected
+        await ws.send(b"\xff" * (64 * 1024 + 1))
+        reply = await recv_json(ws)
+        assert reply["type"] == "error" and reply["data"]["code"] == "frame_too_large"
+        assert reply["data"]["max_frame_bytes"] == 64 * 1024 and "65536" in reply["data"]["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert closed.value.rcvd.code == 1009

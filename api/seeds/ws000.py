@@ -39,7 +39,7 @@ from api.seeds.socket import Outgoing, first_done, receive
 from api.server.farewell import SHUTDOWN_TEXT
 from api.server.services import services
 from relay.local import Closed
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError
 from wire.messages import Report, ReportEvent
 
 log = logging.getLogger("api.seeds")
@@ -77,7 +77,14 @@ async def seed000_socket(websocket: WebSocket) -> None:
 
 
 async def _read(websocket: WebSocket, out: Outgoing, session: SessionChannel) -> None:
+    limit = session.hub.config.max_frame_bytes
     while (message := await receive(websocket)) is not None:
+        if isinstance(message, bytes) and len(message) > limit:
+            # larger than any frame may be: say so, then close (1009: message too big)
+            await out.json(error(ErrorCode.FRAME_TOO_LARGE, f"a frame of {len(message)} bytes is over the "
+                                 f"limit of {limit} bytes", max_frame_bytes=limit))
+            await out.close(1009, f"frames are limited to {limit} bytes")
+            return
         if isinstance(message, bytes):
             reply = _frame(session, message)
         else:
