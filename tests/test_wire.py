@@ -187,3 +187,19 @@ def test_unknown_types_are_their_own_error_and_codes_are_enums():
     assert ProtocolError("x", "bad_image").code is ErrorCode.BAD_IMAGE
     with pytest.raises(ValueError):
         ProtocolError("x", "no_such_code")
+
+
+@pytest.mark.parametrize("version", [0, 2, 99, -1])
+def test_a_hello_with_an_unknown_protocol_version_is_refused_with_its_own_code(version):
+    with pytest.raises(ProtocolError) as refused:
+        decode_control(orjson.dumps({"type": "hello", "role": "producer", "protocol": version}))
+    assert refused.value.code is ErrorCode("unsupported_protocol")
+    assert f"protocol version {version}" in str(refused.value) and "speaks 1" in str(refused.value)
+    hello = decode_control('{"type": "hello", "role": "producer", "protocol": 1}')
+    assert isinstance(hello, Hello) and hello.protocol == 1
+
+
+def test_the_doors_have_their_error_codes_on_the_wire():
+    for code in ("unsupported_protocol", "params_too_large", "rate_limited", "hello_timeout"):
+        assert ErrorCode(code) == code
+        assert decode_relay_message(orjson.dumps({"type": "error", "code": code, "message": "m"})).code == code

@@ -19,6 +19,15 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_CHANNELS = "too_many_channels"
     NOT_ALLOWED = "not_allowed"
     ENGINE_ERROR = "engine_error"
+    #: a hello naming a protocol version this side does not speak
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    #: a params message, or the channel's params once merged, over ``max_params_bytes``
+    #: (worker reports too)
+    PARAMS_TOO_LARGE = "params_too_large"
+    #: control messages faster than the relay's per-connection rate: the excess is dropped
+    RATE_LIMITED = "rate_limited"
+    #: no hello within the relay's hello timeout (and no open channels to fall back on)
+    HELLO_TIMEOUT = "hello_timeout"
 
 
 class ProtocolError(ValueError):

@@ -32,6 +32,8 @@ from wire.errors import ErrorCode, ProtocolError, UnknownMessageType
 from wire.frames import CHANNEL_PATTERN, ImageFormat
 
 PROTOCOL_VERSION = 1
+#: the protocol versions this side speaks; a hello naming another is refused
+SUPPORTED_PROTOCOLS = frozenset({PROTOCOL_VERSION})
 DEFAULT_CHANNEL = "default"
 
 
@@ -81,6 +83,18 @@ Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN.pattern)]
 ImageFormatName = Annotated[str, AfterValidator(ImageFormat.parse)]
 
 
+def _supported_protocol(version: int) -> int:
+    if version not in SUPPORTED_PROTOCOLS:
+        raise ProtocolError(f"protocol version {version} is not supported; this side speaks "
+                            f"{', '.join(map(str, sorted(SUPPORTED_PROTOCOLS)))}",
+                            ErrorCode.UNSUPPORTED_PROTOCOL)
+    return version
+
+
+#: a hello's ``protocol``: an unknown version is ProtocolError(unsupported_protocol), re-raised as is
+ProtocolVersion = Annotated[int, AfterValidator(_supported_protocol)]
+
+
 class Hello(Message):
     """First message of every connection: who I am and where I go."""
 
@@ -88,7 +102,7 @@ class Hello(Message):
     role: Role
     channel: Channel = DEFAULT_CHANNEL
     token: str | None = None
-    protocol: int = PROTOCOL_VERSION
+    protocol: ProtocolVersion = PROTOCOL_VERSION
     # viewers: which frames to receive; producers receive outputs unless "none".
     receive: Receive = Receive.OUTPUT
     # "json" makes the relay send images as seed-002 base64 messages.
