@@ -1,15 +1,12 @@
-"""In-process sessions: the API's ingests, seed sockets, WHEP, MJPEG and HLS join channels without a socket.
+"""In-process peers: the API's WHIP and WebSocket ingest, seed channels, WHEP and MJPEG
+join channels without a socket.
 
-A :class:`LocalSession` is an ordinary hub peer (same routing, same
-latest-frame-wins slots), so everything the relay guarantees for network
-clients holds for it too. It is the one way into the relay for in-process
-code: :meth:`~LocalSession.publish` images (the hub reads their format and
-size), :meth:`~LocalSession.send` control messages (the hub's own
-dispatcher), and read :meth:`~LocalSession.events`: frames as
-:class:`~relay.hub.Delivery` (the frame and its wire bytes), the hub's
-control messages as the models it built (:mod:`wire.relay_messages`, never
-JSON), and :data:`CLOSED` last. Adapters keep only their protocol's
-translation.
+They are ordinary hub peers (same routing, same latest-frame-wins slots),
+so everything the relay guarantees for network clients holds for them too.
+RTMP and HLS outputs are not in-process: their encoder runs in a process of
+its own (media.output_encoder, supervised by media.output_process.OutputProcess)
+and joins the relay over a WebSocket as a viewer, so FFmpeg's network I/O
+never holds the API's GIL.
 """
 
 from __future__ import annotations
@@ -71,13 +68,17 @@ class Events:
 class LocalSession:
     """Joins ``channel`` on ``hub`` as ``role`` until :meth:`close` (or the ``with`` block ends).
 
+    The API itself: no token is asked. ``anonymous``: a channel this session
+    creates serves a client with no credential (a seed client), so it gets a
+    worker only within the relay's ``anonymous_share``.
     Raises ``ProtocolError`` when the hub refuses it (channel limits).
     """
 
-    def __init__(self, hub: Hub, channel: str, role: Role, receive: Receive | str = Receive.OUTPUT) -> None:
+    def __init__(self, hub: Hub, channel: str, role: Role, receive: Receive | str = Receive.OUTPUT,
+                 *, anonymous: bool = False) -> None:
         self.hub = hub
         self.peer = Peer(id=f"local-{secrets.token_hex(4)}", role=role, channel=channel,
-                         receive=Receive(receive), outbox=Outbox())
+                         receive=Receive(receive), outbox=Outbox(), anonymous=anonymous)
         self._next_seq = 0
         hub.join(self.peer)
 

@@ -5,7 +5,9 @@ putting a frame into a full slot replaces the unsent one and returns it (the
 hub counts the drop), so a slow peer holds at most one frame per slot and
 never builds a backlog or slows the sender. One event wakes the peer's single
 sender task for all its slots. Control messages (errors, acks, params) go
-through a small bounded queue.
+through a small bounded queue: the relay's peers queue them as models
+(:mod:`wire.relay_messages`) that their transport encodes, a worker its
+reports already encoded as text.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 from common.slots import Newest
+from wire.messages import Message
 
 T = TypeVar("T")
+#: a control message: a model (the relay's peers), or text already encoded (a worker's outbox)
+Control = Message | str
 
 
 class Outbox(Generic[T]):
@@ -26,7 +31,7 @@ class Outbox(Generic[T]):
         self.fast_send: Callable[[T], bool] | None = None
         #: the slots holding an unsent frame, in the order of their newest put
         self._frames: dict[Hashable, Newest[T]] = {}
-        self._control: deque[str] = deque(maxlen=control_limit)
+        self._control: deque[Control] = deque(maxlen=control_limit)
         self._ready = asyncio.Event()
         self._busy = False  # the sender task holds items it has not finished sending
         self.closed = False
@@ -44,15 +49,15 @@ class Outbox(Generic[T]):
         self._ready.set()
         return newest.put(item)
 
-    def put_control(self, text: str) -> None:
-        self._control.append(text)
+    def put_control(self, message: Control) -> None:
+        self._control.append(message)
         self._ready.set()
 
     def close(self) -> None:
         self.closed = True
         self._ready.set()
 
-    async def take(self) -> tuple[list[str], list[T]]:
+    async def take(self) -> tuple[list[Control], list[T]]:
         """Wait for something to send; return all pending control messages and frames."""
         self._busy = False
         while not (self._control or self._frames or self.closed):
@@ -65,7 +70,7 @@ class Outbox(Generic[T]):
         self._busy = True  # until the next take: a direct send now could overtake these
         return control, frames
 
-    async def drain(self, send_control: Callable[[str], Awaitable[object]],
+    async def drain(self, send_control: Callable[[Control], Awaitable[object]],
                     send_frame: Callable[[T], Awaitable[object]]) -> None:
         """Send everything put here, control messages first, until closed.
 
@@ -75,8 +80,8 @@ class Outbox(Generic[T]):
         """
         while True:
             control, frames = await self.take()
-            for text in control:
-                await send_control(text)
+            for message in control:
+                await send_control(message)
             for item in frames:
                 await send_frame(item)
             if self.closed:
