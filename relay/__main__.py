@@ -1,7 +1,9 @@
 """python -m relay (sd-relay): run the relay on its own.
 
 Listens on loopback only unless --host says otherwise; a non-loopback
-address needs at least one token (--token or RELAY_TOKEN) or --insecure.
+address needs at least one token (--token or RELAY_TOKEN) and no open
+channels, or --insecure. Browsers (any Origin header) are refused unless
+their origin is given with --origin.
 Stops on Ctrl-C or SIGTERM, telling every client first.
 """
 
@@ -41,8 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tallest frame accepted (default {defaults.max_height})")
     p.add_argument("--max-channels", type=int, default=defaults.max_channels, metavar="N",
                    help=f"channels at once (default {defaults.max_channels})")
+    p.add_argument("--max-params-bytes", type=int, default=defaults.max_params_bytes, metavar="BYTES",
+                   help="largest params message, and largest params a channel holds once merged "
+                        f"(JSON bytes; default {defaults.max_params_bytes})")
     p.add_argument("--channel", action="append", default=[],
                    help="allow only these channel names (repeatable); default any")
+    p.add_argument("--open-channels", action=argparse.BooleanOptionalAction, default=None,
+                   help="let producers and viewers without a token join channels (default: yes when "
+                        "no token is configured, else no)")
+    p.add_argument("--origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to connect, e.g. https://app.example (repeatable); "
+                        "default none: handshakes with an Origin header are refused")
+    p.add_argument("--hello-timeout", type=float, default=defaults.hello_timeout, metavar="SECONDS",
+                   help="time to send a hello; a silent connection then becomes a seed-002 consumer "
+                        f"where open channels are allowed, else it is closed (default {defaults.hello_timeout:g})")
+    p.add_argument("--max-connections-per-ip", type=int, default=defaults.max_connections_per_ip, metavar="N",
+                   help="connections one address may hold, not counting those with the token "
+                        f"(default {defaults.max_connections_per_ip})")
+    p.add_argument("--control-rate", type=float, default=defaults.control_rate, metavar="PER_S",
+                   help=f"control messages a connection may send per second (default {defaults.control_rate:g}; "
+                        "frames are not counted)")
+    p.add_argument("--control-burst", type=int, default=defaults.control_burst, metavar="N",
+                   help=f"control messages a connection may send at once (default {defaults.control_burst})")
+    p.add_argument("--anonymous-share", type=float, default=defaults.anonymous_share, metavar="SHARE",
+                   help="share of the workers' capacity channels opened without a credential may hold "
+                        f"(0-1; default {defaults.anonymous_share:g})")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening beyond loopback with no tokens")
     add_logging_arguments(p)
@@ -60,7 +85,12 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
         host=args.host, port=args.port, tokens=frozenset(args.token + tokens_from_environment()),
         max_frame_bytes=args.max_frame_bytes, max_width=args.max_width,
         max_height=args.max_height, max_channels=args.max_channels,
+        max_params_bytes=args.max_params_bytes,
         allowed_channels=frozenset(args.channel), insecure=args.insecure,
+        open_channels=args.open_channels, origins=frozenset(args.origin),
+        hello_timeout=args.hello_timeout, max_connections_per_ip=args.max_connections_per_ip,
+        control_rate=args.control_rate, control_burst=args.control_burst,
+        anonymous_share=args.anonymous_share,
     )
 
 

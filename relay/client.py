@@ -7,9 +7,27 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from relay.config import PEER_MAX_SIZE
 from wire.errors import ProtocolError
 from wire.messages import Role, decode_control, encode_control
 from wire.relay_messages import Error, Welcome, decode_relay_message
+
+#: tokens of relays running in this process (the API's generated one), by URL: see :func:`remember_token`
+_process_tokens: dict[str, str] = {}
+
+
+def remember_token(url: str, token: str) -> None:
+    """Let :func:`connect` calls in this process present ``token`` to the relay at ``url`` by themselves.
+
+    For the API's own relay, whose token is generated at start and known to no
+    one else: in-process clients (tests, embedded tools) need not be handed it.
+    Child processes get it through their environment, never their command line.
+    """
+    _process_tokens[url.rstrip("/")] = token
+
+
+def forget_token(url: str) -> None:
+    _process_tokens.pop(url.rstrip("/"), None)
 
 
 class RelayRefused(ConnectionError):
@@ -21,7 +39,7 @@ class RelayRefused(ConnectionError):
 
 
 async def connect(url: str, role: Role | str, channel: str = "default", token: str | None = None,
-                  *, max_size: int | None = 64 * 1024 * 1024, max_queue: int = 16,
+                  *, max_size: int | None = PEER_MAX_SIZE, max_queue: int = 16,
                   **hello: Any,
                   ) -> tuple[ClientConnection, dict[str, Any]]:
     """Open a connection, send ``hello`` and wait for ``welcome``.
@@ -29,17 +47,25 @@ async def connect(url: str, role: Role | str, channel: str = "default", token: s
     Compression is off (deflate makes JPEG frames ~40x slower). Extra keyword
     arguments go into the hello (``receive``, ``capacity``, ``engine``...).
     ``max_queue`` is how many received messages wait unread before the
-    socket stops reading (a slow reader's backpressure).
+    socket stops reading (a slow reader's backpressure). ``max_size``
+    defaults to :data:`~relay.config.PEER_MAX_SIZE`, which a relay's limits
+    are checked against: nothing it forwards can exceed it. The token goes
+    in the hello and in an ``Authorization`` header (so that an address
+    crowded with anonymous sockets does not lock out the relay's own clients);
+    none given: the one :func:`remember_token` holds for ``url``, if any.
     Returns the socket and the welcome's fields. Raises :class:`RelayRefused`
     when the relay says no (or answers something other than a welcome), and
     ``ProtocolError`` for a hello the relay would refuse, before connecting.
     """
     role = role.value if isinstance(role, Role) else role
     message = {"type": "hello", "role": role, "channel": channel, **hello}
+    token = token or _process_tokens.get(url.rstrip("/"))
     if token:
         message["token"] = token
     decode_control(message)  # fail here, not at the relay, on a bad hello
-    ws = await websockets.connect(url, compression=None, max_size=max_size, max_queue=max_queue)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    ws = await websockets.connect(url, compression=None, max_size=max_size, max_queue=max_queue,
+                                  additional_headers=headers)
     await ws.send(encode_control(message))  # the fields given, not every default
     try:
         reply = decode_relay_message(await ws.recv())

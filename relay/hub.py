@@ -6,16 +6,29 @@ the receivers' outboxes: frames as :class:`Delivery` (bytes, never parsed
 again), control messages as typed models that each transport encodes (or,
 in process, hands over as they are). Keeping it free of I/O makes the
 routing rules readable in one place and testable without a network.
+
+Access is decided here too, once per join (never per frame): a channel the
+API opened with a key (a /v1 stream's stream key) takes network peers that
+present the relay token or that key; other channels are open to tokenless
+peers only when the config allows open channels; network workers need the
+relay token whenever the relay has tokens. In-process peers
+(:mod:`relay.local`) are the API itself and pass. Workers go to keyed
+channels first, and anonymous channels (no key, opened without a
+credential) hold at most ``anonymous_share`` of the workers' capacity.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from relay.config import RelayConfig
 from relay.outbox import Outbox
@@ -45,6 +58,7 @@ from wire.relay_messages import (
     ChannelParams,
     ChannelState,
     EngineState,
+    Error,
     ParamsAck,
     Pong,
     Release,
@@ -97,6 +111,12 @@ class Peer:
     name: str = ""
     engine: str = ""
     outbox: Outbox[Delivery] = field(default_factory=Outbox)
+    #: joined over the network: the hub checks its credential (in-process peers are the API)
+    network: bool = False
+    #: the token it presented (a relay token or a channel's key), checked at join
+    token: str | None = field(default=None, repr=False)
+    #: a channel it creates is anonymous (no credential: a seed session, a tokenless client)
+    anonymous: bool = False
     assigned: list[str] = field(default_factory=list)  # workers only
     legacy_seq: itertools.count = field(default_factory=itertools.count)
     last_input_seq: dict[str, int] = field(default_factory=dict)
@@ -107,10 +127,12 @@ class Peer:
         self._wanted = _WANTED[self.receive]
 
     @classmethod
-    def from_hello(cls, peer_id: str, hello: Hello, outbox: Outbox[Delivery]) -> Peer:
+    def from_hello(cls, peer_id: str, hello: Hello, outbox: Outbox[Delivery], *,
+                   network: bool = True, anonymous: bool = False) -> Peer:
         return cls(id=peer_id, role=hello.role, channel=hello.channel, receive=hello.receive,
                    encoding=hello.encoding, capacity=hello.capacity, pinned=frozenset(hello.channels),
-                   name=hello.name, engine=hello.engine, outbox=outbox)
+                   name=hello.name, engine=hello.engine, outbox=outbox, network=network,
+                   token=hello.token, anonymous=anonymous)
 
     @property
     def legacy(self) -> bool:
@@ -118,7 +140,7 @@ class Peer:
 
     def send(self, message: Message) -> None:
         """Queue a control message (a model: the transport encodes it, if it must)."""
-        self.outbox.put_control(message)  # type: ignore[arg-type]  # Outbox's control items: any message
+        self.outbox.put_control(message)
 
     def wants(self, kind: FrameKind) -> bool:
         return kind in self._wanted
@@ -141,6 +163,14 @@ class Channel:
     params: dict[str, Any] = field(default_factory=dict)
     params_version: int = 0
     held: bool = False  # kept open by the API even with no producer connected
+    #: the API's access key (a /v1 stream's stream key): network peers need it or the relay token
+    key: str | None = field(default=None, repr=False)
+    #: opened without a credential (seed sessions, tokenless clients): at most
+    #: ``anonymous_share`` of the workers' capacity, after keyed channels
+    anonymous: bool = False
+    #: JSON bytes a producer's params merges may grow the params to (max_params_bytes, plus
+    #: what the API itself set: its own doors bound that, style images included)
+    params_budget: int = 0
     frames_in: RateMeter = field(default_factory=RateMeter)
     frames_out: RateMeter = field(default_factory=RateMeter)
     latency: LatencyTracker = field(default_factory=LatencyTracker)
@@ -166,6 +196,11 @@ class Channel:
     @property
     def empty(self) -> bool:
         return not (self.producers or self.viewers or self.held)
+
+    @property
+    def priority(self) -> int:
+        """Order in which waiting channels get a worker: keyed, then others, then anonymous."""
+        return 0 if self.key is not None else 2 if self.anonymous else 1
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -198,8 +233,34 @@ class Hub:
 
     # -- membership ---------------------------------------------------------
 
+    def is_relay_token(self, token: str | None) -> bool:
+        """Whether ``token`` is one of the relay's tokens (constant-time comparisons)."""
+        if not token:
+            return False
+        given = token.encode()
+        return any(hmac.compare_digest(given, t.encode()) for t in self.config.tokens)
+
+    def check_access(self, peer: Peer) -> None:
+        """Raise ``ProtocolError`` (unauthorized) if a network ``peer``'s token does not open its door."""
+        if not peer.network or self.is_relay_token(peer.token):
+            return
+        if peer.role is Role.WORKER:
+            if self.config.tokens:
+                raise ProtocolError("workers need the relay token", ErrorCode.UNAUTHORIZED)
+            return
+        channel = self.channels.get(peer.channel)
+        if channel is not None and channel.key is not None:
+            if peer.token and hmac.compare_digest(peer.token.encode(), channel.key.encode()):
+                return
+            raise ProtocolError(f"channel {peer.channel!r} needs the relay token or its key",
+                                ErrorCode.UNAUTHORIZED)
+        if not self.config.accepts_open_channels:
+            raise ProtocolError("missing or wrong token" if self.config.tokens else
+                                "this relay has no open channels", ErrorCode.UNAUTHORIZED)
+
     def check_join(self, peer: Peer) -> None:
         """Raise ``ProtocolError`` if ``peer`` may not join; changes nothing."""
+        self.check_access(peer)
         if peer.role is Role.WORKER:
             return
         allowed = self.config.allowed_channels
@@ -217,7 +278,7 @@ class Hub:
             log.info("worker %s joined (capacity %d, engine %s)", peer.id, peer.capacity, peer.engine)
             self._assign_waiting()
             return
-        channel = self._channel(peer.channel)
+        channel = self._channel(peer.channel, anonymous=peer.anonymous)
         if peer.role is Role.PRODUCER:
             channel.producers.add(peer)
             if channel.worker is None:
@@ -231,17 +292,20 @@ class Hub:
         if peer.role is Role.WORKER:
             if peer in self.workers:
                 self.workers.remove(peer)
+            orphans = []
             for name in list(peer.assigned):
                 channel = self.channels.get(name)
                 if channel is not None and channel.worker is peer:
                     channel.worker = None
                     channel.engine_state = EngineState.WAITING_FOR_WORKER
                     log.info("worker %s left; reassigning channel %s", peer.id, name)
-                    self._assign(channel)
-                    if channel.worker is None:
-                        self._tell_channel(channel, Status(channel=name,
-                                                           state=ChannelState.WAITING_FOR_WORKER))
+                    orphans.append(channel)
             peer.assigned.clear()
+            self._assign_waiting()  # keyed channels first, wherever they were
+            for channel in orphans:
+                if channel.worker is None:
+                    self._tell_channel(channel, Status(channel=channel.name,
+                                                       state=ChannelState.WAITING_FOR_WORKER))
             return
         channel = self.channels.get(peer.channel)
         if channel is None:
@@ -250,10 +314,22 @@ class Hub:
         channel.viewers.discard(peer)
         self._tidy(channel)
 
-    def open_channel(self, name: str, params: dict[str, Any] | None = None) -> Channel:
-        """Hold a channel open (the API's streams) so it keeps a worker with no producer."""
-        channel = self._channel(name)
+    def open_channel(self, name: str, params: dict[str, Any] | None = None, *, key: str | None = None,
+                     anonymous: bool | None = None) -> Channel:
+        """Hold a channel open (the API's streams) so it keeps a worker with no producer.
+
+        ``key``: network peers then need it (or the relay token) to join; peers
+        already there without either are sent away. ``anonymous`` (default:
+        when there is no key) marks a channel opened for a client with no
+        credential (seed sessions): it gets a worker only within
+        ``anonymous_share``. A full channel table raises ``ProtocolError``
+        (``too_many_channels``).
+        """
+        channel = self._channel(name, anonymous=key is None if anonymous is None else anonymous)
         channel.held = True
+        if key is not None and channel.key != key:
+            channel.key, channel.anonymous = key, False
+            self._evict_unauthorized(channel)
         if params is not None:
             self.set_params(channel, params, replace=True)
         if channel.worker is None:
@@ -396,7 +472,12 @@ class Hub:
                 raise ProtocolError(f"unexpected {message.type!r} message after the handshake")
 
     def set_params(self, channel: Channel, params: dict[str, Any], replace: bool = False) -> int:
+        """The API's own change (its doors bound it): producers' merges may add ``max_params_bytes`` to it."""
         channel.params = dict(params) if replace else {**channel.params, **params}
+        channel.params_budget = self.config.max_params_bytes + _json_size(channel.params)
+        return self._params_changed(channel)
+
+    def _params_changed(self, channel: Channel) -> int:
         channel.params_version += 1
         channel.last_params_time = time.time()
         if channel.worker is not None:
@@ -405,16 +486,32 @@ class Hub:
         return channel.params_version
 
     def on_params(self, peer: Peer, message: Params) -> int:
+        """A producer's params: each message, and the channel's params once merged, within the limit."""
         if peer.role is not Role.PRODUCER:
             raise ProtocolError("only producers set a channel's params", ErrorCode.NOT_ALLOWED)
         if message.channel not in (None, peer.channel):
             raise ProtocolError(f"not joined to channel {message.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
-        return self.set_params(self.channels[peer.channel], message.params, message.replace)
+        limit = self.config.max_params_bytes
+        size = _json_size(message.params)
+        if size > limit:
+            raise ProtocolError(f"params of {size} bytes exceed the limit of {limit}",
+                                ErrorCode.PARAMS_TOO_LARGE)
+        channel = self.channels[peer.channel]
+        merged = dict(message.params) if message.replace else {**channel.params, **message.params}
+        budget = max(limit, channel.params_budget)
+        if not message.replace and (total := _json_size(merged)) > budget:
+            raise ProtocolError(f"the channel's params would grow to {total} bytes, over the limit of "
+                                f"{budget}", ErrorCode.PARAMS_TOO_LARGE)
+        channel.params = merged
+        return self._params_changed(channel)
 
     def on_report(self, peer: Peer, report: Report) -> None:
         """A worker's report moves its channel's engine state; all but stats reach the channel's peers."""
         if peer.role is not Role.WORKER or report.channel not in peer.assigned:
             raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED)
+        if (size := len(report.message) + _json_size(report.data)) > self.config.max_params_bytes:
+            raise ProtocolError(f"a report of {size} bytes exceeds the limit of "
+                                f"{self.config.max_params_bytes}", ErrorCode.PARAMS_TOO_LARGE)
         channel = self.channels[report.channel]
         match report.event:
             case ReportEvent.STATS:
@@ -441,19 +538,48 @@ class Hub:
 
     # -- internals ----------------------------------------------------------
 
-    def _channel(self, name: str) -> Channel:
+    def _channel(self, name: str, anonymous: bool = False) -> Channel:
+        """The channel ``name``, created (``anonymous`` or not) if new; raises when the table is full."""
         channel = self.channels.get(name)
         if channel is None:
             if len(self.channels) >= self.config.max_channels:
                 raise ProtocolError(f"the relay already serves {self.config.max_channels} channels",
                                     ErrorCode.TOO_MANY_CHANNELS)
-            channel = self.channels[name] = Channel(name)
+            channel = self.channels[name] = Channel(name, anonymous=anonymous)
         return channel
+
+    def _evict_unauthorized(self, channel: Channel) -> None:
+        """Send away the network peers of a channel that just got a key, unless they hold it (or the token)."""
+        for peer in [*channel.producers, *channel.viewers]:
+            try:
+                self.check_access(peer)
+            except ProtocolError as exc:
+                channel.producers.discard(peer)
+                channel.viewers.discard(peer)
+                peer.send(Error.of(exc))
+                peer.outbox.close()  # its transport closes the connection
+
+    def _anonymous_may_take_a_slot(self) -> bool:
+        """Room for one more anonymous channel: within its share, and none taken from a waiting keyed channel."""
+        share = self.config.anonymous_share
+        capacity = sum(w.capacity for w in self.workers)
+        keyed = [c for c in self.channels.values() if c.key is not None]
+        limit = math.floor(share * capacity + 1e-9)
+        if share > 0 and not keyed:
+            limit = max(limit, 1)  # a lone seed client on a one-slot server is served
+        used = sum(1 for c in self.channels.values() if c.anonymous and c.worker is not None)
+        if used >= limit:
+            return False
+        free = sum(max(0, w.capacity - len(w.assigned)) for w in self.workers)
+        waiting = sum(1 for c in keyed if c.worker is None and c.wants_worker)
+        return free > waiting
 
     def _assign(self, channel: Channel) -> None:
         candidates = [w for w in self.workers if len(w.assigned) < w.capacity
                       and (not w.pinned or channel.name in w.pinned)]
         if not candidates:
+            return
+        if channel.anonymous and not self._anonymous_may_take_a_slot():
             return
         worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
         channel.worker = worker
@@ -465,9 +591,9 @@ class Hub:
                                            worker=worker.id))
 
     def _assign_waiting(self) -> None:
-        for channel in self.channels.values():
-            if channel.worker is None and channel.wants_worker:
-                self._assign(channel)
+        waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker]
+        for channel in sorted(waiting, key=lambda c: c.priority):  # stable: oldest first within a rank
+            self._assign(channel)
 
     def _release(self, channel: Channel) -> None:
         worker = channel.worker
@@ -490,3 +616,11 @@ class Hub:
         for peer in (*channel.producers, *channel.viewers):
             peer.send(message)
 
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of ``value`` as JSON (what the relay would send on)."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # not JSON (an in-process caller's object): no size to hold against it
+        return 0

@@ -6,14 +6,25 @@ Handshake, in order of preference:
 2. the connection URL: ``ws://host:port/<channel>?role=viewer&token=...``
    registers at once, for clients that cannot send a hello;
 3. a seed-002 ``image`` message as the first message: a producer on the
-   URL's channel (``default`` for ``/``) that gets acks and base64 results.
+   URL's channel (``default`` for ``/``) that gets acks and base64 results;
+4. nothing within ``hello_timeout``: a seed-002 consumer (a viewer of the
+   URL's channel's input, base64 JSON) if open channels are allowed, else
+   the connection is closed (``hello_timeout``).
+
+Doors, all decided before a peer joins (never per frame): browser
+``Origin`` headers outside ``origins`` are refused (403) by websockets'
+handshake; an address holding ``max_connections_per_ip`` connections gets
+a 503 (connections that showed the relay token, in the hello, an
+``Authorization: Bearer`` header or the URL, are not counted); tokens and
+channel keys are the hub's :meth:`~relay.hub.Hub.check_access`; control
+messages (text, frames never) go through a token bucket per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import http
 import logging
 import secrets
 import socket
@@ -23,19 +34,24 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection
+from websockets.datastructures import MultipleValuesError
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from common.listen import listen
 from relay.config import RelayConfig
 from relay.hub import Delivery, Hub, Peer
-from relay.outbox import Outbox
+from relay.limits import OncePerInterval, TokenBucket, limit_accept_error_logs
+from relay.outbox import Control, Outbox
 from wire.errors import ErrorCode, ProtocolError
 from wire.frames import decode_frame
-from wire.messages import DEFAULT_CHANNEL, Hello, LegacyImage, Message, decode_control, encode_control
+from wire.messages import DEFAULT_CHANNEL, Hello, LegacyImage, Role, decode_control, encode_control
 from wire.relay_messages import Error, Shutdown, Welcome
 
 log = logging.getLogger("relay")
+_crowded = OncePerInterval("connections from", 10.0)  # one line per 10 s while an address is refused
+log.addFilter(_crowded)
 
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
@@ -51,14 +67,22 @@ class Relay:
         self.hub = Hub(self.config)
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()
+        #: connections counted against their address's cap, and the counts
+        self._counted: dict[ServerConnection, str] = {}
+        self.connections_per_ip: dict[str, int] = {}
 
     async def start(self) -> None:
         self.config.check()
+        limit_accept_error_logs()
         sock = self._sock or listen(self.config.host, self.config.port)
         self._server = await websockets.serve(
             self._handle, sock=sock,
             compression=None,  # deflate makes JPEG round trips ~40x slower
             max_size=self.config.websocket_max_size,
+            # browsers always send an Origin, scripts and workers none: a web page may
+            # connect only from an allowed origin (403 otherwise)
+            origins=[None, *sorted(self.config.origins)],
+            process_request=self._admit,
         )
 
     @property
@@ -96,38 +120,102 @@ class Relay:
 
     # -- one connection -----------------------------------------------------
 
+    def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Before the handshake: count the connection against its address's cap, or refuse it (503).
+
+        A request showing a relay token (``Authorization: Bearer``, or
+        ``token`` in the URL) is not counted: an address full of anonymous
+        sockets cannot lock out the relay's own workers and outputs.
+        """
+        if self._request_token_ok(request):
+            return None
+        ip = _client_ip(ws)
+        held = self.connections_per_ip.get(ip, 0)
+        if held >= self.config.max_connections_per_ip:
+            log.warning("refusing connections from %s: it holds %d (max_connections_per_ip)", ip, held)
+            return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                              f"too many connections from {ip} (at most "
+                              f"{self.config.max_connections_per_ip})\n")
+        self.connections_per_ip[ip] = held + 1
+        self._counted[ws] = ip
+        ws.connection_lost_waiter.add_done_callback(lambda _: self._uncount(ws))  # however it ends
+        return None
+
+    def _uncount(self, ws: ServerConnection) -> None:
+        ip = self._counted.pop(ws, None)
+        if ip is not None:
+            left = self.connections_per_ip[ip] - 1
+            if left:
+                self.connections_per_ip[ip] = left
+            else:
+                del self.connections_per_ip[ip]
+
+    def _request_token_ok(self, request: Request) -> bool:
+        if not self.config.tokens:
+            return False
+        try:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        except MultipleValuesError:
+            return False
+        if scheme.lower() == "bearer" and self.hub.is_relay_token(token.strip()):
+            return True
+        return self.hub.is_relay_token(_parse_path(request.path)[1].get("token"))
+
     async def _handle(self, ws: ServerConnection) -> None:
         self._connections.add(ws)
         peer: Peer | None = None
         sender: asyncio.Task[None] | None = None
         channel, query = _parse_path(ws.request.path if ws.request else "/")
         try:
+            first: str | bytes | None = None
             if "role" in query:
                 peer = await self._register(ws, lambda: _hello_from_query(channel, query), welcome=False)
-                if peer is None:
-                    return
-                sender = asyncio.create_task(self._send_loop(ws, peer))
-                peer.outbox.fast_send = _direct_sender(ws, peer)
-            async for message in ws:
-                if peer is None:
-                    peer, replay = await self._first_message(ws, message, channel, query)
-                    if peer is None:
-                        return
-                    sender = asyncio.create_task(self._send_loop(ws, peer))
-                    peer.outbox.fast_send = _direct_sender(ws, peer)
-                    if not replay:
-                        continue
+            else:
                 try:
-                    self._dispatch(peer, message)
-                except ProtocolError as exc:
-                    peer.send(Error.of(exc))
+                    async with asyncio.timeout(self.config.hello_timeout):
+                        first = await ws.recv()  # cancel-safe: a late message is not lost
+                except TimeoutError:
+                    peer = await self._silent(ws, channel, query)
+                else:
+                    peer, replay = await self._first_message(ws, first, channel, query)
+                    if not replay:
+                        first = None
+            if peer is None:
+                return
+            sender = asyncio.create_task(self._send_loop(ws, peer))
+            peer.outbox.fast_send = _direct_sender(ws, peer)
+            scale = peer.capacity if peer.role is Role.WORKER else 1  # a worker reports per channel
+            bucket = TokenBucket(self.config.control_rate * scale, self.config.control_burst * scale)
+            warned = False
+            if first is not None:
+                self._on_text(peer, first)  # a seed-002 image: handshake and frame at once
+            async for message in ws:
                 if isinstance(message, bytes):
+                    try:
+                        self._on_frame(peer, message)
+                    except ProtocolError as exc:
+                        peer.send(Error.of(exc))
                     # Let the receivers' sender tasks run before the next frame. Frames
                     # already read from the socket would otherwise be routed in one go,
                     # each receiver's slot keeping only the last: a producer faster than
                     # the relay starves every sender (bench/relay.py: 5-15% of frames read
                     # were delivered, the CPU going to frames dropped unsent).
                     await asyncio.sleep(0)
+                    continue
+                try:
+                    control = decode_control(message)
+                except ProtocolError as exc:
+                    control = exc
+                if isinstance(control, LegacyImage):  # a seed-002 frame, not a control message
+                    self._on_control(peer, control)
+                elif bucket.take():
+                    warned = False
+                    self._on_control(peer, control)
+                elif not warned:  # one error per flood; the rest is dropped unanswered
+                    warned = True
+                    peer.send(Error(code=ErrorCode.RATE_LIMITED, message=(
+                        f"more than {self.config.control_rate * scale:g} control messages a second: "
+                        "dropping them")))
         except ConnectionClosed:
             pass
         finally:
@@ -137,6 +225,15 @@ class Relay:
                 peer.outbox.close()
             if sender is not None:
                 await sender
+
+    async def _silent(self, ws: ServerConnection, channel: str, query: dict[str, str]) -> Peer | None:
+        """No hello in time: a seed-002 consumer (it only listens) where open channels are allowed."""
+        if not self.config.accepts_open_channels:
+            error = ProtocolError(f"no hello within {self.config.hello_timeout:g} s", ErrorCode.HELLO_TIMEOUT)
+            await _refuse(ws, error)
+            return None
+        fields = {**query, "role": "viewer", "encoding": "json", "receive": query.get("receive", "input")}
+        return await self._register(ws, lambda: _hello_from_query(channel, fields), welcome=False)
 
     async def _first_message(self, ws: ServerConnection, message: str | bytes, channel: str,
                              query: dict[str, str]) -> tuple[Peer | None, bool]:
@@ -160,50 +257,58 @@ class Relay:
 
     async def _register(self, ws: ServerConnection, hello: Callable[[], Hello],
                         welcome: bool) -> Peer | None:
-        """Check the hello, the token and the limits; join the hub. Refusals close the socket."""
+        """Check the hello, the credential and the limits; join the hub. Refusals close the socket."""
         try:
             greeting = hello()
-            if not self._token_ok(greeting.token):
-                raise ProtocolError("missing or wrong token", ErrorCode.UNAUTHORIZED)
-            peer = Peer.from_hello(secrets.token_hex(4), greeting, Outbox(self.config.control_queue))
+            trusted = self.hub.is_relay_token(greeting.token)
+            peer = Peer.from_hello(secrets.token_hex(4), greeting, Outbox(self.config.control_queue),
+                                   anonymous=bool(self.config.tokens) and not trusted)
             self.hub.check_join(peer)
         except ProtocolError as exc:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(encode_control(Error.of(exc)))
-                await ws.close(CLOSE_POLICY, str(exc)[:120])
+            await _refuse(ws, exc)
             return None
         if welcome and not peer.legacy:
             peer.send(Welcome(role=peer.role, channel=peer.channel, session=peer.id,
                               limits=self.config.limits()))
         self.hub.join(peer)
+        if trusted:
+            self._uncount(ws)  # the relay's own clients never crowd an address out
         return peer
 
-    def _token_ok(self, token: str | None) -> bool:
-        if not self.config.tokens:
-            return True
-        if not token:
-            return False
-        return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.config.tokens)
+    def _on_frame(self, peer: Peer, message: bytes) -> None:
+        """A binary frame: to the hub as bytes plus its parsed header."""
+        if len(message) > self.config.max_frame_bytes + 4096:
+            raise ProtocolError(f"message of {len(message)} bytes exceeds the frame limit of "
+                                f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
+        self.hub.route(peer, decode_frame(message), message)
 
-    def _dispatch(self, peer: Peer, message: str | bytes) -> None:
-        """Frames go to the hub as bytes plus their parsed header; text is decoded into a model."""
-        if isinstance(message, bytes):
-            if len(message) > self.config.max_frame_bytes + 4096:
-                raise ProtocolError(f"message of {len(message)} bytes exceeds the frame limit of "
-                                    f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
-            self.hub.route(peer, decode_frame(message), message)
-            return
-        self.hub.on_message(peer, decode_control(message))
+    def _on_text(self, peer: Peer, message: str | bytes) -> None:
+        """One text message outside the loop's rate limit (the handshake's seed-002 image)."""
+        try:
+            self.hub.on_message(peer, decode_control(message))
+        except ProtocolError as exc:
+            peer.send(Error.of(exc))
+
+    def _on_control(self, peer: Peer, control: Any) -> None:
+        """A decoded control message (or the ProtocolError decoding it raised) from a joined peer."""
+        try:
+            if isinstance(control, ProtocolError):
+                raise control
+            self.hub.on_message(peer, control)
+        except ProtocolError as exc:
+            peer.send(Error.of(exc))
 
     async def _send_loop(self, ws: ServerConnection, peer: Peer) -> None:
-        async def send_control(message: Message) -> None:
-            await ws.send(encode_control(message))
+        async def send_control(message: Control) -> None:
+            await ws.send(message if isinstance(message, str) else encode_control(message))
 
         async def send_frame(delivery: Delivery) -> None:
             await ws.send(delivery.as_json() if peer.legacy else delivery.raw)
 
         with contextlib.suppress(ConnectionClosed):
-            await peer.outbox.drain(send_control, send_frame)  # type: ignore[arg-type]
+            await peer.outbox.drain(send_control, send_frame)
+            # closed: the connection ended, or the hub sent the peer away (its error went first)
+            await ws.close(CLOSE_POLICY, "sent away by the relay")
 
 
 async def serve(config: RelayConfig) -> None:
@@ -211,6 +316,18 @@ async def serve(config: RelayConfig) -> None:
     async with Relay(config) as relay:
         log.info("relay listening on %s", relay.url)
         await relay.serve_forever()
+
+
+async def _refuse(ws: ServerConnection, exc: ProtocolError) -> None:
+    """A handshake refusal: the error, then a close with 1008."""
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(encode_control(Error.of(exc)))
+        await ws.close(CLOSE_POLICY, str(exc)[:120])
+
+
+def _client_ip(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return str(address[0]) if isinstance(address, tuple) and address else "?"
 
 
 def _parse_path(path: str) -> tuple[str, dict[str, str]]:
@@ -221,7 +338,7 @@ def _parse_path(path: str) -> tuple[str, dict[str, str]]:
 
 def _hello_from_query(channel: str, query: dict[str, str]) -> Hello:
     fields: dict[str, Any] = {"type": "hello", "channel": query.get("channel", channel)}
-    for key in ("role", "token", "receive", "encoding", "name", "engine"):
+    for key in ("role", "token", "receive", "encoding", "name", "engine", "protocol"):
         if key in query:
             fields[key] = query[key]
     if "capacity" in query:

@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from api.seeds.channel import Result, SessionChannel
@@ -383,3 +384,119 @@ async def test_a_seed_session_channel_end_to_end_without_sockets():
     assert await anext(events) is CLOSED
     assert (await pending(worker))[0] == [Release(channel=session.name)]
     assert session.engine_state is EngineState.CLOSED
+
+
+# -- doors: keys, tokens, open channels, limits, worker shares (issue 11) -------
+
+def net(role: Role, channel: str = "cam", token: str | None = None, **fields: Any) -> Peer:
+    """A peer that joined over the network: the hub checks its token."""
+    return peer(role, channel, network=True, token=token, **fields)
+
+
+def refusal(h: Hub, p: Peer) -> ErrorCode | None:
+    try:
+        h.check_join(p)
+    except ProtocolError as exc:
+        return exc.code
+    return None
+
+
+def test_a_keyed_channel_takes_its_key_or_the_relay_token_and_workers_need_the_token():
+    h = hub(tokens=frozenset({"relay-token"}), open_channels=True)
+    h.open_channel("str_1", {"prompt": "a fox"}, key="stk_secret")
+    assert h.channels["str_1"].key == "stk_secret" and "stk_secret" not in repr(h.channels["str_1"])
+    for role in (Role.VIEWER, Role.PRODUCER):
+        assert refusal(h, net(role, "str_1")) is ErrorCode.UNAUTHORIZED
+        assert refusal(h, net(role, "str_1", token="stk_other")) is ErrorCode.UNAUTHORIZED
+        assert refusal(h, net(role, "str_1", token="stk_secret")) is None
+        assert refusal(h, net(role, "str_1", token="relay-token")) is None
+        assert refusal(h, net(role, "open")) is None  # open channels stay tokenless
+        assert refusal(h, peer(role, "str_1")) is None  # in process: the API itself
+    assert refusal(h, net(Role.WORKER)) is ErrorCode.UNAUTHORIZED
+    assert refusal(h, net(Role.WORKER, token="relay-token")) is None
+    closed = hub(open_channels=False)
+    assert refusal(closed, net(Role.VIEWER, "cam")) is ErrorCode.UNAUTHORIZED
+    assert refusal(hub(tokens=frozenset({"t"})), net(Role.VIEWER, "cam")) is ErrorCode.UNAUTHORIZED
+    assert refusal(hub(), net(Role.WORKER)) is None  # no tokens at all: a loopback dev relay
+
+
+async def test_peers_without_the_key_are_sent_away_when_a_channel_gets_one():
+    h = hub(tokens=frozenset({"t"}), open_channels=True)
+    squatter, holder, local = net(Role.VIEWER, "str_1"), net(Role.VIEWER, "str_1", token="k"), peer(Role.VIEWER, "str_1")
+    await joined(h, squatter, holder, local)
+    h.open_channel("str_1", {}, key="k")
+    control, _ = await pending(squatter)
+    assert [m.code for m in control] == [ErrorCode.UNAUTHORIZED] and squatter.outbox.closed
+    assert h.channels["str_1"].viewers == {holder, local}
+
+
+async def test_params_messages_and_merges_are_bounded_but_the_api_sets_what_its_doors_allow():
+    h = hub(max_params_bytes=1000)
+    worker, producer = peer(Role.WORKER), peer(Role.PRODUCER)
+    await joined(h, worker, producer)
+    with pytest.raises(ProtocolError) as refused:  # one message over the limit
+        h.on_message(producer, Params(params={"prompt": "x" * 1000}))
+    assert refused.value.code is ErrorCode.PARAMS_TOO_LARGE
+    h.on_message(producer, Params(params={"a": "x" * 600}, replace=True))
+    h.on_message(producer, Params(params={"b": "y" * 300}))
+    with pytest.raises(ProtocolError) as refused:  # each under it, merged over it
+        h.on_message(producer, Params(params={"c": "z" * 200}))
+    assert refused.value.code is ErrorCode.PARAMS_TOO_LARGE and "grow" in str(refused.value)
+    assert set(h.channels["cam"].params) == {"a", "b"}
+    # a stream's params as the API set them (a style image: its own limit) may exceed it;
+    # producers' merges may still add up to the limit to them
+    style = {"ip_adapter_style_image_url": "data:image/png;base64," + "A" * 5000}
+    h.set_params(h.channels["cam"], style, replace=True)
+    h.on_message(producer, Params(params={"prompt": "p" * 900}))
+    with pytest.raises(ProtocolError):
+        h.on_message(producer, Params(params={"negative_prompt": "n" * 200}))
+    sent = [m for m in (await pending(worker))[0] if isinstance(m, ChannelParams)]
+    assert max(len(orjson.dumps(m.params)) for m in sent) <= 5000 + 100 + 1000
+
+
+async def test_worker_reports_are_bounded_too():
+    h = hub(max_params_bytes=1000)
+    worker, producer = peer(Role.WORKER), peer(Role.PRODUCER)
+    await joined(h, worker, producer)
+    with pytest.raises(ProtocolError) as refused:
+        h.on_message(worker, Report(channel="cam", event=ReportEvent.READY, data={"x": "y" * 1000}))
+    assert refused.value.code is ErrorCode.PARAMS_TOO_LARGE
+    assert h.channels["cam"].engine_state is EngineState.LOADING and (await pending(producer))[0] == []
+
+
+async def test_anonymous_channels_keep_to_their_share_and_keyed_ones_go_first():
+    h = hub(anonymous_share=0.5)
+    worker = peer(Role.WORKER, name="w", capacity=2)
+    await joined(h, worker)
+    seeds = [h.open_channel(f"ws000-{i}", {}) for i in range(4)]  # no key: anonymous
+    assert [c.worker is not None for c in seeds] == [True, False, False, False]
+    stream = h.open_channel("str_1", {}, key="stk")
+    assert stream.worker is worker  # the reserved half
+    h.close_channel("ws000-0")  # the slot goes to the next seed: the stream is served
+    assert seeds[1].worker is worker
+    # a worker that leaves and comes back serves the keyed channel first
+    h.leave(worker)
+    solo = peer(Role.WORKER, name="solo")
+    h.join(solo)
+    assert solo.assigned == ["str_1"]
+    # the share does not hold a lone seed client back on a one-slot server with no stream
+    lone = hub()
+    w = peer(Role.WORKER, name="w")
+    await joined(lone, w)
+    assert lone.open_channel("ws001-x", {}).worker is w
+    # seed sessions joining as in-process peers mark the channels they create
+    other = hub()
+    await joined(other, peer(Role.WORKER, name="big", capacity=2))
+    first, second = LocalProducer(other, "a"), LocalSession(other, "b", Role.PRODUCER, anonymous=True)
+    third = LocalSession(other, "c", Role.PRODUCER, anonymous=True)
+    assert other.channels["a"].worker and other.channels["b"].worker and other.channels["c"].worker is None
+    for session in (first, second, third):
+        session.close()
+
+
+def test_a_full_channel_table_raises_a_typed_error_when_the_api_opens_one():
+    h = hub(max_channels=1)
+    h.open_channel("str_1", {}, key="k")
+    with pytest.raises(ProtocolError) as refused:
+        h.open_channel("str_2", {}, key="k2")
+    assert refused.value.code is ErrorCode.TOO_MANY_CHANNELS and list(h.channels) == ["str_1"]
