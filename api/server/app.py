@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import socket
 from collections.abc import AsyncIterator
 
@@ -34,6 +36,7 @@ from api.streams.routes import router, v1
 from api.streams.store import StreamStore
 from api.web import page
 from relay import Relay
+from relay.client import forget_token, remember_token
 
 log = logging.getLogger("api")
 
@@ -82,13 +85,19 @@ async def start_services(settings: ServerSettings, relay_socket: socket.socket |
     them; their records stay), then the workers, then the relay, which tells
     its clients.
     """
-    relay = Relay(settings.relay, sock=relay_socket)
+    relay_config = settings.relay
+    if not relay_config.tokens:  # a token of this run's own, so that /v1 channels still need one (or the key)
+        relay_config = dataclasses.replace(relay_config, tokens=frozenset({secrets.token_urlsafe(32)}),
+                                           open_channels=relay_config.accepts_open_channels)
+    relay_token = next(iter(relay_config.tokens))  # to workers and outputs by environment, never argv
+    relay = Relay(relay_config, sock=relay_socket)
     await relay.start()
     host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
     relay_url = f"ws://{host}:{relay.port}"
+    remember_token(relay_url, relay_token)  # in-process clients (tests) present it by themselves
     store = StreamStore.in_directory(settings.data_dir) if settings.data_dir else None
     streams = StreamManager(relay.hub, store)
-    stream_outputs = outputs.outputs_for(settings, relay_url)
+    stream_outputs = outputs.outputs_for(dataclasses.replace(settings, relay=relay_config), relay_url)
     streams.subscribe(stream_outputs)
     webrtc_state = webrtc.webrtc_state(settings)
     streams.subscribe(webrtc_state.registry)
@@ -101,12 +110,13 @@ async def start_services(settings: ServerSettings, relay_socket: socket.socket |
         restored = await streams.restore()
         if restored:
             log.info("restored %d streams from %s", restored, store.path if store else "")
-        await workers.start(relay_url, next(iter(settings.relay.tokens), None))
+        await workers.start(relay_url, relay_token)
         yield running
     finally:
         await streams.stop_all()
         await workers.stop()
         await relay.close()
+        forget_token(relay_url)
         if store is not None:
             store.close()
 

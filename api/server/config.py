@@ -84,7 +84,25 @@ class RelaySection(_Section):
     max_width: int = Field(4096, ge=16, description="largest frame width")
     max_height: int = Field(4096, ge=16, description="largest frame height")
     max_channels: int = Field(256, ge=1, description="channels (streams and sessions) at once")
-    insecure: bool = Field(False, description="allow a non-loopback relay with no tokens")
+    max_params_bytes: int = Field(256 * 2**10, ge=1024, le=16 * 2**20 - 64 * 2**10,
+                                  description="largest params message a relay client sends, and most "
+                                  "its merges may add to a channel's params (JSON bytes)")
+    insecure: bool = Field(False, description="allow a non-loopback relay with no tokens (or open channels)")
+    open_channels: bool | None = Field(None, description="relay clients without a token may join channels "
+                                       "that are not /v1 streams (seed-002 clients); null: yes when no "
+                                       "token is configured")
+    origins: list[str] = Field(default_factory=list, description="browser origins allowed to open relay "
+                               "WebSockets, e.g. https://app.example; empty: any Origin header is refused")
+    hello_timeout_s: float = Field(10.0, gt=0, description="seconds a relay connection has to say hello; "
+                                   "a silent one then becomes a seed-002 consumer (open channels) or is closed")
+    max_connections_per_ip: int = Field(64, ge=1, description="relay connections one address may hold, "
+                                        "not counting those with the relay token")
+    control_rate: float = Field(20.0, gt=0, description="control messages a relay connection may send per "
+                                "second (the excess is dropped; frames are not counted)")
+    control_burst: int = Field(40, ge=1, description="control messages a relay connection may send at once")
+    anonymous_share: float = Field(0.5, ge=0, le=1, description="share of the workers' capacity that "
+                                   "anonymous channels (seed clients, tokenless relay clients) may hold; "
+                                   "the rest waits for /v1 streams (1: no reserve)")
 
 
 class MediaMTXSection(_Section):
@@ -179,7 +197,13 @@ class Config(BaseSettings):
                               tokens=frozenset(self.relay.tokens),
                               max_frame_bytes=self.relay.max_frame_bytes, max_width=self.relay.max_width,
                               max_height=self.relay.max_height, max_channels=self.relay.max_channels,
-                              insecure=self.relay.insecure),
+                              max_params_bytes=self.relay.max_params_bytes,
+                              insecure=self.relay.insecure, open_channels=self.relay.open_channels,
+                              origins=frozenset(self.relay.origins),
+                              hello_timeout=self.relay.hello_timeout_s,
+                              max_connections_per_ip=self.relay.max_connections_per_ip,
+                              control_rate=self.relay.control_rate, control_burst=self.relay.control_burst,
+                              anonymous_share=self.relay.anonymous_share),
             workers=self.workers.count, engine=self.workers.engine, worker_args=worker_args,
             max_queue_size=self.server.max_queue_size, seed_endpoints=self.server.seed_endpoints,
             jpeg_quality=self.performance.jpeg_quality,

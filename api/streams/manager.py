@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from api.server.errors import ApiError, client_location, describe_validation, not_found
 from api.streams import ids
 from relay.hub import Hub
+from wire.errors import ErrorCode, ProtocolError
 from wire.relay_messages import EngineState
 from worker.engines.diffusion.params import DiffusionParams, reload_fields
 
@@ -139,7 +140,15 @@ class StreamManager:
                         params=params, name=name, output_rtmp_url=output_rtmp_url)
         if self.store is not None:
             self.store.save(stream)
-        await self._start(stream)
+        try:
+            await self._start(stream)
+        except ProtocolError as exc:
+            if exc.code is not ErrorCode.TOO_MANY_CHANNELS:
+                raise
+            if self.store is not None:
+                self.store.delete(stream.id)
+            raise ApiError(503, f"the server is full: {exc}", "STREAMS/CAPACITY",
+                           {"max_channels": self.hub.config.max_channels}, {"Retry-After": "10"}) from None
         return stream
 
     async def restore(self) -> int:
@@ -150,7 +159,8 @@ class StreamManager:
         return len(restored)
 
     async def _start(self, stream: Stream) -> None:
-        self.hub.open_channel(stream.channel, stream.params)
+        # keyed: relay clients need the stream key (or the relay token) to read or feed it
+        self.hub.open_channel(stream.channel, stream.params, key=stream.stream_key)
         self.streams[stream.id] = stream
         self._by_key[stream.stream_key] = stream
         self._by_playback[stream.playback_id] = stream
