@@ -1,6 +1,10 @@
 """python -m worker (sd-worker): connect to a relay and process the channels it assigns.
 
-Reconnects by itself when the relay restarts. The relay token comes from
+Reconnects by itself when the relay restarts or cannot be reached (tries
+0.25, 0.5, 1, 2, 2... s apart, never more than 2 s) and announces itself
+again; the relay then assigns it its channels. A channel whose engine fails
+to load stays in error and loads again when its params change, or on its
+own after 2, 4, 8... s (at most 60). The relay token comes from
 --token or $RELAY_TOKEN (the server passes it to its own workers that way,
 never on the command line).
 """

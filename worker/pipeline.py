@@ -10,6 +10,13 @@ simplejpeg, OpenCV and torch release the GIL in their C code, and
 Parameter changes are applied on the engine thread between batches. A
 change that needs a reload builds a new engine on a helper thread while the
 current one keeps serving, then swaps it in.
+
+A failed first load is not final: the channel stays assigned in an error
+state (its frames dropped) and the engine thread loads again as soon as new
+params arrive, and on its own after a backoff (2, 4, 8... seconds, at most
+60; new params start the schedule over). Each failure's ``error`` report
+says the attempt and when the next one comes, so the relay's ``last_error``
+(and the API's stream status) shows it; ``ready`` follows the load that works.
 """
 
 from __future__ import annotations
@@ -32,6 +39,16 @@ from worker.engines import Engine, EngineError, create_engine
 log = logging.getLogger("worker")
 
 EngineFactory = Callable[[Mapping[str, Any]], Engine]
+
+#: seconds before the first automatic retry of a failed engine load; doubled each failure
+LOAD_RETRY_FIRST = 2.0
+#: the longest wait between automatic load retries
+LOAD_RETRY_MAX = 60.0
+
+
+def load_retry_delay(failures: int, first: float = LOAD_RETRY_FIRST, cap: float = LOAD_RETRY_MAX) -> float:
+    """Seconds to wait after the ``failures``-th failed load in a row: first, 2 x first, ... at most cap."""
+    return min(cap, first * 2 ** max(0, failures - 1))
 
 
 @dataclass
@@ -76,6 +93,9 @@ class PipelineOptions:
     output_format: ImageFormat = ImageFormat.JPEG
     quality: int = 85
     extra_params: dict[str, Any] = field(default_factory=dict)
+    #: automatic retries of a failed load: ``load_retry_first`` seconds, doubling up to ``load_retry_max``
+    load_retry_first: float = LOAD_RETRY_FIRST
+    load_retry_max: float = LOAD_RETRY_MAX
 
 
 class ChannelPipeline:
@@ -95,6 +115,11 @@ class ChannelPipeline:
         self._reloading = False
         self._updates: list[PendingUpdate] = []
         self._lock = threading.Lock()
+        #: set by ``update`` and ``stop``: wakes an engine thread waiting to retry a failed load
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._load_failures = 0
+        self._next_load: float | None = None  # monotonic time of the next automatic load attempt
         self._incoming: ThreadSlot[Frame] = ThreadSlot(1)
         self._decoded: ThreadSlot[Decoded] = ThreadSlot(1)
         self._processed: ThreadSlot[tuple[Frame, np.ndarray, int]] = ThreadSlot(4)
@@ -117,8 +142,11 @@ class ChannelPipeline:
         """Queue new full params; the engine thread applies them before its next batch."""
         with self._lock:
             self._updates.append(PendingUpdate({**self.options.extra_params, **params}, version))
+        self._wake.set()
 
     def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
         for buffer in (self._incoming, self._decoded, self._processed):
             buffer.close()
 
@@ -131,9 +159,14 @@ class ChannelPipeline:
         return self._incoming.dropped + self._decoded.dropped + self._processed.dropped
 
     def stats(self) -> dict[str, Any]:
-        return {**self.times.per_frame_ms(), "frames": self.times.frames,
-                "errors": self.times.errors, "dropped": self.dropped,
-                "params_version": self._version, "reloading": self._reloading}
+        stats = {**self.times.per_frame_ms(), "frames": self.times.frames,
+                 "errors": self.times.errors, "dropped": self.dropped,
+                 "params_version": self._version, "reloading": self._reloading}
+        next_load = self._next_load
+        if self._engine is None and next_load is not None:  # waiting to retry a failed load
+            stats.update(load_failures=self._load_failures,
+                         next_load_in_s=round(max(0.0, next_load - time.monotonic()), 3))
+        return stats
 
     # -- stages ---------------------------------------------------------------
 
@@ -160,11 +193,8 @@ class ChannelPipeline:
                 self._decoded.put(Decoded(frame, rgb))
 
     def _engine_loop(self) -> None:
-        try:
-            self._engine = self._build(self._params)
-        except Exception as exc:
-            self._error(f"engine failed to load: {exc}")
-            return
+        self._engine = self._load_until_ready()
+        self._load_failures, self._next_load = 0, None
         self.events.report(ReportEvent.READY, "engine loaded", self._engine.info())
         while True:
             batch_size = self._engine.batch_size
@@ -198,11 +228,58 @@ class ChannelPipeline:
                 height, width = rgb.shape[:2]
                 self.events.output(frame.as_output(payload, fmt, width, height, version))
 
+    def _load_until_ready(self) -> Engine:
+        """Build the engine, retrying after failures (new params at once, else after a backoff).
+
+        Raises :class:`Closed` when the pipeline stops meanwhile.
+        """
+        failures = 0
+        while True:
+            with self._lock:
+                updates, self._updates = self._updates, []
+            if updates:  # newer params than the last attempt's: try them now, the schedule starts over
+                self._params, self._version = updates[-1].params, updates[-1].version
+                failures = 0
+            try:
+                return self._build(self._params)
+            except Exception as exc:
+                failures += 1
+                delay = load_retry_delay(failures, self.options.load_retry_first,
+                                         self.options.load_retry_max)
+                self._load_failures = failures
+                self._next_load = time.monotonic() + delay
+                self._error(f"engine failed to load (attempt {failures}, params version "
+                            f"{self._version}): {exc}; retrying in {delay:g} s or when the params "
+                            "change", load_failed=True, attempt=failures, retry_in_s=delay,
+                            version=self._version)
+            self._wait_for_retry(self._next_load)
+
+    def _wait_for_retry(self, until: float) -> None:
+        """Return at ``until`` or as soon as new params are queued; raise :class:`Closed` on stop."""
+        while True:
+            if self._stopped.is_set():
+                raise Closed
+            with self._lock:
+                if self._updates:
+                    return
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
+            self._wake.clear()  # whatever set it is checked above before the next wait
+
     # -- params -------------------------------------------------------------
 
     def _build(self, params: Mapping[str, Any]) -> Engine:
         engine = self._factory(params)
-        engine.load()
+        try:
+            engine.load()
+        except BaseException:
+            try:
+                engine.close()  # what a half-done load holds (GPU memory) must not pile up over retries
+            except Exception:  # the load's own error is the one to report
+                log.debug("closing an engine that failed to load", exc_info=True)
+            raise
         return engine
 
     def _apply_updates(self) -> None:

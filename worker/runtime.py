@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from relay.client import RelayRefused, connect
 from relay.outbox import Outbox
@@ -32,11 +33,23 @@ from wire.relay_messages import (
     Shutdown,
     decode_relay_message,
 )
-from worker.pipeline import ChannelPipeline, EngineFactory, Events, PipelineOptions, engine_factory
+from worker.pipeline import (
+    LOAD_RETRY_FIRST,
+    LOAD_RETRY_MAX,
+    ChannelPipeline,
+    EngineFactory,
+    Events,
+    PipelineOptions,
+    engine_factory,
+)
 
 log = logging.getLogger("worker")
 
 STATS_INTERVAL = 2.0
+#: the first try to reconnect comes this soon after the relay went away; each failure doubles the wait
+RETRY_FIRST = 0.25
+#: never longer than this between tries: a restarted relay has its worker back within about 2 s
+RETRY_MAX = 2.0
 
 
 @dataclass
@@ -50,6 +63,9 @@ class WorkerOptions:
     params: dict[str, Any] = field(default_factory=dict)  # defaults under each channel's params
     output_format: ImageFormat = ImageFormat.JPEG
     quality: int = 85
+    #: a channel whose engine failed to load retries after this many seconds, doubling up to the max
+    load_retry_first: float = LOAD_RETRY_FIRST
+    load_retry_max: float = LOAD_RETRY_MAX
 
 
 class Worker:
@@ -121,7 +137,7 @@ class Worker:
             case Error():
                 log.warning("relay says: %s: %s", message.code, message.message)
             case Shutdown():
-                log.info("relay is shutting down")
+                log.info("relay is shutting down; this worker will reconnect")
 
     def _assign(self, channel: str, params: dict[str, Any], version: int) -> None:
         self._release(channel)
@@ -129,7 +145,8 @@ class Worker:
         events = Events(output=self._deliver,
                         report=lambda event, msg, data: self._report(channel, event, msg, data))
         options = PipelineOptions(self.options.output_format, self.options.quality,
-                                  dict(self.options.params))
+                                  dict(self.options.params), self.options.load_retry_first,
+                                  self.options.load_retry_max)
         pipeline = ChannelPipeline(channel, self.factory, params, version, events, options)
         self.pipelines[channel] = pipeline
         pipeline.start()
@@ -178,18 +195,37 @@ class Worker:
             last = now
 
 
-async def run_forever(options: WorkerOptions, retry_delay: float = 1.0, max_delay: float = 15.0) -> None:
-    """Keep a worker connected: reconnect with backoff when the relay goes away."""
-    delay = retry_delay
+def retry_delays(first: float = RETRY_FIRST, cap: float = RETRY_MAX) -> Iterator[float]:
+    """Seconds to wait before each try: ``first``, doubling, never more than ``cap``."""
+    delay = first
     while True:
-        worker = Worker(options)
+        yield min(delay, cap)
+        delay = min(delay * 2, cap)
+
+
+async def run_forever(options: WorkerOptions, factory: EngineFactory | None = None, *,
+                      retry_delay: float = RETRY_FIRST, max_delay: float = RETRY_MAX,
+                      sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+    """Keep a worker connected, announcing itself again after each reconnection.
+
+    When the relay closes the connection (a ``shutdown`` on restart, or a lost
+    socket) or cannot be reached, the next try comes after ``retry_delay``
+    seconds, doubling up to ``max_delay`` (0.25, 0.5, 1, 2, 2... s); once
+    connected the schedule starts over. A refusal (wrong token) is final:
+    :class:`RelayRefused` propagates. ``sleep`` is the wait between tries (tests).
+    """
+    delays = retry_delays(retry_delay, max_delay)
+    while True:
+        worker = Worker(options, factory)
         try:
             await worker.run()
-            delay = retry_delay
+            reason = "the connection to the relay ended"
         except RelayRefused:
             raise  # a wrong token or limit will not fix itself
-            log.warning("relay closed the connection; reconnecting")
-        except (OSError, ConnectionClosed) as exc:
-            log.warning("cannot reach relay %s (%s); retrying in %.0f s", options.relay_url, exc, delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, max_delay)
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+            reason = f"cannot reach the relay ({exc or type(exc).__name__})"
+        if worker.connected.is_set():
+            delays = retry_delays(retry_delay, max_delay)  # it was up: a quick first try again
+        delay = next(delays)
+        log.warning("%s at %s; reconnecting in %g s", reason, options.relay_url, delay)
+        await sleep(delay)
