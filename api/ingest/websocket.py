@@ -8,6 +8,13 @@ sequence number and params version, then the JPEG). Errors come back as
 ``{"type": "error", ...}`` and the connection goes on. Like every relay peer
 the client has a latest-frame-wins slot: a slow reader gets the newest
 result, never a backlog.
+
+The connection lives no longer than its stream: when the stream ends
+(``DELETE``, or the server stopping it) the session leaves the channel at
+once (so the worker is released), then the client gets
+``{"type": "error", "code": "unknown_channel", "message": "stream ended ..."}``
+and the socket closes with code 1001 (going away). A key whose stream ended
+while the socket was opening is closed the same way.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from api.server.farewell import SHUTDOWN_TEXT
 from relay.hub import Delivery
 from relay.local import Closed, LocalSession
-from wire.errors import ProtocolError
+from wire.errors import ErrorCode, ProtocolError
 from wire.frames import MAGIC, decode_frame
 from wire.messages import Receive, Role, encode_control
 from wire.relay_messages import Error, Shutdown
 
 router = APIRouter()
+
+#: the close code when the stream ends: 1001 "going away"
+CLOSE_STREAM_ENDED = 1001
+STREAM_ENDED = "stream ended (deleted, or stopped by the server)"
 
 
 @router.websocket("/live/video-to-video/{stream_key}/ws")
@@ -35,17 +46,36 @@ async def ingest(websocket: WebSocket, stream_key: str) -> None:
         await websocket.close(code=1008, reason="unknown stream key")
         return
     await websocket.accept()
+    if stream.ended.is_set():  # deleted while the socket was opening: do not bring the channel back
+        await _stream_ended(websocket)
+        return
     session = LocalSession(websocket.app.state.relay.hub, stream.channel, Role.PRODUCER, Receive.OUTPUT)
     sender = asyncio.create_task(_send(websocket, session))
+    receiver = asyncio.create_task(_receive(websocket, session))
+    ended = asyncio.create_task(stream.ended.wait())
     goodbye = encode_control(Shutdown(message=SHUTDOWN_TEXT))
     try:
         with websocket.app.state.farewells.registered(lambda: websocket.send_text(goodbye)):
-            await _receive(websocket, session)
+            await asyncio.wait({receiver, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if ended.done():
+                session.close()  # leave the channel first: no more results, the worker released
+                sender.cancel()
+                receiver.cancel()
+                await asyncio.gather(sender, receiver, return_exceptions=True)
+                await _stream_ended(websocket)
     finally:
         session.close()
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        for task in (sender, receiver, ended):
+            task.cancel()
+        await asyncio.gather(sender, receiver, ended, return_exceptions=True)
+
+
+async def _stream_ended(websocket: WebSocket) -> None:
+    """Say why, then close with 1001; a client already gone is no error."""
+    message = encode_control(Error(code=ErrorCode.UNKNOWN_CHANNEL, message=STREAM_ENDED))
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_text(message)
+        await websocket.close(code=CLOSE_STREAM_ENDED, reason="stream ended")
 
 
 async def _receive(websocket: WebSocket, session: LocalSession) -> None:
