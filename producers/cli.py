@@ -1,8 +1,14 @@
 """python -m producers MODE: stream frames to a relay, or view a channel.
 
 Exit codes: 0 done; 1 the relay could not be reached or closed the
-connection early; 2 a usage problem (missing file or device, bad option,
-no display); 130 interrupted twice.
+connection early (and could not be reached again within --reconnect
+seconds); 2 a usage problem (missing file or device, bad option, no
+display); 130 interrupted twice.
+
+A relay that restarts (or a connection that drops) is reached again: tries
+come 0.25, 0.5, 1, 2, 2... s apart (never more than 2 s) for up to
+--reconnect seconds (default 30; 0: no retries), at start and mid-run;
+sending or viewing then resumes on the same channel with the same params.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.logs import add_logging_arguments, setup_logging
-from producers.net import DEFAULT_RELAY, ConnectError
+from producers.net import DEFAULT_RECONNECT, DEFAULT_RELAY, ConnectError
 from producers.sender import ProducerOptions, run_producer
 from producers.sources import (
     DirectorySource,
@@ -119,6 +125,10 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
                    help="stop after N frames (default: no limit)")
     p.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
                    help="stop after this many seconds (default: no limit; static and directory: 60)")
+    p.add_argument("--reconnect", type=_positive(float), default=DEFAULT_RECONNECT, metavar="SECONDS",
+                   help="keep trying to reach the relay this long, at start and after it goes away "
+                        f"(a restart), at most 2 s between tries; then exit 1 (default {DEFAULT_RECONNECT:g}; "
+                        "0: one try, a lost connection ends the run)")
     p.add_argument("--quiet", "-q", action="store_true", help="no once-a-second rate lines")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     add_logging_arguments(p)
@@ -233,7 +243,8 @@ def producer_options(args: argparse.Namespace, source: Source) -> ProducerOption
         relay=args.relay, channel=args.channel, token=args.token, fps=fps, duration=duration,
         max_frames=args.max_frames, format=args.format, quality=args.quality, resize=args.resize,
         legacy=args.legacy, params=args.params, receive=args.receive,
-        max_in_flight=args.max_in_flight, progress=not args.quiet, name=f"producers-{args.mode}")
+        max_in_flight=args.max_in_flight, progress=not args.quiet, name=f"producers-{args.mode}",
+        reconnect=args.reconnect)
 
 
 def viewer_options(args: argparse.Namespace) -> ViewerOptions:
@@ -241,7 +252,8 @@ def viewer_options(args: argparse.Namespace) -> ViewerOptions:
     return ViewerOptions(
         relay=args.relay, channel=args.channel, token=args.token, receive=args.receive,
         show=args.show or not headless, save_dir=args.save, mp4=args.mp4,
-        max_frames=args.max_frames, duration=args.duration, progress=not args.quiet)
+        max_frames=args.max_frames, duration=args.duration, progress=not args.quiet,
+        reconnect=args.reconnect)
 
 
 async def _until_interrupted(work: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:

@@ -11,6 +11,14 @@ Results are matched to sent frames by sequence number. Outputs come back
 in order, so when the result for ``seq`` arrives every older frame still
 outstanding was dropped somewhere in the pipeline (the relay keeps only the
 newest frame per receiver).
+
+A connection that ends before the run does (the relay restarts: it says
+``shutdown`` first; or the socket is lost) is opened again on the same
+channel, with the same params, for up to ``reconnect`` seconds, trying again
+after 0.25, 0.5, 1, 2, 2... s (:func:`producers.net.retrying`); sending
+resumes on a fresh schedule and the report counts the reconnects. Frames
+awaiting results on the lost connection count as unanswered. When the relay
+stays away the report's ``closed`` says why (the command exits 1).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 
 from media.codec import DEFAULT_QUALITY, encode_image, resize_rgb
 from producers.meter import Rate, every_second, percentiles_ms
-from producers.net import DEFAULT_RELAY, open_legacy, open_relay
+from producers.net import DEFAULT_RECONNECT, DEFAULT_RELAY, ConnectError, open_legacy, open_relay, retrying
 from producers.sources import Source
 from wire.errors import ErrorCode, ProtocolError, UnknownMessageType
 from wire.frames import Frame, FrameKind, ImageFormat, decode_frame, encode_frame
@@ -85,6 +93,9 @@ class ProducerOptions:
     #: print a line of rates once a second to stderr.
     progress: bool = False
     name: str = "producer"
+    #: seconds to keep trying to reach the relay, at start and after the connection ends
+    #: early (a relay restart); 0: one try, and a lost connection ends the run.
+    reconnect: float = DEFAULT_RECONNECT
 
 
 @dataclass
@@ -103,12 +114,16 @@ class ProducerReport:
     elapsed: float = 0.0
     width: int = 0
     height: int = 0
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    #: round trip per result (p50, p90, p99, max); values are None when no result came back.
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
-    #: why the connection ended early (relay shut down, socket closed), else None.
+    #: why the run ended early: the connection ended (relay shut down, socket lost) and
+    #: could not be opened again within ``reconnect`` seconds; else None.
     closed: str | None = None
     params_version: int | None = None
+    #: times the connection was opened again after the relay went away.
+    reconnects: int = 0
 
     @property
     def send_fps(self) -> float:
@@ -131,11 +146,13 @@ class ProducerReport:
                   f"{self.dropped}, unanswered {self.unanswered}, late ticks {self.late}")]
         if self.acks:
             lines.append(f"acks {self.acks}")
-        if self.latency_ms:
+        if any(v is not None for v in self.latency_ms.values()):
             lines.append("round trip ms: " + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
         if self.errors:
             lines.append("relay errors: " + ", ".join(f"{k} x{v}" for k, v in self.errors.items())
                          + f" (last: {self.last_error})")
+        if self.reconnects:
+            lines.append(f"reconnected to the relay {self.reconnects} time(s)")
         if self.closed:
             lines.append(f"connection ended early: {self.closed}")
         return "\n".join(lines)
@@ -155,7 +172,8 @@ async def run_producer(source: Source, options: ProducerOptions, *,
                        on_result: Callable[[Frame], None] | None = None) -> ProducerReport:
     """Stream ``source`` to the relay until it ends, ``options`` limits, or ``stop`` is set.
 
-    Raises :class:`producers.net.ConnectError` when the relay cannot be reached;
+    Raises :class:`producers.net.ConnectError` when the relay cannot be reached
+    (within ``options.reconnect`` seconds) or refuses the producer;
     :class:`producers.sources.SourceError` from the source propagates. The caller
     owns (and closes) ``source``. ``on_result`` sees every result frame.
     """
@@ -173,10 +191,22 @@ class _Producer:
         self.sent = Rate()
         self.received = Rate()
         self.outstanding: dict[int, float] = {}  # seq -> capture time, in seq order
+        # counted unanswered while a result may still come (no worker said, or timed out): a
+        # late result moves it back to received
+        self.written_off: dict[int, float] = {}
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.changed = asyncio.Event()  # a result, an ack or the end of the connection
         self.connection_over = False
         self.has_worker: bool | None = None  # from the relay's status messages; None: not told
+        # per connection: why it ended (None while up, or when we closed it) and our own close
+        self.lost: str | None = None
+        self.closing = False
+        self.session_sent = 0
+        self.session_base = 0  # frames sent before this connection
+        self.awaiting_acks = 0  # legacy mode: frames sent on this connection not acked yet
+        self.started = 0.0
+        self.deadline: float | None = None
+        self.sending_ended: float | None = None
         self._last_raw: np.ndarray | None = None
         self._last_encoded: tuple[bytes, int, int] | None = None
         self._warned: set[str] = set()
@@ -185,51 +215,99 @@ class _Producer:
 
     async def run(self) -> ProducerReport:
         o = self.opts
-        if o.legacy:
-            ws = await open_legacy(o.relay, o.channel, o.token, Receive.OUTPUT if o.receive else Receive.NONE)
-        else:
-            ws, _welcome = await open_relay(o.relay, Role.PRODUCER, o.channel, o.token,
-                                            receive=Receive.OUTPUT if o.receive else Receive.NONE,
-                                            name=o.name)
-        receiver = asyncio.create_task(self._receive(ws))
+        self.started = time.monotonic()
+        self.deadline = self.started + o.duration if o.duration is not None else None
+        ws = await retrying(self._open, o.reconnect, self.stop)
+        if ws is None:
+            raise ConnectError(f"stopped before the relay at {o.relay} answered")
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture")
-        started = time.monotonic()
         try:
-            if o.params is not None and not o.legacy:
-                await ws.send(_params_text(o.params))
             async with every_second(self._progress_line if o.progress else None):
-                try:
-                    await self._send_loop(ws, pool)
-                finally:
-                    self.report.elapsed = time.monotonic() - started
-                await self._drain()
-        except ConnectionClosed as exc:
-            self.report.closed = self.report.closed or _close_reason(exc)
+                while ws is not None:
+                    lost = await self._session(ws, pool)
+                    ws = await self._reconnect(lost) if lost is not None else None
         finally:
-            await ws.close()
-            await receiver
+            self.report.elapsed = (self.sending_ended or time.monotonic()) - self.started
             # a read may still run after a cancel: let it end before the caller closes the source
             pool.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.to_thread(pool.shutdown, True), 2.0)
         return self._finish()
 
-    async def _send_loop(self, ws: ClientConnection, pool: ThreadPoolExecutor) -> None:
+    async def _open(self, timeout: float) -> ClientConnection:
+        o = self.opts
+        receive = Receive.OUTPUT if o.receive else Receive.NONE
+        if o.legacy:
+            return await open_legacy(o.relay, o.channel, o.token, receive, timeout=timeout)
+        ws, _welcome = await open_relay(o.relay, Role.PRODUCER, o.channel, o.token, timeout=timeout,
+                                        receive=receive, name=o.name)
+        return ws
+
+    async def _session(self, ws: ClientConnection, pool: ThreadPoolExecutor) -> str | None:
+        """Send on one connection until the run is over (None) or the connection is (why)."""
+        o = self.opts
+        self.connection_over, self.closing, self.lost = False, False, None
+        self.has_worker, self.session_sent, self.awaiting_acks = None, 0, 0
+        self.session_base = self.sent.total
+        receiver = asyncio.create_task(self._receive(ws))
+        try:
+            if o.params is not None and not o.legacy:
+                await ws.send(_params_text(o.params))
+            if await self._send_loop(ws, pool):
+                self.sending_ended = time.monotonic()
+                await self._drain()
+                if self.connection_over and self.lost:  # the relay went away with results owed
+                    self.report.closed = self.lost
+                return None
+        except ConnectionClosed as exc:
+            self.lost = self.lost or _close_reason(exc)
+        finally:
+            self.closing = True
+            await ws.close()
+            await receiver
+        return self.lost or "the connection to the relay ended"
+
+    async def _reconnect(self, lost: str) -> ClientConnection | None:
+        """A new connection after ``lost`` one, within the ``reconnect`` window; None: the run ends."""
+        o, r = self.opts, self.report
+        r.unanswered += len(self.outstanding)  # their results went with the old connection
+        self.outstanding.clear()
+        self.written_off.clear()
+        window = o.reconnect
+        if self.deadline is not None:
+            window = min(window, self.deadline - time.monotonic())
+        if window <= 0 or self._done():
+            r.closed = lost
+            return None
+        log.warning("%s; reconnecting to %s (trying for up to %.1f s)", lost, o.relay, window)
+        try:
+            ws = await retrying(self._open, window, self.stop)
+        except ConnectError as exc:
+            r.closed = f"{lost}; {exc}"
+            return None
+        if ws is None:
+            r.closed = f"{lost}; stopped while reconnecting"
+            return None
+        r.reconnects += 1
+        log.warning("reconnected to %s; sending on channel %s again", o.relay, o.channel)
+        return ws
+
+    async def _send_loop(self, ws: ClientConnection, pool: ThreadPoolExecutor) -> bool:
+        """Send frames on schedule; True when the run is over, False when the connection is."""
         o = self.opts
         loop = asyncio.get_running_loop()
         interval = 1.0 / o.fps if o.fps > 0 else 0.0
         t0 = time.monotonic()
-        deadline = t0 + o.duration if o.duration is not None else None
         window = o.max_in_flight if o.receive else 0
         tick = 0
         while not self._should_stop():
             now = time.monotonic()
             due = t0 + tick * interval if interval else now
-            if deadline is not None and due >= deadline:
-                return
+            if self.deadline is not None and due >= self.deadline:
+                return True
             if due > now:
                 if await self._wait(due - now):
-                    return
+                    return True
             elif interval and now - due >= interval:  # a whole frame behind: skip, don't burst
                 missed = int((now - due) / interval)
                 tick += missed
@@ -240,17 +318,22 @@ class _Producer:
                 tick += 1
                 continue
             if self.connection_over:
-                return
+                return False
             captured = await loop.run_in_executor(pool, self._capture)
             if captured is None:
-                return  # the source has ended
+                return True  # the source has ended
             await self._send(ws, captured)
             tick += 1
+        return self._done()
+
+    def _done(self) -> bool:
+        """The run is over: stopped, or ``max_frames`` sent."""
+        o = self.opts
+        return ((self.stop is not None and self.stop.is_set())
+                or (o.max_frames is not None and self.sent.total >= o.max_frames))
 
     def _should_stop(self) -> bool:
-        o = self.opts
-        return ((self.stop is not None and self.stop.is_set()) or self.connection_over
-                or (o.max_frames is not None and self.sent.total >= o.max_frames))
+        return self._done() or self.connection_over
 
     async def _wait(self, delay: float) -> bool:
         """Sleep ``delay`` seconds; True if ``stop`` was set meanwhile."""
@@ -270,8 +353,8 @@ class _Producer:
             now = time.monotonic()
             oldest = next(iter(self.outstanding.values()))
             if now - oldest >= self.opts.in_flight_timeout:
-                self.outstanding.pop(next(iter(self.outstanding)))
-                self.report.unanswered += 1
+                seq = next(iter(self.outstanding))
+                self._write_off({seq: self.outstanding.pop(seq)})
                 continue
             limit = oldest + self.opts.in_flight_timeout
             if until is not None:
@@ -309,10 +392,17 @@ class _Producer:
                                       height=c.height, format=o.format, payload=c.payload))
         if o.receive and self.has_worker is not False:
             self.outstanding[seq] = c.mono
-        await ws.send(data)
-        if o.legacy and seq == 0 and o.params is not None:
-            # a seed-002 connection is registered by its first image: params only after it
-            await ws.send(_params_text(o.params))
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            self.outstanding.pop(seq, None)  # never sent: the seq goes out on the next connection
+            raise
+        if o.legacy:
+            self.awaiting_acks += 1
+            if self.session_sent == 0 and o.params is not None:
+                # a seed-002 connection is registered by its first image: params only after it
+                await ws.send(_params_text(o.params))
+        self.session_sent += 1
         self.sent.add()
         self.report.bytes_sent += len(data)
         self.report.width, self.report.height = c.width, c.height
@@ -333,7 +423,7 @@ class _Producer:
     def _expecting(self) -> bool:
         """Whether results or acks may still come (none do with no worker on the channel)."""
         results = bool(self.outstanding) and self.has_worker is not False
-        acks = self.opts.legacy and self.report.acks < self.sent.total
+        acks = self.opts.legacy and self.awaiting_acks > 0
         return (results or acks) and not self.connection_over
 
     def _finish(self) -> ProducerReport:
@@ -360,10 +450,12 @@ class _Producer:
                         self._result(frame)
                 else:
                     self._control(message)
-        except ConnectionClosed as exc:
-            if not self.report.closed and exc.rcvd is not None and exc.rcvd.code != 1000:
-                self.report.closed = _close_reason(exc)
+        except ConnectionClosed:
+            pass
         finally:
+            if not self.closing:  # not our own close: the relay went away (``shutdown`` says why first)
+                self.lost = self.lost or (_close_reason(ws.close_exc) if ws.close_code is not None
+                                          else "the connection to the relay ended")
             self.connection_over = True
             self.changed.set()
 
@@ -371,6 +463,11 @@ class _Producer:
         now = time.monotonic()
         self.received.add()
         started = self.outstanding.pop(frame.seq, None)
+        if started is None and frame.seq in self.written_off:  # late after all: not unanswered
+            started = self.written_off.pop(frame.seq)
+            self.report.unanswered -= 1
+        for seq in [s for s in self.written_off if s < frame.seq]:  # results come in order: gone
+            del self.written_off[seq]
         if started is not None:
             self.latencies.append(now - started)
         while self.outstanding:
@@ -400,26 +497,33 @@ class _Producer:
         match message:
             case Ack():
                 self.report.acks += 1
+                self.awaiting_acks = max(0, self.awaiting_acks - 1)
                 self.changed.set()
             case LegacyResult(kind="output"):
                 self._legacy_result(message)
             case Error():
                 self._error(message.code.value, message.message)
-            case Shutdown():
-                self.report.closed = f"relay shutting down: {message.message}".strip()
+            case Shutdown():  # a restart, maybe: the connection is tried again (``reconnect``)
+                self.lost = f"relay shutting down: {message.message}".strip()
             case ParamsAck():
                 self.report.params_version = message.version
             case Status(state=ChannelState.ASSIGNED):
                 self.has_worker = True
             case Status(state=ChannelState.WAITING_FOR_WORKER):
                 self.has_worker = False  # frames in flight went to a worker that is gone, or nowhere
-                self.report.unanswered += len(self.outstanding)
-                self.outstanding.clear()
+                self._write_off(self.outstanding)
+                self.outstanding = {}
                 self.changed.set()
                 self._warn_once("no_worker", "no worker serves channel %s yet: frames are dropped "
                                 "until one joins", message.channel)
             case Report(event=ReportEvent.ERROR):
                 self._error("engine_error", message.message)
+
+    def _write_off(self, frames: dict[int, float]) -> None:
+        self.report.unanswered += len(frames)
+        self.written_off.update(frames)
+        while len(self.written_off) > LATENCY_SAMPLES:
+            del self.written_off[next(iter(self.written_off))]
 
     def _legacy_result(self, message: LegacyResult) -> None:
         try:
@@ -427,7 +531,8 @@ class _Producer:
         except ProtocolError as exc:
             self._error("bad_image", f"undecodable image message from the relay: {exc}")
             return
-        seq = message.seq if message.seq is not None else self.received.total
+        # the relay numbers a seed-002 producer's images from 0 on each connection
+        seq = self.session_base + message.seq if message.seq is not None else self.received.total
         frame = Frame(channel=message.channel or self.opts.channel, seq=seq,
                       timestamp=message.timestamp or time.time(), width=width, height=height,
                       format=fmt, payload=message.data, kind=FrameKind.OUTPUT)
@@ -460,4 +565,4 @@ def _params_text(params: dict[str, Any]) -> str:
 def _close_reason(exc: ConnectionClosed) -> str:
     if exc.rcvd is not None:
         return f"closed by the relay ({exc.rcvd.code} {exc.rcvd.reason})".strip()
-    return "connection lost"
+    return "connection to the relay lost"

@@ -5,6 +5,12 @@ display skips frames rather than falling behind. ``--save`` and ``--mp4``
 keep every frame received. Disk and MP4 work runs in one helper thread, in
 arrival order, so the event loop (and an in-process relay sharing it) is
 never blocked by it.
+
+When the relay goes away (it says ``shutdown`` on a restart, or the socket
+is lost) the viewer joins the channel again for up to ``reconnect`` seconds,
+trying after 0.25, 0.5, 1, 2, 2... s (:func:`producers.net.retrying`); the
+window, files and MP4 carry on and the report counts the reconnects. When
+the relay stays away the report's ``closed`` says why (the command exits 1).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from common.percentiles import percentiles_ms
 from media.codec import decode_image, resize_rgb
 from producers.meter import Rate, every_second
-from producers.net import DEFAULT_RELAY, open_relay
+from producers.net import DEFAULT_RECONNECT, DEFAULT_RELAY, ConnectError, open_relay, retrying
 from wire.errors import ProtocolError
 from wire.frames import Frame, ImageFormat, decode_frame
 from wire.messages import Role
@@ -75,6 +81,9 @@ class ViewerOptions:
     duration: float | None = None
     progress: bool = False
     name: str = "viewer"
+    #: seconds to keep trying to reach the relay, at start and after the connection ends
+    #: early (a relay restart); 0: one try, and a lost connection ends the viewer.
+    reconnect: float = DEFAULT_RECONNECT
 
 
 @dataclass
@@ -92,7 +101,11 @@ class ViewerReport:
     #: capture-to-arrival age from the producer's timestamps (same clock only on one machine).
     latency_ms: dict[str, float | None] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    #: why the viewer ended early: the connection ended and could not be opened again
+    #: within ``reconnect`` seconds; else None.
     closed: str | None = None
+    #: times the connection was opened again after the relay went away.
+    reconnects: int = 0
 
     @property
     def fps(self) -> float:
@@ -127,6 +140,8 @@ class ViewerReport:
                          + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
         if self.errors:
             lines.append("relay errors: " + ", ".join(f"{k} x{v}" for k, v in self.errors.items()))
+        if self.reconnects:
+            lines.append(f"reconnected to the relay {self.reconnects} time(s)")
         if self.closed:
             lines.append(f"connection ended: {self.closed}")
         return "\n".join(lines)
@@ -339,7 +354,8 @@ async def run_viewer(options: ViewerOptions, *, ready: asyncio.Event | None = No
 
     ``ready`` is set once the relay has welcomed the viewer (frames sent from
     then on reach it). Raises :class:`ViewerError` for local problems (checked
-    before connecting: the window opens first) and :class:`producers.net.ConnectError`.
+    before connecting: the window opens first) and :class:`producers.net.ConnectError`
+    when the relay cannot be reached within ``reconnect`` seconds or refuses the viewer.
     """
     o = options
     if o.receive not in ("output", "input", "both"):
@@ -347,8 +363,9 @@ async def run_viewer(options: ViewerOptions, *, ready: asyncio.Event | None = No
     _check_outputs(o)
     window = Window(f"{o.channel} - stream viewer") if o.show else None
     try:
-        ws, _welcome = await open_relay(o.relay, Role.VIEWER.value, o.channel, o.token,
-                                        receive=o.receive, name=o.name)
+        ws = await retrying(lambda timeout: _open(o, timeout), o.reconnect, stop)
+        if ws is None:
+            raise ConnectError(f"stopped before the relay at {o.relay} answered")
     except BaseException:
         if window is not None:
             window.close()
@@ -356,6 +373,12 @@ async def run_viewer(options: ViewerOptions, *, ready: asyncio.Event | None = No
     if ready is not None:
         ready.set()
     return await _Viewer(o, ws, on_frame, window).run(stop)
+
+
+async def _open(o: ViewerOptions, timeout: float) -> ClientConnection:
+    ws, _welcome = await open_relay(o.relay, Role.VIEWER.value, o.channel, o.token, timeout=timeout,
+                                    receive=o.receive, name=o.name)
+    return ws
 
 
 def _check_outputs(o: ViewerOptions) -> None:
@@ -390,6 +413,11 @@ class _Viewer:
         self.latest: Frame | None = None
         self.fresh = asyncio.Event()
         self.done = False
+        #: set when the viewer is to end (stop, duration, max_frames, window closed): a
+        #: connection closing after it is no loss
+        self.finish = asyncio.Event()
+        #: why the current connection is ending, as the relay said it (``shutdown``)
+        self.lost: str | None = None
 
     async def run(self, stop: asyncio.Event | None) -> ViewerReport:
         started = time.monotonic()
@@ -399,7 +427,8 @@ class _Viewer:
         display = asyncio.create_task(self._display(self.window)) if self.window else None
         try:
             async with every_second(self._progress_line if self.opts.progress else None):
-                await self._receive(pool)
+                while (lost := await self._receive(pool)) is not None and await self._reconnect(lost):
+                    pass
         finally:
             self.done = True
             self.fresh.set()
@@ -425,12 +454,40 @@ class _Viewer:
             await asyncio.wait_for(waiter, self.opts.duration)
         except TimeoutError:
             pass
+        await self._end()
+
+    async def _end(self) -> None:
+        """End the viewer: no reconnecting from now on, and the receive loop stops."""
+        self.finish.set()
         await self.ws.close()
 
-    async def _receive(self, pool: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
+    async def _reconnect(self, lost: str) -> bool:
+        """Open the channel again after ``lost`` connection; False when the viewer ends instead."""
+        o = self.opts
+        self.lost = None
+        if o.reconnect <= 0:
+            self.report.closed = lost
+            return False
+        log.warning("%s; reconnecting to %s (trying for up to %.1f s)", lost, o.relay, o.reconnect)
         try:
-            async for message in self.ws:
+            ws = await retrying(lambda timeout: _open(o, timeout), o.reconnect, self.finish)
+        except ConnectError as exc:
+            self.report.closed = f"{lost}; {exc}"
+            return False
+        if ws is None:
+            self.report.closed = f"{lost}; ended while reconnecting"
+            return False
+        self.ws = ws
+        self.report.reconnects += 1
+        log.warning("reconnected to %s; receiving channel %s again", o.relay, o.channel)
+        return True
+
+    async def _receive(self, pool: ThreadPoolExecutor) -> str | None:
+        """Read the current connection; None when the viewer is done, else why the connection ended."""
+        loop = asyncio.get_running_loop()
+        ws = self.ws
+        try:
+            async for message in ws:
                 if isinstance(message, str):
                     self._control(message)
                     continue
@@ -445,10 +502,18 @@ class _Viewer:
                 if self.on_frame is not None:
                     self.on_frame(frame)
                 if self.opts.max_frames is not None and self.count.total >= self.opts.max_frames:
-                    return
-        except ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code not in (1000, 1001):
-                self.report.closed = f"closed by the relay ({exc.rcvd.code} {exc.rcvd.reason})"
+                    self.finish.set()
+                    return None
+        except ConnectionClosed:
+            pass
+        if self.finish.is_set():
+            return None
+        if self.lost:
+            return self.lost
+        rcvd = ws.close_exc.rcvd if ws.close_code is not None else None
+        if rcvd is None:
+            return "connection to the relay lost"
+        return f"closed by the relay ({rcvd.code} {rcvd.reason})".strip()
 
     def _arrived(self, frame: Frame) -> float:
         """Count the frame and return its arrival time (the MP4's clock)."""
@@ -484,8 +549,8 @@ class _Viewer:
         if msg.get("type") == "error":
             code = str(msg.get("code", "error"))
             self._error(code, str(msg.get("message", "")))
-        elif msg.get("type") == "shutdown":
-            self.report.closed = f"relay shutting down: {msg.get('message', '')}".strip()
+        elif msg.get("type") == "shutdown":  # a restart, maybe: the channel is joined again (``reconnect``)
+            self.lost = f"relay shutting down: {msg.get('message', '')}".strip()
 
     def _error(self, code: str, message: str) -> None:
         if code not in self.report.errors:
@@ -512,7 +577,7 @@ class _Viewer:
                     pass
                 self.fresh.clear()
                 if window.closed_by_user():
-                    await self.ws.close()  # ends the receive loop: a clean end, like Ctrl-C
+                    await self._end()  # ends the receive loop: a clean end, like Ctrl-C
                     return
                 frame = self.latest
                 if frame is None or frame is shown:

@@ -21,7 +21,8 @@ import pytest
 from media.codec import decode_image
 from producers import cli
 from producers.echo import run_echo_worker
-from producers.sender import ProducerOptions, run_producer
+from producers.meter import percentiles_ms
+from producers.sender import ProducerOptions, ProducerReport, run_producer
 from producers.sources import (
     DirectorySource,
     PatternSource,
@@ -258,13 +259,93 @@ async def test_relay_shutdown_ends_the_producer() -> None:
     worker = asyncio.create_task(run_echo_worker(relay.url, ready=ready, stop=worker_stop))
     await asyncio.wait_for(ready.wait(), LIMIT)
     closer = asyncio.create_task(close_after_first_result())
-    options = ProducerOptions(relay=relay.url, fps=100, max_in_flight=1)
+    options = ProducerOptions(relay=relay.url, fps=100, max_in_flight=1, reconnect=0)
     report = await asyncio.wait_for(
         run_producer(PatternSource(64, 64), options, on_result=lambda f: stop_relay.set()), LIMIT)
     await closer
     worker_stop.set()
     await asyncio.wait_for(worker, LIMIT)
     assert report.closed and "shutting down" in report.closed
+    assert report.reconnects == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("legacy", [False, True], ids=["hello", "seed-002"])
+async def test_a_restarted_relay_gets_the_same_channel_and_params_again(legacy: bool) -> None:
+    """The relay shuts down mid-run and comes back on its port: the producer reconnects, sends its
+    params again and its frames come back again; the report counts the reconnect."""
+    config = RelayConfig(port=free_port())
+    first = Relay(config)
+    await first.start()
+    ready, worker_stop = asyncio.Event(), asyncio.Event()
+    worker = asyncio.create_task(run_echo_worker(first.url, ready=ready, stop=worker_stop))
+    await asyncio.wait_for(ready.wait(), LIMIT)
+    results: list[Frame] = []
+    restarted, stop = asyncio.Event(), asyncio.Event()
+
+    def on_result(frame: Frame) -> None:
+        results.append(frame)
+        if not restarted.is_set():
+            restarted.set()  # the first result: restart the relay now
+        elif second_worker_seen and frame.seq > first_seq_after:
+            stop.set()  # a result through the new relay: done
+
+    second_worker_seen: list[dict[str, Any]] = []
+    first_seq_after = -1
+    options = ProducerOptions(relay=first.url, channel="cam", fps=50, max_in_flight=1,
+                              params={"prompt": "a cat"}, legacy=legacy, reconnect=LIMIT)
+    producing = asyncio.create_task(
+        run_producer(PatternSource(64, 64), options, stop=stop, on_result=on_result))
+    await asyncio.wait_for(restarted.wait(), LIMIT)
+    await first.close()  # "shutdown" to every peer, then their sockets close
+    await asyncio.wait_for(worker, LIMIT)
+    first_seq_after = results[-1].seq
+    async with Relay(config) as second:
+        ready, worker_stop = asyncio.Event(), asyncio.Event()
+        worker = asyncio.create_task(run_echo_worker(second.url, ready=ready, stop=worker_stop,
+                                                     seen=second_worker_seen))
+        await asyncio.wait_for(ready.wait(), LIMIT)
+        report = await asyncio.wait_for(producing, LIMIT)
+        worker_stop.set()
+        await asyncio.wait_for(worker, LIMIT)
+    assert report.reconnects == 1 and report.closed is None
+    assert results[-1].seq > first_seq_after and report.received == len(results)
+    # frames sent while the new relay had no worker yet are counted nowhere but in sent
+    assert report.received + report.dropped + report.unanswered <= report.sent
+    # the new relay got the same channel and the same params from the producer
+    assert any(m["type"] == "assign" and m["channel"] == "cam" for m in second_worker_seen)
+    assert any(m["type"] == "params" and m["params"] == {"prompt": "a cat"} for m in second_worker_seen)
+    if legacy:
+        assert report.acks >= report.received
+
+
+@pytest.mark.asyncio
+async def test_a_relay_that_drops_the_connection_ends_the_run_without_reconnect() -> None:
+    """No ``shutdown`` and no close frame (the relay process died): with reconnect 0 the run
+    ends and says so, and the command's exit code is 1 (it was 0 before)."""
+    async with relay_with_echo() as (relay, _):
+        first = asyncio.Event()
+
+        async def drop_every_socket() -> None:
+            await first.wait()
+            for ws in list(relay._connections):
+                ws.transport.abort()  # what a killed process leaves: no close frame
+
+        dropper = asyncio.create_task(drop_every_socket())
+        options = ProducerOptions(relay=relay.url, fps=100, max_in_flight=1, reconnect=0)
+        report = await asyncio.wait_for(
+            run_producer(PatternSource(64, 64), options, on_result=lambda f: first.set()), LIMIT)
+        await dropper
+    assert report.closed == "connection to the relay lost"
+    assert report.received >= 1
+
+
+def test_a_report_without_results_prints_no_round_trip_line() -> None:
+    report = ProducerReport(sent=5, elapsed=1.0, latency_ms=percentiles_ms([]))
+    assert report.latency_ms == {"p50": None, "p90": None, "p99": None, "max": None}
+    assert "round trip" not in report.summary() and "None" not in report.summary()
+    report.latency_ms = percentiles_ms([0.004])
+    assert "round trip ms: p50 4.0" in report.summary()
 
 
 # -- the command line ---------------------------------------------------------
@@ -311,7 +392,8 @@ def test_cli_usage_errors_exit_2(args: tuple[str, ...], message: str,
 
 
 def test_cli_unreachable_relay_exits_1() -> None:
-    code, _out, err = run_cli("pattern", "--relay", f"ws://127.0.0.1:{free_port()}", "--max-frames", "1")
+    code, _out, err = run_cli("pattern", "--relay", f"ws://127.0.0.1:{free_port()}", "--max-frames", "1",
+                              "--reconnect", "0")
     assert code == 1
     assert "cannot connect" in err and "Traceback" not in err
 

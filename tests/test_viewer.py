@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -170,11 +171,64 @@ async def test_relay_shutdown_is_reported() -> None:
     r = Relay(RelayConfig(port=0))
     await r.start()
     ready = asyncio.Event()
-    viewer = asyncio.create_task(run_viewer(ViewerOptions(relay=r.url, show=False), ready=ready))
+    viewer = asyncio.create_task(run_viewer(ViewerOptions(relay=r.url, show=False, reconnect=0),
+                                            ready=ready))
     await asyncio.wait_for(ready.wait(), LIMIT)
     await r.close()
     report = await asyncio.wait_for(viewer, LIMIT)
-    assert report.closed and "shutting down" in report.closed
+    assert report.closed and "shutting down" in report.closed and report.reconnects == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["shutdown", "dropped"])
+async def test_the_viewer_joins_the_channel_again_when_the_relay_comes_back(tmp_path: Path, how: str) -> None:
+    """The relay goes away (saying ``shutdown``, or its sockets just drop) and a new one listens on
+    the port: the viewer joins the channel again and keeps saving the frames that come."""
+    config = RelayConfig(port=free_port())
+    first = Relay(config)
+    await first.start()
+    got: list[Frame] = []
+    more, ready, stop_viewer = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    def on_frame(frame: Frame) -> None:
+        got.append(frame)
+        more.set()
+
+    options = ViewerOptions(relay=first.url, channel="cam", receive="input", show=False,
+                            save_dir=tmp_path, reconnect=LIMIT)
+    viewer = asyncio.create_task(run_viewer(options, ready=ready, stop=stop_viewer, on_frame=on_frame))
+    await asyncio.wait_for(ready.wait(), LIMIT)
+    once = ProducerOptions(relay=first.url, channel="cam", fps=0, max_frames=1, receive=False, reconnect=0)
+    await asyncio.wait_for(run_producer(PatternSource(64, 64), once), LIMIT)
+    await asyncio.wait_for(more.wait(), LIMIT)
+    if how == "dropped":
+        for ws in list(first._connections):
+            ws.transport.abort()  # what a killed relay leaves: no shutdown, no close frame
+    await first.close()
+    more.clear()
+    async with Relay(config) as second:
+        # frames go out until the viewer, back on the channel, gets one (it may still be reconnecting)
+        stop_producing = asyncio.Event()
+
+        async def stop_when_seen() -> None:
+            await more.wait()
+            stop_producing.set()
+
+        watcher = asyncio.create_task(stop_when_seen())
+        again = ProducerOptions(relay=second.url, channel="cam", fps=50, receive=False, reconnect=0)
+        await asyncio.wait_for(run_producer(PatternSource(64, 64), again, stop=stop_producing), LIMIT)
+        await watcher
+        stop_viewer.set()
+        report = await asyncio.wait_for(viewer, LIMIT)
+    assert report.reconnects == 1 and report.closed is None
+    assert report.frames == len(got) >= 2 and report.saved == report.frames
+    assert "reconnected to the relay 1 time(s)" in report.summary()
 
 
 def free_display() -> str:
