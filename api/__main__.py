@@ -115,8 +115,10 @@ def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, t
             f"  create stream: curl -X POST {http_url}/v1/streams -H 'Authorization: Bearer {api_key}' "
             "-H 'Content-Type: application/json' -d '{\"pipeline\": \"streamdiffusion\", \"params\": {}}'"
         ),
-        "  more workers:  configure a relay token (--token), then "
-        f"RELAY_TOKEN=<token> python -m worker --relay {relay_url}",
+        (
+            "  more workers:  configure a relay token (--token), then "
+            f"RELAY_TOKEN=<token> python -m worker --relay {relay_url}"
+        ),
     ])
 
 
