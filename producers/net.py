@@ -3,7 +3,7 @@
 :func:`retrying` keeps calling an opener while the relay cannot be reached
 (connection refused, timeouts, a proxy answering 502 while the relay
 restarts), waiting 0.25, 0.5, 1, 2, 2... seconds between tries (never more
-than :data:`RETRY_MAX`) for at most a window of seconds; a refusal (wrong
+than :data:`common.backoff.RETRY_MAX`) for at most a window of seconds; a refusal (wrong
 token, bad settings) is final at once. The producer and the viewer use it at
 start and after a lost connection (``--reconnect SECONDS``).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -21,6 +21,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
+from common.backoff import retry_delays
 from relay.client import RelayRefused, connect
 from wire.errors import ProtocolError
 from wire.messages import DEFAULT_CHANNEL, Receive, Role
@@ -34,10 +35,6 @@ MAX_MESSAGE = 64 * 1024 * 1024
 OPEN_TIMEOUT = 10.0
 #: seconds to keep trying to reach the relay (at start, and after losing it) unless told otherwise
 DEFAULT_RECONNECT = 30.0
-#: the first wait between tries; each failed try doubles it, up to RETRY_MAX
-RETRY_FIRST = 0.25
-#: the longest wait between tries: a restarted relay is reached again within about 2 s
-RETRY_MAX = 2.0
 
 
 class ConnectError(ConnectionError):
@@ -88,14 +85,6 @@ async def open_legacy(url: str, channel: str, token: str | None,
         raise ConnectError(_unreachable(url, exc)) from None
     except (TimeoutError, OSError, InvalidHandshake) as exc:
         raise ConnectError(_unreachable(url, exc), retryable=True) from None
-
-
-def retry_delays(first: float = RETRY_FIRST, cap: float = RETRY_MAX) -> Iterator[float]:
-    """Seconds to wait before each new try: ``first``, doubling, never more than ``cap``."""
-    delay = first
-    while True:
-        yield min(delay, cap)
-        delay = min(delay * 2, cap)
 
 
 async def retrying(open_once: Callable[[float], Awaitable[T]], window: float,

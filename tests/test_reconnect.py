@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from producers.net import ConnectError, retry_delays, retrying
+from common.backoff import retry_delays
+from producers.net import ConnectError, retrying
 from relay.client import connect
 from tests.helpers import recv_frame
 from wire.frames import FrameKind

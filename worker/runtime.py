@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from common.backoff import RETRY_FIRST, RETRY_MAX, retry_delays
 from relay.client import RelayRefused, connect
 from relay.outbox import Outbox
 from wire.errors import ProtocolError, UnknownMessageType
@@ -46,10 +47,6 @@ from worker.pipeline import (
 log = logging.getLogger("worker")
 
 STATS_INTERVAL = 2.0
-#: the first try to reconnect comes this soon after the relay went away; each failure doubles the wait
-RETRY_FIRST = 0.25
-#: never longer than this between tries: a restarted relay has its worker back within about 2 s
-RETRY_MAX = 2.0
 
 
 @dataclass
@@ -193,14 +190,6 @@ class Worker:
                 self._report(channel, ReportEvent.STATS, "",
                              {**pipeline.stats(), "interval_s": round(now - last, 3)})
             last = now
-
-
-def retry_delays(first: float = RETRY_FIRST, cap: float = RETRY_MAX) -> Iterator[float]:
-    """Seconds to wait before each try: ``first``, doubling, never more than ``cap``."""
-    delay = first
-    while True:
-        yield min(delay, cap)
-        delay = min(delay * 2, cap)
 
 
 async def run_forever(options: WorkerOptions, factory: EngineFactory | None = None, *,
