@@ -79,8 +79,9 @@ def stop_group(process: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.2)
         process.poll()
     if group_alive(pgid):
-        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(pgid)], check=False, capture_output=True,
-                              text=True).stdout
+        left = subprocess.run(
+            ["ps", "-o", "pid,args", "-g", str(pgid)], check=False, capture_output=True, text=True
+        ).stdout
         os.killpg(pgid, signal.SIGKILL)
         fail(f"processes still running {STOP_TIMEOUT_S} s after Ctrl-C:\n{left}", log)
 
@@ -91,14 +92,23 @@ def main() -> int:
     server_tmp.mkdir()
     http_port, relay_port = free_port(), free_port()
     relay = f"ws://127.0.0.1:{relay_port}"
-    env = {**os.environ, "TMPDIR": str(server_tmp), "PYTHONUNBUFFERED": "1",
-           "STREAMDIFFUSION_SERVER__DATA_DIR": str(work / "data")}
+    env = {
+        **os.environ,
+        "TMPDIR": str(server_tmp),
+        "PYTHONUNBUFFERED": "1",
+        "STREAMDIFFUSION_SERVER__DATA_DIR": str(work / "data"),
+    }
     started = time.monotonic()
     with log.open("wb") as out:
         server = subprocess.Popen(
             ["make", "run", f"ARGS=--port {http_port} --relay-port {relay_port}"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True)
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     try:
         wait_for_line(log, "api ready", server, INSTALL_TIMEOUT_S)
         print(f"smoke: `make run` reached 'api ready' in {time.monotonic() - started:.0f} s", flush=True)
@@ -109,19 +119,54 @@ def main() -> int:
             fail(f"/health answered {response.status}: {health}", log)
 
         viewer = subprocess.Popen(
-            [str(PY), "-m", "producers", "view", "--relay", relay, "--save", str(saved),
-             "--duration", str(STREAM_SECONDS + 4), "--quiet"],
-            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                str(PY),
+                "-m",
+                "producers",
+                "view",
+                "--relay",
+                relay,
+                "--save",
+                str(saved),
+                "--duration",
+                str(STREAM_SECONDS + 4),
+                "--quiet",
+            ],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         producer = subprocess.run(
-            [str(PY), "-m", "producers", "pattern", "--relay", relay, "--duration", str(STREAM_SECONDS),
-             "--fps", "15", "--quiet"],
-            check=False, cwd=work, env=env, capture_output=True, text=True, timeout=120)
+            [
+                str(PY),
+                "-m",
+                "producers",
+                "pattern",
+                "--relay",
+                relay,
+                "--duration",
+                str(STREAM_SECONDS),
+                "--fps",
+                "15",
+                "--quiet",
+            ],
+            check=False,
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         viewer_out = viewer.communicate(timeout=60)[0].decode(errors="replace")
         print(f"smoke: producer: {producer.stdout.strip()}", flush=True)
         print(f"smoke: viewer: {viewer_out.strip()}", flush=True)
         if producer.returncode != 0 or viewer.returncode != 0:
-            fail(f"producer exited {producer.returncode}, viewer {viewer.returncode}:\n"
-                 f"{producer.stderr}\n{viewer_out}", log)
+            fail(
+                f"producer exited {producer.returncode}, viewer {viewer.returncode}:\n"
+                f"{producer.stderr}\n{viewer_out}",
+                log,
+            )
         frames = sorted(saved.glob("*.jpg"))
         if not frames or not all(f.read_bytes()[:2] == b"\xff\xd8" for f in frames):
             fail(f"the viewer saved {len(frames)} JPEG frames in {saved}", log)
@@ -134,7 +179,9 @@ def main() -> int:
     if leftovers:
         fail(f"the server left {leftovers} in its temporary directory", log)
     shutil.rmtree(work)
-    print(f"smoke: ok: stopped cleanly, no process or temporary file left ({time.monotonic() - started:.0f} s)")
+    print(
+        f"smoke: ok: stopped cleanly, no process or temporary file left ({time.monotonic() - started:.0f} s)"
+    )
     return 0
 
 

@@ -33,16 +33,26 @@ log = logging.getLogger("embedded")
 
 #: flag -> "section.option" of the configuration; type, choices and help come from that field
 FLAGS: dict[str, str] = {
-    "--host": "server.host", "--port": "server.port", "--public-url": "server.public_url",
-    "--api-key": "server.api_keys", "--data-dir": "server.data_dir",
+    "--host": "server.host",
+    "--port": "server.port",
+    "--public-url": "server.public_url",
+    "--api-key": "server.api_keys",
+    "--data-dir": "server.data_dir",
     "--max-queue-size": "server.max_queue_size",
-    "--relay-host": "relay.host", "--relay-port": "relay.port", "--token": "relay.tokens",
-    "--max-frame-bytes": "relay.max_frame_bytes", "--max-width": "relay.max_width",
-    "--max-height": "relay.max_height", "--max-channels": "relay.max_channels",
+    "--relay-host": "relay.host",
+    "--relay-port": "relay.port",
+    "--token": "relay.tokens",
+    "--max-frame-bytes": "relay.max_frame_bytes",
+    "--max-width": "relay.max_width",
+    "--max-height": "relay.max_height",
+    "--max-channels": "relay.max_channels",
     "--insecure": "relay.insecure",
-    "--workers": "workers.count", "--engine": "workers.engine", "--capacity": "workers.capacity",
+    "--workers": "workers.count",
+    "--engine": "workers.engine",
+    "--capacity": "workers.capacity",
     "--worker-arg": "workers.args",
-    "--model": "model.model_id", "--acceleration": "model.acceleration",
+    "--model": "model.model_id",
+    "--acceleration": "model.acceleration",
 }
 
 
@@ -64,8 +74,13 @@ def add_config_flag(parser: argparse.ArgumentParser, flag: str, path: str) -> No
     if annotation is bool:
         parser.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
     elif typing.get_origin(annotation) is list:
-        parser.add_argument(flag, dest=dest, action="append", metavar=metavar.removesuffix("S"),
-                            help=help_text + " (repeatable)")
+        parser.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            metavar=metavar.removesuffix("S"),
+            help=help_text + " (repeatable)",
+        )
     elif typing.get_origin(annotation) is typing.Literal:
         parser.add_argument(flag, dest=dest, choices=typing.get_args(annotation), help=help_text)
     else:
@@ -74,8 +89,9 @@ def add_config_flag(parser: argparse.ArgumentParser, flag: str, path: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m api", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m api", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML configuration file (default $STREAMDIFFUSION_CONFIG)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.add_argument("--example-config", action="store_true", help="print every option as YAML and exit")
@@ -98,28 +114,30 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, token: bool) -> str:
     auth = "RELAY_TOKEN=<relay token> " if token else ""
-    return "\n".join([
-        f"relay ready at {relay_url}",
-        f"api ready at {http_url}",
-        f"  api key:       {api_key} ({key_source})",
-        f"  web page:      {http_url}/",
-        f"  send frames:   {auth}python -m producers pattern --relay {relay_url}",
-        f"                 {auth}python -m producers webcam  --relay {relay_url}",
-        f"  watch output:  {auth}python -m producers view --relay {relay_url}",
-        f"  save output:   {auth}python -m producers view --save out/ --relay {relay_url}",
-        (
-            f"  change look:   {auth}python -m producers pattern --params '{{\"prompt\": \"a pencil sketch\"}}' "
-            f"--relay {relay_url}"
-        ),
-        (
-            f"  create stream: curl -X POST {http_url}/v1/streams -H 'Authorization: Bearer {api_key}' "
-            "-H 'Content-Type: application/json' -d '{\"pipeline\": \"streamdiffusion\", \"params\": {}}'"
-        ),
-        (
-            "  more workers:  configure a relay token (--token), then "
-            f"RELAY_TOKEN=<token> python -m worker --relay {relay_url}"
-        ),
-    ])
+    return "\n".join(
+        [
+            f"relay ready at {relay_url}",
+            f"api ready at {http_url}",
+            f"  api key:       {api_key} ({key_source})",
+            f"  web page:      {http_url}/",
+            f"  send frames:   {auth}python -m producers pattern --relay {relay_url}",
+            f"                 {auth}python -m producers webcam  --relay {relay_url}",
+            f"  watch output:  {auth}python -m producers view --relay {relay_url}",
+            f"  save output:   {auth}python -m producers view --save out/ --relay {relay_url}",
+            (
+                f'  change look:   {auth}python -m producers pattern --params \'{{"prompt": "a pencil sketch"}}\' '
+                f"--relay {relay_url}"
+            ),
+            (
+                f"  create stream: curl -X POST {http_url}/v1/streams -H 'Authorization: Bearer {api_key}' "
+                '-H \'Content-Type: application/json\' -d \'{"pipeline": "streamdiffusion", "params": {}}\''
+            ),
+            (
+                "  more workers:  configure a relay token (--token), then "
+                f"RELAY_TOKEN=<token> python -m worker --relay {relay_url}"
+            ),
+        ]
+    )
 
 
 def resolve_api_key(settings: ServerSettings) -> tuple[str, str]:
@@ -134,13 +152,15 @@ def resolve_api_key(settings: ServerSettings) -> tuple[str, str]:
 
 async def serve(settings: ServerSettings) -> None:
     http_sock = _listen_or_exit(settings.host, settings.port, "HTTP", "--port", "server.port")
-    relay_sock = _listen_or_exit(settings.relay.host, settings.relay.port, "relay", "--relay-port",
-                                 "relay.port")
+    relay_sock = _listen_or_exit(
+        settings.relay.host, settings.relay.port, "relay", "--relay-port", "relay.port"
+    )
     settings.data_dir = settings.data_dir or str(default_data_dir())
     api_key, key_source = resolve_api_key(settings)
     if settings.workers and settings.engine == "auto" and resolve_engine("auto") == "filter":
-        log.info("no CUDA GPU with diffusers found: local workers use engine 'filter' "
-                 "(OpenCV effects on the CPU)")
+        log.info(
+            "no CUDA GPU with diffusers found: local workers use engine 'filter' (OpenCV effects on the CPU)"
+        )
     app = create_app(settings, relay_socket=relay_sock)
     server = uvicorn_server(app)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -148,8 +168,10 @@ async def serve(settings: ServerSettings) -> None:
 
     async def announce() -> None:
         await app.state.ready.wait()
-        print(instructions(http_url, services(app).relay_url, api_key, key_source, bool(settings.relay.tokens)),
-              flush=True)
+        print(
+            instructions(http_url, services(app).relay_url, api_key, key_source, bool(settings.relay.tokens)),
+            flush=True,
+        )
 
     announcing = asyncio.create_task(announce())
     try:
@@ -163,8 +185,9 @@ def _listen_or_exit(host: str, port: int, what: str, flag: str, path: str) -> An
         return listen(host, port)
     except PortInUse as exc:
         env = f"{ENV_PREFIX}{path.replace('.', '__').upper()}"
-        print(f"error: {what} {exc}: stop what uses it, or pick another with {flag} (or {env})",
-              file=sys.stderr)
+        print(
+            f"error: {what} {exc}: stop what uses it, or pick another with {flag} (or {env})", file=sys.stderr
+        )
         raise SystemExit(1) from None
 
 

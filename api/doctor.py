@@ -31,12 +31,14 @@ PROJECT_PACKAGES = ("common", "wire", "relay", "worker", "producers", "media", "
 #: modules that need the diffusion extra (torch, diffusers): checked with the GPU packages instead
 OPTIONAL_MODULES = ("worker.engines.diffusion",)
 CORE_FIX = "pip install -e . (or: pip install -r requirements.txt)"
-GPU = {"torch": "pip install torch==2.13.0 (a CUDA build on GPU machines)",
-       "diffusers": "pip install -r requirements-diffusion.txt",
-       "transformers": "pip install -r requirements-diffusion.txt",
-       "xformers": "pip install xformers (matching your torch build), or use acceleration sdpa",
-       "torch_tensorrt": "pip install torch-tensorrt (the build matching your torch and CUDA); "
-                         "CUDA machines only, for acceleration tensorrt"}
+GPU = {
+    "torch": "pip install torch==2.13.0 (a CUDA build on GPU machines)",
+    "diffusers": "pip install -r requirements-diffusion.txt",
+    "transformers": "pip install -r requirements-diffusion.txt",
+    "xformers": "pip install xformers (matching your torch build), or use acceleration sdpa",
+    "torch_tensorrt": "pip install torch-tensorrt (the build matching your torch and CUDA); "
+    "CUDA machines only, for acceleration tensorrt",
+}
 PORTS = {"api": 8080, "relay": 8765, "rtsp": 8554, "rtmp": 1935, "hls": 8888, "whip": 8889, "whep": 8890}
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -117,8 +119,9 @@ def check_requirement(req: CoreRequirement, modules: dict[str, list[str]]) -> Ch
         return Check(req.name, False, f"not installed (requires {req.name}{req.specifier})", CORE_FIX, True)
     for module in modules.get(normalize_name(req.name), []):
         if error := _import_error(module):
-            return Check(req.name, False, f"{version} installed but `import {module}` fails: {error}",
-                         CORE_FIX, True)
+            return Check(
+                req.name, False, f"{version} installed but `import {module}` fails: {error}", CORE_FIX, True
+            )
     if req.specifier and not _version_matches(version, req.specifier):
         return Check(req.name, False, f"{version} installed, requirements say {req.specifier}", CORE_FIX)
     return Check(req.name, True, version, "", True)
@@ -158,21 +161,39 @@ def check_project_modules() -> Check:
     failures = [f"{name} ({error})" for name in names if (error := _import_error(name))]
     if failures:
         shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
-        return Check("project modules", False, f"{len(failures)} of {len(names)} fail: {shown}",
-                     "install what the error names, or report it: the core requirements should cover it",
-                     True)
+        return Check(
+            "project modules",
+            False,
+            f"{len(failures)} of {len(names)} fail: {shown}",
+            "install what the error names, or report it: the core requirements should cover it",
+            True,
+        )
     return Check("project modules", True, f"{len(names)} import", "", True)
 
 
 def core_checks() -> list[Check]:
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-    checks = [Check("python", sys.version_info >= (3, 11), sys.version.split()[0],
-                    "use Python 3.11 or newer", required=True)]
+    checks = [
+        Check(
+            "python",
+            sys.version_info >= (3, 11),
+            sys.version.split()[0],
+            "use Python 3.11 or newer",
+            required=True,
+        )
+    ]
     modules = modules_of_distributions()
     requirements = core_requirements()
     if not requirements:
-        checks.append(Check("requirements", False, f"neither {ROOT / 'requirements.txt'} nor the "
-                            f"{DISTRIBUTION} package metadata found", CORE_FIX, True))
+        checks.append(
+            Check(
+                "requirements",
+                False,
+                f"neither {ROOT / 'requirements.txt'} nor the {DISTRIBUTION} package metadata found",
+                CORE_FIX,
+                True,
+            )
+        )
     checks += [check_requirement(req, modules) for req in requirements]
     checks.append(check_project_modules())
     return checks
@@ -194,23 +215,39 @@ def check_cuda() -> Check:
     except ImportError:
         return Check("cuda", False, "torch is not installed", GPU["torch"])
     if not torch.cuda.is_available():
-        return Check("cuda", False, f"torch {torch.__version__} sees no CUDA device (engine 'filter' will be used)",
-                     "on a GPU machine install the CUDA build of torch==2.13.0 and an NVIDIA driver")
+        return Check(
+            "cuda",
+            False,
+            f"torch {torch.__version__} sees no CUDA device (engine 'filter' will be used)",
+            "on a GPU machine install the CUDA build of torch==2.13.0 and an NVIDIA driver",
+        )
     props = torch.cuda.get_device_properties(0)
-    return Check("cuda", True, f"{props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}")
+    return Check(
+        "cuda", True, f"{props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}"
+    )
 
 
 def check_model_cache(model_id: str) -> Check:
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
+    )
     if Path(model_id).is_dir():
         return Check("model", True, f"{model_id} is a local directory")
-    cached = sorted(p.name.removeprefix("models--").replace("--", "/") for p in hub.glob("models--*")) \
-        if hub.is_dir() else []
+    cached = (
+        sorted(p.name.removeprefix("models--").replace("--", "/") for p in hub.glob("models--*"))
+        if hub.is_dir()
+        else []
+    )
     detail = f"cache {hub}: {len(cached)} model(s)" + (f" ({', '.join(cached[:5])})" if cached else "")
     if model_id in cached:
         return Check("model", True, f"{model_id} cached; {detail}")
-    return Check("model", False, f"{model_id} not cached; {detail}",
-                 f"download it once on a machine with network access: hf download {model_id}")
+    return Check(
+        "model",
+        False,
+        f"{model_id} not cached; {detail}",
+        f"download it once on a machine with network access: hf download {model_id}",
+    )
 
 
 def check_port(name: str, port: int, host: str = "127.0.0.1") -> Check:
@@ -218,8 +255,12 @@ def check_port(name: str, port: int, host: str = "127.0.0.1") -> Check:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            return Check(f"port {port}", False, f"{name}: in use ({exc.strerror})",
-                         f"stop what uses it or pick another port for {name}")
+            return Check(
+                f"port {port}",
+                False,
+                f"{name}: in use ({exc.strerror})",
+                f"stop what uses it or pick another port for {name}",
+            )
     return Check(f"port {port}", True, f"{name}: free")
 
 
@@ -243,13 +284,17 @@ def print_checks(checks: list[Check], failures_only: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m api.doctor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m api.doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML configuration file (for the model and ports)")
     p.add_argument("--json", action="store_true", help="print the checks as a JSON list")
-    p.add_argument("--core", action="store_true",
-                   help="only Python, the core requirements and the project's modules; "
-                        "print failures and a one-line summary")
+    p.add_argument(
+        "--core",
+        action="store_true",
+        help="only Python, the core requirements and the project's modules; "
+        "print failures and a one-line summary",
+    )
     return p
 
 
@@ -262,20 +307,24 @@ def main(argv: list[str] | None = None) -> int:
             ConfigError,
             load_config,
         )
+
         try:
             config = load_config(args.config)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        checks = run_checks(config.model.model_id, {**PORTS, "api": config.server.port,
-                                                    "relay": config.relay.port})
+        checks = run_checks(
+            config.model.model_id, {**PORTS, "api": config.server.port, "relay": config.relay.port}
+        )
     failed = any(c.required and not c.ok for c in checks)
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=2))
     elif args.core:
         print_checks(checks, failures_only=True)
-        print(f"doctor: core {'incomplete' if failed else 'ok'}: "
-              f"{sum(c.ok for c in checks)} of {len(checks)} checks pass")
+        print(
+            f"doctor: core {'incomplete' if failed else 'ok'}: "
+            f"{sum(c.ok for c in checks)} of {len(checks)} checks pass"
+        )
     else:
         print_checks(checks)
     return 1 if failed else 0

@@ -31,8 +31,10 @@ def natural_image(width: int = 512, height: int = 512, seed: int = 0) -> np.ndar
     """A photo-like RGB image: smooth gradients, shapes and mild noise (~50 KB as JPEG q85)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([128 + 100 * np.sin(x / 60 + seed), 128 + 100 * np.cos(y / 45),
-                     128 + 80 * np.sin((x + y) / 90)], axis=-1)
+    base = np.stack(
+        [128 + 100 * np.sin(x / 60 + seed), 128 + 100 * np.cos(y / 45), 128 + 80 * np.sin((x + y) / 90)],
+        axis=-1,
+    )
     image = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     for _ in range(12):
         center = tuple(int(v) for v in rng.integers(0, min(width, height), 2))

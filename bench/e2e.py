@@ -91,12 +91,12 @@ CODECS = {"vp8": "video/VP8", "h264": "video/H264"}
 
 # -- the frame number drawn as blocks -------------------------------------------------
 
-GRID, CELL = 6, 64                   # a 6x6 grid of 64 px blocks in the middle of the frame
-ORIGIN = (SIZE - GRID * CELL) // 2   # 64
+GRID, CELL = 6, 64  # a 6x6 grid of 64 px blocks in the middle of the frame
+ORIGIN = (SIZE - GRID * CELL) // 2  # 64
 BITS = 16
 WHITE_REF, BLACK_REF = 0, GRID * GRID - 1
-DATA_CELLS = [c for c in range(GRID * GRID) if c not in (WHITE_REF, BLACK_REF)][:2 * BITS]
-MARGIN = CELL // 4                   # read only the inner half of each block
+DATA_CELLS = [c for c in range(GRID * GRID) if c not in (WHITE_REF, BLACK_REF)][: 2 * BITS]
+MARGIN = CELL // 4  # read only the inner half of each block
 
 
 def _cell_box(cell: int) -> tuple[slice, slice]:
@@ -124,8 +124,10 @@ def read_code(luma: np.ndarray) -> int | None:
     """
     scale = SIZE // luma.shape[0]
     origin, cell, margin = ORIGIN // scale, CELL // scale, MARGIN // scale
-    grid = luma.reshape(luma.shape[0], luma.shape[1])[origin:origin + GRID * cell, origin:origin + GRID * cell]
-    blocks = grid.reshape(GRID, cell, GRID, cell)[:, margin:cell - margin, :, margin:cell - margin]
+    grid = luma.reshape(luma.shape[0], luma.shape[1])[
+        origin : origin + GRID * cell, origin : origin + GRID * cell
+    ]
+    blocks = grid.reshape(GRID, cell, GRID, cell)[:, margin : cell - margin, :, margin : cell - margin]
     means = blocks.mean(axis=(1, 3), dtype=np.float32).ravel().tolist()
     contrast = means[WHITE_REF] - means[BLACK_REF]
     if abs(contrast) < 60:
@@ -141,14 +143,15 @@ def read_code(luma: np.ndarray) -> int | None:
 
 def read_code_jpeg(payload: bytes) -> int | None:
     """The number in a 512x512 JPEG, decoded at 1/8 scale (libjpeg-turbo's DCT scaling: cheap)."""
-    return read_code(simplejpeg.decode_jpeg(payload, colorspace="GRAY", min_height=SIZE // 8,
-                                            min_width=SIZE // 8))
+    return read_code(
+        simplejpeg.decode_jpeg(payload, colorspace="GRAY", min_height=SIZE // 8, min_width=SIZE // 8)
+    )
 
 
 def luma_of(frame: av.VideoFrame) -> np.ndarray:
     if frame.format.name in ("yuv420p", "yuvj420p"):
         plane = frame.planes[0]
-        return np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:, :frame.width]
+        return np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:, : frame.width]
     return frame.to_ndarray(format="gray")
 
 
@@ -172,6 +175,7 @@ def restore_aiortc_jitter_buffer() -> None:
 
 
 # -- results ---------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -204,6 +208,7 @@ def note_drops(result: Result, before: dict[str, int], after: dict[str, int]) ->
 
 # -- baseline ----------------------------------------------------------------------
 
+
 def bench_baseline(engine_name: str, params: dict, seconds: float) -> Result:
     """decode JPEG -> engine -> encode JPEG, serially, timed per frame."""
     background = Background()
@@ -230,6 +235,7 @@ def bench_baseline(engine_name: str, params: dict, seconds: float) -> Result:
 
 
 # -- WHIP -> WHEP --------------------------------------------------------------------
+
 
 class CounterTrack(MediaStreamTrack):
     """A 30 fps video track whose frame n shows n as blocks; remembers when each left."""
@@ -304,8 +310,9 @@ async def _negotiate(client: httpx.AsyncClient, url: str, pc: RTCPeerConnection)
     return response.headers["location"]
 
 
-async def bench_webrtc(client: httpx.AsyncClient, hub: Hub, stream: dict, codec: str, seconds: float,
-                       warmup_timeout: float) -> Result:
+async def bench_webrtc(
+    client: httpx.AsyncClient, hub: Hub, stream: dict, codec: str, seconds: float, warmup_timeout: float
+) -> Result:
     result = Result(f"WHIP->WHEP {codec.upper()} {FPS} fps")
     viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     receiving = viewer.addTransceiver("video", direction="recvonly")
@@ -358,8 +365,7 @@ async def bench_webrtc(client: httpx.AsyncClient, hub: Hub, stream: dict, codec:
         if undecodable:
             result.note = f"{undecodable} frames unreadable"
         note_drops(result, drops_before, relay_drops(hub, stream["id"]))
-        hops = {"publisher -> server input": [], "input -> worker output": [],
-                "output -> viewer": []}
+        hops = {"publisher -> server input": [], "input -> worker output": [], "output -> viewer": []}
         for number, received_at in received:
             at_input, at_output = taps["input"].seen.get(number), taps["output"].seen.get(number)
             if at_input is not None and at_output is not None:
@@ -380,6 +386,7 @@ async def bench_webrtc(client: httpx.AsyncClient, hub: Hub, stream: dict, codec:
 
 
 # -- WebSocket -> WebSocket ------------------------------------------------------------
+
 
 class WsClient:
     """One ingest socket: ``send`` stamps each message with its index (the server's seq)."""
@@ -487,8 +494,9 @@ async def bench_ws_max(client: WsClient, payloads: list[bytes], seconds: float, 
     return result
 
 
-async def bench_ws(base_url: str, hub: Hub, stream: dict, seconds: float,
-                   warmup_timeout: float) -> list[Result]:
+async def bench_ws(
+    base_url: str, hub: Hub, stream: dict, seconds: float, warmup_timeout: float
+) -> list[Result]:
     background = Background()
     payloads = [encode_image(background.frame(i)) for i in range(FPS)]
     url = base_url.replace("http://", "ws://", 1) + f"/live/video-to-video/{stream['stream_key']}/ws"
@@ -513,26 +521,31 @@ async def bench_ws(base_url: str, hub: Hub, stream: dict, seconds: float,
 
 # -- orchestration -----------------------------------------------------------------------
 
+
 async def run(args: argparse.Namespace, params: dict) -> tuple[list[Result], dict]:
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({KEY})))
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
     if args.aiortc_jitter:
         restore_aiortc_jitter_buffer()
     results: list[Result] = []
-    async with running(app) as base_url, httpx.AsyncClient(base_url=base_url, headers=AUTH,
-                                                            timeout=30) as client:
+    async with (
+        running(app) as base_url,
+        httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=30) as client,
+    ):
         command = [sys.executable, "-m", "worker", "--relay", app.state.relay_url, "--engine", args.engine]
         if args.model:
             command += ["--model", args.model]
-        worker = await asyncio.create_subprocess_exec(*command, cwd=ROOT,
-                                                      env=child_env())
+        worker = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=child_env())
         try:
-            response = await client.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
+            response = await client.post(
+                "/v1/streams", json={"pipeline": "streamdiffusion", "params": params}
+            )
             response.raise_for_status()
             stream = response.json()
             hub = app.state.relay.hub
             for codec in args.codecs:
-                results.append(await bench_webrtc(client, hub, stream, codec, args.seconds, args.warmup_timeout))
+                results.append(
+                    await bench_webrtc(client, hub, stream, codec, args.seconds, args.warmup_timeout)
+                )
                 await asyncio.sleep(1.0)  # the closed sessions' last frames leave the pipeline
             results += await bench_ws(base_url, hub, stream, args.seconds, args.warmup_timeout)
             status = (await client.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
@@ -549,17 +562,26 @@ async def run(args: argparse.Namespace, params: dict) -> tuple[list[Result], dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per path")
     parser.add_argument("--quick", action="store_true", help="4 s per path")
     parser.add_argument("--codecs", default="vp8,h264", help="WHIP/WHEP codecs to run: vp8,h264")
     parser.add_argument("--engine", default="filter", help="worker engine (filter, diffusion)")
     parser.add_argument("--model", help="diffusion model id or local path (the stream's model_id)")
     parser.add_argument("--params", default="{}", help="JSON stream params over the defaults")
-    parser.add_argument("--aiortc-jitter", action="store_true",
-                        help="use aiortc's own jitter buffer (one frame interval later per receiver)")
-    parser.add_argument("--warmup-timeout", type=float, default=None,
-                        help="seconds to wait for the first result (default 30; 600 for diffusion)")
+    parser.add_argument(
+        "--aiortc-jitter",
+        action="store_true",
+        help="use aiortc's own jitter buffer (one frame interval later per receiver)",
+    )
+    parser.add_argument(
+        "--warmup-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the first result (default 30; 600 for diffusion)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds = 4.0
@@ -582,11 +604,19 @@ def main() -> None:
     detail = ", ".join(f"{k} {info[k]}" for k in ("effect", "device", "model_id") if info.get(k))
 
     print(f"machine: {machine()}; load average before the run {load:.2f}")
-    print(f"engine: {args.engine}{f' ({detail})' if detail else ''}, stream {SIZE}x{SIZE}, "
-          f"prompt {params.get('prompt')!r}; source {FPS} fps, {args.seconds:g} s measured per path")
-    print("server + clients in this process, worker in its own process"
-          + ("; aiortc's own jitter buffer" if args.aiortc_jitter
-             else "; video frames complete on the RTP marker bit") + "\n")
+    print(
+        f"engine: {args.engine}{f' ({detail})' if detail else ''}, stream {SIZE}x{SIZE}, "
+        f"prompt {params.get('prompt')!r}; source {FPS} fps, {args.seconds:g} s measured per path"
+    )
+    print(
+        "server + clients in this process, worker in its own process"
+        + (
+            "; aiortc's own jitter buffer"
+            if args.aiortc_jitter
+            else "; video frames complete on the RTP marker bit"
+        )
+        + "\n"
+    )
     base_p50 = pct_ms(baseline.latencies, 0.5)
     print(f"{'path':<40} {'fps out':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50-base':>9} {'sent':>6} {'recv':>6}")
     for r in results:
@@ -594,16 +624,23 @@ def main() -> None:
         cells = [f"{r.fps:.1f}", f"{p50:.1f}", f"{p99:.1f}", "" if r is baseline else f"{p50 - base_p50:.1f}"]
         if not r.latencies:
             cells = ["-"] * 4
-        print(f"{r.path:<40} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8} {cells[3]:>9} {r.sent:6d} {r.received:6d}"
-              + (f"  ({r.note})" if r.note else ""))
+        print(
+            f"{r.path:<40} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8} {cells[3]:>9} {r.sent:6d} {r.received:6d}"
+            + (f"  ({r.note})" if r.note else "")
+        )
     hopped = [r for r in results if r.hops]
     if hopped:
         names = list(hopped[0].hops)
         print("\nWHIP->WHEP by hop, p50 / p99 ms (timed inside the server by relay taps):")
         print(f"{'path':<40}" + "".join(f" {name:>27}" for name in names))
         for r in hopped:
-            print(f"{r.path:<40}" + "".join(
-                f" {pct_ms(r.hops[n], 0.5):13.1f} / {pct_ms(r.hops[n], 0.99):5.1f}".rjust(28) for n in names))
+            print(
+                f"{r.path:<40}"
+                + "".join(
+                    f" {pct_ms(r.hops[n], 0.5):13.1f} / {pct_ms(r.hops[n], 0.99):5.1f}".rjust(28)
+                    for n in names
+                )
+            )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

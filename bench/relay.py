@@ -84,6 +84,7 @@ BUSY = 0.2  # cores of other load during a window above which its row is flagged
 
 # -- the image ----------------------------------------------------------------
 
+
 def landscape(size: int = 512, seed: int = 7) -> np.ndarray:
     """A natural-looking RGB picture: sky, clouds, sun, hills, grain, trees, text."""
     import cv2
@@ -100,12 +101,12 @@ def landscape(size: int = 512, seed: int = 7) -> np.ndarray:
     img += (np.clip(clouds / clouds.std(), 0, None) * 25 * (1 - t))[..., None]
     sun = np.clip(1 - np.hypot(x - 0.74 * w, y - 0.21 * h) / (0.12 * w), 0, 1) ** 0.5 * 120
     img += sun[..., None] * np.array([1, 0.9, 0.5], np.float32)
-    for base, amp, colour in ((0.55, 40, (70, 110, 60)), (0.66, 30, (50, 95, 40)),
-                              (0.80, 20, (90, 80, 45))):
+    for base, amp, colour in ((0.55, 40, (70, 110, 60)), (0.66, 30, (50, 95, 40)), (0.80, 20, (90, 80, 45))):
         ph = rng.uniform(0, 6.28, 3)
         xs = x[0]
-        ridge = base * h + amp * (np.sin(xs / 70 + ph[0]) + 0.5 * np.sin(xs / 23 + ph[1])
-                                  + 0.25 * np.sin(xs / 9 + ph[2]))
+        ridge = base * h + amp * (
+            np.sin(xs / 70 + ph[0]) + 0.5 * np.sin(xs / 23 + ph[1]) + 0.25 * np.sin(xs / 9 + ph[2])
+        )
         mask = cv2.GaussianBlur((y > ridge[None, :]).astype(np.float32), (0, 0), 1.0)[..., None]
         shade = np.array(colour, np.float32) * (1 + 0.3 * (y - base * h) / h)[..., None]
         img = img * (1 - mask) + shade * mask
@@ -120,19 +121,18 @@ def landscape(size: int = 512, seed: int = 7) -> np.ndarray:
         cv2.circle(img, (cx, cy - r), r, leaf, -1, cv2.LINE_AA)
         cv2.rectangle(img, (cx - 2, cy - r), (cx + 2, cy + 4), (70, 50, 30), -1)
     out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
-    cv2.putText(out, "relay bench", (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2,
-                cv2.LINE_AA)
+    cv2.putText(out, "relay bench", (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2, cv2.LINE_AA)
     return out
 
 
 def test_jpeg() -> bytes:
     import simplejpeg
 
-    return simplejpeg.encode_jpeg(landscape(), quality=85, colorspace="RGB",
-                                  colorsubsampling="420")
+    return simplejpeg.encode_jpeg(landscape(), quality=85, colorspace="RGB", colorsubsampling="420")
 
 
 # -- machine --------------------------------------------------------------------
+
 
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or "unknown"
@@ -146,15 +146,22 @@ def machine_info() -> dict[str, Any]:
         pass
     try:
         import uvloop
+
         loop = f"uvloop {uvloop.__version__}"
     except ImportError:
         loop = "asyncio (uvloop not installed)"
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "websockets": websockets.__version__, "loop": loop,
-            "platform": platform.platform(terse=True)}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "websockets": websockets.__version__,
+        "loop": loop,
+        "platform": platform.platform(terse=True),
+    }
 
 
 # -- one case ---------------------------------------------------------------------
+
 
 @dataclass
 class Stream:
@@ -178,8 +185,9 @@ def binary_maker(channel: str, jpeg: bytes) -> Callable[[int, float], bytes]:
     pack = HEADER.pack
 
     def make(seq: int, ts: float) -> bytes:
-        header = pack(MAGIC, VERSION, FrameKind.INPUT, ImageFormat.JPEG, 0, len(name), 0, seq, ts,
-                      512, 512, 0)
+        header = pack(
+            MAGIC, VERSION, FrameKind.INPUT, ImageFormat.JPEG, 0, len(name), 0, seq, ts, 512, 512, 0
+        )
         return b"".join((header, name, jpeg))
 
     return make
@@ -215,8 +223,7 @@ def parse_naive(message: bytes | str) -> tuple[int, float] | None:
     return int(m.group(2)), float(m.group(1))
 
 
-async def open_streams(server: str, path: str, port: int, names: list[str],
-                       jpeg: bytes) -> list[Stream]:
+async def open_streams(server: str, path: str, port: int, names: list[str], jpeg: bytes) -> list[Stream]:
     url = f"ws://127.0.0.1:{port}"
     streams = []
     for name in names:
@@ -231,10 +238,10 @@ async def open_streams(server: str, path: str, port: int, names: list[str],
             producer, _ = await connect(url, "producer", name, receive="none")
             s = Stream(name, producer, [viewer], extra, binary_maker(name, jpeg), parse_binary)
         elif server == "bare":
-            viewer = await websockets.connect(f"{url}/{name}?role=viewer", compression=None,
-                                              max_size=None)
-            producer = await websockets.connect(f"{url}/{name}?role=producer", compression=None,
-                                                max_size=None)
+            viewer = await websockets.connect(f"{url}/{name}?role=viewer", compression=None, max_size=None)
+            producer = await websockets.connect(
+                f"{url}/{name}?role=producer", compression=None, max_size=None
+            )
             s = Stream(name, producer, [viewer], [], binary_maker(name, jpeg), parse_binary)
         else:
             kwargs: dict[str, Any] = {} if server == "naive" else {"compression": None}
@@ -342,9 +349,19 @@ async def wait_quiet(limit: float, threshold: float = 0.25) -> float:
     return time.monotonic() - start
 
 
-async def run_case(server: str, path: str, port: int, server_pid: int, channels: int,
-                   mode: str, warmup: float, duration: float, jpeg: bytes,
-                   tag: str, grace: float = 0.3) -> dict[str, Any]:
+async def run_case(
+    server: str,
+    path: str,
+    port: int,
+    server_pid: int,
+    channels: int,
+    mode: str,
+    warmup: float,
+    duration: float,
+    jpeg: bytes,
+    tag: str,
+    grace: float = 0.3,
+) -> dict[str, Any]:
     names = [f"{tag}-{i}" for i in range(channels)]
     streams = await open_streams(server, path, port, names, jpeg)
     running = [True]
@@ -354,8 +371,7 @@ async def run_case(server: str, path: str, port: int, server_pid: int, channels:
             tasks.append(asyncio.create_task(_view(s, ws, log)))
         tasks.append(asyncio.create_task(_drain(s)))
         tasks += [asyncio.create_task(_echo(w)) for w in s.extra]
-    producers = [asyncio.create_task(_produce(s, mode, i / channels, running))
-                 for i, s in enumerate(streams)]
+    producers = [asyncio.create_task(_produce(s, mode, i / channels, running)) for i, s in enumerate(streams)]
     await asyncio.sleep(warmup)
     t0, srv0, cli0, all0 = time.time(), _proc_cpu(server_pid), time.process_time(), _busy_cpu()
     await asyncio.sleep(duration)
@@ -411,6 +427,7 @@ def _client_loop() -> asyncio.AbstractEventLoop:
 
 # -- the whole run --------------------------------------------------------------------
 
+
 def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, Any]:
     jpeg = test_jpeg()
     ctx = mp.get_context("spawn")
@@ -437,14 +454,33 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
                             for attempt in range(args.repeat):
                                 waited = runner.run(wait_quiet(args.quiet_wait)) if args.quiet_wait else 0.0
                                 tag = f"{server}-{path}-{channels}-{mode}-{attempt}"
-                                r = runner.run(run_case(server, path, port, proc.pid, channels, mode,
-                                                        args.warmup, duration, jpeg, tag, args.grace))
+                                r = runner.run(
+                                    run_case(
+                                        server,
+                                        path,
+                                        port,
+                                        proc.pid,
+                                        channels,
+                                        mode,
+                                        args.warmup,
+                                        duration,
+                                        jpeg,
+                                        tag,
+                                        args.grace,
+                                    )
+                                )
                                 r["waited_s"] = round(waited, 2)
                                 tries.append(r)
                             # the least disturbed try: the one the rest of the machine loaded least
                             r = min(tries, key=lambda t: t["other_cpu"])
-                            r.update(label=label, server=server, path=path, channels=channels,
-                                     mode=mode, tries=len(tries))
+                            r.update(
+                                label=label,
+                                server=server,
+                                path=path,
+                                channels=channels,
+                                mode=mode,
+                                tries=len(tries),
+                            )
                             results.append(r)
                             report(_row(r))
         finally:
@@ -454,8 +490,12 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
             proc.join(5)
             if proc.is_alive():
                 proc.terminate()
-    return {"jpeg_bytes": len(jpeg), "server_loops": sorted(loops), "results": results,
-            "ratios": ratios(results)}
+    return {
+        "jpeg_bytes": len(jpeg),
+        "server_loops": sorted(loops),
+        "results": results,
+        "ratios": ratios(results),
+    }
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -467,14 +507,17 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for ref in ("bare forwarder", "naive b64 deflate", "naive b64 plain"):
                     a, b = index.get((ours, channels, mode)), index.get((ref, channels, mode))
                     if a and b:
-                        out.append({"mode": mode, "channels": channels, "ours": ours, "vs": ref,
-                                    "ratio": a / b})
+                        out.append(
+                            {"mode": mode, "channels": channels, "ours": ours, "vs": ref, "ratio": a / b}
+                        )
     return out
 
 
-HEAD = (f"{'case':<18} {'ch':>3} {'mode':>6} {'sent/s':>7} {'recv/s':>7} {'MB/s':>6} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'drops':>6} {'srv cpu':>7} {'cli cpu':>7} "
-        f"{'srv us/f':>8} {'other':>5}")
+HEAD = (
+    f"{'case':<18} {'ch':>3} {'mode':>6} {'sent/s':>7} {'recv/s':>7} {'MB/s':>6} "
+    f"{'p50 ms':>7} {'p99 ms':>7} {'drops':>6} {'srv cpu':>7} {'cli cpu':>7} "
+    f"{'srv us/f':>8} {'other':>5}"
+)
 
 
 def _num(value: float | None, width: int, digits: int) -> str:
@@ -483,21 +526,29 @@ def _num(value: float | None, width: int, digits: int) -> str:
 
 def _row(r: dict[str, Any]) -> str:
     flag = "!" if r["other_cpu"] > BUSY else " "
-    return (f"{r['label']:<18} {r['channels']:>3} {r['mode']:>6} {r['sent_fps']:>7.0f} "
-            f"{r['fps']:>7.0f} {r['mb_s']:>6.1f} {_num(r['p50_ms'], 7, 2)} {_num(r['p99_ms'], 7, 2)} "
-            f"{r['drops']:>6} {r['server_cpu']:>7.0%} {r['client_cpu']:>7.0%} "
-            f"{_num(r['server_us_per_frame'], 8, 0)} {r['other_cpu']:>4.0%}{flag}")
+    return (
+        f"{r['label']:<18} {r['channels']:>3} {r['mode']:>6} {r['sent_fps']:>7.0f} "
+        f"{r['fps']:>7.0f} {r['mb_s']:>6.1f} {_num(r['p50_ms'], 7, 2)} {_num(r['p99_ms'], 7, 2)} "
+        f"{r['drops']:>6} {r['server_cpu']:>7.0%} {r['client_cpu']:>7.0%} "
+        f"{_num(r['server_us_per_frame'], 8, 0)} {r['other_cpu']:>4.0%}{flag}"
+    )
 
 
 def format_report(machine: dict[str, Any], out: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
-        (f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
-         f"websockets {machine['websockets']}, {machine['loop']} (servers on "
-         f"{', '.join(out['server_loops'])})"),
-        (f"frames: 512x512 JPEG q85 4:2:0, {out['jpeg_bytes']} bytes; warm-up {args.warmup:g} s, "
-         f"window {args.duration_paced:g} s at 30 fps, {args.duration_max:g} s otherwise; "
-         f"best of {args.repeat} (least other load)"),
-        "", HEAD, "-" * len(HEAD),
+        (
+            f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
+            f"websockets {machine['websockets']}, {machine['loop']} (servers on "
+            f"{', '.join(out['server_loops'])})"
+        ),
+        (
+            f"frames: 512x512 JPEG q85 4:2:0, {out['jpeg_bytes']} bytes; warm-up {args.warmup:g} s, "
+            f"window {args.duration_paced:g} s at 30 fps, {args.duration_max:g} s otherwise; "
+            f"best of {args.repeat} (least other load)"
+        ),
+        "",
+        HEAD,
+        "-" * len(HEAD),
     ]
     lines += [_row(r) for r in out["results"]]
     lines += [
@@ -514,13 +565,16 @@ def format_report(machine: dict[str, Any], out: dict[str, Any], args: argparse.N
         "throughput ratios (delivered frames/s):",
     ]
     for q in out["ratios"]:
-        lines.append(f"  {q['mode']:>6} {q['channels']:>2} ch  {q['ours']:<16} / {q['vs']:<17} "
-                     f"= {q['ratio']:6.2f}x")
+        lines.append(
+            f"  {q['mode']:>6} {q['channels']:>2} ch  {q['ours']:<16} / {q['vs']:<17} = {q['ratio']:6.2f}x"
+        )
     busy = [r for r in out["results"] if r["other_cpu"] > BUSY]
     if busy:
-        lines.append(f"\nwarning: {len(busy)} case(s) ran while other processes used more than "
-                     f"{BUSY:.0%} of a core (marked !); rerun on a quiet machine or with "
-                     "--repeat 3 --quiet-wait 10")
+        lines.append(
+            f"\nwarning: {len(busy)} case(s) ran while other processes used more than "
+            f"{BUSY:.0%} of a core (marked !); rerun on a quiet machine or with "
+            "--repeat 3 --quiet-wait 10"
+        )
     return "\n".join(lines)
 
 
@@ -529,19 +583,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short windows (~20 s in all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--channels", type=int, nargs="+", default=[1, 10])
-    p.add_argument("--modes", nargs="+", choices=MODES,
-                   help="default: all; with --quick: 30fps and max")
-    p.add_argument("--only", nargs="+", choices=["relay", "bare", "naive", "naive-plain"],
-                   help="run only these servers")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all; with --quick: 30fps and max")
+    p.add_argument(
+        "--only", nargs="+", choices=["relay", "bare", "naive", "naive-plain"], help="run only these servers"
+    )
     p.add_argument("--warmup", type=float)
     p.add_argument("--duration-max", type=float, help="window at max rate and closed loop, seconds")
     p.add_argument("--duration-paced", type=float, help="window at 30 fps, seconds")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run each case N times, keep the try with the least other load")
-    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
-                   help="before each case wait up to S seconds for the machine to be idle")
-    p.add_argument("--profile", metavar="FILE",
-                   help="run the relay's process under cProfile and write the stats to FILE")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run each case N times, keep the try with the least other load"
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each case wait up to S seconds for the machine to be idle",
+    )
+    p.add_argument(
+        "--profile", metavar="FILE", help="run the relay's process under cProfile and write the stats to FILE"
+    )
     args = p.parse_args(argv)
     quick = args.quick
     if args.modes is None:
@@ -564,11 +625,20 @@ def main(argv: list[str] | None = None) -> None:
     if not args.json:
         print(HEAD, file=sys.stderr, flush=True)
     out = run(args, report)
-    out.update(machine=machine, date=datetime.date.today().isoformat(),
-               settings={"warmup_s": args.warmup, "window_s": args.duration_max,
-                         "window_30fps_s": args.duration_paced, "channels": args.channels,
-                         "modes": args.modes, "repeat": args.repeat, "closed_loop_window": WINDOW},
-               runtime_s=round(time.monotonic() - started, 1))
+    out.update(
+        machine=machine,
+        date=datetime.date.today().isoformat(),
+        settings={
+            "warmup_s": args.warmup,
+            "window_s": args.duration_max,
+            "window_30fps_s": args.duration_paced,
+            "channels": args.channels,
+            "modes": args.modes,
+            "repeat": args.repeat,
+            "closed_loop_window": WINDOW,
+        },
+        runtime_s=round(time.monotonic() - started, 1),
+    )
     if args.json:
         print(json.dumps(out, indent=2, default=float))
     else:

@@ -44,6 +44,7 @@ def _path(ws: Any) -> tuple[str, dict[str, str]]:
 
 # -- the bare binary forwarder ----------------------------------------------
 
+
 async def _start_bare() -> Any:
     viewers: dict[str, set[Any]] = defaultdict(set)
 
@@ -64,11 +65,11 @@ async def _start_bare() -> Any:
                 except ConnectionClosed:
                     pass
 
-    return await websockets.serve(handler, "127.0.0.1", 0, compression=None,
-                                  max_size=16 * 1024 * 1024)
+    return await websockets.serve(handler, "127.0.0.1", 0, compression=None, max_size=16 * 1024 * 1024)
 
 
 # -- the naive base64 JSON relay of seed 002 --------------------------------
+
 
 async def _start_naive(compression: str | None) -> Any:
     groups: dict[str, set[Any]] = defaultdict(set)
@@ -98,6 +99,7 @@ async def _start_naive(compression: str | None) -> Any:
 
 
 # -- this project's relay ---------------------------------------------------
+
 
 class _OurRelay:
     def __init__(self) -> None:

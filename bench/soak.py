@@ -113,14 +113,18 @@ async def _results(stream: StreamLoad, ws: websockets.ClientConnection) -> None:
             stream.delivered += 1
 
 
-async def viewers(streams: list[StreamLoad], client: httpx.AsyncClient, stop: asyncio.Event,
-                  rng: random.Random) -> None:
+async def viewers(
+    streams: list[StreamLoad], client: httpx.AsyncClient, stop: asyncio.Event, rng: random.Random
+) -> None:
     """MJPEG viewers joining and leaving: each watches a random stream for 2-8 s."""
+
     async def watch(stream: StreamLoad, seconds: float) -> None:
         stream.viewer_sessions += 1
         with contextlib.suppress(httpx.HTTPError, TimeoutError):
-            async with asyncio.timeout(seconds), client.stream(
-                    "GET", f"/live/video-to-video/{stream.playback}/mjpeg") as response:
+            async with (
+                asyncio.timeout(seconds),
+                client.stream("GET", f"/live/video-to-video/{stream.playback}/mjpeg") as response,
+            ):
                 async for chunk in response.aiter_bytes():
                     stream.viewer_frames += chunk.count(b"--frame")
 
@@ -134,21 +138,32 @@ async def viewers(streams: list[StreamLoad], client: httpx.AsyncClient, stop: as
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def fuzz(url: str, relay: str, client: httpx.AsyncClient, stop: asyncio.Event,
-               rng: random.Random) -> int:
+async def fuzz(
+    url: str, relay: str, client: httpx.AsyncClient, stop: asyncio.Event, rng: random.Random
+) -> int:
     """Malformed requests and messages at a few per second: nothing may disturb the streams."""
     sent = 0
-    garbage = [b"", b"\x00" * 64, b"{", b'{"type": "params", "params": ' + b"[" * 500, os.urandom(2048),
-               b'{"type": "hello", "role": "worker", "protocol": 999}', b'{"type": "stats"}']
+    garbage = [
+        b"",
+        b"\x00" * 64,
+        b"{",
+        b'{"type": "params", "params": ' + b"[" * 500,
+        os.urandom(2048),
+        b'{"type": "hello", "role": "worker", "protocol": 999}',
+        b'{"type": "stats"}',
+    ]
     while not stop.is_set():
         choice = rng.randrange(4)
         with contextlib.suppress(Exception):  # refusals are what we want here
             if choice == 0:
-                await client.post("/v1/streams", content=rng.choice(garbage),
-                                  headers={"Content-Type": "application/json"})
+                await client.post(
+                    "/v1/streams", content=rng.choice(garbage), headers={"Content-Type": "application/json"}
+                )
             elif choice == 1:
-                await client.post("/v1/streams", json={"pipeline": "streamdiffusion",
-                                                       "params": {"seed": "x" * rng.randrange(1, 5000)}})
+                await client.post(
+                    "/v1/streams",
+                    json={"pipeline": "streamdiffusion", "params": {"seed": "x" * rng.randrange(1, 5000)}},
+                )
             elif choice == 2:
                 async with asyncio.timeout(2), websockets.connect(relay + "/soak-fuzz") as ws:
                     await ws.send(rng.choice(garbage))
@@ -180,9 +195,25 @@ async def run(args: argparse.Namespace) -> int:
     data = Path(tempfile.mkdtemp(prefix="sd-soak-"))
     http_port, relay_port = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", "--port", str(http_port), "--relay-port", str(relay_port),
-        "--data-dir", str(data), "--api-key", KEY, "--engine", "filter", "--capacity", str(args.streams),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "api",
+        "--port",
+        str(http_port),
+        "--relay-port",
+        str(relay_port),
+        "--data-dir",
+        str(data),
+        "--api-key",
+        KEY,
+        "--engine",
+        "filter",
+        "--capacity",
+        str(args.streams),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     url, relay = f"http://127.0.0.1:{http_port}", f"ws://127.0.0.1:{relay_port}"
     stop, kills, rng = asyncio.Event(), [], random.Random(args.seed)
     try:
@@ -191,16 +222,22 @@ async def run(args: argparse.Namespace) -> int:
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
             streams = []
             for _ in range(args.streams):
-                body = (await client.post("/v1/streams", json={"pipeline": "streamdiffusion",
-                                                               "params": {"prompt": "photo negative"}})).json()
+                body = (
+                    await client.post(
+                        "/v1/streams",
+                        json={"pipeline": "streamdiffusion", "params": {"prompt": "photo negative"}},
+                    )
+                ).json()
                 streams.append(StreamLoad(body["id"], body["stream_key"], body["output_playback_id"]))
             feeders = [asyncio.create_task(feed(s, url, args.fps, stop)) for s in streams]
             await asyncio.sleep(args.warmup)  # let every stream reach its steady state before measuring RSS
             pids = [process.pid, *children(process.pid)]
             rss_start = {pid: rss_mb(pid) for pid in pids}
-            side = [asyncio.create_task(viewers(streams, client, stop, rng)),
-                    asyncio.create_task(fuzz(url, relay, client, stop, rng)),
-                    asyncio.create_task(killer(process.pid, args.kill_every, stop, kills))]
+            side = [
+                asyncio.create_task(viewers(streams, client, stop, rng)),
+                asyncio.create_task(fuzz(url, relay, client, stop, rng)),
+                asyncio.create_task(killer(process.pid, args.kill_every, stop, kills)),
+            ]
             started = time.monotonic()
             for s in streams:
                 s.sent = s.delivered = 0
@@ -220,26 +257,40 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.wait_for(process.wait(), 30)
         shutil.rmtree(data, ignore_errors=True)
     elapsed = time.monotonic() - started
-    print(f"soak: {args.streams} streams at {args.fps:g} fps for {elapsed / 60:.1f} min, worker killed "
-          f"{len(kills)} times (every {args.kill_every:g} s), {fuzzed} malformed requests; {machine()}")
-    print(f"{'stream':<22} {'sent':>7} {'delivered':>9} {'fps out':>7} {'drops':>6} {'gaps>2s':>7} "
-          f"{'after kill':>10} {'longest':>7} {'viewers':>7} {'mjpeg frames':>12}")
+    print(
+        f"soak: {args.streams} streams at {args.fps:g} fps for {elapsed / 60:.1f} min, worker killed "
+        f"{len(kills)} times (every {args.kill_every:g} s), {fuzzed} malformed requests; {machine()}"
+    )
+    print(
+        f"{'stream':<22} {'sent':>7} {'delivered':>9} {'fps out':>7} {'drops':>6} {'gaps>2s':>7} "
+        f"{'after kill':>10} {'longest':>7} {'viewers':>7} {'mjpeg frames':>12}"
+    )
     worst_other_gap = 0.0
     for s in streams:
-        after_kill = [g for g in s.gaps if any(0 <= g[0] - k <= AFTER_KILL_S or 0 <= k - g[0] <= g[1]
-                                                   for k in kills)]
+        after_kill = [
+            g for g in s.gaps if any(0 <= g[0] - k <= AFTER_KILL_S or 0 <= k - g[0] <= g[1] for k in kills)
+        ]
         other = [g for g in s.gaps if g not in after_kill]
         worst_other_gap = max([worst_other_gap, *(g[1] for g in other)])
         longest = max((g[1] for g in s.gaps), default=0.0)
-        print(f"{s.id:<22} {s.sent:>7} {s.delivered:>9} {s.delivered / elapsed:>7.1f} {drops[s.id]:>6} "
-              f"{len(s.gaps):>7} {len(after_kill):>10} {longest:>6.1f}s {s.viewer_sessions:>7} "
-              f"{s.viewer_frames:>12}")
-    print("RSS MB (start -> end): " + "; ".join(
-        f"pid {pid}{' server' if pid == process.pid else ''}: {rss_start.get(pid) or 0:.0f} -> "
-        f"{rss_end.get(pid) or 0:.0f}" for pid in sorted(set(rss_start) | set(rss_end))))
+        print(
+            f"{s.id:<22} {s.sent:>7} {s.delivered:>9} {s.delivered / elapsed:>7.1f} {drops[s.id]:>6} "
+            f"{len(s.gaps):>7} {len(after_kill):>10} {longest:>6.1f}s {s.viewer_sessions:>7} "
+            f"{s.viewer_frames:>12}"
+        )
+    print(
+        "RSS MB (start -> end): "
+        + "; ".join(
+            f"pid {pid}{' server' if pid == process.pid else ''}: {rss_start.get(pid) or 0:.0f} -> "
+            f"{rss_end.get(pid) or 0:.0f}"
+            for pid in sorted(set(rss_start) | set(rss_end))
+        )
+    )
     server_growth = (rss_end[process.pid] or 0) / (rss_start[process.pid] or 1) - 1
-    print(f"server RSS growth {server_growth * 100:+.1f}%; longest gap not right after a kill "
-          f"{worst_other_gap:.1f} s")
+    print(
+        f"server RSS growth {server_growth * 100:+.1f}%; longest gap not right after a kill "
+        f"{worst_other_gap:.1f} s"
+    )
     return 0
 
 
@@ -248,7 +299,9 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=4, help="streams fed at once (default 4)")
     p.add_argument("--fps", type=float, default=30.0, help="input rate of each stream (default 30)")
     p.add_argument("--minutes", type=float, default=10.0, help="how long to measure (default 10)")
-    p.add_argument("--kill-every", type=float, default=120.0, help="seconds between worker kills (default 120)")
+    p.add_argument(
+        "--kill-every", type=float, default=120.0, help="seconds between worker kills (default 120)"
+    )
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring (default 10)")
     p.add_argument("--seed", type=int, default=1, help="random seed for viewers and fuzz")
     args = p.parse_args()

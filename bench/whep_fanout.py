@@ -45,8 +45,25 @@ async def start_server(shared: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = child_env() | {"STREAMDIFFUSION_SERVER__WHEP_SHARED_ENCODER": "true" if shared else "false"}
     server = subprocess.Popen(  # noqa: ASYNC220 (Popen returns at once)
-        [sys.executable, "-m", "api", "--port", str(port), "--relay-port", "0", "--api-key", KEY,
-         "--workers", "1", "--engine", "filter"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "api",
+            "--port",
+            str(port),
+            "--relay-port",
+            "0",
+            "--api-key",
+            KEY,
+            "--workers",
+            "1",
+            "--engine",
+            "filter",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base) as client:
         for _ in range(300):
@@ -63,6 +80,7 @@ async def feed(base: str, stream_key: str, stop: asyncio.Event) -> None:
     payloads = [encode_image(natural_image(512, 512, seed=i)) for i in range(8)]
     url = base.replace("http://", "ws://") + f"/live/video-to-video/{stream_key}/ws"
     async with ws_connect(url, compression=None, max_size=16 * 2**20) as ws:
+
         async def drain() -> None:
             async for _ in ws:
                 pass
@@ -89,8 +107,9 @@ class Viewer:
         codecs = RTCRtpSender.getCapabilities("video").codecs
         transceiver.setCodecPreferences([c for c in codecs if c.mimeType in ("video/VP8", "video/rtx")])
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        response = await client.post(url, content=self.pc.localDescription.sdp,
-                                     headers={"Content-Type": "application/sdp"})
+        response = await client.post(
+            url, content=self.pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+        )
         response.raise_for_status()
         await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
         self.task = asyncio.create_task(self._count(transceiver.receiver.track))
@@ -111,9 +130,12 @@ async def measure(shared: bool, viewers: int, seconds: float) -> dict:
     server, base = await start_server(shared)
     stop = asyncio.Event()
     try:
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
-            response = await client.post("/v1/streams", json={"pipeline": "streamdiffusion",
-                                                              "params": {"prompt": "photo negative"}})
+        async with httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+        ) as client:
+            response = await client.post(
+                "/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "photo negative"}}
+            )
             stream = response.json()
             feeder = asyncio.create_task(feed(base, stream["stream_key"], stop))
             peers = [Viewer() for _ in range(viewers)]
@@ -137,18 +159,25 @@ async def measure(shared: bool, viewers: int, seconds: float) -> dict:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--viewers", default="1,2,4,8")
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"stream: 512x512, {FPS} fps in over the WebSocket ingest, VP8 out, filter engine\n")
-    print(f"{'encoding':<12} {'viewers':>7} {'server cpu':>10} {'cpu/viewer':>10} {'fps mean':>8} {'fps min':>8}")
+    print(
+        f"{'encoding':<12} {'viewers':>7} {'server cpu':>10} {'cpu/viewer':>10} {'fps mean':>8} {'fps min':>8}"
+    )
     for count in (int(v) for v in args.viewers.split(",")):
         for shared in (True, False):
             row = await measure(shared, count, args.seconds)
-            print(f"{'shared' if shared else 'per viewer':<12} {count:>7} {row['cpu']:>10.0%} "
-                  f"{row['cpu'] / count:>10.0%} {row['fps_mean']:>8.1f} {row['fps_min']:>8.1f}", flush=True)
+            print(
+                f"{'shared' if shared else 'per viewer':<12} {count:>7} {row['cpu']:>10.0%} "
+                f"{row['cpu'] / count:>10.0%} {row['fps_mean']:>8.1f} {row['fps_min']:>8.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

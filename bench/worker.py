@@ -48,7 +48,9 @@ def bench_serial(effect: str, payload: bytes, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--effects", default="cartoon,edges,sepia")
     args = parser.parse_args()
@@ -62,7 +64,12 @@ def main() -> None:
         rows = [("engine alone", alone, []), ("serial", bench_serial(effect, payload, args.seconds), [])]
         params = {"effect": effect}
         rows.append(("pipeline", *bench_pipeline("filter", params, payload, (512, 512), args.seconds)))
-        rows.append(("worker via relay", *asyncio.run(bench_via_relay("filter", params, payload, (512, 512), args.seconds))))
+        rows.append(
+            (
+                "worker via relay",
+                *asyncio.run(bench_via_relay("filter", params, payload, (512, 512), args.seconds)),
+            )
+        )
         for name, fps, lat in rows:
             print(f"{effect:<10} {name:<18} {fps:8.1f} {fps / alone:9.0%} {pct_cells(lat)}")
 

@@ -20,8 +20,9 @@ from wire.frames import Frame, ImageFormat, decode_frame, encode_frame
 from worker.pipeline import ChannelPipeline, Events, engine_factory
 
 
-def bench_pipeline(engine: str, params: dict, payload: bytes, size: tuple[int, int], seconds: float,
-                   in_flight: int = 2) -> tuple[float, list[float]]:
+def bench_pipeline(
+    engine: str, params: dict, payload: bytes, size: tuple[int, int], seconds: float, in_flight: int = 2
+) -> tuple[float, list[float]]:
     """Feed the pipeline keeping ``in_flight`` frames outstanding; count outputs after the first one."""
     done = threading.Semaphore(0)
     latencies: list[float] = []
@@ -56,8 +57,9 @@ def bench_pipeline(engine: str, params: dict, payload: bytes, size: tuple[int, i
     return len(latencies) / elapsed, latencies
 
 
-async def bench_via_relay(engine: str, params: dict, payload: bytes, size: tuple[int, int], seconds: float,
-                          in_flight: int = 2) -> tuple[float, list[float]]:
+async def bench_via_relay(
+    engine: str, params: dict, payload: bytes, size: tuple[int, int], seconds: float, in_flight: int = 2
+) -> tuple[float, list[float]]:
     """Relay and worker as processes; a producer keeps ``in_flight`` frames outstanding after a warm-up."""
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
@@ -73,8 +75,21 @@ async def bench_via_relay(engine: str, params: dict, payload: bytes, size: tuple
                 await asyncio.sleep(0.05)  # waiting for the relay process to listen
         else:
             raise RuntimeError("relay did not start")
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "--relay", url, "--engine", engine,  # noqa: ASYNC220
-                                   "--params", json.dumps(params)], cwd=ROOT, env=env)
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "--relay",
+                url,
+                "--engine",
+                engine,  # noqa: ASYNC220
+                "--params",
+                json.dumps(params),
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         latencies: list[float] = []
         sent_at: dict[int, float] = {}
         seq = 0

@@ -14,8 +14,10 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage().replace('"', "'")
-        line = (f'ts={self.formatTime(record, "%Y-%m-%dT%H:%M:%S")} level={record.levelname.lower()} '
-                f'logger={record.name} msg="{message}"')
+        line = (
+            f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} level={record.levelname.lower()} "
+            f'logger={record.name} msg="{message}"'
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -43,7 +45,14 @@ def setup_logging(level: str | None = None) -> None:
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """``--log-level`` and ``-v``, the same on every command; read back with ``args.log_level``."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--log-level", choices=LEVELS, default=None,
-                       help="how much to log on stderr (default warning: quiet)")
-    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="info",
-                       help="log more: the same as --log-level info")
+    group.add_argument(
+        "--log-level", choices=LEVELS, default=None, help="how much to log on stderr (default warning: quiet)"
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="info",
+        help="log more: the same as --log-level info",
+    )

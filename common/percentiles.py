@@ -21,8 +21,9 @@ def label(q: float) -> str:
     return "max" if q >= 1 else f"p{q * 100:g}"
 
 
-def percentiles_ms(samples: Iterable[float],
-                   quantiles: Sequence[float] = REPORT_QUANTILES) -> dict[str, float | None]:
+def percentiles_ms(
+    samples: Iterable[float], quantiles: Sequence[float] = REPORT_QUANTILES
+) -> dict[str, float | None]:
     """Nearest-rank percentiles of durations in seconds, as milliseconds rounded to 3 decimals.
 
     Keys are :func:`label` of each quantile, in order; every value is

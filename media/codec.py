@@ -18,15 +18,14 @@ from wire.frames import ImageFormat
 DEFAULT_QUALITY = 85
 
 
-def encode_image(rgb: np.ndarray, fmt: ImageFormat = ImageFormat.JPEG,
-                 quality: int = DEFAULT_QUALITY) -> bytes:
+def encode_image(
+    rgb: np.ndarray, fmt: ImageFormat = ImageFormat.JPEG, quality: int = DEFAULT_QUALITY
+) -> bytes:
     """Encode an ``HxWx3`` uint8 RGB array."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if fmt == ImageFormat.JPEG:
-        return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB",
-                                      colorsubsampling="420")
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB", colorsubsampling="420")
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
@@ -53,5 +52,4 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     if (w, h) == (width, height):
         return rgb
     shrink = width * height < w * h
-    return cv2.resize(rgb, (width, height),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

@@ -96,9 +96,17 @@ def watchdog(seconds: float) -> Iterator[None]:
 class Sink:
     """One open container with one H.264 stream; pts given in ``time_base`` units, kept increasing."""
 
-    def __init__(self, target: str, fmt: str, size: tuple[int, int], rate: Fraction,
-                 time_base: Fraction, gop: int, codec_options: dict[str, str],
-                 container_options: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        fmt: str,
+        size: tuple[int, int],
+        rate: Fraction,
+        time_base: Fraction,
+        gop: int,
+        codec_options: dict[str, str],
+        container_options: dict[str, str] | None = None,
+    ) -> None:
         self.size, self.time_base = size, time_base
         self.container = av.open(target, "w", format=fmt, container_options=container_options or {})
         try:
@@ -208,8 +216,9 @@ class Encoder:
             self.last_key = now
         if self.sink.frames == 1:
             log.info("publishing %dx%d to %s", *self.sink.size, self.label)
-            emit(self.opts, "publishing", target=self.label, width=self.sink.size[0],
-                 height=self.sink.size[1])
+            emit(
+                self.opts, "publishing", target=self.label, width=self.sink.size[0], height=self.sink.size[1]
+            )
             self.backoff = BACKOFF[0]
 
     def _open(self, picture: np.ndarray) -> Sink:
@@ -217,12 +226,27 @@ class Encoder:
         size = (max(2, width - width % 2), max(2, height - height % 2))
         if self.opts.rtmp is not None:
             rtmp.probe(self.opts.rtmp, timeout=min(5.0, self.opts.stall_timeout))
-            return Sink(self.opts.rtmp, rtmp.FORMAT, size, self.rate, Fraction(1, 1000),
-                        max(1, round(self.opts.fps * 2)), rtmp.codec_options())
+            return Sink(
+                self.opts.rtmp,
+                rtmp.FORMAT,
+                size,
+                self.rate,
+                Fraction(1, 1000),
+                max(1, round(self.opts.fps * 2)),
+                rtmp.codec_options(),
+            )
         assert self.opts.hls is not None
         options = hls.container_options(self.opts.hls, self.opts.hls_time, self.opts.hls_list_size)
-        return Sink(str(self.opts.hls / hls.PLAYLIST), hls.FORMAT, size, self.rate, 1 / self.rate,
-                    max(1, round(self.opts.fps * self.opts.hls_time)), hls.codec_options(), options)
+        return Sink(
+            str(self.opts.hls / hls.PLAYLIST),
+            hls.FORMAT,
+            size,
+            self.rate,
+            1 / self.rate,
+            max(1, round(self.opts.fps * self.opts.hls_time)),
+            hls.codec_options(),
+            options,
+        )
 
     def _failed(self, exc: BaseException) -> None:
         if self.opts.rtmp is not None:
@@ -254,8 +278,15 @@ async def read_relay(options: Options, frames: ThreadSlot[Frame]) -> None:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel (SIGTERM) that lands
             # as the connection is refused, and this loop would outlive the stop
             async with asyncio.timeout(10):
-                ws, _ = await connect(options.relay, "viewer", options.channel, options.token,
-                                      receive="output", name="output", max_queue=4)
+                ws, _ = await connect(
+                    options.relay,
+                    "viewer",
+                    options.channel,
+                    options.token,
+                    receive="output",
+                    name="output",
+                    max_queue=4,
+                )
         except RelayRefused as exc:
             problem = f"the relay refused the output viewer: {exc}"
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:

@@ -58,13 +58,27 @@ class Options:
 
     def argv(self) -> list[str]:
         """The child's arguments after ``python -m CHILD_MODULE`` (no secrets: see :meth:`environment`)."""
-        args = ["--relay", self.relay, "--channel", self.channel, "--fps", f"{self.fps:g}",
-                "--stall-timeout", f"{self.stall_timeout:g}"]
+        args = [
+            "--relay",
+            self.relay,
+            "--channel",
+            self.channel,
+            "--fps",
+            f"{self.fps:g}",
+            "--stall-timeout",
+            f"{self.stall_timeout:g}",
+        ]
         args += ["--status"] if self.status else []
         args += ["--watch-stdin"] if self.watch_stdin else []
         if self.hls is not None:
-            args += ["--hls", str(self.hls), "--hls-time", f"{self.hls_time:g}",
-                     "--hls-list-size", str(self.hls_list_size)]
+            args += [
+                "--hls",
+                str(self.hls),
+                "--hls-time",
+                f"{self.hls_time:g}",
+                "--hls-list-size",
+                str(self.hls_list_size),
+            ]
         return args + (["-v"] if self.verbose else [])
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
@@ -86,23 +100,34 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     p.add_argument("--channel", required=True, help="the channel whose output to publish")
     p.add_argument("--token", default=os.environ.get(ENV_TOKEN), help=f"relay token (or ${ENV_TOKEN})")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--rtmp", default=os.environ.get(ENV_RTMP),
-                        help=f"push to rtmp[s]://host/app/key (or ${ENV_RTMP})")
+    target.add_argument(
+        "--rtmp", default=os.environ.get(ENV_RTMP), help=f"push to rtmp[s]://host/app/key (or ${ENV_RTMP})"
+    )
     target.add_argument("--hls", type=Path, help="write DIR/index.m3u8 and its segments")
     p.add_argument("--fps", type=float, default=30.0, help="RTMP: GOP hint; HLS: the output frame rate")
     p.add_argument("--hls-time", type=float, default=1.0, help="HLS segment length, seconds")
     p.add_argument("--hls-list-size", type=int, default=6, help="segments listed in the playlist")
     p.add_argument("--status", action="store_true", help="JSON status lines on stdout")
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
-    p.add_argument("--stall-timeout", type=float, default=20.0,
-                   help="exit when a network write blocks this long")
+    p.add_argument(
+        "--stall-timeout", type=float, default=20.0, help="exit when a network write blocks this long"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     try:
-        return Options(relay=a.relay, channel=a.channel, token=a.token,
-                       rtmp=None if a.hls is not None else a.rtmp,  # --hls wins over $OUTPUT_RTMP_URL
-                       hls=a.hls, fps=a.fps, hls_time=a.hls_time, hls_list_size=a.hls_list_size,
-                       status=a.status, watch_stdin=a.watch_stdin, stall_timeout=a.stall_timeout,
-                       verbose=a.verbose)
+        return Options(
+            relay=a.relay,
+            channel=a.channel,
+            token=a.token,
+            rtmp=None if a.hls is not None else a.rtmp,  # --hls wins over $OUTPUT_RTMP_URL
+            hls=a.hls,
+            fps=a.fps,
+            hls_time=a.hls_time,
+            hls_list_size=a.hls_list_size,
+            status=a.status,
+            watch_stdin=a.watch_stdin,
+            stall_timeout=a.stall_timeout,
+            verbose=a.verbose,
+        )
     except ValueError as exc:
         p.error(str(exc))

@@ -35,15 +35,38 @@ class OutputProcess:
     relay token travel in the environment, not argv, so ``ps`` shows no stream key.
     """
 
-    def __init__(self, relay_url: str, channel: str, *, rtmp_url: str | None = None,
-                 hls_dir: Path | None = None, token: str | None = None, fps: float = 30.0,
-                 hls_time: float = 1.0, hls_list_size: int = 6, verbose: bool = False,
-                 restart_delay: float = 1.0, max_restart_delay: float = 30.0,
-                 stop_timeout: float = 5.0, stall_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        relay_url: str,
+        channel: str,
+        *,
+        rtmp_url: str | None = None,
+        hls_dir: Path | None = None,
+        token: str | None = None,
+        fps: float = 30.0,
+        hls_time: float = 1.0,
+        hls_list_size: int = 6,
+        verbose: bool = False,
+        restart_delay: float = 1.0,
+        max_restart_delay: float = 30.0,
+        stop_timeout: float = 5.0,
+        stall_timeout: float = 20.0,
+    ) -> None:
         """Raise ``ValueError`` on a bad option (:class:`~media.output_options.Options` checks)."""
-        self.options = Options(relay=relay_url, channel=channel, token=token, rtmp=rtmp_url, hls=hls_dir,
-                               fps=fps, hls_time=hls_time, hls_list_size=hls_list_size, status=True,
-                               watch_stdin=True, stall_timeout=stall_timeout, verbose=verbose)
+        self.options = Options(
+            relay=relay_url,
+            channel=channel,
+            token=token,
+            rtmp=rtmp_url,
+            hls=hls_dir,
+            fps=fps,
+            hls_time=hls_time,
+            hls_list_size=hls_list_size,
+            status=True,
+            watch_stdin=True,
+            stall_timeout=stall_timeout,
+            verbose=verbose,
+        )
         self.rtmp_url, self.hls_dir = rtmp_url, hls_dir
         self.restart_delay, self.max_restart_delay = restart_delay, max_restart_delay
         self.stop_timeout = stop_timeout
@@ -69,8 +92,13 @@ class OutputProcess:
 
     def state(self) -> dict[str, Any]:
         """For the API's stream status."""
-        return {"target": self.target, "running": self.running, "publishing": self.publishing,
-                "last_error": self.last_error, "restarts": self.restarts}
+        return {
+            "target": self.target,
+            "running": self.running,
+            "publishing": self.publishing,
+            "last_error": self.last_error,
+            "restarts": self.restarts,
+        }
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", CHILD_MODULE, *self.options.argv()]
@@ -95,8 +123,9 @@ class OutputProcess:
             try:
                 await asyncio.wait_for(proc.wait(), self.stop_timeout)
             except TimeoutError:
-                log.warning("output process %d ignored SIGTERM for %.0f s: killing it",
-                            proc.pid, self.stop_timeout)
+                log.warning(
+                    "output process %d ignored SIGTERM for %.0f s: killing it", proc.pid, self.stop_timeout
+                )
                 proc.kill()
                 await proc.wait()
         if self._task is not None:
@@ -106,9 +135,11 @@ class OutputProcess:
 
     async def wait_for(self, predicate: Callable[[OutputProcess], bool], timeout: float) -> bool:
         """Wait until ``predicate(self)`` holds (re-checked at every state change); False at timeout."""
+
         async def check() -> None:
             async with self._changed:
                 await self._changed.wait_for(lambda: predicate(self))
+
         try:
             await asyncio.wait_for(check(), timeout)
         except TimeoutError:
@@ -125,8 +156,12 @@ class OutputProcess:
         self.ready = self.publishing = False
         self.returncode = None
         self._proc = await asyncio.create_subprocess_exec(
-            *self.command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-            start_new_session=True)  # a terminal's Ctrl-C reaches the API, which stops us
+            *self.command(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )  # a terminal's Ctrl-C reaches the API, which stops us
         await self._notify()
 
     async def _supervise(self) -> None:
@@ -145,8 +180,10 @@ class OutputProcess:
                 return
             if time.monotonic() - started > 60:
                 delay = self.restart_delay
-            self.last_error = (f"output process for {self.target} exited with code "
-                               f"{self.returncode}; restarting in {delay:.1f} s")
+            self.last_error = (
+                f"output process for {self.target} exited with code "
+                f"{self.returncode}; restarting in {delay:.1f} s"
+            )
             log.warning("%s", self.last_error)
             await self._notify()
             with contextlib.suppress(TimeoutError):

@@ -76,8 +76,10 @@ def describe_error(url: str, exc: BaseException) -> str:
     host, port = address(url)
     target = mask_url(url)
     if isinstance(exc, ConnectionRefusedError):
-        return (f"RTMP server {host}:{port} refused the connection for {target} "
-                "(is the RTMP server running and listening on that port?)")
+        return (
+            f"RTMP server {host}:{port} refused the connection for {target} "
+            "(is the RTMP server running and listening on that port?)"
+        )
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return f"RTMP server {host}:{port} did not answer in time for {target}"
     if isinstance(exc, socket.gaierror):

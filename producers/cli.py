@@ -49,6 +49,7 @@ T = TypeVar("T")
 
 # -- argument types -----------------------------------------------------------
 
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().replace("*", "x").split("x"))
@@ -110,25 +111,50 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         if value < 0:  # type: ignore[operator]
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
         return value
+
     return parse
 
 
 # -- parser -------------------------------------------------------------------
 
+
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--relay", "--websocket_uri", "--websocket-uri", dest="relay",
-                   default=DEFAULT_RELAY, metavar="URL", help=f"relay URL (default {DEFAULT_RELAY})")
+    p.add_argument(
+        "--relay",
+        "--websocket_uri",
+        "--websocket-uri",
+        dest="relay",
+        default=DEFAULT_RELAY,
+        metavar="URL",
+        help=f"relay URL (default {DEFAULT_RELAY})",
+    )
     p.add_argument("--channel", type=_channel, default="default", help="channel name (default: default)")
-    p.add_argument("--token", default=token_from_environment(),
-                   help=f"relay access token (default: ${TOKEN_ENV})")
-    p.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
-                   help="stop after N frames (default: no limit)")
-    p.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
-                   help="stop after this many seconds (default: no limit; static and directory: 60)")
-    p.add_argument("--reconnect", type=_positive(float), default=DEFAULT_RECONNECT, metavar="SECONDS",
-                   help="keep trying to reach the relay this long, at start and after it goes away "
-                        f"(a restart), at most 2 s between tries; then exit 1 (default {DEFAULT_RECONNECT:g}; "
-                        "0: one try, a lost connection ends the run)")
+    p.add_argument(
+        "--token", default=token_from_environment(), help=f"relay access token (default: ${TOKEN_ENV})"
+    )
+    p.add_argument(
+        "--max-frames",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="stop after N frames (default: no limit)",
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds (default: no limit; static and directory: 60)",
+    )
+    p.add_argument(
+        "--reconnect",
+        type=_positive(float),
+        default=DEFAULT_RECONNECT,
+        metavar="SECONDS",
+        help="keep trying to reach the relay this long, at start and after it goes away "
+        f"(a restart), at most 2 s between tries; then exit 1 (default {DEFAULT_RECONNECT:g}; "
+        "0: one try, a lost connection ends the run)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no once-a-second rate lines")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     add_logging_arguments(p)
@@ -136,70 +162,121 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m producers", description=__doc__,
+        prog="python -m producers",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Seed-002 form also works: python -m producers --mode=static --source=image.jpg")
+        epilog="Seed-002 form also works: python -m producers --mode=static --source=image.jpg",
+    )
     sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
     _connection_args(common)
-    common.add_argument("--fps", type=_positive(float), default=None,
-                        help=f"frames per second (default {DEFAULT_FPS:g}, a video's own rate); "
-                             "0 = as fast as possible")
-    common.add_argument("--format", type=_format, default=ImageFormat.JPEG,
-                        help="jpeg or png (any case; default jpeg)")
-    common.add_argument("--quality", type=_quality, default=85, metavar="1-100",
-                        help="JPEG quality (default 85)")
-    common.add_argument("--resize", type=_size, default=None, metavar="WxH",
-                        help="resize every frame before encoding")
-    common.add_argument("--params", type=_params, default=None, metavar="JSON",
-                        help='parameters to send once connected, e.g. \'{"prompt": "a cat"}\'')
-    common.add_argument("--legacy", action="store_true",
-                        help="send seed-002 base64 JSON image messages (no hello), count the acks")
-    common.add_argument("--no-receive", dest="receive", action="store_false",
-                        help="do not ask for the worker's results")
-    common.add_argument("--max-in-flight", type=_positive(int), default=0, metavar="N",
-                        help="at most N frames awaiting results (skip frames while full); 0 = no limit")
+    common.add_argument(
+        "--fps",
+        type=_positive(float),
+        default=None,
+        help=f"frames per second (default {DEFAULT_FPS:g}, a video's own rate); 0 = as fast as possible",
+    )
+    common.add_argument(
+        "--format", type=_format, default=ImageFormat.JPEG, help="jpeg or png (any case; default jpeg)"
+    )
+    common.add_argument(
+        "--quality", type=_quality, default=85, metavar="1-100", help="JPEG quality (default 85)"
+    )
+    common.add_argument(
+        "--resize", type=_size, default=None, metavar="WxH", help="resize every frame before encoding"
+    )
+    common.add_argument(
+        "--params",
+        type=_params,
+        default=None,
+        metavar="JSON",
+        help='parameters to send once connected, e.g. \'{"prompt": "a cat"}\'',
+    )
+    common.add_argument(
+        "--legacy",
+        action="store_true",
+        help="send seed-002 base64 JSON image messages (no hello), count the acks",
+    )
+    common.add_argument(
+        "--no-receive", dest="receive", action="store_false", help="do not ask for the worker's results"
+    )
+    common.add_argument(
+        "--max-in-flight",
+        type=_positive(int),
+        default=0,
+        metavar="N",
+        help="at most N frames awaiting results (skip frames while full); 0 = no limit",
+    )
 
     def mode(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
 
-    for name, what in (("static", "an image file, repeated"),
-                       ("directory", "a directory of images, in name order, looping"),
-                       ("video", "a video file")):
+    for name, what in (
+        ("static", "an image file, repeated"),
+        ("directory", "a directory of images, in name order, looping"),
+        ("video", "a video file"),
+    ):
         p = mode(name, f"send {what}")
         p.add_argument("source", nargs="?", help="the " + ("directory" if name == "directory" else "file"))
         p.add_argument("--source", dest="source_opt", help=argparse.SUPPRESS)
-    sub.choices["directory"].add_argument("--no-loop", dest="loop", action="store_false",
-                                          help="stop after the last image")
+    sub.choices["directory"].add_argument(
+        "--no-loop", dest="loop", action="store_false", help="stop after the last image"
+    )
     sub.choices["video"].add_argument("--loop", action="store_true", help="restart at the end")
     p = mode("screen", "capture the screen (needs a display and mss)")
-    p.add_argument("--region", type=_region, default=None, metavar="X,Y,W,H",
-                   help="part of the screen; the seed's [100,100,512,512] form works too")
+    p.add_argument(
+        "--region",
+        type=_region,
+        default=None,
+        metavar="X,Y,W,H",
+        help="part of the screen; the seed's [100,100,512,512] form works too",
+    )
     p.add_argument("--monitor", type=int, default=1, help="monitor number (default 1)")
     p = mode("webcam", "capture a camera through OpenCV")
     p.add_argument("--device", type=int, default=0, help="camera index (default 0)")
     p = mode("pattern", "send a built-in animated test pattern (no media needed)")
-    p.add_argument("--size", type=_size, default=(512, 512), metavar="WxH",
-                   help="pattern size (default 512x512)")
+    p.add_argument(
+        "--size", type=_size, default=(512, 512), metavar="WxH", help="pattern size (default 512x512)"
+    )
 
-    v = sub.add_parser("view", help="receive a channel: show a window, save files or write an MP4",
-                       description="Receive a channel's frames (the worker's results by default) "
-                                   "and show the newest one in a window with an fps overlay; "
-                                   "q, Esc or closing the window ends it like Ctrl-C. "
-                                   "--save or --mp4 run without a window (no display needed).")
+    v = sub.add_parser(
+        "view",
+        help="receive a channel: show a window, save files or write an MP4",
+        description="Receive a channel's frames (the worker's results by default) "
+        "and show the newest one in a window with an fps overlay; "
+        "q, Esc or closing the window ends it like Ctrl-C. "
+        "--save or --mp4 run without a window (no display needed).",
+    )
     _connection_args(v)
     kind = v.add_mutually_exclusive_group()
-    kind.add_argument("--input", dest="receive", action="store_const", const="input",
-                      default="output", help="the producer's raw input frames instead of results")
-    kind.add_argument("--both", dest="receive", action="store_const", const="both",
-                      help="input and output frames")
-    v.add_argument("--save", type=Path, default=None, metavar="DIR",
-                   help="write each frame's bytes to DIR/{seq:08d}.jpg (headless)")
-    v.add_argument("--mp4", type=Path, default=None, metavar="PATH",
-                   help="write every frame into an H.264 MP4, each at the time it arrived: "
-                        "the clip lasts as long as the frames took and plays at the received "
-                        "rate (headless)")
+    kind.add_argument(
+        "--input",
+        dest="receive",
+        action="store_const",
+        const="input",
+        default="output",
+        help="the producer's raw input frames instead of results",
+    )
+    kind.add_argument(
+        "--both", dest="receive", action="store_const", const="both", help="input and output frames"
+    )
+    v.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each frame's bytes to DIR/{seq:08d}.jpg (headless)",
+    )
+    v.add_argument(
+        "--mp4",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write every frame into an H.264 MP4, each at the time it arrived: "
+        "the clip lasts as long as the frames took and plays at the received "
+        "rate (headless)",
+    )
     v.add_argument("--show", action="store_true", help="show the window even with --save/--mp4")
     return parser
 
@@ -208,13 +285,14 @@ def _seed_argv(argv: list[str]) -> list[str]:
     """Turn seed 002's ``--mode=static --source=x`` into ``static --source=x``."""
     for i, arg in enumerate(argv):
         if arg == "--mode" and i + 1 < len(argv):
-            return [argv[i + 1], *argv[:i], *argv[i + 2:]]
+            return [argv[i + 1], *argv[:i], *argv[i + 2 :]]
         if arg.startswith("--mode="):
-            return [arg.split("=", 1)[1], *argv[:i], *argv[i + 1:]]
+            return [arg.split("=", 1)[1], *argv[:i], *argv[i + 1 :]]
     return argv
 
 
 # -- running ------------------------------------------------------------------
+
 
 def make_source(args: argparse.Namespace) -> Source:
     """Open the source the arguments name; raises :class:`SourceError`."""
@@ -240,20 +318,40 @@ def producer_options(args: argparse.Namespace, source: Source) -> ProducerOption
     if duration is None and args.mode in ("static", "directory"):
         duration = SEED_DURATION
     return ProducerOptions(
-        relay=args.relay, channel=args.channel, token=args.token, fps=fps, duration=duration,
-        max_frames=args.max_frames, format=args.format, quality=args.quality, resize=args.resize,
-        legacy=args.legacy, params=args.params, receive=args.receive,
-        max_in_flight=args.max_in_flight, progress=not args.quiet, name=f"producers-{args.mode}",
-        reconnect=args.reconnect)
+        relay=args.relay,
+        channel=args.channel,
+        token=args.token,
+        fps=fps,
+        duration=duration,
+        max_frames=args.max_frames,
+        format=args.format,
+        quality=args.quality,
+        resize=args.resize,
+        legacy=args.legacy,
+        params=args.params,
+        receive=args.receive,
+        max_in_flight=args.max_in_flight,
+        progress=not args.quiet,
+        name=f"producers-{args.mode}",
+        reconnect=args.reconnect,
+    )
 
 
 def viewer_options(args: argparse.Namespace) -> ViewerOptions:
     headless = args.save is not None or args.mp4 is not None
     return ViewerOptions(
-        relay=args.relay, channel=args.channel, token=args.token, receive=args.receive,
-        show=args.show or not headless, save_dir=args.save, mp4=args.mp4,
-        max_frames=args.max_frames, duration=args.duration, progress=not args.quiet,
-        reconnect=args.reconnect)
+        relay=args.relay,
+        channel=args.channel,
+        token=args.token,
+        receive=args.receive,
+        show=args.show or not headless,
+        save_dir=args.save,
+        mp4=args.mp4,
+        max_frames=args.max_frames,
+        duration=args.duration,
+        progress=not args.quiet,
+        reconnect=args.reconnect,
+    )
 
 
 async def _until_interrupted(work: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
@@ -294,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with make_source(args) as source:
                 popts = producer_options(args, source)
-                report = asyncio.run(_until_interrupted(
-                    lambda stop: run_producer(source, popts, stop=stop)))
+                report = asyncio.run(_until_interrupted(lambda stop: run_producer(source, popts, stop=stop)))
     except (SourceError, ViewerError) as exc:
         return _fail(str(exc), 2)
     except ConnectError as exc:

@@ -16,17 +16,23 @@ from producers.net import open_relay
 from wire.frames import FrameKind, decode_frame, encode_frame
 
 
-async def run_echo_worker(url: str, *, token: str | None = None, capacity: int = 16,
-                          ready: asyncio.Event | None = None,
-                          stop: asyncio.Event | None = None,
-                          seen: list[dict[str, Any]] | None = None) -> int:
+async def run_echo_worker(
+    url: str,
+    *,
+    token: str | None = None,
+    capacity: int = 16,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    seen: list[dict[str, Any]] | None = None,
+) -> int:
     """Echo frames until ``stop`` is set or the relay closes; return how many were echoed.
 
     ``ready`` is set once the relay has accepted the worker; ``seen`` collects
     the control messages it received (``assign``, ``params``...).
     """
-    ws, _welcome = await open_relay(url, "worker", "default", token, capacity=capacity,
-                                    name="echo", engine="echo")
+    ws, _welcome = await open_relay(
+        url, "worker", "default", token, capacity=capacity, name="echo", engine="echo"
+    )
     if ready is not None:
         ready.set()
     versions: dict[str, int] = {}
@@ -50,8 +56,9 @@ async def run_echo_worker(url: str, *, token: str | None = None, capacity: int =
             frame = decode_frame(message)
             if frame.kind is not FrameKind.INPUT:
                 continue
-            out = frame.as_output(frame.payload, frame.format, frame.width, frame.height,
-                                  versions.get(frame.channel, 0))
+            out = frame.as_output(
+                frame.payload, frame.format, frame.width, frame.height, versions.get(frame.channel, 0)
+            )
             await ws.send(encode_frame(out))
             echoed += 1
     except ConnectionClosed:

@@ -49,8 +49,9 @@ class ConnectError(ConnectionError):
         self.retryable = retryable
 
 
-async def open_relay(url: str, role: Role | str, channel: str, token: str | None,
-                     timeout: float = OPEN_TIMEOUT, **hello: Any) -> tuple[ClientConnection, dict[str, Any]]:
+async def open_relay(
+    url: str, role: Role | str, channel: str, token: str | None, timeout: float = OPEN_TIMEOUT, **hello: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
     """``relay.client.connect`` with failures turned into :class:`ConnectError`."""
     try:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
@@ -67,16 +68,23 @@ async def open_relay(url: str, role: Role | str, channel: str, token: str | None
         raise ConnectError(_unreachable(url, exc), retryable=True) from None
 
 
-async def open_legacy(url: str, channel: str, token: str | None,
-                      receive: Receive | str = Receive.OUTPUT,
-                      timeout: float = OPEN_TIMEOUT) -> ClientConnection:
+async def open_legacy(
+    url: str,
+    channel: str,
+    token: str | None,
+    receive: Receive | str = Receive.OUTPUT,
+    timeout: float = OPEN_TIMEOUT,
+) -> ClientConnection:
     """A bare connection for the seed-002 protocol: no hello, the channel in the URL path."""
     parts = urlsplit(url)
     path = parts.path
     if path in ("", "/") and channel != DEFAULT_CHANNEL:
         path = "/" + channel
-    query = {k: v for k, v in (("token", token),
-                               ("receive", None if receive == Receive.OUTPUT else str(receive))) if v}
+    query = {
+        k: v
+        for k, v in (("token", token), ("receive", None if receive == Receive.OUTPUT else str(receive)))
+        if v
+    }
     target = urlunsplit((parts.scheme, parts.netloc, path or "/", urlencode(query), ""))
     try:
         async with asyncio.timeout(timeout):  # not wait_for: see open_relay
@@ -87,8 +95,9 @@ async def open_legacy(url: str, channel: str, token: str | None,
         raise ConnectError(_unreachable(url, exc), retryable=True) from None
 
 
-async def retrying(open_once: Callable[[float], Awaitable[T]], window: float,
-                   stop: asyncio.Event | None = None) -> T | None:
+async def retrying(
+    open_once: Callable[[float], Awaitable[T]], window: float, stop: asyncio.Event | None = None
+) -> T | None:
     """``open_once(timeout)`` until it succeeds; None when ``stop`` is set first.
 
     A retryable :class:`ConnectError` is tried again after the next of
@@ -110,8 +119,9 @@ async def retrying(open_once: Callable[[float], Awaitable[T]], window: float,
             if remaining <= 0:
                 if tries == 1:
                     raise
-                raise ConnectError(f"{exc}; gave up after {tries} tries in {window:g} s",
-                                   retryable=True) from None
+                raise ConnectError(
+                    f"{exc}; gave up after {tries} tries in {window:g} s", retryable=True
+                ) from None
             delay = min(next(delays), remaining)
             log.info("%s; trying again in %.2g s", exc, delay)
             if await _unless_stopped(asyncio.sleep(delay, True), stop) is None:

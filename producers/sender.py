@@ -135,22 +135,34 @@ class ProducerReport:
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
-        data.update(send_fps=round(self.send_fps, 2), receive_fps=round(self.receive_fps, 2),
-                    elapsed=round(self.elapsed, 3))
+        data.update(
+            send_fps=round(self.send_fps, 2),
+            receive_fps=round(self.receive_fps, 2),
+            elapsed=round(self.elapsed, 3),
+        )
         return data
 
     def summary(self) -> str:
-        lines = [(f"sent {self.sent} frames ({self.width}x{self.height}, "
-                  f"{self.bytes_sent / 1e6:.1f} MB) in {self.elapsed:.1f} s: {self.send_fps:.1f} fps"),
-                 (f"received {self.received} results: {self.receive_fps:.1f} fps; dropped "
-                  f"{self.dropped}, unanswered {self.unanswered}, late ticks {self.late}")]
+        lines = [
+            (
+                f"sent {self.sent} frames ({self.width}x{self.height}, "
+                f"{self.bytes_sent / 1e6:.1f} MB) in {self.elapsed:.1f} s: {self.send_fps:.1f} fps"
+            ),
+            (
+                f"received {self.received} results: {self.receive_fps:.1f} fps; dropped "
+                f"{self.dropped}, unanswered {self.unanswered}, late ticks {self.late}"
+            ),
+        ]
         if self.acks:
             lines.append(f"acks {self.acks}")
         if any(v is not None for v in self.latency_ms.values()):
             lines.append("round trip ms: " + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
         if self.errors:
-            lines.append("relay errors: " + ", ".join(f"{k} x{v}" for k, v in self.errors.items())
-                         + f" (last: {self.last_error})")
+            lines.append(
+                "relay errors: "
+                + ", ".join(f"{k} x{v}" for k, v in self.errors.items())
+                + f" (last: {self.last_error})"
+            )
         if self.reconnects:
             lines.append(f"reconnected to the relay {self.reconnects} time(s)")
         if self.closed:
@@ -167,9 +179,13 @@ class _Captured:
     mono: float
 
 
-async def run_producer(source: Source, options: ProducerOptions, *,
-                       stop: asyncio.Event | None = None,
-                       on_result: Callable[[Frame], None] | None = None) -> ProducerReport:
+async def run_producer(
+    source: Source,
+    options: ProducerOptions,
+    *,
+    stop: asyncio.Event | None = None,
+    on_result: Callable[[Frame], None] | None = None,
+) -> ProducerReport:
     """Stream ``source`` to the relay until it ends, ``options`` limits, or ``stop`` is set.
 
     Raises :class:`producers.net.ConnectError` when the relay cannot be reached
@@ -181,8 +197,13 @@ async def run_producer(source: Source, options: ProducerOptions, *,
 
 
 class _Producer:
-    def __init__(self, source: Source, options: ProducerOptions, stop: asyncio.Event | None,
-                 on_result: Callable[[Frame], None] | None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        options: ProducerOptions,
+        stop: asyncio.Event | None,
+        on_result: Callable[[Frame], None] | None,
+    ) -> None:
         self.source = source
         self.opts = options
         self.stop = stop
@@ -239,8 +260,9 @@ class _Producer:
         receive = Receive.OUTPUT if o.receive else Receive.NONE
         if o.legacy:
             return await open_legacy(o.relay, o.channel, o.token, receive, timeout=timeout)
-        ws, _welcome = await open_relay(o.relay, Role.PRODUCER, o.channel, o.token, timeout=timeout,
-                                        receive=receive, name=o.name)
+        ws, _welcome = await open_relay(
+            o.relay, Role.PRODUCER, o.channel, o.token, timeout=timeout, receive=receive, name=o.name
+        )
         return ws
 
     async def _session(self, ws: ClientConnection, pool: ThreadPoolExecutor) -> str | None:
@@ -329,8 +351,9 @@ class _Producer:
     def _done(self) -> bool:
         """The run is over: stopped, or ``max_frames`` sent."""
         o = self.opts
-        return ((self.stop is not None and self.stop.is_set())
-                or (o.max_frames is not None and self.sent.total >= o.max_frames))
+        return (self.stop is not None and self.stop.is_set()) or (
+            o.max_frames is not None and self.sent.total >= o.max_frames
+        )
 
     def _should_stop(self) -> bool:
         return self._done() or self.connection_over
@@ -348,8 +371,7 @@ class _Producer:
 
     async def _wait_window(self, size: int, until: float | None) -> bool:
         """Wait until fewer than ``size`` results are outstanding; False if ``until`` passes."""
-        while len(self.outstanding) >= size and not self.connection_over \
-                and self.has_worker is not False:
+        while len(self.outstanding) >= size and not self.connection_over and self.has_worker is not False:
             now = time.monotonic()
             oldest = next(iter(self.outstanding.values()))
             if now - oldest >= self.opts.in_flight_timeout:
@@ -388,8 +410,17 @@ class _Producer:
         if o.legacy:
             data: str | bytes = encode_control(legacy_image_message(o.format, c.payload, c.wall))
         else:
-            data = encode_frame(Frame(channel=o.channel, seq=seq, timestamp=c.wall, width=c.width,
-                                      height=c.height, format=o.format, payload=c.payload))
+            data = encode_frame(
+                Frame(
+                    channel=o.channel,
+                    seq=seq,
+                    timestamp=c.wall,
+                    width=c.width,
+                    height=c.height,
+                    format=o.format,
+                    payload=c.payload,
+                )
+            )
         if o.receive and self.has_worker is not False:
             self.outstanding[seq] = c.mono
         try:
@@ -454,8 +485,11 @@ class _Producer:
             pass
         finally:
             if not self.closing:  # not our own close: the relay went away (``shutdown`` says why first)
-                self.lost = self.lost or (_close_reason(ws.close_exc) if ws.close_code is not None
-                                          else "the connection to the relay ended")
+                self.lost = self.lost or (
+                    _close_reason(ws.close_exc)
+                    if ws.close_code is not None
+                    else "the connection to the relay ended"
+                )
             self.connection_over = True
             self.changed.set()
 
@@ -514,8 +548,11 @@ class _Producer:
                 self._write_off(self.outstanding)
                 self.outstanding = {}
                 self.changed.set()
-                self._warn_once("no_worker", "no worker serves channel %s yet: frames are dropped "
-                                "until one joins", message.channel)
+                self._warn_once(
+                    "no_worker",
+                    "no worker serves channel %s yet: frames are dropped until one joins",
+                    message.channel,
+                )
             case Report(event=ReportEvent.ERROR):
                 self._error("engine_error", message.message)
 
@@ -533,9 +570,16 @@ class _Producer:
             return
         # the relay numbers a seed-002 producer's images from 0 on each connection
         seq = self.session_base + message.seq if message.seq is not None else self.received.total
-        frame = Frame(channel=message.channel or self.opts.channel, seq=seq,
-                      timestamp=message.timestamp or time.time(), width=width, height=height,
-                      format=fmt, payload=message.data, kind=FrameKind.OUTPUT)
+        frame = Frame(
+            channel=message.channel or self.opts.channel,
+            seq=seq,
+            timestamp=message.timestamp or time.time(),
+            width=width,
+            height=height,
+            format=fmt,
+            payload=message.data,
+            kind=FrameKind.OUTPUT,
+        )
         self._result(frame)
 
     def _error(self, code: str, message: str) -> None:
@@ -550,8 +594,10 @@ class _Producer:
 
     def _progress_line(self, seconds: float) -> str:
         r = self.report
-        line = (f"sent {self.sent.delta() / seconds:5.1f} fps | received "
-                f"{self.received.delta() / seconds:5.1f} fps | dropped {r.dropped} | late {r.late}")
+        line = (
+            f"sent {self.sent.delta() / seconds:5.1f} fps | received "
+            f"{self.received.delta() / seconds:5.1f} fps | dropped {r.dropped} | late {r.late}"
+        )
         recent = list(self.latencies)[-100:]
         if recent:
             line += f" | rtt p50 {percentiles_ms(recent)['p50']} ms"

@@ -89,8 +89,9 @@ class DirectorySource(Source):
             raise SourceError(f"directory not found: {self.path}")
         if not self.path.is_dir():
             raise SourceError(f"not a directory: {self.path}")
-        self.files = sorted(p for p in self.path.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = sorted(
+            p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not self.files:
             raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {self.path}")
         self.loop = loop
@@ -162,8 +163,7 @@ class WebcamSource(Source):
             logging_.setLogLevel(level)
         if not self._cap.isOpened():
             self._cap.release()
-            raise SourceError(f"cannot open webcam {device}: no such device or it is busy "
-                              "(try --device N)")
+            raise SourceError(f"cannot open webcam {device}: no such device or it is busy (try --device N)")
         if width and height:
             self._cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
             self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
@@ -199,10 +199,15 @@ class ScreenSource(Source):
             import mss
         except ImportError:
             raise SourceError("screen capture needs mss: pip install mss") from None
-        if os.name == "posix" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) \
-                and os.uname().sysname == "Linux":
-            raise SourceError("screen capture needs a display: $DISPLAY is not set "
-                              "(run it in a desktop session, or use the pattern/video modes)")
+        if (
+            os.name == "posix"
+            and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+            and os.uname().sysname == "Linux"
+        ):
+            raise SourceError(
+                "screen capture needs a display: $DISPLAY is not set "
+                "(run it in a desktop session, or use the pattern/video modes)"
+            )
         self._grabber: Any = None
         try:
             with mss.mss() as sct:
@@ -213,8 +218,12 @@ class ScreenSource(Source):
             raise SourceError(f"no monitor {monitor}: this screen has {len(monitors) - 1}")
         if region is None:
             mon = monitors[monitor]
-            self.area = {"left": mon["left"], "top": mon["top"], "width": mon["width"],
-                         "height": mon["height"]}
+            self.area = {
+                "left": mon["left"],
+                "top": mon["top"],
+                "width": mon["width"],
+                "height": mon["height"],
+            }
         else:
             x, y, w, h = region
             if w <= 0 or h <= 0:
@@ -224,6 +233,7 @@ class ScreenSource(Source):
     def read(self) -> np.ndarray:
         if self._grabber is None:
             import mss
+
             self._grabber = mss.mss()
         shot = self._grabber.grab(self.area)
         return cv2.cvtColor(np.asarray(shot), cv2.COLOR_BGRA2RGB)
@@ -270,11 +280,25 @@ class PatternSource(Source):
         c = np.array([w / 2, h / 2])
         d = np.array([np.cos(angle), np.sin(angle)]) * min(w, h) * 0.4
         p1, p2 = (c - d).astype(int), (c + d).astype(int)
-        cv2.line(img, (int(p1[0]), int(p1[1])), (int(p2[0]), int(p2[1])), (0, 0, 0),
-                 max(2, min(w, h) // 40), cv2.LINE_AA)
+        cv2.line(
+            img,
+            (int(p1[0]), int(p1[1])),
+            (int(p2[0]), int(p2[1])),
+            (0, 0, 0),
+            max(2, min(w, h) // 40),
+            cv2.LINE_AA,
+        )
         scale = max(0.4, min(w, h) / 400)
-        cv2.putText(img, f"{index:06d}", (8, int(32 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX,
-                    scale, (0, 0, 0), max(1, int(3 * scale)), cv2.LINE_AA)
+        cv2.putText(
+            img,
+            f"{index:06d}",
+            (8, int(32 * scale) + 4),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            max(1, int(3 * scale)),
+            cv2.LINE_AA,
+        )
         return img
 
     def read(self) -> np.ndarray:

@@ -118,14 +118,20 @@ class ViewerReport:
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
-        data.update(fps=round(self.fps, 2), arrival_fps=round(self.arrival_fps, 2),
-                    elapsed=round(self.elapsed, 3), span=round(self.span, 3),
-                    mp4_seconds=round(self.mp4_seconds, 3))
+        data.update(
+            fps=round(self.fps, 2),
+            arrival_fps=round(self.arrival_fps, 2),
+            elapsed=round(self.elapsed, 3),
+            span=round(self.span, 3),
+            mp4_seconds=round(self.mp4_seconds, 3),
+        )
         return data
 
     def summary(self) -> str:
-        line = (f"received {self.frames} frames ({self.width}x{self.height}) in "
-                f"{self.elapsed:.1f} s: {self.fps:.1f} fps")
+        line = (
+            f"received {self.frames} frames ({self.width}x{self.height}) in "
+            f"{self.elapsed:.1f} s: {self.fps:.1f} fps"
+        )
         if self.span > 0:
             line += f"; {self.arrival_fps:.1f} fps from the first to the last"
         lines = [line]
@@ -133,11 +139,12 @@ class ViewerReport:
             lines.append(f"saved {self.saved} files")
         if self.mp4_frames:
             rate = self.mp4_frames / self.mp4_seconds if self.mp4_seconds > 0 else 0.0
-            lines.append(f"wrote {self.mp4_frames} frames to the MP4 (H.264): "
-                         f"{self.mp4_seconds:.2f} s at {rate:.1f} fps on average")
+            lines.append(
+                f"wrote {self.mp4_frames} frames to the MP4 (H.264): "
+                f"{self.mp4_seconds:.2f} s at {rate:.1f} fps on average"
+            )
         if any(v is not None for v in self.latency_ms.values()):
-            lines.append("age since capture ms: "
-                         + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
+            lines.append("age since capture ms: " + " ".join(f"{k} {v}" for k, v in self.latency_ms.items()))
         if self.errors:
             lines.append("relay errors: " + ", ".join(f"{k} x{v}" for k, v in self.errors.items()))
         if self.reconnects:
@@ -149,17 +156,18 @@ class ViewerReport:
 
 def check_display() -> None:
     """Raise :class:`ViewerError` when this Linux session has no display to open a window on."""
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
-                                                 or os.environ.get("WAYLAND_DISPLAY")):
-        raise ViewerError("no display to show a window on ($DISPLAY and $WAYLAND_DISPLAY are "
-                          f"not set); {HEADLESS_ADVICE}")
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        raise ViewerError(
+            f"no display to show a window on ($DISPLAY and $WAYLAND_DISPLAY are not set); {HEADLESS_ADVICE}"
+        )
 
 
 def draw_label(rgb: np.ndarray, text: str) -> None:
     """Write ``text`` in the top-left corner, white on a black outline (readable on any image)."""
     for color, thickness in (((0, 0, 0), 4), ((255, 255, 255), 1)):
-        cv2.putText(rgb, text, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, color, thickness,
-                    cv2.LINE_AA)
+        cv2.putText(rgb, text, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, color, thickness, cv2.LINE_AA)
 
 
 def labelled(frame: Frame, text: str) -> np.ndarray | None:
@@ -200,8 +208,9 @@ class Window:
             pygame.display.init()
             invisible = pygame.display.get_driver() in INVISIBLE_DRIVERS
             if invisible and not os.environ.get("SDL_VIDEODRIVER"):
-                raise pygame.error("no display answered; SDL fell back to its "
-                                   f"{pygame.display.get_driver()} driver")
+                raise pygame.error(
+                    f"no display answered; SDL fell back to its {pygame.display.get_driver()} driver"
+                )
             pygame.display.set_mode(WAITING_SIZE, pygame.RESIZABLE)
         except pygame.error as exc:
             pygame.display.quit()
@@ -335,8 +344,11 @@ class _Mp4:
         try:
             self._mux(self.stream.encode(None))
             if self.held is not None:
-                last = (self.last_pts // (self.frames - 1) if self.frames > 1
-                        else MP4_CLOCK // MP4_SINGLE_FRAME_FPS)
+                last = (
+                    self.last_pts // (self.frames - 1)
+                    if self.frames > 1
+                    else MP4_CLOCK // MP4_SINGLE_FRAME_FPS
+                )
                 self.held.duration = max(1, last)
                 self.end_pts = self.held.pts + self.held.duration
                 self.container.mux(self.held)
@@ -346,9 +358,13 @@ class _Mp4:
             self.container = None
 
 
-async def run_viewer(options: ViewerOptions, *, ready: asyncio.Event | None = None,
-                     stop: asyncio.Event | None = None,
-                     on_frame: Callable[[Frame], None] | None = None) -> ViewerReport:
+async def run_viewer(
+    options: ViewerOptions,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    on_frame: Callable[[Frame], None] | None = None,
+) -> ViewerReport:
     """Receive the channel until ``max_frames``, ``duration``, ``stop``, the relay closes
     or the user closes the window.
 
@@ -376,8 +392,9 @@ async def run_viewer(options: ViewerOptions, *, ready: asyncio.Event | None = No
 
 
 async def _open(o: ViewerOptions, timeout: float) -> ClientConnection:
-    ws, _welcome = await open_relay(o.relay, Role.VIEWER.value, o.channel, o.token, timeout=timeout,
-                                    receive=o.receive, name=o.name)
+    ws, _welcome = await open_relay(
+        o.relay, Role.VIEWER.value, o.channel, o.token, timeout=timeout, receive=o.receive, name=o.name
+    )
     return ws
 
 
@@ -398,8 +415,13 @@ def _check_outputs(o: ViewerOptions) -> None:
 
 
 class _Viewer:
-    def __init__(self, options: ViewerOptions, ws: ClientConnection,
-                 on_frame: Callable[[Frame], None] | None, window: Window | None) -> None:
+    def __init__(
+        self,
+        options: ViewerOptions,
+        ws: ClientConnection,
+        on_frame: Callable[[Frame], None] | None,
+        window: Window | None,
+    ) -> None:
         self.opts = options
         self.ws = ws
         self.on_frame = on_frame

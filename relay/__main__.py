@@ -25,51 +25,122 @@ LEGACY_TOKEN_ENV = "RELAY_TOKENS"  # read too: earlier versions documented it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m relay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m relay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     defaults = RelayConfig()
-    p.add_argument("--host", default=defaults.host,
-                   help="address to listen on (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"port to listen on (default {DEFAULT_PORT}; 0: any free port)")
-    p.add_argument("--token", action="append", default=[],
-                   help=f"accepted token (repeatable); also ${TOKEN_ENV}=a,b. None: no token needed "
-                        "(loopback only)")
-    p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes, metavar="BYTES",
-                   help=f"largest encoded frame accepted (default {defaults.max_frame_bytes})")
-    p.add_argument("--max-width", type=int, default=defaults.max_width, metavar="PIXELS",
-                   help=f"widest frame accepted (default {defaults.max_width})")
-    p.add_argument("--max-height", type=int, default=defaults.max_height, metavar="PIXELS",
-                   help=f"tallest frame accepted (default {defaults.max_height})")
-    p.add_argument("--max-channels", type=int, default=defaults.max_channels, metavar="N",
-                   help=f"channels at once (default {defaults.max_channels})")
-    p.add_argument("--max-params-bytes", type=int, default=defaults.max_params_bytes, metavar="BYTES",
-                   help="largest params message, and largest params a channel holds once merged "
-                        f"(JSON bytes; default {defaults.max_params_bytes})")
-    p.add_argument("--channel", action="append", default=[],
-                   help="allow only these channel names (repeatable); default any")
-    p.add_argument("--open-channels", action=argparse.BooleanOptionalAction, default=None,
-                   help="let producers and viewers without a token join channels (default: yes when "
-                        "no token is configured, else no)")
-    p.add_argument("--origin", action="append", default=[], metavar="ORIGIN",
-                   help="browser origin allowed to connect, e.g. https://app.example (repeatable); "
-                        "default none: handshakes with an Origin header are refused")
-    p.add_argument("--hello-timeout", type=float, default=defaults.hello_timeout, metavar="SECONDS",
-                   help="time to send a hello; a silent connection then becomes a seed-002 consumer "
-                        f"where open channels are allowed, else it is closed (default {defaults.hello_timeout:g})")
-    p.add_argument("--max-connections-per-ip", type=int, default=defaults.max_connections_per_ip, metavar="N",
-                   help="connections one address may hold, not counting those with the token "
-                        f"(default {defaults.max_connections_per_ip})")
-    p.add_argument("--control-rate", type=float, default=defaults.control_rate, metavar="PER_S",
-                   help=f"control messages a connection may send per second (default {defaults.control_rate:g}; "
-                        "frames are not counted)")
-    p.add_argument("--control-burst", type=int, default=defaults.control_burst, metavar="N",
-                   help=f"control messages a connection may send at once (default {defaults.control_burst})")
-    p.add_argument("--anonymous-share", type=float, default=defaults.anonymous_share, metavar="SHARE",
-                   help="share of the workers' capacity channels opened without a credential may hold "
-                        f"(0-1; default {defaults.anonymous_share:g})")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow listening beyond loopback with no tokens")
+    p.add_argument(
+        "--host", default=defaults.host, help="address to listen on (default 127.0.0.1: loopback only)"
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to listen on (default {DEFAULT_PORT}; 0: any free port)",
+    )
+    p.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        help=f"accepted token (repeatable); also ${TOKEN_ENV}=a,b. None: no token needed (loopback only)",
+    )
+    p.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=defaults.max_frame_bytes,
+        metavar="BYTES",
+        help=f"largest encoded frame accepted (default {defaults.max_frame_bytes})",
+    )
+    p.add_argument(
+        "--max-width",
+        type=int,
+        default=defaults.max_width,
+        metavar="PIXELS",
+        help=f"widest frame accepted (default {defaults.max_width})",
+    )
+    p.add_argument(
+        "--max-height",
+        type=int,
+        default=defaults.max_height,
+        metavar="PIXELS",
+        help=f"tallest frame accepted (default {defaults.max_height})",
+    )
+    p.add_argument(
+        "--max-channels",
+        type=int,
+        default=defaults.max_channels,
+        metavar="N",
+        help=f"channels at once (default {defaults.max_channels})",
+    )
+    p.add_argument(
+        "--max-params-bytes",
+        type=int,
+        default=defaults.max_params_bytes,
+        metavar="BYTES",
+        help="largest params message, and largest params a channel holds once merged "
+        f"(JSON bytes; default {defaults.max_params_bytes})",
+    )
+    p.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        help="allow only these channel names (repeatable); default any",
+    )
+    p.add_argument(
+        "--open-channels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let producers and viewers without a token join channels (default: yes when "
+        "no token is configured, else no)",
+    )
+    p.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed to connect, e.g. https://app.example (repeatable); "
+        "default none: handshakes with an Origin header are refused",
+    )
+    p.add_argument(
+        "--hello-timeout",
+        type=float,
+        default=defaults.hello_timeout,
+        metavar="SECONDS",
+        help="time to send a hello; a silent connection then becomes a seed-002 consumer "
+        f"where open channels are allowed, else it is closed (default {defaults.hello_timeout:g})",
+    )
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=defaults.max_connections_per_ip,
+        metavar="N",
+        help="connections one address may hold, not counting those with the token "
+        f"(default {defaults.max_connections_per_ip})",
+    )
+    p.add_argument(
+        "--control-rate",
+        type=float,
+        default=defaults.control_rate,
+        metavar="PER_S",
+        help=f"control messages a connection may send per second (default {defaults.control_rate:g}; "
+        "frames are not counted)",
+    )
+    p.add_argument(
+        "--control-burst",
+        type=int,
+        default=defaults.control_burst,
+        metavar="N",
+        help=f"control messages a connection may send at once (default {defaults.control_burst})",
+    )
+    p.add_argument(
+        "--anonymous-share",
+        type=float,
+        default=defaults.anonymous_share,
+        metavar="SHARE",
+        help="share of the workers' capacity channels opened without a credential may hold "
+        f"(0-1; default {defaults.anonymous_share:g})",
+    )
+    p.add_argument("--insecure", action="store_true", help="allow listening beyond loopback with no tokens")
     add_logging_arguments(p)
     return p
 
@@ -82,14 +153,22 @@ def tokens_from_environment() -> list[str]:
 
 def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
     return RelayConfig(
-        host=args.host, port=args.port, tokens=frozenset(args.token + tokens_from_environment()),
-        max_frame_bytes=args.max_frame_bytes, max_width=args.max_width,
-        max_height=args.max_height, max_channels=args.max_channels,
+        host=args.host,
+        port=args.port,
+        tokens=frozenset(args.token + tokens_from_environment()),
+        max_frame_bytes=args.max_frame_bytes,
+        max_width=args.max_width,
+        max_height=args.max_height,
+        max_channels=args.max_channels,
         max_params_bytes=args.max_params_bytes,
-        allowed_channels=frozenset(args.channel), insecure=args.insecure,
-        open_channels=args.open_channels, origins=frozenset(args.origin),
-        hello_timeout=args.hello_timeout, max_connections_per_ip=args.max_connections_per_ip,
-        control_rate=args.control_rate, control_burst=args.control_burst,
+        allowed_channels=frozenset(args.channel),
+        insecure=args.insecure,
+        open_channels=args.open_channels,
+        origins=frozenset(args.origin),
+        hello_timeout=args.hello_timeout,
+        max_connections_per_ip=args.max_connections_per_ip,
+        control_rate=args.control_rate,
+        control_burst=args.control_burst,
         anonymous_share=args.anonymous_share,
     )
 

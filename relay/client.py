@@ -38,10 +38,16 @@ class RelayRefused(ConnectionError):
         self.code = code
 
 
-async def connect(url: str, role: Role | str, channel: str = "default", token: str | None = None,
-                  *, max_size: int | None = PEER_MAX_SIZE, max_queue: int = 16,
-                  **hello: Any,
-                  ) -> tuple[ClientConnection, dict[str, Any]]:
+async def connect(
+    url: str,
+    role: Role | str,
+    channel: str = "default",
+    token: str | None = None,
+    *,
+    max_size: int | None = PEER_MAX_SIZE,
+    max_queue: int = 16,
+    **hello: Any,
+) -> tuple[ClientConnection, dict[str, Any]]:
     """Open a connection, send ``hello`` and wait for ``welcome``.
 
     Compression is off (deflate makes JPEG frames ~40x slower). Extra keyword
@@ -64,8 +70,9 @@ async def connect(url: str, role: Role | str, channel: str = "default", token: s
         message["token"] = token
     decode_control(message)  # fail here, not at the relay, on a bad hello
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    ws = await websockets.connect(url, compression=None, max_size=max_size, max_queue=max_queue,
-                                  additional_headers=headers)
+    ws = await websockets.connect(
+        url, compression=None, max_size=max_size, max_queue=max_queue, additional_headers=headers
+    )
     await ws.send(encode_control(message))  # the fields given, not every default
     try:
         reply = decode_relay_message(await ws.recv())

@@ -76,8 +76,12 @@ class RelayConfig:
         return not self.tokens if self.open_channels is None else self.open_channels
 
     def limits(self) -> dict[str, int]:
-        return {"max_frame_bytes": self.max_frame_bytes, "max_width": self.max_width,
-                "max_height": self.max_height, "max_channels": self.max_channels}
+        return {
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_width": self.max_width,
+            "max_height": self.max_height,
+            "max_channels": self.max_channels,
+        }
 
     def check(self) -> None:
         """Refuse settings the relay cannot honour.
@@ -88,24 +92,39 @@ class RelayConfig:
         clients accept (:data:`PEER_MAX_SIZE`), so no client can get a worker
         dropped.
         """
-        if not (self.tokens and not self.accepts_open_channels) and not self.insecure \
-                and not is_loopback(self.host):
+        if (
+            not (self.tokens and not self.accepts_open_channels)
+            and not self.insecure
+            and not is_loopback(self.host)
+        ):
             what = "with open channels" if self.tokens else "without tokens"
             raise ValueError(
                 f"refusing to listen on {self.host} {what}: pass --token "
-                "(or set RELAY_TOKEN) and no --open-channels, or --insecure to accept anyone")
+                "(or set RELAY_TOKEN) and no --open-channels, or --insecure to accept anyone"
+            )
         if (self.max_frame_bytes + 2) // 3 * 4 + _ENVELOPE > PEER_MAX_SIZE:
-            raise ValueError(f"max_frame_bytes {self.max_frame_bytes} is too large: frames (base64 for "
-                             f"seed-002 peers) must fit in the {PEER_MAX_SIZE} bytes clients accept")
+            raise ValueError(
+                f"max_frame_bytes {self.max_frame_bytes} is too large: frames (base64 for "
+                f"seed-002 peers) must fit in the {PEER_MAX_SIZE} bytes clients accept"
+            )
         if self.max_params_bytes + _ENVELOPE > PEER_MAX_SIZE // 4:
-            raise ValueError(f"max_params_bytes {self.max_params_bytes} is too large "
-                             f"(at most {PEER_MAX_SIZE // 4 - _ENVELOPE})")
+            raise ValueError(
+                f"max_params_bytes {self.max_params_bytes} is too large "
+                f"(at most {PEER_MAX_SIZE // 4 - _ENVELOPE})"
+            )
         if not 0 <= self.anonymous_share <= 1:
             raise ValueError("anonymous_share must be between 0 and 1")
-        if self.hello_timeout <= 0 or self.control_rate <= 0 or self.control_burst < 1 \
-                or self.max_connections_per_ip < 1 or self.max_params_bytes < 1:
-            raise ValueError("hello_timeout and control_rate must be > 0; control_burst, "
-                             "max_connections_per_ip and max_params_bytes >= 1")
+        if (
+            self.hello_timeout <= 0
+            or self.control_rate <= 0
+            or self.control_burst < 1
+            or self.max_connections_per_ip < 1
+            or self.max_params_bytes < 1
+        ):
+            raise ValueError(
+                "hello_timeout and control_rate must be > 0; control_burst, "
+                "max_connections_per_ip and max_params_bytes >= 1"
+            )
 
 
 def is_loopback(host: str) -> bool:

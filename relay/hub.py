@@ -69,8 +69,12 @@ from wire.relay_messages import (
 log = logging.getLogger("relay")
 
 # what each ``receive`` setting delivers, looked up once per peer, not per frame
-_WANTED = {Receive.INPUT: frozenset({FrameKind.INPUT}), Receive.OUTPUT: frozenset({FrameKind.OUTPUT}),
-           Receive.BOTH: frozenset(FrameKind), Receive.NONE: frozenset()}
+_WANTED = {
+    Receive.INPUT: frozenset({FrameKind.INPUT}),
+    Receive.OUTPUT: frozenset({FrameKind.OUTPUT}),
+    Receive.BOTH: frozenset(FrameKind),
+    Receive.NONE: frozenset(),
+}
 
 
 class Delivery:
@@ -86,9 +90,11 @@ class Delivery:
     def as_json(self) -> str:
         if self._json is None:
             f = self.frame
-            self._json = encode_control(legacy_image_message(
-                f.format, f.payload, f.timestamp, seq=f.seq, channel=f.channel,
-                kind=f.kind.name.lower()))
+            self._json = encode_control(
+                legacy_image_message(
+                    f.format, f.payload, f.timestamp, seq=f.seq, channel=f.channel, kind=f.kind.name.lower()
+                )
+            )
         return self._json
 
 
@@ -127,12 +133,30 @@ class Peer:
         self._wanted = _WANTED[self.receive]
 
     @classmethod
-    def from_hello(cls, peer_id: str, hello: Hello, outbox: Outbox[Delivery], *,
-                   network: bool = True, anonymous: bool = False) -> Peer:
-        return cls(id=peer_id, role=hello.role, channel=hello.channel, receive=hello.receive,
-                   encoding=hello.encoding, capacity=hello.capacity, pinned=frozenset(hello.channels),
-                   name=hello.name, engine=hello.engine, outbox=outbox, network=network,
-                   token=hello.token, anonymous=anonymous)
+    def from_hello(
+        cls,
+        peer_id: str,
+        hello: Hello,
+        outbox: Outbox[Delivery],
+        *,
+        network: bool = True,
+        anonymous: bool = False,
+    ) -> Peer:
+        return cls(
+            id=peer_id,
+            role=hello.role,
+            channel=hello.channel,
+            receive=hello.receive,
+            encoding=hello.encoding,
+            capacity=hello.capacity,
+            pinned=frozenset(hello.channels),
+            name=hello.name,
+            engine=hello.engine,
+            outbox=outbox,
+            network=network,
+            token=hello.token,
+            anonymous=anonymous,
+        )
 
     @property
     def legacy(self) -> bool:
@@ -252,11 +276,14 @@ class Hub:
         if channel is not None and channel.key is not None:
             if peer.token and hmac.compare_digest(peer.token.encode(), channel.key.encode()):
                 return
-            raise ProtocolError(f"channel {peer.channel!r} needs the relay token or its key",
-                                ErrorCode.UNAUTHORIZED)
+            raise ProtocolError(
+                f"channel {peer.channel!r} needs the relay token or its key", ErrorCode.UNAUTHORIZED
+            )
         if not self.config.accepts_open_channels:
-            raise ProtocolError("missing or wrong token" if self.config.tokens else
-                                "this relay has no open channels", ErrorCode.UNAUTHORIZED)
+            raise ProtocolError(
+                "missing or wrong token" if self.config.tokens else "this relay has no open channels",
+                ErrorCode.UNAUTHORIZED,
+            )
 
     def check_join(self, peer: Peer) -> None:
         """Raise ``ProtocolError`` if ``peer`` may not join; changes nothing."""
@@ -268,8 +295,8 @@ class Hub:
             raise ProtocolError(f"unknown channel {peer.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
         if peer.channel not in self.channels and len(self.channels) >= self.config.max_channels:
             raise ProtocolError(
-                f"the relay already serves {self.config.max_channels} channels",
-                ErrorCode.TOO_MANY_CHANNELS)
+                f"the relay already serves {self.config.max_channels} channels", ErrorCode.TOO_MANY_CHANNELS
+            )
 
     def join(self, peer: Peer) -> None:
         self.check_join(peer)
@@ -304,8 +331,9 @@ class Hub:
             self._assign_waiting()  # keyed channels first, wherever they were
             for channel in orphans:
                 if channel.worker is None:
-                    self._tell_channel(channel, Status(channel=channel.name,
-                                                       state=ChannelState.WAITING_FOR_WORKER))
+                    self._tell_channel(
+                        channel, Status(channel=channel.name, state=ChannelState.WAITING_FOR_WORKER)
+                    )
             return
         channel = self.channels.get(peer.channel)
         if channel is None:
@@ -314,8 +342,14 @@ class Hub:
         channel.viewers.discard(peer)
         self._tidy(channel)
 
-    def open_channel(self, name: str, params: dict[str, Any] | None = None, *, key: str | None = None,
-                     anonymous: bool | None = None) -> Channel:
+    def open_channel(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        anonymous: bool | None = None,
+    ) -> Channel:
         """Hold a channel open (the API's streams) so it keeps a worker with no producer.
 
         ``key``: network peers then need it (or the relay token) to join; peers
@@ -356,21 +390,22 @@ class Hub:
             if frame.kind is not FrameKind.INPUT:
                 raise ProtocolError("producers send input frames", ErrorCode.NOT_ALLOWED)
             if frame.channel != peer.channel:
-                raise ProtocolError(f"not joined to channel {frame.channel!r}",
-                                    ErrorCode.UNKNOWN_CHANNEL)
+                raise ProtocolError(f"not joined to channel {frame.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
             self._route_input(self.channels[peer.channel], Delivery(frame, raw or encode_frame(frame)))
         elif peer.role is Role.WORKER:
             if frame.channel not in peer.assigned:
-                raise ProtocolError(f"channel {frame.channel!r} is not assigned to this worker",
-                                    ErrorCode.UNKNOWN_CHANNEL)
+                raise ProtocolError(
+                    f"channel {frame.channel!r} is not assigned to this worker", ErrorCode.UNKNOWN_CHANNEL
+                )
             if frame.kind is not FrameKind.OUTPUT:
                 raise ProtocolError("workers send output frames", ErrorCode.NOT_ALLOWED)
             self._route_output(self.channels[frame.channel], Delivery(frame, raw or encode_frame(frame)))
         else:
             raise ProtocolError("viewers cannot send frames", ErrorCode.NOT_ALLOWED)
 
-    def route_image(self, peer: Peer, payload: bytes, timestamp: float | None = None,
-                    seq: int | None = None) -> Frame:
+    def route_image(
+        self, peer: Peer, payload: bytes, timestamp: float | None = None, seq: int | None = None
+    ) -> Frame:
         """Forward an encoded image that has no frame header (seed 002, in-process sessions).
 
         The hub reads its format and size (the one probe it gets); a producer's
@@ -380,8 +415,7 @@ class Hub:
         """
         if peer.role is Role.WORKER:
             if not peer.assigned:
-                raise ProtocolError("no channel is assigned to this worker yet",
-                                    ErrorCode.UNKNOWN_CHANNEL)
+                raise ProtocolError("no channel is assigned to this worker yet", ErrorCode.UNKNOWN_CHANNEL)
             channel, kind = peer.assigned[0], FrameKind.OUTPUT
             if seq is None:
                 seq = peer.last_input_seq.get(channel, 0)
@@ -390,8 +424,16 @@ class Hub:
             if seq is None:
                 seq = next(peer.legacy_seq)
         fmt, width, height = self._check_image(payload, None)
-        frame = Frame(channel=channel, seq=seq, timestamp=time.time() if timestamp is None else timestamp,
-                      width=width, height=height, format=fmt, payload=payload, kind=kind)
+        frame = Frame(
+            channel=channel,
+            seq=seq,
+            timestamp=time.time() if timestamp is None else timestamp,
+            width=width,
+            height=height,
+            format=fmt,
+            payload=payload,
+            kind=kind,
+        )
         self.route(peer, frame, None, probed=True)
         return frame
 
@@ -405,19 +447,26 @@ class Hub:
         """The image's format and size, within the limits and (given a frame header) as it says."""
         size = len(payload)
         if size > self.config.max_frame_bytes:
-            raise ProtocolError(f"frame of {size} bytes exceeds the limit of "
-                                f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
+            raise ProtocolError(
+                f"frame of {size} bytes exceeds the limit of {self.config.max_frame_bytes}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
         fmt, width, height = probe_image(payload)
         if header is not None:
             if fmt != header.format:
-                raise ProtocolError(f"header says {header.format.label} but the payload is {fmt.label}",
-                                    ErrorCode.BAD_IMAGE)
+                raise ProtocolError(
+                    f"header says {header.format.label} but the payload is {fmt.label}", ErrorCode.BAD_IMAGE
+                )
             if (width, height) != (header.width, header.height):
-                raise ProtocolError(f"header says {header.width}x{header.height} but the image is "
-                                    f"{width}x{height}", ErrorCode.BAD_IMAGE)
+                raise ProtocolError(
+                    f"header says {header.width}x{header.height} but the image is {width}x{height}",
+                    ErrorCode.BAD_IMAGE,
+                )
         if width > self.config.max_width or height > self.config.max_height:
-            raise ProtocolError(f"{width}x{height} exceeds the limit of {self.config.max_width}x"
-                                f"{self.config.max_height}", ErrorCode.RESOLUTION_TOO_LARGE)
+            raise ProtocolError(
+                f"{width}x{height} exceeds the limit of {self.config.max_width}x{self.config.max_height}",
+                ErrorCode.RESOLUTION_TOO_LARGE,
+            )
         return fmt, width, height
 
     def _route_input(self, channel: Channel, delivery: Delivery) -> None:
@@ -481,8 +530,9 @@ class Hub:
         channel.params_version += 1
         channel.last_params_time = time.time()
         if channel.worker is not None:
-            channel.worker.send(ChannelParams(channel=channel.name, params=channel.params,
-                                              version=channel.params_version))
+            channel.worker.send(
+                ChannelParams(channel=channel.name, params=channel.params, version=channel.params_version)
+            )
         return channel.params_version
 
     def on_params(self, peer: Peer, message: Params) -> int:
@@ -494,14 +544,17 @@ class Hub:
         limit = self.config.max_params_bytes
         size = _json_size(message.params)
         if size > limit:
-            raise ProtocolError(f"params of {size} bytes exceed the limit of {limit}",
-                                ErrorCode.PARAMS_TOO_LARGE)
+            raise ProtocolError(
+                f"params of {size} bytes exceed the limit of {limit}", ErrorCode.PARAMS_TOO_LARGE
+            )
         channel = self.channels[peer.channel]
         merged = dict(message.params) if message.replace else {**channel.params, **message.params}
         budget = max(limit, channel.params_budget)
         if not message.replace and (total := _json_size(merged)) > budget:
-            raise ProtocolError(f"the channel's params would grow to {total} bytes, over the limit of "
-                                f"{budget}", ErrorCode.PARAMS_TOO_LARGE)
+            raise ProtocolError(
+                f"the channel's params would grow to {total} bytes, over the limit of {budget}",
+                ErrorCode.PARAMS_TOO_LARGE,
+            )
         channel.params = merged
         return self._params_changed(channel)
 
@@ -510,8 +563,10 @@ class Hub:
         if peer.role is not Role.WORKER or report.channel not in peer.assigned:
             raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED)
         if (size := len(report.message) + _json_size(report.data)) > self.config.max_params_bytes:
-            raise ProtocolError(f"a report of {size} bytes exceeds the limit of "
-                                f"{self.config.max_params_bytes}", ErrorCode.PARAMS_TOO_LARGE)
+            raise ProtocolError(
+                f"a report of {size} bytes exceeds the limit of {self.config.max_params_bytes}",
+                ErrorCode.PARAMS_TOO_LARGE,
+            )
         channel = self.channels[report.channel]
         match report.event:
             case ReportEvent.STATS:
@@ -533,8 +588,10 @@ class Hub:
 
     def stats(self, channels: list[str] | None = None) -> StatsReply:
         names = self.channels if channels is None else [c for c in channels if c in self.channels]
-        return StatsReply(channels={name: self.channels[name].stats() for name in names},
-                          workers=[w.describe() for w in self.workers])
+        return StatsReply(
+            channels={name: self.channels[name].stats() for name in names},
+            workers=[w.describe() for w in self.workers],
+        )
 
     # -- internals ----------------------------------------------------------
 
@@ -543,8 +600,10 @@ class Hub:
         channel = self.channels.get(name)
         if channel is None:
             if len(self.channels) >= self.config.max_channels:
-                raise ProtocolError(f"the relay already serves {self.config.max_channels} channels",
-                                    ErrorCode.TOO_MANY_CHANNELS)
+                raise ProtocolError(
+                    f"the relay already serves {self.config.max_channels} channels",
+                    ErrorCode.TOO_MANY_CHANNELS,
+                )
             channel = self.channels[name] = Channel(name, anonymous=anonymous)
         return channel
 
@@ -575,8 +634,11 @@ class Hub:
         return free > waiting
 
     def _assign(self, channel: Channel) -> None:
-        candidates = [w for w in self.workers if len(w.assigned) < w.capacity
-                      and (not w.pinned or channel.name in w.pinned)]
+        candidates = [
+            w
+            for w in self.workers
+            if len(w.assigned) < w.capacity and (not w.pinned or channel.name in w.pinned)
+        ]
         if not candidates:
             return
         if channel.anonymous and not self._anonymous_may_take_a_slot():
@@ -587,8 +649,9 @@ class Hub:
         worker.assigned.append(channel.name)
         worker.send(Assign(channel=channel.name, params=channel.params, version=channel.params_version))
         log.info("channel %s assigned to worker %s", channel.name, worker.id)
-        self._tell_channel(channel, Status(channel=channel.name, state=ChannelState.ASSIGNED,
-                                           worker=worker.id))
+        self._tell_channel(
+            channel, Status(channel=channel.name, state=ChannelState.ASSIGNED, worker=worker.id)
+        )
 
     def _assign_waiting(self) -> None:
         waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker]
@@ -615,7 +678,6 @@ class Hub:
     def _tell_channel(self, channel: Channel, message: Message) -> None:
         for peer in (*channel.producers, *channel.viewers):
             peer.send(message)
-
 
 
 def _json_size(value: Any) -> int:

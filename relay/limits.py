@@ -40,8 +40,9 @@ class OncePerInterval(logging.Filter):
     which it would otherwise log hundreds of times a second.
     """
 
-    def __init__(self, marker: str, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, marker: str, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
         self.marker, self.interval, self._clock = marker, interval, clock
         self._next = 0.0
@@ -56,7 +57,9 @@ class OncePerInterval(logging.Filter):
             return False
         self._next = now + self.interval
         if self.suppressed:
-            record.msg = f"{record.msg} ({self.suppressed} more like it in the last {self.interval:g} s not logged)"
+            record.msg = (
+                f"{record.msg} ({self.suppressed} more like it in the last {self.interval:g} s not logged)"
+            )
             self.suppressed = 0
         return True
 

@@ -74,11 +74,24 @@ class LocalSession:
     Raises ``ProtocolError`` when the hub refuses it (channel limits).
     """
 
-    def __init__(self, hub: Hub, channel: str, role: Role, receive: Receive | str = Receive.OUTPUT,
-                 *, anonymous: bool = False) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        channel: str,
+        role: Role,
+        receive: Receive | str = Receive.OUTPUT,
+        *,
+        anonymous: bool = False,
+    ) -> None:
         self.hub = hub
-        self.peer = Peer(id=f"local-{secrets.token_hex(4)}", role=role, channel=channel,
-                         receive=Receive(receive), outbox=Outbox(), anonymous=anonymous)
+        self.peer = Peer(
+            id=f"local-{secrets.token_hex(4)}",
+            role=role,
+            channel=channel,
+            receive=Receive(receive),
+            outbox=Outbox(),
+            anonymous=anonymous,
+        )
         self._next_seq = 0
         hub.join(self.peer)
 
@@ -90,8 +103,14 @@ class LocalSession:
     def closed(self) -> bool:
         return self.peer.outbox.closed
 
-    def publish(self, payload: bytes, width: int | None = None, height: int | None = None,
-                fmt: ImageFormat = ImageFormat.JPEG, timestamp: float | None = None) -> int:
+    def publish(
+        self,
+        payload: bytes,
+        width: int | None = None,
+        height: int | None = None,
+        fmt: ImageFormat = ImageFormat.JPEG,
+        timestamp: float | None = None,
+    ) -> int:
         """Route one encoded image as this session's next frame; returns its sequence number.
 
         With no ``width``/``height`` the hub reads format and size from the
@@ -102,9 +121,16 @@ class LocalSession:
         if width is None or height is None:
             self.hub.route_image(self.peer, payload, timestamp, seq)
         else:
-            frame = Frame(channel=self.channel, seq=seq, width=width, height=height, format=fmt,
-                          timestamp=time.time() if timestamp is None else timestamp,
-                          payload=payload, kind=FrameKind.INPUT)
+            frame = Frame(
+                channel=self.channel,
+                seq=seq,
+                width=width,
+                height=height,
+                format=fmt,
+                timestamp=time.time() if timestamp is None else timestamp,
+                payload=payload,
+                kind=FrameKind.INPUT,
+            )
             self.hub.route(self.peer, frame, None)
         self._next_seq = seq + 1
         return seq
@@ -129,10 +155,12 @@ class LocalSession:
 
     async def next_frame(self, timeout: float | None = None) -> Frame:
         """The next frame (output for viewers), waiting at most ``timeout`` seconds."""
+
         async def first() -> Frame:
             async for frame in self.frames():
                 return frame
             raise ConnectionError("closed")
+
         return await asyncio.wait_for(first(), timeout)
 
     def close(self) -> None:

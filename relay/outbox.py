@@ -38,8 +38,13 @@ class Outbox(Generic[T]):
 
     def put_frame(self, slot: Hashable, item: T) -> T | None:
         """Store ``item`` in ``slot``; return the unsent item it replaced, if any."""
-        if (self.fast_send is not None and not self._busy and not self._frames
-                and not self._control and self.fast_send(item)):
+        if (
+            self.fast_send is not None
+            and not self._busy
+            and not self._frames
+            and not self._control
+            and self.fast_send(item)
+        ):
             return None  # nothing queued and the socket idle: written without the sender task
         frames = self._frames
         newest = frames.pop(slot, None)  # re-insert: oldest slot sends first
@@ -70,8 +75,11 @@ class Outbox(Generic[T]):
         self._busy = True  # until the next take: a direct send now could overtake these
         return control, frames
 
-    async def drain(self, send_control: Callable[[Control], Awaitable[object]],
-                    send_frame: Callable[[T], Awaitable[object]]) -> None:
+    async def drain(
+        self,
+        send_control: Callable[[Control], Awaitable[object]],
+        send_frame: Callable[[T], Awaitable[object]],
+    ) -> None:
         """Send everything put here, control messages first, until closed.
 
         Awaiting each send is the backpressure: while a slow socket waits, new

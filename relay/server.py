@@ -76,7 +76,8 @@ class Relay:
         limit_accept_error_logs()
         sock = self._sock or listen(self.config.host, self.config.port)
         self._server = await websockets.serve(
-            self._handle, sock=sock,
+            self._handle,
+            sock=sock,
             compression=None,  # deflate makes JPEG round trips ~40x slower
             max_size=self.config.websocket_max_size,
             # browsers always send an Origin, scripts and workers none: a web page may
@@ -133,9 +134,10 @@ class Relay:
         held = self.connections_per_ip.get(ip, 0)
         if held >= self.config.max_connections_per_ip:
             log.warning("refusing connections from %s: it holds %d (max_connections_per_ip)", ip, held)
-            return ws.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                              f"too many connections from {ip} (at most "
-                              f"{self.config.max_connections_per_ip})\n")
+            return ws.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"too many connections from {ip} (at most {self.config.max_connections_per_ip})\n",
+            )
         self.connections_per_ip[ip] = held + 1
         self._counted[ws] = ip
         ws.connection_lost_waiter.add_done_callback(lambda _: self._uncount(ws))  # however it ends
@@ -213,9 +215,15 @@ class Relay:
                     self._on_control(peer, control)
                 elif not warned:  # one error per flood; the rest is dropped unanswered
                     warned = True
-                    peer.send(Error(code=ErrorCode.RATE_LIMITED, message=(
-                        f"more than {self.config.control_rate * scale:g} control messages a second: "
-                        "dropping them")))
+                    peer.send(
+                        Error(
+                            code=ErrorCode.RATE_LIMITED,
+                            message=(
+                                f"more than {self.config.control_rate * scale:g} control messages a second: "
+                                "dropping them"
+                            ),
+                        )
+                    )
         except ConnectionClosed:
             pass
         finally:
@@ -235,13 +243,15 @@ class Relay:
         fields = {**query, "role": "viewer", "encoding": "json", "receive": query.get("receive", "input")}
         return await self._register(ws, lambda: _hello_from_query(channel, fields), welcome=False)
 
-    async def _first_message(self, ws: ServerConnection, message: str | bytes, channel: str,
-                             query: dict[str, str]) -> tuple[Peer | None, bool]:
+    async def _first_message(
+        self, ws: ServerConnection, message: str | bytes, channel: str, query: dict[str, str]
+    ) -> tuple[Peer | None, bool]:
         """Register the peer the first message describes.
 
         Returns the peer (None when refused) and whether the message itself
         must still be dispatched (a seed-002 image is both handshake and frame).
         """
+
         def hello() -> Hello:
             if isinstance(message, bytes):
                 raise ProtocolError("send a hello message before frames")
@@ -255,21 +265,25 @@ class Relay:
         peer = await self._register(ws, hello, welcome=True)
         return peer, peer is not None and peer.legacy and isinstance(message, str)
 
-    async def _register(self, ws: ServerConnection, hello: Callable[[], Hello],
-                        welcome: bool) -> Peer | None:
+    async def _register(self, ws: ServerConnection, hello: Callable[[], Hello], welcome: bool) -> Peer | None:
         """Check the hello, the credential and the limits; join the hub. Refusals close the socket."""
         try:
             greeting = hello()
             trusted = self.hub.is_relay_token(greeting.token)
-            peer = Peer.from_hello(secrets.token_hex(4), greeting, Outbox(self.config.control_queue),
-                                   anonymous=bool(self.config.tokens) and not trusted)
+            peer = Peer.from_hello(
+                secrets.token_hex(4),
+                greeting,
+                Outbox(self.config.control_queue),
+                anonymous=bool(self.config.tokens) and not trusted,
+            )
             self.hub.check_join(peer)
         except ProtocolError as exc:
             await _refuse(ws, exc)
             return None
         if welcome and not peer.legacy:
-            peer.send(Welcome(role=peer.role, channel=peer.channel, session=peer.id,
-                              limits=self.config.limits()))
+            peer.send(
+                Welcome(role=peer.role, channel=peer.channel, session=peer.id, limits=self.config.limits())
+            )
         self.hub.join(peer)
         if trusted:
             self._uncount(ws)  # the relay's own clients never crowd an address out
@@ -278,8 +292,10 @@ class Relay:
     def _on_frame(self, peer: Peer, message: bytes) -> None:
         """A binary frame: to the hub as bytes plus its parsed header."""
         if len(message) > self.config.max_frame_bytes + 4096:
-            raise ProtocolError(f"message of {len(message)} bytes exceeds the frame limit of "
-                                f"{self.config.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
+            raise ProtocolError(
+                f"message of {len(message)} bytes exceeds the frame limit of {self.config.max_frame_bytes}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
         self.hub.route(peer, decode_frame(message), message)
 
     def _on_text(self, peer: Peer, message: str | bytes) -> None:

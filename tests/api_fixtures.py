@@ -26,8 +26,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture
 async def api() -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client on a served app with no worker processes; ``client.app`` is the app."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({KEY})))
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
         yield client
@@ -70,12 +69,12 @@ async def multipart_parts(response: httpx.Response, boundary: str = "frame") -> 
             buffer += await anext(chunks)
         head = bytes(buffer[:head_end])
         assert head.startswith(marker), head[:40]
-        headers = dict(line.split(": ", 1) for line in head[len(marker):].decode().split("\r\n"))
+        headers = dict(line.split(": ", 1) for line in head[len(marker) :].decode().split("\r\n"))
         assert headers["Content-Type"] == "image/jpeg"
         size = int(headers["Content-Length"])
         start = head_end + 4
         while len(buffer) < start + size + 2:
             buffer += await anext(chunks)
-        yield bytes(buffer[start:start + size])
-        assert buffer[start + size:start + size + 2] == b"\r\n"
-        del buffer[:start + size + 2]
+        yield bytes(buffer[start : start + size])
+        assert buffer[start + size : start + size + 2] == b"\r\n"
+        del buffer[: start + size + 2]

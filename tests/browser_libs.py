@@ -52,16 +52,25 @@ class Package:
         return CACHE / self.spec.replace("/", "+")
 
 
-PACKAGES = {package.name: package for package in (
-    # the UMD build; a page's <script> makes ``window.Hls``
-    Package("hls.js", "1.7.4",
+PACKAGES = {
+    package.name: package
+    for package in (
+        # the UMD build; a page's <script> makes ``window.Hls``
+        Package(
+            "hls.js",
+            "1.7.4",
             "sha512-3GlxGdPvT2YHvQYOt+yOzT/DEior/qJVNIylHA77kgeoBTdQQqi70GwefNEUmHQeNGyjC8U62+bruqW/Tpm+tg==",
-            ("dist/hls.min.js",)),
-    # Medooze's WHIP and WHEP clients: two ES modules with no imports (``WHIPClient``, ``WHEPClient``)
-    Package("whip-whep", "1.2.0",
+            ("dist/hls.min.js",),
+        ),
+        # Medooze's WHIP and WHEP clients: two ES modules with no imports (``WHIPClient``, ``WHEPClient``)
+        Package(
+            "whip-whep",
+            "1.2.0",
             "sha512-CP+Tht3O/N6QLebW5LxsNKgzFN5KX6WinLr1SLs74feagYu+Gqy+0dw48p5RQuE+FlrM4xyOlOdW2UOQwljImA==",
-            ("whip.js", "whep.js")),
-)}
+            ("whip.js", "whep.js"),
+        ),
+    )
+}
 
 
 class Unavailable(RuntimeError):
@@ -112,31 +121,47 @@ def _locked(path: Path) -> Iterator[None]:
 def _fetch(package: Package) -> None:
     npm = shutil.which("npm")
     if npm is None:
-        raise Unavailable(f"npm is not installed (apt-get install nodejs npm), and {package.spec} "
-                          f"is not cached in {CACHE}")
+        raise Unavailable(
+            f"npm is not installed (apt-get install nodejs npm), and {package.spec} is not cached in {CACHE}"
+        )
     work = Path(tempfile.mkdtemp(prefix="fetch-", dir=CACHE))
     try:
         # npm's own cache and temp files stay in ours: nothing in $HOME or the test run's temp dir
         # and an unreachable registry is one quick failure, not a minute of retries (unless configured)
-        env = {"npm_config_fetch_retries": "1", "npm_config_fetch_retry_mintimeout": "1000",
-               "npm_config_fetch_retry_maxtimeout": "2000", **os.environ,
-               "TMPDIR": str(work), "npm_config_cache": str(CACHE / "npm"),
-               "npm_config_update_notifier": "false", "npm_config_fund": "false",
-               "npm_config_audit": "false"}
+        env = {
+            "npm_config_fetch_retries": "1",
+            "npm_config_fetch_retry_mintimeout": "1000",
+            "npm_config_fetch_retry_maxtimeout": "2000",
+            **os.environ,
+            "TMPDIR": str(work),
+            "npm_config_cache": str(CACHE / "npm"),
+            "npm_config_update_notifier": "false",
+            "npm_config_fund": "false",
+            "npm_config_audit": "false",
+        }
         try:
-            result = subprocess.run([npm, "pack", package.spec, "--pack-destination", str(work)],
-                                    capture_output=True, text=True, env=env, timeout=NPM_TIMEOUT_S,
-                                    cwd=work)
+            result = subprocess.run(
+                [npm, "pack", package.spec, "--pack-destination", str(work)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=NPM_TIMEOUT_S,
+                cwd=work,
+            )
         except subprocess.TimeoutExpired:
-            raise Unavailable(f"npm pack {package.spec} took over {NPM_TIMEOUT_S} s "
-                              f"(is the npm registry reachable?)") from None
+            raise Unavailable(
+                f"npm pack {package.spec} took over {NPM_TIMEOUT_S} s (is the npm registry reachable?)"
+            ) from None
         tarballs = sorted(work.glob("*.tgz"))
         if result.returncode != 0 or len(tarballs) != 1:
-            lines = [line.removeprefix("npm error").strip()
-                     for line in (result.stderr or result.stdout).splitlines()]
+            lines = [
+                line.removeprefix("npm error").strip()
+                for line in (result.stderr or result.stdout).splitlines()
+            ]
             said = [line for line in lines if line and "complete log" not in line][:2]
-            raise Unavailable(f"npm pack {package.spec} failed (is the npm registry reachable?): "
-                              + " | ".join(said))
+            raise Unavailable(
+                f"npm pack {package.spec} failed (is the npm registry reachable?): " + " | ".join(said)
+            )
         data = tarballs[0].read_bytes()
         integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
         if integrity != package.integrity:

@@ -21,8 +21,10 @@ TIMEOUT = 15.0
 def picture(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
     """A smooth, structured RGB image (gradients and a disc), different per seed."""
     y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
-                    np.full_like(x, (seed * 37) % 256)], axis=-1).astype(np.uint8)
+    rgb = np.stack(
+        [(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), np.full_like(x, (seed * 37) % 256)],
+        axis=-1,
+    ).astype(np.uint8)
     cv2.circle(rgb, ((seed * 7) % width, height // 2), max(4, height // 4), (255, 255, 255), -1)
     return rgb
 
@@ -37,14 +39,30 @@ def noise_png(width: int, height: int) -> bytes:
     return encode_image(rgb, ImageFormat.PNG)
 
 
-def input_frame(seq: int, payload: bytes, channel: str = "default", width: int = 64,
-                height: int = 48, fmt: ImageFormat = ImageFormat.JPEG) -> bytes:
-    return encode_frame(Frame(channel=channel, seq=seq, timestamp=time.time(), width=width,
-                              height=height, format=fmt, payload=payload))
+def input_frame(
+    seq: int,
+    payload: bytes,
+    channel: str = "default",
+    width: int = 64,
+    height: int = 48,
+    fmt: ImageFormat = ImageFormat.JPEG,
+) -> bytes:
+    return encode_frame(
+        Frame(
+            channel=channel,
+            seq=seq,
+            timestamp=time.time(),
+            width=width,
+            height=height,
+            format=fmt,
+            payload=payload,
+        )
+    )
 
 
 async def recv_json(ws: ClientConnection, type_: str | None = None, **match: Any) -> dict[str, Any]:
     """Next text message (of ``type_`` with fields equal to ``match``), skipping others."""
+
     async def loop() -> dict[str, Any]:
         while True:
             message = await ws.recv()
@@ -52,18 +70,22 @@ async def recv_json(ws: ClientConnection, type_: str | None = None, **match: Any
                 continue
             data = orjson.loads(message)
             if (type_ is None or data.get("type") == type_) and all(
-                    data.get(k) == v for k, v in match.items()):
+                data.get(k) == v for k, v in match.items()
+            ):
                 return data
+
     return await asyncio.wait_for(loop(), TIMEOUT)
 
 
 async def recv_frame(ws: ClientConnection) -> Frame:
     """Next binary frame, skipping text messages."""
+
     async def loop() -> Frame:
         while True:
             message = await ws.recv()
             if isinstance(message, bytes):
                 return decode_frame(message)
+
     return await asyncio.wait_for(loop(), TIMEOUT)
 
 
@@ -83,8 +105,7 @@ class EchoWorker:
         self.session = ""
 
     async def start(self) -> EchoWorker:
-        self.ws, welcome = await connect(self.url, "worker", token=self.token,
-                                         max_queue=self.max_queue)
+        self.ws, welcome = await connect(self.url, "worker", token=self.token, max_queue=self.max_queue)
         self.session = welcome["session"]
         return self
 

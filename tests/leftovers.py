@@ -96,8 +96,11 @@ def live_processes(tmpdir: Path) -> dict[int, Process]:
     me = os.getpid()
     mark = f"TMPDIR={tmpdir}".encode()
     tree = descendants(me, processes)
-    return {pid: p for pid, p in processes.items()
-            if pid != me and p.state not in "ZX" and (pid in tree or carries(pid, mark))}
+    return {
+        pid: p
+        for pid, p in processes.items()
+        if pid != me and p.state not in "ZX" and (pid in tree or carries(pid, mark))
+    }
 
 
 def kill(processes: list[Process]) -> None:

@@ -24,8 +24,13 @@ import pytest
 
 INSTALL = "apt-get install -y nginx libnginx-mod-rtmp (or run .ci/install-system-deps)"
 MODULE = "ngx_rtmp_module.so"
-MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr/share/nginx/modules",
-               "/usr/local/nginx/modules", "/etc/nginx/modules")
+MODULE_DIRS = (
+    "/usr/lib/nginx/modules",
+    "/usr/lib64/nginx/modules",
+    "/usr/share/nginx/modules",
+    "/usr/local/nginx/modules",
+    "/etc/nginx/modules",
+)
 START_TIMEOUT = 10.0
 
 
@@ -46,7 +51,8 @@ def _version_info(nginx: str) -> str:
 def find_nginx_rtmp() -> tuple[str, str | None]:
     """``(nginx binary, load_module line or None when rtmp is built in)``; skips the test if absent."""
     nginx = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/nginx/sbin/nginx") if Path(p).is_file()), None)
+        (p for p in ("/usr/sbin/nginx", "/usr/local/nginx/sbin/nginx") if Path(p).is_file()), None
+    )
     if nginx is None:
         pytest.skip(f"nginx is not installed: {INSTALL}")
     info = _version_info(nginx)
@@ -114,8 +120,12 @@ def nginx_rtmp(directory: Path, port: int | None = None) -> Iterator[NginxRtmp]:
     conf.write_text(_config(directory, port, load_module))
     log = directory / "stderr.log"
     with log.open("wb") as stderr:
-        proc = subprocess.Popen([nginx, "-p", str(directory), "-c", str(conf)],
-                                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        proc = subprocess.Popen(
+            [nginx, "-p", str(directory), "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not _accepts(port):
@@ -133,4 +143,3 @@ def nginx_rtmp(directory: Path, port: int | None = None) -> Iterator[NginxRtmp]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-

@@ -44,25 +44,32 @@ async def test_create_returns_daydream_stream_object(api):
 
 
 async def test_deprecated_pipeline_id_form(api):
-    response = await api.post("/v1/streams", json={"pipeline_id": "pip_SDXL-turbo",
-                                                   "pipeline_params": {"model_id": "stabilityai/sdxl-turbo",
-                                                                       "prompt": "x"}})
+    response = await api.post(
+        "/v1/streams",
+        json={
+            "pipeline_id": "pip_SDXL-turbo",
+            "pipeline_params": {"model_id": "stabilityai/sdxl-turbo", "prompt": "x"},
+        },
+    )
     assert response.status_code == 201
     assert response.json()["params"]["model_id"] == "stabilityai/sdxl-turbo"
 
 
-@pytest.mark.parametrize(("body", "status", "needle"), [
-    ({"pipeline": "streamdiffusion", "params": {"prompt": "x", "colour": 1}}, 422, "params.colour"),
-    ({"pipeline": "streamdiffusion", "params": {"width": 500}}, 422, "params.width"),
-    ({"pipeline": "streamdiffusion", "params": {"width": 2048}}, 422, "params.width"),
-    ({"pipeline": "streamdiffusion", "params": {"guidance_scale": -1}}, 422, "params.guidance_scale"),
-    ({"pipeline": "streamdiffusion", "params": {"t_index_list": [30, 10]}}, 422, "params.t_index_list"),
-    ({"pipeline": "streamdiffusion", "params": {"num_inference_steps": 0}}, 422, "num_inference_steps"),
-    ({"pipeline": "streamdiffusion", "params": {}, "surprise": True}, 422, "surprise"),
-    ({"pipeline": "nope", "params": {}}, 422, "unknown pipeline"),
-    ({"params": {}}, 422, "pipeline"),
-    ({"pipeline": "streamdiffusion"}, 422, "params"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"pipeline": "streamdiffusion", "params": {"prompt": "x", "colour": 1}}, 422, "params.colour"),
+        ({"pipeline": "streamdiffusion", "params": {"width": 500}}, 422, "params.width"),
+        ({"pipeline": "streamdiffusion", "params": {"width": 2048}}, 422, "params.width"),
+        ({"pipeline": "streamdiffusion", "params": {"guidance_scale": -1}}, 422, "params.guidance_scale"),
+        ({"pipeline": "streamdiffusion", "params": {"t_index_list": [30, 10]}}, 422, "params.t_index_list"),
+        ({"pipeline": "streamdiffusion", "params": {"num_inference_steps": 0}}, 422, "num_inference_steps"),
+        ({"pipeline": "streamdiffusion", "params": {}, "surprise": True}, 422, "surprise"),
+        ({"pipeline": "nope", "params": {}}, 422, "unknown pipeline"),
+        ({"params": {}}, 422, "pipeline"),
+        ({"pipeline": "streamdiffusion"}, 422, "params"),
+    ],
+)
 async def test_bad_bodies_get_422_naming_the_field(api, body, status, needle):
     response = await api.post("/v1/streams", json=body)
     assert response.status_code == status
@@ -72,8 +79,9 @@ async def test_bad_bodies_get_422_naming_the_field(api, body, status, needle):
 
 
 async def test_bad_json_is_a_clear_4xx(api):
-    response = await api.post("/v1/streams", content=b"{not json",
-                              headers={"Content-Type": "application/json"})
+    response = await api.post(
+        "/v1/streams", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["success"] is False
 
@@ -81,8 +89,12 @@ async def test_bad_json_is_a_clear_4xx(api):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
 async def test_auth_failures_are_401_with_json(api, headers):
     async with httpx.AsyncClient(base_url=str(api.base_url), headers=headers) as anonymous:
-        for method, path in (("GET", "/v1/streams"), ("POST", "/v1/streams"), ("GET", "/v1/streams/x"),
-                             ("DELETE", "/v1/streams/x")):
+        for method, path in (
+            ("GET", "/v1/streams"),
+            ("POST", "/v1/streams"),
+            ("GET", "/v1/streams/x"),
+            ("DELETE", "/v1/streams/x"),
+        ):
             response = await anonymous.request(method, path, json={})
             assert response.status_code == 401
             assert response.json()["code"] == "AUTH/UNAUTHORIZED"
@@ -200,12 +212,17 @@ async def test_reload_patch_merges_params_and_keeps_the_stream_alive(api, worker
     stream = await create(api, prompt="a pencil sketch", seed=5)
     sid = stream["id"]
     await asyncio.wait_for(wait_until_ready(api, sid), 15)
-    response = await api.patch(f"/v1/streams/{sid}", json={"pipeline": "streamdiffusion",
-                                                            "params": {"width": 640, "height": 384}})
+    response = await api.patch(
+        f"/v1/streams/{sid}", json={"pipeline": "streamdiffusion", "params": {"width": 640, "height": 384}}
+    )
     assert response.status_code == 200
     params = response.json()["params"]
-    assert (params["width"], params["height"], params["seed"], params["prompt"]) == (640, 384, 5,
-                                                                                    "a pencil sketch")
+    assert (params["width"], params["height"], params["seed"], params["prompt"]) == (
+        640,
+        384,
+        5,
+        "a pencil sketch",
+    )
     out = await run_frames(api, sid, 3, size=(512, 512))
     assert (out.width, out.height) == (640, 384)  # the worker resizes to the stream's size
     assert (await api.get(f"/v1/streams/{sid}/status")).json()["data"]["state"] == "ONLINE"
@@ -250,8 +267,9 @@ async def test_metrics_parse_with_prometheus_client(api, worker):
     response = await api.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in families.values() for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
     label = (("stream", stream["id"]),)
     assert samples[("sd_stream_input_frames_total", label)] == 5
     assert samples[("sd_stream_output_frames_total", label)] == 5
@@ -262,8 +280,12 @@ async def test_metrics_parse_with_prometheus_client(api, worker):
         """The rate covers the last 2 s: a machine stalled since the frames reads 0, so one more frame."""
         while True:
             text = (await api.get("/metrics")).text
-            fps = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == "sd_stream_output_fps" and s.labels == {"stream": stream["id"]}]
+            fps = [
+                s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "sd_stream_output_fps" and s.labels == {"stream": stream["id"]}
+            ]
             if fps and fps[0] > 0:
                 return fps[0]
             await run_frames(api, stream["id"], 1)
@@ -271,26 +293,49 @@ async def test_metrics_parse_with_prometheus_client(api, worker):
     assert await asyncio.wait_for(output_fps(), 30) > 0
 
 
-@pytest.mark.parametrize(("params", "field", "needle"), [
-    ({"controlnets": [{"model_id": "lllyasviel/control_v11p_sd15_canny"}]}, "params.controlnets",
-     "SD 1.5 ControlNet"),
-    ({"model_id": "stabilityai/sdxl-turbo", "controlnets": [
-        {"model_id": f"xinsir/controlnet-{kind}-sdxl-1.0"} for kind in ("depth", "canny", "tile", "openpose")]},
-     "params.controlnets", "at most 3"),
-    ({"ip_adapter": {"type": "regular"}}, "params.ip_adapter", "not SD 2.1"),
-])
+@pytest.mark.parametrize(
+    ("params", "field", "needle"),
+    [
+        (
+            {"controlnets": [{"model_id": "lllyasviel/control_v11p_sd15_canny"}]},
+            "params.controlnets",
+            "SD 1.5 ControlNet",
+        ),
+        (
+            {
+                "model_id": "stabilityai/sdxl-turbo",
+                "controlnets": [
+                    {"model_id": f"xinsir/controlnet-{kind}-sdxl-1.0"}
+                    for kind in ("depth", "canny", "tile", "openpose")
+                ],
+            },
+            "params.controlnets",
+            "at most 3",
+        ),
+        ({"ip_adapter": {"type": "regular"}}, "params.ip_adapter", "not SD 2.1"),
+    ],
+)
 async def test_daydream_model_family_rules(api, params, field, needle):
     response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
     assert response.status_code == 422
-    assert response.json()["error"].startswith(f"invalid field '{field}'") and needle in response.json()["error"]
+    assert (
+        response.json()["error"].startswith(f"invalid field '{field}'") and needle in response.json()["error"]
+    )
 
 
 async def test_model_family_rules_pass_what_fits(api):
-    for params in ({"controlnets": [{"model_id": "thibaud/controlnet-sd21-canny-diffusers"}]},
-                   {"model_id": "stabilityai/sdxl-turbo", "ip_adapter": {"type": "regular"},
-                    "controlnets": [{"model_id": "xinsir/controlnet-depth-sdxl-1.0"},
-                                    {"model_id": "xinsir/controlnet-tile-sdxl-1.0", "enabled": False}]},
-                   {"model_id": "/models/my-own", "controlnets": [{"model_id": "/models/my-controlnet"}]}):
+    for params in (
+        {"controlnets": [{"model_id": "thibaud/controlnet-sd21-canny-diffusers"}]},
+        {
+            "model_id": "stabilityai/sdxl-turbo",
+            "ip_adapter": {"type": "regular"},
+            "controlnets": [
+                {"model_id": "xinsir/controlnet-depth-sdxl-1.0"},
+                {"model_id": "xinsir/controlnet-tile-sdxl-1.0", "enabled": False},
+            ],
+        },
+        {"model_id": "/models/my-own", "controlnets": [{"model_id": "/models/my-controlnet"}]},
+    ):
         response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
         assert response.status_code == 201, response.text
 
@@ -300,6 +345,8 @@ async def test_patch_validates_like_create_and_bad_json_is_400(api):
     bogus = await api.patch(f"/v1/streams/{stream['id']}", json={"pipeline": "bogus"})
     assert bogus.status_code == 422 and bogus.json()["error"].startswith("invalid field 'pipeline'")
     for method, url in (("POST", "/v1/streams"), ("PATCH", f"/v1/streams/{stream['id']}")):
-        broken = await api.request(method, url, content=b'{"pipeline": ', headers={"Content-Type": "application/json"})
+        broken = await api.request(
+            method, url, content=b'{"pipeline": ', headers={"Content-Type": "application/json"}
+        )
         assert broken.status_code == 400 and broken.json()["code"] == "REQUEST/BAD_REQUEST"
         assert "not valid JSON" in broken.json()["error"]

@@ -58,17 +58,24 @@ async def poll(check, timeout: float = 20.0):
 @pytest.mark.network_service
 async def test_output_rtmp_url_pushes_to_nginx(api, worker, rtmp_server):
     url = rtmp_server.url("live", "apitest")
-    response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "output_rtmp_url": url,
-                                                   "params": {"prompt": "photo negative", "width": SIZE,
-                                                              "height": SIZE}})
+    response = await api.post(
+        "/v1/streams",
+        json={
+            "pipeline": "streamdiffusion",
+            "output_rtmp_url": url,
+            "params": {"prompt": "photo negative", "width": SIZE, "height": SIZE},
+        },
+    )
     assert response.status_code == 201
     stream = response.json()
     assert stream["output_rtmp_url"] == url
     await asyncio.wait_for(wait_until_ready(api, stream["id"]), 15)
     async with feeding(api, stream["id"]):
+
         async def publishing():
             status = (await api.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
             return status["gateway_status"]["outputs"].get("rtmp", {}).get("publishing")
+
         await poll(publishing)
         live = {"analyzeduration": "1000000", "fflags": "nobuffer"}
         frames = await asyncio.to_thread(decode, url, 10, live)
@@ -88,13 +95,15 @@ async def test_hls_playlist_plays_back_with_pyav(api, worker):
         assert first.status_code == 200 and "#EXTINF" in first.text
         assert first.headers["access-control-allow-origin"] == "*"
         assert "Retry-After" in first.headers["access-control-expose-headers"]
-        preflight = await api.options(playlist, headers={"Origin": "http://player.example",
-                                                         "Access-Control-Request-Method": "GET"})
+        preflight = await api.options(
+            playlist, headers={"Origin": "http://player.example", "Access-Control-Request-Method": "GET"}
+        )
         assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "*"
 
         async def two_segments():
             response = await api.get(playlist)
             return response.status_code == 200 and response.text.count("#EXTINF") >= 2
+
         await poll(two_segments, 30)
         frames = await asyncio.to_thread(decode, playlist, 5)
         segment = next(line for line in (await api.get(playlist)).text.splitlines() if line.endswith(".ts"))
@@ -118,9 +127,14 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
     from tests.test_api import AUTH, KEY
     from worker.runtime import Worker, WorkerOptions
 
-    settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
-                              mediamtx_publish_url=rtmp_server.url("live", "").rstrip("/"),
-                              mediamtx_whep_url="http://mediamtx.example:8889")
+    settings = ServerSettings(
+        port=0,
+        relay=RelayConfig(port=0),
+        workers=0,
+        api_keys=frozenset({KEY}),
+        mediamtx_publish_url=rtmp_server.url("live", "").rstrip("/"),
+        mediamtx_whep_url="http://mediamtx.example:8889",
+    )
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         client.app = app
@@ -131,10 +145,12 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
         assert stream["output_stream_url"] == f"http://mediamtx.example:8889/{playback}/whep"
         await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
         async with feeding(client, stream["id"]):
+
             async def publishing():
                 status = (await client.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
                 assert status["gateway_status"]["whep_url"] == stream["output_stream_url"]
                 return status["gateway_status"]["outputs"]["republish"]["publishing"]
+
             await poll(publishing)
             live = {"analyzeduration": "1000000", "fflags": "nobuffer"}
             frames = await asyncio.to_thread(decode, rtmp_server.url("live", playback), 5, live)
@@ -155,9 +171,14 @@ async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Pa
     ``hls_dir`` stays (it is the operator's), emptied of the stream directories.
     """
     configured_base = tmp_path / "hls" if configured else None
-    settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
-                              hls_dir=str(configured_base) if configured_base else None,
-                              hls_first_playlist_wait_s=0)  # no input here: the 503 at once
+    settings = ServerSettings(
+        port=0,
+        relay=RelayConfig(port=0),
+        workers=0,
+        api_keys=frozenset({KEY}),
+        hls_dir=str(configured_base) if configured_base else None,
+        hls_first_playlist_wait_s=0,
+    )  # no input here: the 503 at once
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         streams = [await create(client), await create(client)]

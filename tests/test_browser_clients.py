@@ -39,9 +39,15 @@ from tests.api_fixtures import api, create_stream, eventually, worker  # noqa: F
 from tests.helpers import jpeg
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
 SIZE = 384
 
@@ -156,8 +162,9 @@ async def page_origin() -> AsyncIterator[str]:
     whip_whep = browser_libs.PACKAGES["whip-whep"].directory.relative_to(cache)
     pages = {
         "hls.html": HLS_PAGE.format(bundle=hls.relative_to(cache).as_posix(), sample=SAMPLE_JS),
-        "webrtc.html": WEBRTC_PAGE.format(whip=(whip_whep / "whip.js").as_posix(),
-                                          whep=(whip_whep / "whep.js").as_posix(), sample=SAMPLE_JS),
+        "webrtc.html": WEBRTC_PAGE.format(
+            whip=(whip_whep / "whip.js").as_posix(), whep=(whip_whep / "whep.js").as_posix(), sample=SAMPLE_JS
+        ),
     }
 
     async def page(request):
@@ -184,8 +191,9 @@ async def browser_page(api, tmp_path) -> AsyncIterator:
     """A Chromium page with a log of its console and of its requests to the API (``page.exchanges``)."""
     async with page_origin() as origin, playwright_api.async_playwright() as p:
         # Chromium's fake microphone makes a pulse-* directory in its TMPDIR: keep it out of the run's
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True,
-                                          env={**os.environ, "TMPDIR": str(tmp_path)})
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM, args=ARGS, headless=True, env={**os.environ, "TMPDIR": str(tmp_path)}
+        )
         context = await browser.new_context(viewport={"width": 1280, "height": 800})
         page = await context.new_page()
         page.origin = origin
@@ -200,8 +208,9 @@ async def browser_page(api, tmp_path) -> AsyncIterator:
         def answered(response) -> None:
             request = response.request
             if request.url.startswith(api_base):
-                answers[request] = exchange = Exchange(request.method, request.url, response.status,
-                                                           request.post_data, request.headers)
+                answers[request] = exchange = Exchange(
+                    request.method, request.url, response.status, request.post_data, request.headers
+                )
                 exchanges.append(exchange)
             elif response.status >= 400:
                 messages.append(f"page origin: {request.method} {request.url} -> {response.status}")
@@ -212,8 +221,12 @@ async def browser_page(api, tmp_path) -> AsyncIterator:
             if request in answers:  # answered, then its body was dropped (nobody read it): fine
                 answers[request].failure = request.failure
             else:  # no answer reached the page: refused, or blocked by CORS
-                exchanges.append(Exchange(request.method, request.url, None, request.post_data,
-                                          request.headers, request.failure))
+                exchanges.append(
+                    Exchange(
+                        request.method, request.url, None, request.post_data, request.headers, request.failure
+                    )
+                )
+
         page.on("response", answered)
         page.on("requestfailed", failed)
         try:
@@ -256,8 +269,9 @@ async def wait_in_page(page, expression: str, timeout_s: float, shot: Path, arg=
     except playwright_api.TimeoutError:
         await page.screenshot(path=f"{shot}-failed.png")
         sample = await page.evaluate("window.lastSample || null")
-        raise AssertionError(f"timed out waiting for {expression!r} (last sample {sample})\n"
-                             + diagnosis(page)) from None
+        raise AssertionError(
+            f"timed out waiting for {expression!r} (last sample {sample})\n" + diagnosis(page)
+        ) from None
 
 
 # Frames decode and show something (not one flat colour), and playback moves on.
@@ -295,9 +309,11 @@ async def test_hls_js_plays_the_stream_from_another_origin(api, worker, browser_
     assert segments and all(e.status == 200 for e in segments), diagnosis(page)
     assert all(e.status is not None for e in page.exchanges), diagnosis(page)
     assert not [m for m in page.messages if m.startswith("pageerror")], diagnosis(page)
-    print(f"\nhls.js: {len(playlist)} playlist and {len(segments)} segment requests; "
-          f"currentTime {first['time']:.1f} -> {last['time']:.1f} s; {len(errors)} non-fatal errors "
-          f"{sorted({e['details'] for e in errors})}")
+    print(
+        f"\nhls.js: {len(playlist)} playlist and {len(segments)} segment requests; "
+        f"currentTime {first['time']:.1f} -> {last['time']:.1f} s; {len(errors)} non-fatal errors "
+        f"{sorted({e['details'] for e in errors})}"
+    )
     assert (await api.delete(f"/v1/streams/{stream['id']}")).status_code == 200
 
 
@@ -338,8 +354,11 @@ async def test_whip_whep_library_publishes_plays_trickles_and_tears_down(api, wo
             assert any("a=end-of-candidates" in (e.body or "") for e in patches)
         # the WHIP client read our ETag (exposed to other origins) and sends it back in If-Match
         assert await page.evaluate("window.whip.etag") == sessions["whip"].etag
-        assert {e.headers.get("if-match") for e in page.exchanges
-                if e.method == "PATCH" and e.url == whip_location} == {sessions["whip"].etag}
+        assert {
+            e.headers.get("if-match")
+            for e in page.exchanges
+            if e.method == "PATCH" and e.url == whip_location
+        } == {sessions["whip"].etag}
         assert all(s.pc.connectionState == "connected" for s in sessions.values())
         assert (first["width"], first["height"]) == (SIZE, SIZE), first
         # through the worker: Chromium's fake camera is green, the stream's prompt inverts it (magenta)
@@ -350,8 +369,9 @@ async def test_whip_whep_library_publishes_plays_trickles_and_tears_down(api, wo
 
         await page.evaluate("window.stopBoth()")
         try:
-            await eventually(lambda: sum(e.method == "DELETE" for e in page.exchanges) == 2, 10,
-                             "the DELETEs' answers")
+            await eventually(
+                lambda: sum(e.method == "DELETE" for e in page.exchanges) == 2, 10, "the DELETEs' answers"
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{diagnosis(page)}") from None
         deletes = {e.url: e.status for e in page.exchanges if e.method == "DELETE"}
@@ -361,8 +381,9 @@ async def test_whip_whep_library_publishes_plays_trickles_and_tears_down(api, wo
     finally:
         await page.screenshot(path=f"{shot}-end.png")
     patches = [e for e in page.exchanges if e.method == "PATCH"]
-    print(f"\nwhip-whep: {len(patches)} PATCHes carrying "
-          f"{sum(_candidates(e.body) for e in patches)} candidates; "
-          f"requests: {json.dumps([(e.method, e.status) for e in page.exchanges])}")
+    print(
+        f"\nwhip-whep: {len(patches)} PATCHes carrying "
+        f"{sum(_candidates(e.body) for e in patches)} candidates; "
+        f"requests: {json.dumps([(e.method, e.status) for e in page.exchanges])}"
+    )
     assert (await api.delete(f"/v1/streams/{stream['id']}")).status_code == 200
-

@@ -27,8 +27,13 @@ from tests.helpers import recv_json
 from tests.test_commands import ROOT
 from worker.__main__ import build_parser as worker_parser
 
-PARSERS = {"api": api_parser, "relay": relay_parser, "worker": worker_parser, "producers": producers_parser,
-           "doctor": doctor_parser}
+PARSERS = {
+    "api": api_parser,
+    "relay": relay_parser,
+    "worker": worker_parser,
+    "producers": producers_parser,
+    "doctor": doctor_parser,
+}
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
@@ -46,8 +51,10 @@ def test_every_flag_has_help_and_a_log_level(command):
         text = parser.format_help()
         assert "``" not in text, f"{prog}: raw reStructuredText in its help"
         for action in parser._actions:
-            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction) or \
-                    action.help == argparse.SUPPRESS:
+            if (
+                isinstance(action, argparse._HelpAction | argparse._SubParsersAction)
+                or action.help == argparse.SUPPRESS
+            ):
                 continue
             assert action.help, f"{prog} {'/'.join(action.option_strings) or action.dest}: no help text"
     leaves = [p for _, p in parsers if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)]
@@ -69,20 +76,43 @@ def busy_port():
 
 
 def test_relay_port_in_use_is_one_line(busy_port):
-    result = subprocess.run([sys.executable, "-m", "relay", "--port", str(busy_port)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "--port", str(busy_port)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert f"port {busy_port}" in result.stderr and "--port" in result.stderr
 
 
-@pytest.mark.parametrize(("flag", "variable"), [("--port", "STREAMDIFFUSION_SERVER__PORT"),
-                                                ("--relay-port", "STREAMDIFFUSION_RELAY__PORT")])
+@pytest.mark.parametrize(
+    ("flag", "variable"),
+    [("--port", "STREAMDIFFUSION_SERVER__PORT"), ("--relay-port", "STREAMDIFFUSION_RELAY__PORT")],
+)
 def test_server_port_in_use_is_one_line(busy_port, flag, variable, tmp_path):
     other = "--relay-port" if flag == "--port" else "--port"
-    result = subprocess.run([sys.executable, "-m", "api", flag, str(busy_port), other, "0", "--workers", "0",
-                             "--data-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "api",
+            flag,
+            str(busy_port),
+            other,
+            "0",
+            "--workers",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert f"port {busy_port}" in result.stderr and flag in result.stderr and variable in result.stderr
@@ -90,7 +120,8 @@ def test_server_port_in_use_is_one_line(busy_port, flag, variable, tmp_path):
 
 async def test_relay_says_where_it_listens_and_says_shutdown_on_sigterm():
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "--port", "0", cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "relay", "--port", "0", cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
     try:
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
         url = re.search(r"relay listening on (ws://127\.0\.0\.1:\d+)", line).group(1)
@@ -105,8 +136,14 @@ async def test_relay_says_where_it_listens_and_says_shutdown_on_sigterm():
 
 
 def test_print_config_ends_quietly_when_the_reader_leaves():
-    result = subprocess.run(f"'{sys.executable}' -m api --print-config | head -1", shell=True, cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        f"'{sys.executable}' -m api --print-config | head -1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.stdout == "server:\n"
     assert result.stderr == ""
 
@@ -130,10 +167,23 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-async def _start_server(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
+async def _start_server(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", "--port", "0", "--relay-port", "0", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env)
+        sys.executable,
+        "-m",
+        "api",
+        "--port",
+        "0",
+        "--relay-port",
+        "0",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
     lines = []
     while not lines or not lines[-1].startswith("  api key:"):
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
@@ -183,7 +233,9 @@ async def test_generated_api_key_survives_a_restart(tmp_path):
 
 
 async def test_a_configured_api_key_is_not_printed(tmp_path):
-    process, text = await _start_server("--workers", "0", "--api-key", "my-own-key", "--data-dir", str(tmp_path))
+    process, text = await _start_server(
+        "--workers", "0", "--api-key", "my-own-key", "--data-dir", str(tmp_path)
+    )
     await _stop(process)
     assert "my-own-key" not in text and "as configured" in text
     assert not (tmp_path / "api_key").exists()

@@ -19,8 +19,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 async def test_embedded_server_runs_a_relay_and_a_filter_worker():
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", "--port", "0", "--relay-port", "0", cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "api",
+        "--port",
+        "0",
+        "--relay-port",
+        "0",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 30)
         url = re.search(r"ws://[\d.]+:\d+", line.decode()).group(0)
@@ -42,15 +51,25 @@ async def test_embedded_server_runs_a_relay_and_a_filter_worker():
 
 
 def test_relay_refuses_public_address_without_token():
-    result = subprocess.run([sys.executable, "-m", "relay", "--host", "0.0.0.0"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0
     assert "without tokens" in result.stderr
 
 
 def test_worker_rejects_bad_params_json():
-    result = subprocess.run([sys.executable, "-m", "worker", "--params", "{oops"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "--params", "{oops"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and "--params is not valid JSON" in result.stderr
 
 

@@ -16,11 +16,15 @@ from tests.test_commands import ROOT
 @pytest.fixture
 def config_file(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "server": {"port": 9000, "api_keys": ["from-file"]},
-        "model": {"model_id": "file/model", "acceleration": "xformers"},
-        "pipeline": {"width": 768},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"port": 9000, "api_keys": ["from-file"]},
+                "model": {"model_id": "file/model", "acceleration": "xformers"},
+                "pipeline": {"width": 768},
+            }
+        )
+    )
     return path
 
 
@@ -37,8 +41,11 @@ def test_file_then_environment_then_flags(config_file, monkeypatch):
     monkeypatch.setenv("STREAMDIFFUSION_MODEL__MODEL_ID", "env/model")
     monkeypatch.setenv("STREAMDIFFUSION_SERVER__PORT", "9100")
     config = load_config(config_file)
-    assert (config.server.port, config.model.model_id, config.model.acceleration) == (9100, "env/model",
-                                                                                      "xformers")
+    assert (config.server.port, config.model.model_id, config.model.acceleration) == (
+        9100,
+        "env/model",
+        "xformers",
+    )
     args = build_parser().parse_args(["--port", "9200", "--model", "flag/model"])
     config = load_config(config_file, overrides_from_args(args))
     assert (config.server.port, config.model.model_id, config.pipeline.width) == (9200, "flag/model", 768)
@@ -57,14 +64,17 @@ def test_settings_carry_defaults_for_streams(config_file):
     assert settings.api_keys == frozenset({"from-file"}) and settings.port == 9000
 
 
-@pytest.mark.parametrize(("content", "needle"), [
-    ("server: {port: 'eighty'}\n", "server.port"),
-    ("server: {prot: 80}\n", "unknown option 'server.prot'"),
-    ("pipeline: {width: 500}\n", "pipeline.width"),
-    ("model: [1, 2\n", "not valid YAML"),
-    ("- just\n- a list\n", "mapping of sections"),
-    ("colours: {a: 1}\n", "unknown option 'colours'"),
-])
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("server: {port: 'eighty'}\n", "server.port"),
+        ("server: {prot: 80}\n", "unknown option 'server.prot'"),
+        ("pipeline: {width: 500}\n", "pipeline.width"),
+        ("model: [1, 2\n", "not valid YAML"),
+        ("- just\n- a list\n", "mapping of sections"),
+        ("colours: {a: 1}\n", "unknown option 'colours'"),
+    ],
+)
 def test_invalid_file_names_the_file_and_field(tmp_path, content, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
@@ -87,11 +97,21 @@ def test_missing_file():
 def test_command_line_reports_a_bad_file_and_prints_config(tmp_path, config_file):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: {port: -1}\n")
-    result = subprocess.run([sys.executable, "-m", "api", "--config", str(bad)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "server.port" in result.stderr and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "-m", "api", "--config", str(config_file), "--port", "1234",
-                             "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "--config", str(config_file), "--port", "1234", "--print-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     printed = yaml.safe_load(result.stdout)
     assert printed["server"]["port"] == 1234 and printed["model"]["model_id"] == "file/model"
 

@@ -47,15 +47,19 @@ EXIT_S = 20.0
 pytestmark = [
     pytest.mark.network_service,  # Xvfb
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Xvfb is an X11 server"),
-    pytest.mark.skipif(shutil.which("Xvfb") is None,
-                       reason="Xvfb is not installed (Debian: apt-get install xvfb; "
-                              ".ci/install-system-deps does it)"),
-    pytest.mark.skipif(ctypes.util.find_library("Xtst") is None,
-                       reason="libXtst is not installed (Debian: apt-get install libxtst6)"),
+    pytest.mark.skipif(
+        shutil.which("Xvfb") is None,
+        reason="Xvfb is not installed (Debian: apt-get install xvfb; .ci/install-system-deps does it)",
+    ),
+    pytest.mark.skipif(
+        ctypes.util.find_library("Xtst") is None,
+        reason="libXtst is not installed (Debian: apt-get install libxtst6)",
+    ),
 ]
 
 
 # -- the display ------------------------------------------------------------------
+
 
 @pytest.fixture
 def display(tmp_path: Path) -> Iterator[str]:
@@ -64,8 +68,20 @@ def display(tmp_path: Path) -> Iterator[str]:
     read_end, write_end = os.pipe()
     with log.open("wb") as stderr:
         server = subprocess.Popen(
-            ["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24",
-             "-nolisten", "tcp"], pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=stderr)
+            [
+                "Xvfb",
+                "-displayfd",
+                str(write_end),
+                "-screen",
+                "0",
+                f"{SCREEN[0]}x{SCREEN[1]}x24",
+                "-nolisten",
+                "tcp",
+            ],
+            pass_fds=(write_end,),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     os.close(write_end)
     try:
         ready, _, _ = select.select([read_end], [], [], 30)
@@ -96,7 +112,7 @@ def locate(screen: np.ndarray, image: np.ndarray) -> tuple[int, int, float]:
     body = image[LABEL_ROWS:]
     scores = cv2.matchTemplate(screen, body, cv2.TM_SQDIFF)
     _, _, (x, y), _ = cv2.minMaxLoc(scores)
-    shown = screen[y:y + body.shape[0], x:x + body.shape[1]]
+    shown = screen[y : y + body.shape[0], x : x + body.shape[1]]
     return x, y - LABEL_ROWS, float(np.abs(shown.astype(int) - body.astype(int)).mean())
 
 
@@ -117,13 +133,28 @@ class _X:
         self.x11.XKeysymToKeycode.argtypes = [c.c_void_p, c.c_ulong]
         self.x11.XInternAtom.restype = c.c_ulong
         self.x11.XInternAtom.argtypes = [c.c_void_p, c.c_char_p, c.c_int]
-        self.x11.XQueryTree.argtypes = [c.c_void_p, c.c_ulong, c.POINTER(c.c_ulong),
-                                        c.POINTER(c.c_ulong), c.POINTER(c.POINTER(c.c_ulong)),
-                                        c.POINTER(c.c_uint)]
+        self.x11.XQueryTree.argtypes = [
+            c.c_void_p,
+            c.c_ulong,
+            c.POINTER(c.c_ulong),
+            c.POINTER(c.c_ulong),
+            c.POINTER(c.POINTER(c.c_ulong)),
+            c.POINTER(c.c_uint),
+        ]
         self.x11.XGetWindowProperty.argtypes = [
-            c.c_void_p, c.c_ulong, c.c_ulong, c.c_long, c.c_long, c.c_int, c.c_ulong,
-            c.POINTER(c.c_ulong), c.POINTER(c.c_int), c.POINTER(c.c_ulong), c.POINTER(c.c_ulong),
-            c.POINTER(c.POINTER(c.c_ubyte))]
+            c.c_void_p,
+            c.c_ulong,
+            c.c_ulong,
+            c.c_long,
+            c.c_long,
+            c.c_int,
+            c.c_ulong,
+            c.POINTER(c.c_ulong),
+            c.POINTER(c.c_int),
+            c.POINTER(c.c_ulong),
+            c.POINTER(c.c_ulong),
+            c.POINTER(c.POINTER(c.c_ubyte)),
+        ]
         self.x11.XFree.argtypes = [c.c_void_p]
         self.x11.XSendEvent.argtypes = [c.c_void_p, c.c_ulong, c.c_int, c.c_long, c.c_void_p]
         self.x11.XSync.argtypes = [c.c_void_p, c.c_int]
@@ -150,8 +181,14 @@ class _X:
         c = ctypes
         root, parent = c.c_ulong(), c.c_ulong()
         children, count = c.POINTER(c.c_ulong)(), c.c_uint()
-        self.x11.XQueryTree(self.dpy, self.x11.XDefaultRootWindow(self.dpy), c.byref(root),
-                            c.byref(parent), c.byref(children), c.byref(count))
+        self.x11.XQueryTree(
+            self.dpy,
+            self.x11.XDefaultRootWindow(self.dpy),
+            c.byref(root),
+            c.byref(parent),
+            c.byref(children),
+            c.byref(count),
+        )
         found = {self.title(children[i]): children[i] for i in range(count.value)}
         if children:
             self.x11.XFree(children)
@@ -163,9 +200,19 @@ class _X:
         kind, bits, items, left = c.c_ulong(), c.c_int(), c.c_ulong(), c.c_ulong()
         data = c.POINTER(c.c_ubyte)()
         self.x11.XGetWindowProperty(
-            self.dpy, window, self.x11.XInternAtom(self.dpy, b"_NET_WM_NAME", 0), 0, 1024, 0,
-            self.x11.XInternAtom(self.dpy, b"UTF8_STRING", 0), c.byref(kind), c.byref(bits),
-            c.byref(items), c.byref(left), c.byref(data))
+            self.dpy,
+            window,
+            self.x11.XInternAtom(self.dpy, b"_NET_WM_NAME", 0),
+            0,
+            1024,
+            0,
+            self.x11.XInternAtom(self.dpy, b"UTF8_STRING", 0),
+            c.byref(kind),
+            c.byref(bits),
+            c.byref(items),
+            c.byref(left),
+            c.byref(data),
+        )
         if not data:
             return ""
         text = c.string_at(data, items.value).decode()
@@ -178,13 +225,23 @@ class _X:
 
         class ClientMessage(c.Structure):
             _fields_ = [  # noqa: RUF012 - ctypes reads the layout from this class attribute
-                        ("type", c.c_int), ("serial", c.c_ulong), ("send_event", c.c_int),
-                        ("display", c.c_void_p), ("window", c.c_ulong),
-                        ("message_type", c.c_ulong), ("format", c.c_int),
-                        ("data", c.c_long * 5), ("pad", c.c_char * 96)]
+                ("type", c.c_int),
+                ("serial", c.c_ulong),
+                ("send_event", c.c_int),
+                ("display", c.c_void_p),
+                ("window", c.c_ulong),
+                ("message_type", c.c_ulong),
+                ("format", c.c_int),
+                ("data", c.c_long * 5),
+                ("pad", c.c_char * 96),
+            ]
 
-        event = ClientMessage(type=33, window=window, format=32,  # 33: ClientMessage
-                              message_type=self.x11.XInternAtom(self.dpy, b"WM_PROTOCOLS", 0))
+        event = ClientMessage(
+            type=33,
+            window=window,
+            format=32,  # 33: ClientMessage
+            message_type=self.x11.XInternAtom(self.dpy, b"WM_PROTOCOLS", 0),
+        )
         event.data[0] = self.x11.XInternAtom(self.dpy, b"WM_DELETE_WINDOW", 0)
         assert self.x11.XSendEvent(self.dpy, window, 0, 0, c.byref(event))
         self.x11.XSync(self.dpy, 0)
@@ -201,6 +258,7 @@ def x_client(display: str) -> Iterator[_X]:
 
 # -- processes ----------------------------------------------------------------------
 
+
 class Child:
     """A ``python -m ...`` subprocess whose output goes to files under the test's tmp_path."""
 
@@ -208,8 +266,10 @@ class Child:
         self.process, self.out, self.err = process, out, err
 
     def output(self) -> str:
-        return (f"{self.out.stem} stdout:\n{self.out.read_text()[-3000:]}\n"
-                f"{self.out.stem} stderr:\n{self.err.read_text()[-3000:]}")
+        return (
+            f"{self.out.stem} stdout:\n{self.out.read_text()[-3000:]}\n"
+            f"{self.out.stem} stderr:\n{self.err.read_text()[-3000:]}"
+        )
 
     def check_running(self) -> None:
         if self.process.returncode is not None:
@@ -223,8 +283,12 @@ class Child:
 
 
 @contextlib.asynccontextmanager
-async def child(tmp_path: Path, name: str, *args: str, display: str | None = None,
-                ) -> AsyncIterator[Child]:
+async def child(
+    tmp_path: Path,
+    name: str,
+    *args: str,
+    display: str | None = None,
+) -> AsyncIterator[Child]:
     """Run ``python -m args...``; stopped (SIGTERM, then SIGKILL) when the block ends."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     if display is not None:
@@ -232,7 +296,8 @@ async def child(tmp_path: Path, name: str, *args: str, display: str | None = Non
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", *args, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+            sys.executable, "-m", *args, cwd=ROOT, env=env, stdout=stdout, stderr=stderr
+        )
     try:
         yield Child(process, out, err)
     finally:
@@ -245,8 +310,11 @@ async def child(tmp_path: Path, name: str, *args: str, display: str | None = Non
                 await process.wait()
 
 
-async def until_on_screen(display: str, image: np.ndarray, watched: list[Child],
-                          ) -> tuple[int, int, np.ndarray]:
+async def until_on_screen(
+    display: str,
+    image: np.ndarray,
+    watched: list[Child],
+) -> tuple[int, int, np.ndarray]:
     """Poll the screen until ``image`` is shown (within a bounded time); its position and
     the screen region it occupies, label rows included."""
     deadline = time.monotonic() + APPEAR_S
@@ -258,11 +326,10 @@ async def until_on_screen(display: str, image: np.ndarray, watched: list[Child],
         x, y, error = locate(screen, image)
         best = min(best, error)
         if error < 2 and y >= 0:
-            return x, y, screen[y:y + image.shape[0], x:x + image.shape[1]]
+            return x, y, screen[y : y + image.shape[0], x : x + image.shape[1]]
         await asyncio.sleep(0.2)  # the next look, not a synchronisation
     details = "\n".join(c.output() for c in watched)
-    pytest.fail(f"the picture did not appear in {APPEAR_S:g} s (best mean difference {best:.1f})"
-                f"\n{details}")
+    pytest.fail(f"the picture did not appear in {APPEAR_S:g} s (best mean difference {best:.1f})\n{details}")
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:
@@ -277,24 +344,66 @@ def summary_frames(viewer: Child) -> int:
 
 # -- tests -------------------------------------------------------------------------
 
-async def test_viewer_window_shows_the_processed_frames(display: str, relay: Relay,
-                                                        tmp_path: Path) -> None:
+
+async def test_viewer_window_shows_the_processed_frames(display: str, relay: Relay, tmp_path: Path) -> None:
     """relay + filter worker + producer + ``python -m producers view``: the inverted picture
     is on screen under an fps label, and q ends the viewer cleanly with its report."""
     image = picture(*IMAGE, seed=3)
     expected = 255 - image  # the filter's invert effect at full strength, lossless PNG all along
     source = write_png(tmp_path / "known.png", image)
     async with contextlib.AsyncExitStack() as stack:
-        worker = await stack.enter_async_context(child(
-            tmp_path, "worker", "worker", "--relay", relay.url, "--engine", "filter",
-            "--format", "png", "--channel", "desk"))
-        producer = await stack.enter_async_context(child(
-            tmp_path, "producer", "producers", "static", str(source), "--relay", relay.url,
-            "--channel", "desk", "--format", "png", "--fps", "10", "--duration", "300",
-            "--params", '{"effect": "invert", "strength": 1}', "--quiet"))
-        viewer = await stack.enter_async_context(child(
-            tmp_path, "viewer", "producers", "view", "--relay", relay.url, "--channel", "desk",
-            "--json", "--quiet", display=display))
+        worker = await stack.enter_async_context(
+            child(
+                tmp_path,
+                "worker",
+                "worker",
+                "--relay",
+                relay.url,
+                "--engine",
+                "filter",
+                "--format",
+                "png",
+                "--channel",
+                "desk",
+            )
+        )
+        producer = await stack.enter_async_context(
+            child(
+                tmp_path,
+                "producer",
+                "producers",
+                "static",
+                str(source),
+                "--relay",
+                relay.url,
+                "--channel",
+                "desk",
+                "--format",
+                "png",
+                "--fps",
+                "10",
+                "--duration",
+                "300",
+                "--params",
+                '{"effect": "invert", "strength": 1}',
+                "--quiet",
+            )
+        )
+        viewer = await stack.enter_async_context(
+            child(
+                tmp_path,
+                "viewer",
+                "producers",
+                "view",
+                "--relay",
+                relay.url,
+                "--channel",
+                "desk",
+                "--json",
+                "--quiet",
+                display=display,
+            )
+        )
         x, y, shown = await until_on_screen(display, expected, [worker, producer, viewer])
 
         label = np.abs(shown[:LABEL_ROWS].astype(int) - expected[:LABEL_ROWS].astype(int)).max(-1)
@@ -308,8 +417,9 @@ async def test_viewer_window_shows_the_processed_frames(display: str, relay: Rel
         assert summary_frames(viewer) >= 1
 
 
-async def test_screen_producer_sends_what_the_display_shows(display: str, relay: Relay,
-                                                            tmp_path: Path) -> None:
+async def test_screen_producer_sends_what_the_display_shows(
+    display: str, relay: Relay, tmp_path: Path
+) -> None:
     """A known picture in the viewer window; ``python -m producers screen --region`` over it;
     its frames arrive through the relay with that picture. Closing the window ends the viewer."""
     image = picture(*IMAGE, seed=5)
@@ -317,27 +427,77 @@ async def test_screen_producer_sends_what_the_display_shows(display: str, relay:
     body = image[LABEL_ROWS:]
     received: list[Frame] = []
     async with contextlib.AsyncExitStack() as stack:
-        producer = await stack.enter_async_context(child(
-            tmp_path, "producer", "producers", "static", str(source), "--relay", relay.url,
-            "--channel", "cam", "--format", "png", "--fps", "10", "--duration", "300",
-            "--no-receive", "--quiet"))
-        viewer = await stack.enter_async_context(child(
-            tmp_path, "viewer", "producers", "view", "--relay", relay.url, "--channel", "cam",
-            "--input", "--json", "--quiet", display=display))
+        producer = await stack.enter_async_context(
+            child(
+                tmp_path,
+                "producer",
+                "producers",
+                "static",
+                str(source),
+                "--relay",
+                relay.url,
+                "--channel",
+                "cam",
+                "--format",
+                "png",
+                "--fps",
+                "10",
+                "--duration",
+                "300",
+                "--no-receive",
+                "--quiet",
+            )
+        )
+        viewer = await stack.enter_async_context(
+            child(
+                tmp_path,
+                "viewer",
+                "producers",
+                "view",
+                "--relay",
+                relay.url,
+                "--channel",
+                "cam",
+                "--input",
+                "--json",
+                "--quiet",
+                display=display,
+            )
+        )
         x, y, _ = await until_on_screen(display, image, [producer, viewer])
 
         ready = asyncio.Event()
-        collector = asyncio.create_task(run_viewer(
-            ViewerOptions(relay=relay.url, channel="shot", receive="input", show=False,
-                          max_frames=3), ready=ready, on_frame=received.append))
+        collector = asyncio.create_task(
+            run_viewer(
+                ViewerOptions(relay=relay.url, channel="shot", receive="input", show=False, max_frames=3),
+                ready=ready,
+                on_frame=received.append,
+            )
+        )
         stack.push_async_callback(asyncio.gather, collector, return_exceptions=True)
         stack.callback(collector.cancel)
         await asyncio.wait_for(ready.wait(), 10)
-        await stack.enter_async_context(child(
-            tmp_path, "screen", "producers", "screen",
-            "--region", f"{x},{y + LABEL_ROWS},{body.shape[1]},{body.shape[0]}",
-            "--relay", relay.url, "--channel", "shot", "--format", "png", "--fps", "5",
-            "--no-receive", "--quiet", display=display))
+        await stack.enter_async_context(
+            child(
+                tmp_path,
+                "screen",
+                "producers",
+                "screen",
+                "--region",
+                f"{x},{y + LABEL_ROWS},{body.shape[1]},{body.shape[0]}",
+                "--relay",
+                relay.url,
+                "--channel",
+                "shot",
+                "--format",
+                "png",
+                "--fps",
+                "5",
+                "--no-receive",
+                "--quiet",
+                display=display,
+            )
+        )
         report = await asyncio.wait_for(collector, APPEAR_S)
 
         assert report.frames == len(received) == 3

@@ -120,7 +120,9 @@ def test_hot_updates_change_the_output_without_reload(
 def test_prompt_blend_with_zero_weight_equals_the_single_prompt(tiny: TinyModels) -> None:
     single = run(engine(tiny, prompt="a red fox"), SEQUENCE)
     for method in ("linear", "slerp"):
-        blended = engine(tiny, prompt=[["a red fox", 1.0], ["a blue car", 0.0]], prompt_interpolation_method=method)
+        blended = engine(
+            tiny, prompt=[["a red fox", 1.0], ["a blue car", 0.0]], prompt_interpolation_method=method
+        )
         assert same(single, run(blended, SEQUENCE))
     halfway = engine(tiny, prompt=[["a red fox", 1.0], ["a blue car", 1.0]])
     assert not same(single, run(halfway, SEQUENCE))
@@ -164,7 +166,9 @@ def test_filter_skip_probability_follows_similarity() -> None:
 @pytest.mark.parametrize("cfg_type", ["none", "self", "initialize", "full"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_every_rcfg_mode_runs(tiny: TinyModels, cfg_type: str, batched: bool) -> None:
-    eng = engine(tiny, cfg_type=cfg_type, guidance_scale=1.5, use_denoising_batch=batched, frame_buffer_size=2)
+    eng = engine(
+        tiny, cfg_type=cfg_type, guidance_scale=1.5, use_denoising_batch=batched, frame_buffer_size=2
+    )
     outputs = run(eng, [frames(i, count=2) for i in range(2)])
     assert len(outputs) == 4 and all(o.shape == (SIZE, SIZE, 3) for o in outputs)
 
@@ -227,10 +231,14 @@ def test_processing_blocks_are_hot(tiny: TinyModels, reference: list[np.ndarray]
 
 
 def test_upscale_post_processing_enlarges_the_output(tiny: TinyModels) -> None:
-    eng = engine(tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 1.5}}]})
+    eng = engine(
+        tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 1.5}}]}
+    )
     assert eng.process(frames())[0].shape == (SIZE * 3 // 2, SIZE * 3 // 2, 3)
     with pytest.raises(EngineError, match="scale_factor must be in 1..4"):
-        engine(tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 8}}]})
+        engine(
+            tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 8}}]}
+        )
 
 
 def test_skip_diffusion_passes_frames_through(tiny: TinyModels) -> None:
@@ -267,8 +275,11 @@ def test_unusable_preprocessors_are_refused(tiny: TinyModels, name: str, params:
 
 
 def test_depth_preprocessor_runs_a_depth_model(tiny: TinyModels, reference: list[np.ndarray]) -> None:
-    depth = {"model_id": str(tiny.controlnet), "preprocessor": "depth",
-             "preprocessor_params": {"model_id": str(tiny.depth), "detect_resolution": 140}}
+    depth = {
+        "model_id": str(tiny.controlnet),
+        "preprocessor": "depth",
+        "preprocessor_params": {"model_id": str(tiny.depth), "detect_resolution": 140},
+    }
     eng = engine(tiny, controlnets=[depth])
     estimator = eng._predictor.controlnets[0].preprocess
     gradient = np.repeat(np.linspace(0, 255, SIZE, dtype=np.uint8)[None, :, None], SIZE, 0).repeat(3, 2)
@@ -278,14 +289,21 @@ def test_depth_preprocessor_runs_a_depth_model(tiny: TinyModels, reference: list
     assert not same(reference, run(eng, SEQUENCE))
     loaded = dict(eng._neural._models)
     assert eng.update({"controlnets": [{**depth, "conditioning_scale": 0.5}]}) == set()
-    assert eng.update({"controlnets": [{**depth, "preprocessor_params": {"model_id": str(tiny.depth)}}]}) == set()
+    assert (
+        eng.update({"controlnets": [{**depth, "preprocessor_params": {"model_id": str(tiny.depth)}}]})
+        == set()
+    )
     assert eng._neural._models == loaded  # hot updates reuse the loaded model
     other = {**depth, "preprocessor_params": {"model_id": "somewhere/else"}}
     assert eng.update({"controlnets": [other]}) == {"controlnets"}
 
 
 def test_hed_preprocessor_runs_the_hed_network(tiny: TinyModels, reference: list[np.ndarray]) -> None:
-    hed = {"model_id": str(tiny.controlnet), "preprocessor": "hed", "preprocessor_params": {"model_id": str(tiny.hed)}}
+    hed = {
+        "model_id": str(tiny.controlnet),
+        "preprocessor": "hed",
+        "preprocessor_params": {"model_id": str(tiny.hed)},
+    }
     eng = engine(tiny, controlnets=[hed])
     detect = eng._predictor.controlnets[0].preprocess
     square = np.zeros((SIZE, SIZE, 3), np.uint8)
@@ -300,8 +318,28 @@ def test_hed_preprocessor_runs_the_hed_network(tiny: TinyModels, reference: list
 
 
 def test_openpose_draws_the_skeleton_of_the_keypoints() -> None:
-    coco = np.array([[50, 20], [55, 15], [45, 15], [60, 18], [40, 18], [70, 40], [30, 40], [75, 60], [25, 60],
-                     [78, 80], [22, 80], [62, 90], [38, 90], [63, 120], [37, 120], [64, 150], [36, 150]], np.float32)
+    coco = np.array(
+        [
+            [50, 20],
+            [55, 15],
+            [45, 15],
+            [60, 18],
+            [40, 18],
+            [70, 40],
+            [30, 40],
+            [75, 60],
+            [25, 60],
+            [78, 80],
+            [22, 80],
+            [62, 90],
+            [38, 90],
+            [63, 120],
+            [37, 120],
+            [64, 150],
+            [36, 150],
+        ],
+        np.float32,
+    )
     scores = np.full(17, 0.9, np.float32)
     scores[16] = 0.1  # the right ankle is not seen
     points, confidence = openpose_points(coco, scores)
@@ -315,19 +353,26 @@ def test_openpose_draws_the_skeleton_of_the_keypoints() -> None:
 
 
 def test_openpose_preprocessor_runs_vitpose(tiny: TinyModels, reference: list[np.ndarray]) -> None:
-    pose = {"model_id": str(tiny.controlnet), "preprocessor": "openpose",
-            "preprocessor_params": {"model_id": str(tiny.pose), "threshold": 0.0}}
+    pose = {
+        "model_id": str(tiny.controlnet),
+        "preprocessor": "openpose",
+        "preprocessor_params": {"model_id": str(tiny.pose), "threshold": 0.0},
+    }
     eng = engine(tiny, controlnets=[pose])
     skeleton = eng._predictor.controlnets[0].preprocess(frames(shape=(240, 320))[0])
     assert skeleton.shape == (240, 320, 3) and skeleton.dtype == np.uint8
-    assert len({tuple(c) for c in skeleton.reshape(-1, 3)} & set(COLOURS)) >= 5  # joints (random weights: some coincide)
+    assert (
+        len({tuple(c) for c in skeleton.reshape(-1, 3)} & set(COLOURS)) >= 5
+    )  # joints (random weights: some coincide)
     assert not same(reference, run(eng, SEQUENCE))
 
 
 @pytest.mark.slow
 def test_a_missing_depth_model_is_named(tiny: TinyModels) -> None:
     depth = {"model_id": str(tiny.controlnet), "preprocessor": "depth"}
-    with pytest.raises(EngineError, match="depth model 'depth-anything/Depth-Anything-V2-Small-hf' is not available"):
+    with pytest.raises(
+        EngineError, match="depth model 'depth-anything/Depth-Anything-V2-Small-hf' is not available"
+    ):
         engine(tiny, controlnets=[depth])
 
 
@@ -365,8 +410,13 @@ def test_ip_adapter_style_image_and_scale_are_hot(tiny: TinyModels) -> None:
 
     def styled(style: str, scale: float = 1.0) -> DiffusionEngine:
         # One step and no RCFG keep no state between frames, so engines can be compared frame for frame.
-        return engine(tiny, t_index_list=[20], cfg_type="none", ip_adapter_style_image_url=style,
-                      ip_adapter={"model_id": str(tiny.ip_adapter), "scale": scale})
+        return engine(
+            tiny,
+            t_index_list=[20],
+            cfg_type="none",
+            ip_adapter_style_image_url=style,
+            ip_adapter={"model_id": str(tiny.ip_adapter), "scale": scale},
+        )
 
     eng = styled(red)
     pipe = eng._models.pipe
@@ -387,8 +437,17 @@ def test_ip_adapter_style_image_and_scale_are_hot(tiny: TinyModels) -> None:
 def test_ip_adapter_on_sdxl(tiny: TinyModels) -> None:
     red, blue = (data_url(np.zeros((64, 64, 3), np.uint8) + np.uint8(c)) for c in ([255, 0, 0], [0, 0, 255]))
     outputs = [
-        run(engine(tiny, model_id=str(tiny.sdxl), t_index_list=[20], cfg_type="none",
-                   ip_adapter={"model_id": str(tiny.ip_adapter)}, ip_adapter_style_image_url=style), SEQUENCE)
+        run(
+            engine(
+                tiny,
+                model_id=str(tiny.sdxl),
+                t_index_list=[20],
+                cfg_type="none",
+                ip_adapter={"model_id": str(tiny.ip_adapter)},
+                ip_adapter_style_image_url=style,
+            ),
+            SEQUENCE,
+        )
         for style in (red, blue)
     ]
     assert not same(*outputs)  # the SDXL adapter (sdxl_models/) is loaded and used
@@ -396,7 +455,11 @@ def test_ip_adapter_on_sdxl(tiny: TinyModels) -> None:
 
 def test_ip_adapter_refuses_a_bad_style_image(tiny: TinyModels) -> None:
     with pytest.raises(EngineError, match="not valid base64"):
-        engine(tiny, ip_adapter={"model_id": str(tiny.ip_adapter)}, ip_adapter_style_image_url="data:image/png;base64,@@")
+        engine(
+            tiny,
+            ip_adapter={"model_id": str(tiny.ip_adapter)},
+            ip_adapter_style_image_url="data:image/png;base64,@@",
+        )
 
 
 def test_unknown_or_invalid_params_are_refused(tiny: TinyModels) -> None:
@@ -415,14 +478,22 @@ def test_defaults_follow_daydream() -> None:
     params = DiffusionParams()
     assert params.model_id == "stabilityai/sd-turbo"
     assert (params.prompt, params.seed, params.guidance_scale, params.delta) == ("flowers", 789, 1.0, 0.7)
-    assert (params.num_inference_steps, params.t_index_list, params.width, params.height) == (50, [12, 20, 32], 512, 512)
+    assert (params.num_inference_steps, params.t_index_list, params.width, params.height) == (
+        50,
+        [12, 20, 32],
+        512,
+        512,
+    )
     assert parse_params({"prompt": [["a", 1], ["b", 2]]}).weighted_prompts() == [("a", 1.0), ("b", 2.0)]
 
 
-@pytest.mark.parametrize(("mode", "level", "said"), [
-    ("xformers", logging.INFO, "using sdpa"),  # the default: quiet where xformers is not installed
-    ("tensorrt", logging.WARNING, "falling back to sdpa"),
-])
+@pytest.mark.parametrize(
+    ("mode", "level", "said"),
+    [
+        ("xformers", logging.INFO, "using sdpa"),  # the default: quiet where xformers is not installed
+        ("tensorrt", logging.WARNING, "falling back to sdpa"),
+    ],
+)
 def test_unavailable_acceleration_falls_back_to_sdpa(
     tiny: TinyModels, mode: str, level: int, said: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -440,7 +511,13 @@ def test_importing_the_registry_does_not_import_torch() -> None:
     import sys
 
     code = "import sys, worker.engines, worker.engines.diffusion.params; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert result.stdout.strip() == "False"
 
 
@@ -452,12 +529,18 @@ def test_stream_recovers_the_latents_an_oracle_denoises(batched: bool, turbo: bo
     clean = torch.randn(2, 4, 8, 8)
 
     def oracle(
-        latents: torch.Tensor, timesteps: torch.Tensor, steps: torch.Tensor, num_steps: int, cond: Conditioning
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        steps: torch.Tensor,
+        num_steps: int,
+        cond: Conditioning,
     ) -> torch.Tensor:
         alpha = scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
         return (latents - alpha * clean.repeat(len(latents) // 2, 1, 1, 1)) / (1 - alpha**2).sqrt()
 
-    config = StreamConfig((4, 8, 8), frame_buffer_size=2, use_denoising_batch=batched, consistency_boundary=not turbo)
+    config = StreamConfig(
+        (4, 8, 8), frame_buffer_size=2, use_denoising_batch=batched, consistency_boundary=not turbo
+    )
     stream = StreamDenoiser(oracle, scheduler, config, torch.device("cpu"), torch.float32)
     stream.set_schedule([10, 25, 40], 50)
     stream.set_noise(torch.randn(stream.noise_shape))
@@ -467,8 +550,10 @@ def test_stream_recovers_the_latents_an_oracle_denoises(batched: bool, turbo: bo
 
 
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize(("cfg_type", "guidance_scale"), [("none", 1.0), ("self", 2.0), ("initialize", 2.0),
-                                                          ("full", 2.0), ("full", 1.0)])
+@pytest.mark.parametrize(
+    ("cfg_type", "guidance_scale"),
+    [("none", 1.0), ("self", 2.0), ("initialize", 2.0), ("full", 2.0), ("full", 1.0)],
+)
 @pytest.mark.parametrize("steps", [1, 3])
 def test_unet_batch_sizes_are_the_sizes_the_stream_calls_with(
     batched: bool, cfg_type: str, guidance_scale: float, steps: int
@@ -480,7 +565,9 @@ def test_unet_batch_sizes_are_the_sizes_the_stream_calls_with(
         return torch.zeros_like(latents)
 
     scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    config = StreamConfig((4, 8, 8), frame_buffer_size=2, use_denoising_batch=batched, consistency_boundary=True)
+    config = StreamConfig(
+        (4, 8, 8), frame_buffer_size=2, use_denoising_batch=batched, consistency_boundary=True
+    )
     stream = StreamDenoiser(recording, scheduler, config, torch.device("cpu"), torch.float32)
     stream.set_schedule([10, 25, 40][:steps], 50)
     stream.set_noise(torch.randn(stream.noise_shape))
@@ -511,10 +598,17 @@ FLOAT16_CASES = {
     },
     "sdxl": lambda tiny: {"model_id": str(tiny.sdxl)},
     **{
-        f"{name}-controlnet": lambda tiny, name=name: {"controlnets": [{
-            "model_id": str(tiny.controlnet), "preprocessor": name,
-            "preprocessor_params": {"model_id": str(getattr(tiny, "pose" if name == "openpose" else name))},
-        }]}
+        f"{name}-controlnet": lambda tiny, name=name: {
+            "controlnets": [
+                {
+                    "model_id": str(tiny.controlnet),
+                    "preprocessor": name,
+                    "preprocessor_params": {
+                        "model_id": str(getattr(tiny, "pose" if name == "openpose" else name))
+                    },
+                }
+            ]
+        }
         for name in ("depth", "hed", "openpose")
     },
 }
@@ -524,8 +618,10 @@ FLOAT16_CASES = {
 SLOW_FLOAT16 = {"controlnet-ip-adapter", "sdxl", "depth-controlnet", "hed-controlnet", "openpose-controlnet"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_FLOAT16 else case
-                                  for case in FLOAT16_CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_FLOAT16 else case for case in FLOAT16_CASES],
+)
 def test_float16_runs_and_matches_float32(tiny: TinyModels, case: str) -> None:
     """CUDA runs the engine in float16; run that dtype here so a dtype mix-up fails on a CPU too."""
     params = {**fast_defaults(tiny), **FLOAT16_CASES[case](tiny)}

@@ -21,12 +21,30 @@ SIZE = 384
 
 @pytest.mark.slow
 async def test_worker_process_runs_the_tiny_diffusion_model(relay, tiny):
-    defaults = {"vae_id": str(tiny.tiny_vae), "use_lcm_lora": False, "width": SIZE, "height": SIZE,
-                "t_index_list": [10, 30], "prompt": "a red fox"}
+    defaults = {
+        "vae_id": str(tiny.tiny_vae),
+        "use_lcm_lora": False,
+        "width": SIZE,
+        "height": SIZE,
+        "t_index_list": [10, 30],
+        "prompt": "a red fox",
+    }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "--relay", relay.url, "--engine", "diffusion",
-        "--model", str(tiny.sd), "--params", orjson.dumps(defaults).decode(), cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "worker",
+        "--relay",
+        relay.url,
+        "--engine",
+        "diffusion",
+        "--model",
+        str(tiny.sd),
+        "--params",
+        orjson.dumps(defaults).decode(),
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         producer, _ = await connect(relay.url, "producer", "cam")
         ready = await recv_json(producer, "report", event="ready")
@@ -72,8 +90,14 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
         api.app = app
         worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="diffusion"))
         task = asyncio.create_task(worker.run())
-        params = {"model_id": str(tiny.sd), "vae_id": str(tiny.tiny_vae), "use_lcm_lora": False,
-                  "width": SIZE, "height": SIZE, "t_index_list": [10, 30]}
+        params = {
+            "model_id": str(tiny.sd),
+            "vae_id": str(tiny.tiny_vae),
+            "use_lcm_lora": False,
+            "width": SIZE,
+            "height": SIZE,
+            "t_index_list": [10, 30],
+        }
         response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
         sid = response.json()["id"]
         await asyncio.wait_for(wait_until_ready(api, sid), 60)

@@ -15,8 +15,9 @@ from tests.test_commands import ROOT
 
 @pytest.mark.slow
 def test_doctor_json_lists_checks_and_passes_on_this_machine():
-    result = subprocess.run([sys.executable, "-m", "api.doctor", "--json"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "api.doctor", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     assert checks["websockets"]["ok"] and checks["python"]["ok"]

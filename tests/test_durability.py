@@ -59,9 +59,23 @@ async def server(data_dir: Path) -> AsyncIterator[Server]:
     """``python -m api`` with a filter worker, its streams kept in ``data_dir``; stopped with SIGTERM
     unless the test killed it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api", "--port", "0", "--relay-port", "0", "--data-dir", str(data_dir),
-        "--api-key", KEY, "--engine", "filter", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "api",
+        "--port",
+        "0",
+        "--relay-port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--api-key",
+        KEY,
+        "--engine",
+        "filter",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         url = None
         while url is None:
@@ -94,14 +108,17 @@ async def processed_frames(url: str, stream_key: str, count: int) -> list[int]:
 async def first_mjpeg_frame(api: httpx.AsyncClient, playback_id: str) -> bytes:
     """The first JPEG of the stream's MJPEG playback URL."""
     buffer = b""
-    async with asyncio.timeout(60), api.stream("GET", f"/live/video-to-video/{playback_id}/mjpeg") as response:
+    async with (
+        asyncio.timeout(60),
+        api.stream("GET", f"/live/video-to-video/{playback_id}/mjpeg") as response,
+    ):
         assert response.status_code == 200
         async for chunk in response.aiter_bytes():
             buffer += chunk
             start = buffer.find(b"\xff\xd8")
             end = buffer.find(b"\xff\xd9", start)
             if start >= 0 and end > start:
-                return buffer[start:end + 2]
+                return buffer[start : end + 2]
     raise AssertionError("the MJPEG response ended without a frame")
 
 
@@ -109,8 +126,11 @@ async def first_mjpeg_frame(api: httpx.AsyncClient, playback_id: str) -> bytes:
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 async def test_streams_survive_a_restart(tmp_path, stop):
     async with server(tmp_path) as first, httpx.AsyncClient(base_url=first.url, headers=AUTH) as api:
-        created = (await api.post("/v1/streams", json={"pipeline": "streamdiffusion",
-                                                       "params": {"prompt": "photo negative"}})).json()
+        created = (
+            await api.post(
+                "/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "photo negative"}}
+            )
+        ).json()
         await api.patch(f"/v1/streams/{created['id']}", json={"params": {"prompt": "a pencil sketch"}})
         assert len(await processed_frames(first.url, created["stream_key"], 2)) == 2
         workers = first.worker_pids

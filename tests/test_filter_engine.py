@@ -21,8 +21,9 @@ def test_every_effect_changes_the_image(effect):
 
 def test_effects_differ_from_each_other():
     frame = picture(96, 64, seed=3)
-    outputs = {name: create_engine("filter", {"effect": name}).process([frame])[0].tobytes()
-               for name in EFFECTS}
+    outputs = {
+        name: create_engine("filter", {"effect": name}).process([frame])[0].tobytes() for name in EFFECTS
+    }
     assert len(set(outputs.values())) == len(EFFECTS)
 
 
@@ -49,8 +50,10 @@ def test_resizes_to_width_and_height():
     assert engine.output_size == (32, 16)
 
 
-@pytest.mark.parametrize("params", [{"effect": "glitter"}, {"strength": 3}, {"strength": "x"},
-                                    {"width": 2, "height": 2}, {"width": 64}])
+@pytest.mark.parametrize(
+    "params",
+    [{"effect": "glitter"}, {"strength": 3}, {"strength": "x"}, {"width": 2, "height": 2}, {"width": 64}],
+)
 def test_bad_params_raise_engine_error(params):
     with pytest.raises(EngineError):
         create_engine("filter", params)

@@ -47,11 +47,24 @@ def peer(role: Role, channel: str = "cam", name: str | None = None, **fields: An
     return Peer(id=name or f"{role.value}-{channel}", role=role, channel=channel, outbox=Outbox(), **fields)
 
 
-def frame(seq: int, channel: str = "cam", kind: FrameKind = FrameKind.INPUT, payload: bytes | None = None,
-          params_version: int = 0, **header: Any) -> Frame:
+def frame(
+    seq: int,
+    channel: str = "cam",
+    kind: FrameKind = FrameKind.INPUT,
+    payload: bytes | None = None,
+    params_version: int = 0,
+    **header: Any,
+) -> Frame:
     fields = {"width": W, "height": H, "format": ImageFormat.JPEG, **header}
-    return Frame(channel=channel, seq=seq, timestamp=time.time(), payload=payload or jpeg(W, H, seed=seq),
-                 kind=kind, params_version=params_version, **fields)
+    return Frame(
+        channel=channel,
+        seq=seq,
+        timestamp=time.time(),
+        payload=payload or jpeg(W, H, seed=seq),
+        kind=kind,
+        params_version=params_version,
+        **fields,
+    )
 
 
 async def pending(p: Peer) -> tuple[list[Any], list[Frame]]:
@@ -75,6 +88,7 @@ def route(h: Hub, p: Peer, f: Frame) -> None:
 
 
 # -- frames -------------------------------------------------------------------
+
 
 async def test_input_goes_to_the_worker_and_input_viewers_output_to_output_receivers():
     h = hub()
@@ -101,7 +115,11 @@ async def test_input_goes_to_the_worker_and_input_viewers_output_to_output_recei
 
 async def test_a_receiver_keeps_only_the_newest_frame_and_the_hub_counts_the_drops():
     h = hub()
-    worker, producer, viewer = peer(Role.WORKER), peer(Role.PRODUCER), peer(Role.VIEWER, receive=Receive.INPUT)
+    worker, producer, viewer = (
+        peer(Role.WORKER),
+        peer(Role.PRODUCER),
+        peer(Role.VIEWER, receive=Receive.INPUT),
+    )
     await joined(h, worker, producer, viewer)
     for seq in range(5):
         route(h, producer, frame(seq))
@@ -132,24 +150,36 @@ async def test_result_latency_is_observed_from_input_to_output():
     assert h.channels["cam"].stats()["latency_ms"]["p50"] is not None
 
 
-@pytest.mark.parametrize(("sender", "make", "code"), [
-    (Role.PRODUCER, lambda: frame(1, payload=b"not an image"), ErrorCode.BAD_IMAGE),
-    (Role.PRODUCER, lambda: frame(1, width=W + 1), ErrorCode.BAD_IMAGE),
-    (Role.PRODUCER, lambda: frame(1, format=ImageFormat.PNG), ErrorCode.BAD_IMAGE),
-    (Role.PRODUCER, lambda: frame(1, payload=jpeg(320, 240), width=320, height=240),
-     ErrorCode.RESOLUTION_TOO_LARGE),
-    (Role.PRODUCER, lambda: frame(1, payload=noise_png(200, 200), width=200, height=200,
-                                  format=ImageFormat.PNG), ErrorCode.FRAME_TOO_LARGE),
-    (Role.PRODUCER, lambda: frame(1, channel="elsewhere"), ErrorCode.UNKNOWN_CHANNEL),
-    (Role.PRODUCER, lambda: frame(1, kind=FrameKind.OUTPUT), ErrorCode.NOT_ALLOWED),
-    (Role.WORKER, lambda: frame(1, kind=FrameKind.INPUT), ErrorCode.NOT_ALLOWED),
-    (Role.WORKER, lambda: frame(1, channel="other", kind=FrameKind.OUTPUT), ErrorCode.UNKNOWN_CHANNEL),
-    (Role.VIEWER, lambda: frame(1), ErrorCode.NOT_ALLOWED),
-])
+@pytest.mark.parametrize(
+    ("sender", "make", "code"),
+    [
+        (Role.PRODUCER, lambda: frame(1, payload=b"not an image"), ErrorCode.BAD_IMAGE),
+        (Role.PRODUCER, lambda: frame(1, width=W + 1), ErrorCode.BAD_IMAGE),
+        (Role.PRODUCER, lambda: frame(1, format=ImageFormat.PNG), ErrorCode.BAD_IMAGE),
+        (
+            Role.PRODUCER,
+            lambda: frame(1, payload=jpeg(320, 240), width=320, height=240),
+            ErrorCode.RESOLUTION_TOO_LARGE,
+        ),
+        (
+            Role.PRODUCER,
+            lambda: frame(1, payload=noise_png(200, 200), width=200, height=200, format=ImageFormat.PNG),
+            ErrorCode.FRAME_TOO_LARGE,
+        ),
+        (Role.PRODUCER, lambda: frame(1, channel="elsewhere"), ErrorCode.UNKNOWN_CHANNEL),
+        (Role.PRODUCER, lambda: frame(1, kind=FrameKind.OUTPUT), ErrorCode.NOT_ALLOWED),
+        (Role.WORKER, lambda: frame(1, kind=FrameKind.INPUT), ErrorCode.NOT_ALLOWED),
+        (Role.WORKER, lambda: frame(1, channel="other", kind=FrameKind.OUTPUT), ErrorCode.UNKNOWN_CHANNEL),
+        (Role.VIEWER, lambda: frame(1), ErrorCode.NOT_ALLOWED),
+    ],
+)
 async def test_refused_frames_raise_a_protocol_error_with_its_code(sender, make, code):
     h = hub(max_frame_bytes=64 * 1024, max_width=256, max_height=256)
-    peers = {Role.WORKER: peer(Role.WORKER), Role.PRODUCER: peer(Role.PRODUCER),
-             Role.VIEWER: peer(Role.VIEWER)}
+    peers = {
+        Role.WORKER: peer(Role.WORKER),
+        Role.PRODUCER: peer(Role.PRODUCER),
+        Role.VIEWER: peer(Role.VIEWER),
+    }
     await joined(h, *peers.values())
     with pytest.raises(ProtocolError) as refused:
         route(h, peers[sender], make())
@@ -175,6 +205,7 @@ async def test_seed_002_images_are_probed_numbered_and_acked():
 
 # -- workers ------------------------------------------------------------------
 
+
 async def test_channels_go_to_the_least_loaded_worker_with_room_and_move_when_it_leaves():
     h = hub()
     big = peer(Role.WORKER, name="big", capacity=2)
@@ -187,7 +218,9 @@ async def test_channels_go_to_the_least_loaded_worker_with_room_and_move_when_it
     assert h.channels["d"].worker is None
     assert [m.channel for m in (await pending(big))[0]] == ["a", "c"]
     assert (await pending(small))[0] == [Assign(channel="b", params={}, version=0)]
-    assert (await pending(producers[0]))[0] == [Status(channel="a", state=ChannelState.ASSIGNED, worker="big")]
+    assert (await pending(producers[0]))[0] == [
+        Status(channel="a", state=ChannelState.ASSIGNED, worker="big")
+    ]
     assert (await pending(producers[3]))[0] == [Status(channel="d", state=ChannelState.WAITING_FOR_WORKER)]
     for p in producers[1:3]:
         await pending(p)
@@ -197,8 +230,9 @@ async def test_channels_go_to_the_least_loaded_worker_with_room_and_move_when_it
     h.leave(producers[1])  # small's channel goes: it takes a waiting one
     assert (await pending(small))[0][0] == Release(channel="b")
     assert h.channels["a"].worker is small and h.channels["a"].engine_state is EngineState.LOADING
-    assert (await pending(producers[0]))[0] == [Status(channel="a", state=ChannelState.ASSIGNED,
-                                                       worker="small")]
+    assert (await pending(producers[0]))[0] == [
+        Status(channel="a", state=ChannelState.ASSIGNED, worker="small")
+    ]
 
 
 async def test_a_pinned_worker_serves_only_its_channels():
@@ -227,10 +261,12 @@ async def test_reports_move_the_engine_state_and_reach_the_channel_but_stats_sta
     await joined(h, worker, producer, viewer)
     channel = h.channels["cam"]
     assert channel.engine_state is EngineState.LOADING
-    steps = [(ReportEvent.READY, {"engine": "filter"}, EngineState.READY),
-             (ReportEvent.RELOADING, {}, EngineState.RELOADING),
-             (ReportEvent.ERROR, {"reload_failed": True}, EngineState.READY),
-             (ReportEvent.STATS, {"engine_ms": 3.0}, EngineState.READY)]
+    steps = [
+        (ReportEvent.READY, {"engine": "filter"}, EngineState.READY),
+        (ReportEvent.RELOADING, {}, EngineState.RELOADING),
+        (ReportEvent.ERROR, {"reload_failed": True}, EngineState.READY),
+        (ReportEvent.STATS, {"engine_ms": 3.0}, EngineState.READY),
+    ]
     for event, data, state in steps:
         report = Report(channel="cam", event=event, message=f"{event} news", data=data)
         h.on_message(worker, report)
@@ -238,7 +274,10 @@ async def test_reports_move_the_engine_state_and_reach_the_channel_but_stats_sta
         expected = [] if event is ReportEvent.STATS else [report]
         assert (await pending(producer))[0] == expected and (await pending(viewer))[0] == expected
     assert (channel.restart_count, channel.engine_info, channel.worker_stats) == (
-        1, {"engine": "filter"}, {"engine_ms": 3.0})
+        1,
+        {"engine": "filter"},
+        {"engine_ms": 3.0},
+    )
     assert channel.last_error == "error news"
     with pytest.raises(ProtocolError) as refused:
         h.on_message(producer, Report(channel="cam", event=ReportEvent.READY))
@@ -257,20 +296,26 @@ async def test_an_engine_that_fails_to_load_puts_the_channel_in_error():
 
 # -- control ------------------------------------------------------------------
 
+
 async def test_params_are_merged_versioned_acked_and_sent_to_the_worker():
     h = hub()
     worker, producer, viewer = peer(Role.WORKER), peer(Role.PRODUCER), peer(Role.VIEWER)
     await joined(h, worker, producer, viewer)
     h.on_message(producer, Params(params={"prompt": "a cat"}))
     h.on_message(producer, Params(params={"seed": 3}))
-    assert (await pending(producer))[0] == [ParamsAck(channel="cam", version=1),
-                                            ParamsAck(channel="cam", version=2)]
-    assert (await pending(worker))[0][-1] == ChannelParams(channel="cam", params={"prompt": "a cat", "seed": 3},
-                                                           version=2)
+    assert (await pending(producer))[0] == [
+        ParamsAck(channel="cam", version=1),
+        ParamsAck(channel="cam", version=2),
+    ]
+    assert (await pending(worker))[0][-1] == ChannelParams(
+        channel="cam", params={"prompt": "a cat", "seed": 3}, version=2
+    )
     h.on_message(producer, Params(params={"seed": 4}, replace=True))
     assert (await pending(worker))[0] == [ChannelParams(channel="cam", params={"seed": 4}, version=3)]
-    for sender, message, code in [(viewer, Params(params={}), ErrorCode.NOT_ALLOWED),
-                                  (producer, Params(params={}, channel="other"), ErrorCode.UNKNOWN_CHANNEL)]:
+    for sender, message, code in [
+        (viewer, Params(params={}), ErrorCode.NOT_ALLOWED),
+        (producer, Params(params={}, channel="other"), ErrorCode.UNKNOWN_CHANNEL),
+    ]:
         with pytest.raises(ProtocolError) as refused:
             h.on_message(sender, message)
         assert refused.value.code is code
@@ -289,6 +334,7 @@ async def test_stats_ping_and_late_hellos():
     everything = (await pending(worker))[0][0]
     assert sorted(everything.channels) == ["cam", "other"]
     from wire.messages import Hello
+
     with pytest.raises(ProtocolError, match="after the handshake"):
         h.on_message(producer, Hello(role=Role.PRODUCER))
 
@@ -304,6 +350,7 @@ def test_channel_limits_and_allowed_names_refuse_before_joining():
 
 
 # -- in-process sessions -------------------------------------------------------
+
 
 async def test_a_local_session_yields_typed_messages_then_frames_then_closed():
     h = hub()
@@ -388,6 +435,7 @@ async def test_a_seed_session_channel_end_to_end_without_sockets():
 
 # -- doors: keys, tokens, open channels, limits, worker shares (issue 11) -------
 
+
 def net(role: Role, channel: str = "cam", token: str | None = None, **fields: Any) -> Peer:
     """A peer that joined over the network: the hub checks its token."""
     return peer(role, channel, network=True, token=token, **fields)
@@ -422,7 +470,11 @@ def test_a_keyed_channel_takes_its_key_or_the_relay_token_and_workers_need_the_t
 
 async def test_peers_without_the_key_are_sent_away_when_a_channel_gets_one():
     h = hub(tokens=frozenset({"t"}), open_channels=True)
-    squatter, holder, local = net(Role.VIEWER, "str_1"), net(Role.VIEWER, "str_1", token="k"), peer(Role.VIEWER, "str_1")
+    squatter, holder, local = (
+        net(Role.VIEWER, "str_1"),
+        net(Role.VIEWER, "str_1", token="k"),
+        peer(Role.VIEWER, "str_1"),
+    )
     await joined(h, squatter, holder, local)
     h.open_channel("str_1", {}, key="k")
     control, _ = await pending(squatter)

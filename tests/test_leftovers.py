@@ -28,16 +28,22 @@ def wait_gone(pid: int) -> None:
 def test_children_inherit_the_runs_own_temp_dir() -> None:
     tmpdir = os.environ["TMPDIR"]
     assert Path(tmpdir).name.startswith(PREFIX) and tempfile.gettempdir() == tmpdir
-    child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
-                           capture_output=True, text=True, check=True, timeout=LIMIT)
+    child = subprocess.run(
+        [sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=LIMIT,
+    )
     assert child.stdout.strip() == tmpdir
 
 
 def test_an_orphaned_grandchild_is_found_by_its_tmpdir() -> None:
     """Its parent exited, so it is no longer our descendant; the inherited TMPDIR still marks it ours."""
     spawn = f"import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', {BLOCK!r}]).pid)"
-    child = subprocess.Popen([sys.executable, "-c", spawn], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", spawn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert child.stdin is not None and child.stdout is not None
     try:
         grandchild = int(child.stdout.readline())

@@ -88,8 +88,10 @@ async def test_max_fps_caps_the_rate(api, worker):
     assert elapsed >= 3 * 0.2 * 0.95, elapsed  # three gaps of at least 1/5 s
 
 
-@pytest.mark.parametrize("query", ["quality=0", "quality=101", "quality=x", "max_fps=0",
-                                   "max_fps=-1", "max_fps=121", "max_fps=fast"])
+@pytest.mark.parametrize(
+    "query",
+    ["quality=0", "quality=101", "quality=x", "max_fps=0", "max_fps=-1", "max_fps=121", "max_fps=fast"],
+)
 async def test_validation(api, query):
     stream = await create_stream(api)
     response = await api.get(f"{stream['mjpeg_url']}?{query}")

@@ -77,12 +77,22 @@ class FakeHub:
             root = self.repos["/".join(parts[2:4])]
             files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
             if parts[4:5] == ["tree"]:  # list_repo_tree, recursive: one page
-                answer: Any = [{"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": _commit(root / f)}
-                               for f in files]
+                answer: Any = [
+                    {"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": _commit(root / f)}
+                    for f in files
+                ]
             else:  # model_info / repo_info
-                answer = {"id": "/".join(parts[2:4]), "sha": _commit(root), "siblings": [{"rfilename": f} for f in files]}
-            return _send(request, 200, json.dumps(answer).encode(), {"Content-Type": "application/json"}, with_body)
-        if len(parts) > 4 and parts[2] == "resolve" and "/".join(parts[:2]) in self.repos:  # <repo>/resolve/<rev>/<file>
+                answer = {
+                    "id": "/".join(parts[2:4]),
+                    "sha": _commit(root),
+                    "siblings": [{"rfilename": f} for f in files],
+                }
+            return _send(
+                request, 200, json.dumps(answer).encode(), {"Content-Type": "application/json"}, with_body
+            )
+        if (
+            len(parts) > 4 and parts[2] == "resolve" and "/".join(parts[:2]) in self.repos
+        ):  # <repo>/resolve/<rev>/<file>
             root = self.repos["/".join(parts[:2])]
             file = root.joinpath(*parts[4:])
             if not file.is_file():
@@ -98,7 +108,9 @@ def _commit(root: Path) -> str:
     return hashlib.sha1(str(root).encode()).hexdigest()
 
 
-def _send(request: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str], with_body: bool) -> None:
+def _send(
+    request: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str], with_body: bool
+) -> None:
     request.send_response(status)
     for name, value in {**headers, "Content-Length": str(len(data))}.items():
         request.send_header(name, value)
@@ -162,12 +174,22 @@ def load_error(model_id: str) -> str:
 
 
 def params(model_id: str, tiny: TinyModels) -> dict[str, Any]:
-    return {"model_id": model_id, "vae_id": str(tiny.tiny_vae), "use_lcm_lora": False, "width": SIZE, "height": SIZE,
-            "t_index_list": [10, 30]}
+    return {
+        "model_id": model_id,
+        "vae_id": str(tiny.tiny_vae),
+        "use_lcm_lora": False,
+        "width": SIZE,
+        "height": SIZE,
+        "t_index_list": [10, 30],
+    }
 
 
 def retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "Retrying" in r.getMessage() or "thrown while" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if "Retrying" in r.getMessage() or "thrown while" in r.getMessage()
+    ]
 
 
 def test_an_unreachable_hub_is_one_error_that_lists_the_cache(
@@ -176,8 +198,10 @@ def test_an_unreachable_hub_is_one_error_that_lists_the_cache(
     endpoint = refused_endpoint()
     use_hub(monkeypatch, endpoint, hub_cache)
     message = load_error("stabilityai/sd-turbo")
-    assert message.startswith(f"model 'stabilityai/sd-turbo' is not available: cannot reach the Hugging Face hub "
-                              f"{endpoint} (ConnectError")
+    assert message.startswith(
+        f"model 'stabilityai/sd-turbo' is not available: cannot reach the Hugging Face hub "
+        f"{endpoint} (ConnectError"
+    )
     assert f"it is not in the local cache {hub_cache} (cached models: {REPO})" in message
     assert "hf download stabilityai/sd-turbo" in message
     assert retry_lines(caplog) == []
@@ -205,8 +229,10 @@ def test_a_model_the_hub_does_not_have_is_named(
         message = load_error("nobody/does-not-exist")
     finally:
         hub.close()
-    assert message.startswith(f"model 'nobody/does-not-exist' is not available: it does not exist on the "
-                              f"Hugging Face hub {hub.url} (HTTP {missing[0]})")
+    assert message.startswith(
+        f"model 'nobody/does-not-exist' is not available: it does not exist on the "
+        f"Hugging Face hub {hub.url} (HTTP {missing[0]})"
+    )
     assert f"(cached models: {REPO})" in message
     assert "GET /api/models/nobody/does-not-exist" in hub.requests
 
@@ -221,18 +247,24 @@ def test_a_cached_model_loads_with_the_hub_unreachable(
     local = DiffusionEngine(params(str(tiny.sd), tiny))
     local.load()
     assert np.array_equal(cached.process(frame)[0], local.process(frame)[0])  # the same weights
-    warnings = [r.getMessage() for r in caplog.records if r.name == loading.log.name and r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == loading.log.name and r.levelno == logging.WARNING
+    ]
     assert len(warnings) == 1  # config and weights load apart: one warning
     assert warnings[0].startswith(f"model '{REPO}': cannot reach the Hugging Face hub")
     assert warnings[0].endswith("; loaded the copy in the local cache")
 
 
-def test_offline_mode_names_the_cache_and_what_it_holds(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_mode_names_the_cache_and_what_it_holds(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     use_hub(monkeypatch, refused_endpoint(), hub_cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = load_error("stabilityai/sd-turbo")
-    assert message.startswith("model 'stabilityai/sd-turbo' is not available: HF_HUB_OFFLINE is set and it is not "
-                              f"in the local cache {hub_cache} (cached models: {REPO})")
+    assert message.startswith(
+        "model 'stabilityai/sd-turbo' is not available: HF_HUB_OFFLINE is set and it is not "
+        f"in the local cache {hub_cache} (cached models: {REPO})"
+    )
 
 
 @pytest.mark.slow
@@ -249,17 +281,28 @@ def test_a_reachable_hub_downloads_the_model_into_the_cache(tiny: TinyModels, tm
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")}
     env.pop("HF_HUB_OFFLINE", None)
     try:
-        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=100, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=False,
+        )
     finally:
         hub.close()
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == ["StableDiffusionPipeline", [REPO]]
-    assert any(r.startswith("GET ") and "/unet/diffusion_pytorch_model.safetensors" in r for r in hub.requests)
+    assert any(
+        r.startswith("GET ") and "/unet/diffusion_pytorch_model.safetensors" in r for r in hub.requests
+    )
     assert "Retrying" not in done.stderr
 
 
-def test_the_engine_warns_once_per_load_that_the_cpu_is_slow(tiny: TinyModels, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_engine_warns_once_per_load_that_the_cpu_is_slow(
+    tiny: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = DiffusionEngine(params(str(tiny.sd), tiny), device=torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="worker.engines.diffusion.engine"):
         engine.load()

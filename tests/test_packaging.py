@@ -24,8 +24,14 @@ from api.doctor import (
 )
 from common.version import __version__
 
-SCRIPTS = {"sd-server": "python -m api", "sd-relay": "python -m relay", "sd-worker": "python -m worker",
-           "sd-produce": "python -m producers", "sd-view": "view", "sd-doctor": "python -m api.doctor"}
+SCRIPTS = {
+    "sd-server": "python -m api",
+    "sd-relay": "python -m relay",
+    "sd-worker": "python -m worker",
+    "sd-produce": "python -m producers",
+    "sd-view": "view",
+    "sd-doctor": "python -m api.doctor",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -48,7 +54,8 @@ def _top_level_imports(path: Path) -> set[str]:
                 visit(node.body)
                 visit(node.orelse)
             elif isinstance(node, ast.Try) and not any(
-                    "ImportError" in ast.unparse(h.type or ast.Name("")) for h in node.handlers):
+                "ImportError" in ast.unparse(h.type or ast.Name("")) for h in node.handlers
+            ):
                 visit(node.body)
 
     visit(ast.parse(path.read_text()).body)
@@ -93,35 +100,70 @@ def installed(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     source = work / "source"  # pip builds in the tree it is given (build/, *.egg-info): not in the checkout
     shutil.copytree(ROOT, source, symlinks=True, ignore=_not_source)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(work / "dist"), str(source)], check=True, cwd=work, timeout=300,
-                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(work / "dist"),
+            str(source),
+        ],
+        check=True,
+        cwd=work,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     (wheel,) = (work / "dist").glob("streamdiffusion_server-*.whl")
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # the dependencies come from this environment; the project must come from the wheel only
     (Path(site) / "outer_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    str(wheel)], check=True, cwd=work, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        cwd=work,
+        timeout=300,
+    )
     return venv
 
 
 def test_wheel_installs_the_packages_and_the_web_page(installed):
     python = installed / "bin" / "python"
     where = subprocess.run(
-        [python, "-c", ("import api, relay, worker, producers, wire, media, common, importlib.resources as r;"
-                        "print(api.__file__); print(r.files('api').joinpath('web/static/index.html').is_file())")],
-        cwd=installed, capture_output=True, text=True, check=True, timeout=60).stdout.split()
+        [
+            python,
+            "-c",
+            (
+                "import api, relay, worker, producers, wire, media, common, importlib.resources as r;"
+                "print(api.__file__); print(r.files('api').joinpath('web/static/index.html').is_file())"
+            ),
+        ],
+        cwd=installed,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
     assert where[0].startswith(str(installed)), f"imported from {where[0]}, not the installed wheel"
     assert where[1] == "True", "api/static is missing from the wheel"
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_console_script_answers_help(installed, script):
-    result = subprocess.run([installed / "bin" / script, "--help"], cwd=installed, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [installed / "bin" / script, "--help"], cwd=installed, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and SCRIPTS[script] in result.stdout

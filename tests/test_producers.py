@@ -81,6 +81,7 @@ async def relay_with_echo() -> AsyncIterator[tuple[Relay, list[dict[str, Any]]]]
 
 # -- sources ------------------------------------------------------------------
 
+
 def test_pattern_frames_are_distinct_and_sized() -> None:
     source = PatternSource(160, 120)
     frames = [source.read() for _ in range(5)]
@@ -122,13 +123,16 @@ def test_video_source_reads_every_frame_and_loops(tmp_path: Path) -> None:
         assert sum(looping.read() is not None for _ in range(12)) == 12
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: StaticSource(p / "missing.jpg"),
-    lambda p: DirectorySource(p / "missing"),
-    lambda p: DirectorySource(p),  # exists but holds no images
-    lambda p: VideoSource(p / "missing.mp4"),
-    lambda p: StaticSource(p),  # a directory, not a file
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: StaticSource(p / "missing.jpg"),
+        lambda p: DirectorySource(p / "missing"),
+        lambda p: DirectorySource(p),  # exists but holds no images
+        lambda p: VideoSource(p / "missing.mp4"),
+        lambda p: StaticSource(p),  # a directory, not a file
+    ],
+)
 def test_missing_sources_raise_source_error(tmp_path: Path, make: Any) -> None:
     with pytest.raises(SourceError):
         make(tmp_path)
@@ -145,14 +149,17 @@ def test_screen_without_display_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
 
 # -- through the relay ----------------------------------------------------------
 
+
 @pytest.mark.asyncio
 async def test_results_come_back_in_order_with_params() -> None:
     async with relay_with_echo() as (relay, seen):
         results: list[Frame] = []
-        options = ProducerOptions(relay=relay.url, fps=0, max_frames=30, max_in_flight=2,
-                                  params={"prompt": "a cat"})
+        options = ProducerOptions(
+            relay=relay.url, fps=0, max_frames=30, max_in_flight=2, params={"prompt": "a cat"}
+        )
         report = await asyncio.wait_for(
-            run_producer(PatternSource(128, 96), options, on_result=results.append), LIMIT)
+            run_producer(PatternSource(128, 96), options, on_result=results.append), LIMIT
+        )
     assert report.sent == report.received == 30
     assert report.dropped == report.unanswered == 0 and report.closed is None
     assert [f.seq for f in results] == list(range(30))
@@ -172,7 +179,8 @@ async def test_flooding_accounts_for_every_frame() -> None:
         seqs: list[int] = []
         options = ProducerOptions(relay=relay.url, fps=0, max_frames=60)
         report = await asyncio.wait_for(
-            run_producer(PatternSource(64, 64), options, on_result=lambda f: seqs.append(f.seq)), LIMIT)
+            run_producer(PatternSource(64, 64), options, on_result=lambda f: seqs.append(f.seq)), LIMIT
+        )
     assert report.sent == 60
     assert report.received + report.dropped + report.unanswered == 60
     assert seqs == sorted(set(seqs)) and seqs[-1] == 59
@@ -183,10 +191,12 @@ async def test_resize_and_png(tmp_path: Path) -> None:
     write_image(tmp_path / "in.jpg", 90, size=(200, 100))
     async with relay_with_echo() as (relay, _):
         results: list[Frame] = []
-        options = ProducerOptions(relay=relay.url, fps=0, max_frames=3, max_in_flight=1,
-                                  format=ImageFormat.PNG, resize=(64, 32))
+        options = ProducerOptions(
+            relay=relay.url, fps=0, max_frames=3, max_in_flight=1, format=ImageFormat.PNG, resize=(64, 32)
+        )
         report = await asyncio.wait_for(
-            run_producer(StaticSource(tmp_path / "in.jpg"), options, on_result=results.append), LIMIT)
+            run_producer(StaticSource(tmp_path / "in.jpg"), options, on_result=results.append), LIMIT
+        )
     assert report.received == 3
     assert all(f.format is ImageFormat.PNG and (f.width, f.height) == (64, 32) for f in results)
     assert decode_image(results[0].payload, ImageFormat.PNG).shape == (32, 64, 3)
@@ -208,8 +218,9 @@ async def test_fps_follows_an_absolute_schedule() -> None:
 async def test_no_worker_does_not_wait_for_results() -> None:
     async with Relay(RelayConfig(port=0)) as relay:
         # waiting for results would take an hour and the wait_for below would fail
-        options = ProducerOptions(relay=relay.url, fps=0, max_frames=20, max_in_flight=1,
-                                  drain_timeout=3600, in_flight_timeout=3600)
+        options = ProducerOptions(
+            relay=relay.url, fps=0, max_frames=20, max_in_flight=1, drain_timeout=3600, in_flight_timeout=3600
+        )
         report = await asyncio.wait_for(run_producer(PatternSource(64, 64), options), LIMIT)
     assert report.sent == 20 and report.received == 0 and report.unanswered <= 20
 
@@ -225,7 +236,8 @@ async def test_stop_event_ends_an_endless_source() -> None:
 
         options = ProducerOptions(relay=relay.url, fps=200, max_in_flight=1)
         report = await asyncio.wait_for(
-            run_producer(PatternSource(64, 64), options, stop=stop, on_result=on_result), LIMIT)
+            run_producer(PatternSource(64, 64), options, stop=stop, on_result=on_result), LIMIT
+        )
     assert report.received >= 5 and report.sent == report.received + report.dropped + report.unanswered
 
 
@@ -234,10 +246,12 @@ async def test_legacy_mode_gets_acks_and_results(tmp_path: Path) -> None:
     write_image(tmp_path / "in.png", 128)
     async with relay_with_echo() as (relay, seen):
         results: list[Frame] = []
-        options = ProducerOptions(relay=relay.url, fps=0, max_frames=10, max_in_flight=1,
-                                  legacy=True, params={"strength": 0.5})
+        options = ProducerOptions(
+            relay=relay.url, fps=0, max_frames=10, max_in_flight=1, legacy=True, params={"strength": 0.5}
+        )
         report = await asyncio.wait_for(
-            run_producer(StaticSource(tmp_path / "in.png"), options, on_result=results.append), LIMIT)
+            run_producer(StaticSource(tmp_path / "in.png"), options, on_result=results.append), LIMIT
+        )
     assert report.sent == report.acks == report.received == 10
     assert [f.seq for f in results] == list(range(10))
     assert decode_image(results[0].payload).shape == (48, 64, 3)
@@ -261,7 +275,8 @@ async def test_relay_shutdown_ends_the_producer() -> None:
     closer = asyncio.create_task(close_after_first_result())
     options = ProducerOptions(relay=relay.url, fps=100, max_in_flight=1, reconnect=0)
     report = await asyncio.wait_for(
-        run_producer(PatternSource(64, 64), options, on_result=lambda f: stop_relay.set()), LIMIT)
+        run_producer(PatternSource(64, 64), options, on_result=lambda f: stop_relay.set()), LIMIT
+    )
     await closer
     worker_stop.set()
     await asyncio.wait_for(worker, LIMIT)
@@ -292,18 +307,27 @@ async def test_a_restarted_relay_gets_the_same_channel_and_params_again(legacy: 
 
     second_worker_seen: list[dict[str, Any]] = []
     first_seq_after = -1
-    options = ProducerOptions(relay=first.url, channel="cam", fps=50, max_in_flight=1,
-                              params={"prompt": "a cat"}, legacy=legacy, reconnect=LIMIT)
+    options = ProducerOptions(
+        relay=first.url,
+        channel="cam",
+        fps=50,
+        max_in_flight=1,
+        params={"prompt": "a cat"},
+        legacy=legacy,
+        reconnect=LIMIT,
+    )
     producing = asyncio.create_task(
-        run_producer(PatternSource(64, 64), options, stop=stop, on_result=on_result))
+        run_producer(PatternSource(64, 64), options, stop=stop, on_result=on_result)
+    )
     await asyncio.wait_for(restarted.wait(), LIMIT)
     await first.close()  # "shutdown" to every peer, then their sockets close
     await asyncio.wait_for(worker, LIMIT)
     first_seq_after = results[-1].seq
     async with Relay(config) as second:
         ready, worker_stop = asyncio.Event(), asyncio.Event()
-        worker = asyncio.create_task(run_echo_worker(second.url, ready=ready, stop=worker_stop,
-                                                     seen=second_worker_seen))
+        worker = asyncio.create_task(
+            run_echo_worker(second.url, ready=ready, stop=worker_stop, seen=second_worker_seen)
+        )
         await asyncio.wait_for(ready.wait(), LIMIT)
         report = await asyncio.wait_for(producing, LIMIT)
         worker_stop.set()
@@ -334,7 +358,8 @@ async def test_a_relay_that_drops_the_connection_ends_the_run_without_reconnect(
         dropper = asyncio.create_task(drop_every_socket())
         options = ProducerOptions(relay=relay.url, fps=100, max_in_flight=1, reconnect=0)
         report = await asyncio.wait_for(
-            run_producer(PatternSource(64, 64), options, on_result=lambda f: first.set()), LIMIT)
+            run_producer(PatternSource(64, 64), options, on_result=lambda f: first.set()), LIMIT
+        )
         await dropper
     assert report.closed == "connection to the relay lost"
     assert report.received >= 1
@@ -350,11 +375,19 @@ def test_a_report_without_results_prints_no_round_trip_line() -> None:
 
 # -- the command line ---------------------------------------------------------
 
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "producers", *args], cwd=ROOT, capture_output=True,
-                          check=False, text=True, timeout=LIMIT * 2, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "producers", *args],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=LIMIT * 2,
+        env={**os.environ, **(env or {})},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -370,18 +403,21 @@ def test_cli_missing_file_exits_2_without_traceback() -> None:
     assert "error: image not found: /no/such/image.jpg" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--mode=directory", "--source=/no/such/dir"), "directory not found"),
-    (("video", "/no/such/clip.mp4"), "video not found"),
-    (("static",), "needs a source"),
-    (("screen", "--region", "1,2,3"), "x,y,w,h"),
-    (("pattern", "--params", "[1, 2]"), "JSON object"),
-    (("pattern", "--channel", "bad channel!"), "bad channel name"),
-    (("view", "--mp4", "/no/such/dir/out.mp4"), "does not exist"),
-])
-def test_cli_usage_errors_exit_2(args: tuple[str, ...], message: str,
-                                 monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--mode=directory", "--source=/no/such/dir"), "directory not found"),
+        (("video", "/no/such/clip.mp4"), "video not found"),
+        (("static",), "needs a source"),
+        (("screen", "--region", "1,2,3"), "x,y,w,h"),
+        (("pattern", "--params", "[1, 2]"), "JSON object"),
+        (("pattern", "--channel", "bad channel!"), "bad channel name"),
+        (("view", "--mp4", "/no/such/dir/out.mp4"), "does not exist"),
+    ],
+)
+def test_cli_usage_errors_exit_2(
+    args: tuple[str, ...], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)  # keep pytest's logging
     try:
         code = cli.main(list(args))
@@ -392,8 +428,9 @@ def test_cli_usage_errors_exit_2(args: tuple[str, ...], message: str,
 
 
 def test_cli_unreachable_relay_exits_1() -> None:
-    code, _out, err = run_cli("pattern", "--relay", f"ws://127.0.0.1:{free_port()}", "--max-frames", "1",
-                              "--reconnect", "0")
+    code, _out, err = run_cli(
+        "pattern", "--relay", f"ws://127.0.0.1:{free_port()}", "--max-frames", "1", "--reconnect", "0"
+    )
     assert code == 1
     assert "cannot connect" in err and "Traceback" not in err
 
@@ -403,10 +440,22 @@ async def test_cli_seed_form_streams_a_static_image(tmp_path: Path) -> None:
     write_image(tmp_path / "img.jpg", 70)
     async with relay_with_echo() as (relay, _):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "producers", "--mode=static", f"--source={tmp_path / 'img.jpg'}",
-            f"--websocket_uri={relay.url}", "--format=PNG", "--fps=0", "--max-frames=5",
-            "--max-in-flight=1", "--json", "--quiet", cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "producers",
+            "--mode=static",
+            f"--source={tmp_path / 'img.jpg'}",
+            f"--websocket_uri={relay.url}",
+            "--format=PNG",
+            "--fps=0",
+            "--max-frames=5",
+            "--max-in-flight=1",
+            "--json",
+            "--quiet",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), LIMIT * 2)
     assert proc.returncode == 0, err.decode()
     report = json.loads(out)

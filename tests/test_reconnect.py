@@ -51,14 +51,16 @@ class Command:
         self.err: list[str] = []
         self.out: list[str] = []
         self._new = asyncio.Condition()
-        self._readers = [asyncio.create_task(self._read(process.stderr, self.err)),
-                         asyncio.create_task(self._read(process.stdout, self.out))]
+        self._readers = [
+            asyncio.create_task(self._read(process.stderr, self.err)),
+            asyncio.create_task(self._read(process.stdout, self.out)),
+        ]
 
     @classmethod
     async def start(cls, *args: str) -> Command:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         return cls(process)
 
     async def _read(self, stream: asyncio.StreamReader | None, into: list[str]) -> None:
@@ -83,14 +85,18 @@ class Command:
                             return index, found
                         index += 1
                     if all(r.done() for r in self._readers):
-                        raise AssertionError(f"no line matching {pattern!r}; stderr:\n"
-                                             + "\n".join(self.err[-20:]))
+                        raise AssertionError(
+                            f"no line matching {pattern!r}; stderr:\n" + "\n".join(self.err[-20:])
+                        )
                     await self._new.wait()
+
         try:
             return await asyncio.wait_for(find(), LIMIT)
         except TimeoutError:
-            raise AssertionError(f"no line matching {pattern!r} in {LIMIT} s; stderr:\n"
-                                 + "\n".join(self.err[:8] + ["..."] + self.err[-3:])) from None
+            raise AssertionError(
+                f"no line matching {pattern!r} in {LIMIT} s; stderr:\n"
+                + "\n".join(self.err[:8] + ["..."] + self.err[-3:])
+            ) from None
 
     async def finish(self, sig: signal.Signals | None = None) -> int:
         """Send ``sig`` (if given) and wait for the exit code, with every line read."""
@@ -169,6 +175,7 @@ def report(command: Command) -> dict:
 
 # -- the whole restart --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_producer_viewer_and_worker_carry_on_through_a_relay_restart(tmp_path, stop):
     port = free_port()
@@ -179,11 +186,24 @@ async def test_producer_viewer_and_worker_carry_on_through_a_relay_restart(tmp_p
         running.append(relay)
         async with worker_forever(url) as waits:
             producer = await Command.start(
-                "-m", "producers", "pattern", "--relay", url, "--channel", "cam", "--fps", "20",
-                "--size", "64x64", "--max-in-flight", "2", "--json")
+                "-m",
+                "producers",
+                "pattern",
+                "--relay",
+                url,
+                "--channel",
+                "cam",
+                "--fps",
+                "20",
+                "--size",
+                "64x64",
+                "--max-in-flight",
+                "2",
+                "--json",
+            )
             viewer = await Command.start(
-                "-m", "producers", "view", "--relay", url, "--channel", "cam", "--save", str(saved),
-                "--json")
+                "-m", "producers", "view", "--relay", url, "--channel", "cam", "--save", str(saved), "--json"
+            )
             running += [producer, viewer]
             # both connected, results flowing: the producer counts them, the viewer receives them
             await producer.line(r"\| received +[1-9]")
@@ -214,6 +234,7 @@ async def test_producer_viewer_and_worker_carry_on_through_a_relay_restart(tmp_p
 
 # -- giving up ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_without_reconnect_a_relay_that_goes_away_exits_1(tmp_path, stop):
     """``--reconnect 0``: the documented exit code 1 whether the relay says goodbye or just dies."""
@@ -222,11 +243,36 @@ async def test_without_reconnect_a_relay_that_goes_away_exits_1(tmp_path, stop):
     async with commands() as running:
         relay = await start_relay(port)
         running.append(relay)
-        producer = await Command.start("-m", "producers", "pattern", "--relay", url, "--fps", "20",
-                                       "--size", "32x32", "--no-receive", "--reconnect", "0", "--json")
-        viewer = await Command.start("-m", "producers", "view", "--relay", url, "--input",
-                                     "--save", str(tmp_path),
-                                     "--max-frames", "1000000", "--reconnect", "0", "--json")
+        producer = await Command.start(
+            "-m",
+            "producers",
+            "pattern",
+            "--relay",
+            url,
+            "--fps",
+            "20",
+            "--size",
+            "32x32",
+            "--no-receive",
+            "--reconnect",
+            "0",
+            "--json",
+        )
+        viewer = await Command.start(
+            "-m",
+            "producers",
+            "view",
+            "--relay",
+            url,
+            "--input",
+            "--save",
+            str(tmp_path),
+            "--max-frames",
+            "1000000",
+            "--reconnect",
+            "0",
+            "--json",
+        )
         running += [producer, viewer]
         # both connected: the viewer sees the producer's frames (its first progress line with one)
         await viewer.line(r"total [1-9]")
@@ -243,20 +289,34 @@ async def test_a_relay_that_stays_away_exits_1_after_the_window(tmp_path):
     url = f"ws://127.0.0.1:{port}"
     async with commands() as running:
         started = time.monotonic()
-        never = await Command.start("-m", "producers", "pattern", "--relay", url, "--max-frames", "1",
-                                    "--reconnect", "1.5", "-v")
+        never = await Command.start(
+            "-m", "producers", "pattern", "--relay", url, "--max-frames", "1", "--reconnect", "1.5", "-v"
+        )
         running.append(never)
         assert await never.finish() == 1
         took = time.monotonic() - started
         assert "gave up after" in never.err[-1] and "in 1.5 s" in never.err[-1]
-        delays = [float(m.group(1)) for line in never.err if (m := re.search(r"trying again in ([\d.]+) s", line))]
+        delays = [
+            float(m.group(1)) for line in never.err if (m := re.search(r"trying again in ([\d.]+) s", line))
+        ]
         assert len(delays) >= 2 and max(delays) <= 2.0, delays  # it tried again, at most 2 s apart
         assert took >= 1.5
 
         relay = await start_relay(port)
         running.append(relay)
-        viewer = await Command.start("-m", "producers", "view", "--relay", url, "--save", str(tmp_path),
-                                     "--reconnect", "1", "--json", "-v")
+        viewer = await Command.start(
+            "-m",
+            "producers",
+            "view",
+            "--relay",
+            url,
+            "--save",
+            str(tmp_path),
+            "--reconnect",
+            "1",
+            "--json",
+            "-v",
+        )
         running.append(viewer)
         await viewer.line(r"total \d+")  # connected (its first progress line)
         await relay.finish(signal.SIGTERM)
@@ -268,6 +328,7 @@ async def test_a_relay_that_stays_away_exits_1_after_the_window(tmp_path):
 
 
 # -- the schedules ----------------------------------------------------------------------
+
 
 def test_tries_come_at_most_2_s_apart():
     delays = retry_delays()
@@ -310,8 +371,9 @@ async def test_the_worker_tries_again_at_most_2_s_apart():
             raise asyncio.CancelledError
 
     with pytest.raises(asyncio.CancelledError):
-        await run_forever(WorkerOptions(relay_url=f"ws://127.0.0.1:{free_port()}", engine="filter"),
-                          sleep=record)
+        await run_forever(
+            WorkerOptions(relay_url=f"ws://127.0.0.1:{free_port()}", engine="filter"), sleep=record
+        )
     assert waits == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
 
 

@@ -133,8 +133,12 @@ async def test_params_reach_the_worker_with_a_version(relay):
     first = await recv_json(worker.ws, "params")
     second = await recv_json(worker.ws, "params")
     assert first["params"] == {"prompt": "a cat"}
-    assert second == {"type": "params", "channel": "p", "params": {"prompt": "a cat", "seed": 3},
-                      "version": 2}
+    assert second == {
+        "type": "params",
+        "channel": "p",
+        "params": {"prompt": "a cat", "seed": 3},
+        "version": 2,
+    }
     await producer.close()
     await worker.close()
 
@@ -147,9 +151,16 @@ async def test_seed_002_base64_client_gets_acks_and_results(relay):
     async with websockets.connect(relay.url) as legacy:  # the seed's client: no hello
         for i in range(3):
             image = jpeg(seed=i)
-            await legacy.send(orjson.dumps({"type": "image", "format": "jpeg",
-                                            "data": base64.b64encode(image).decode(),
-                                            "timestamp": 1234567890.123 + i}).decode())
+            await legacy.send(
+                orjson.dumps(
+                    {
+                        "type": "image",
+                        "format": "jpeg",
+                        "data": base64.b64encode(image).decode(),
+                        "timestamp": 1234567890.123 + i,
+                    }
+                ).decode()
+            )
             assert await recv_json(legacy, "ack") == {"type": "ack", "status": "received"}
             result = await recv_json(legacy, "image")
             assert result["format"] == "jpeg" and result["timestamp"] == 1234567890.123 + i
@@ -213,14 +224,17 @@ async def test_malformed_messages_get_an_error_and_the_stream_goes_on(relay, mes
     await worker2.close()
 
 
-@pytest.mark.parametrize(("build", "code"), [
-    (lambda: input_frame(1, b"this is not an image at all", "cam"), "bad_image"),
-    (lambda: input_frame(1, jpeg(64, 48), "cam", width=100, height=48), "bad_image"),
-    (lambda: input_frame(1, jpeg(64, 48), "cam", fmt=ImageFormat.PNG), "bad_image"),
-    (lambda: input_frame(1, jpeg(64, 48), "elsewhere"), "unknown_channel"),
-    (lambda: input_frame(1, jpeg(320, 240), "cam", 320, 240), "resolution_too_large"),
-    (lambda: input_frame(1, noise_png(200, 200), "cam", 200, 200, ImageFormat.PNG), "frame_too_large"),
-])
+@pytest.mark.parametrize(
+    ("build", "code"),
+    [
+        (lambda: input_frame(1, b"this is not an image at all", "cam"), "bad_image"),
+        (lambda: input_frame(1, jpeg(64, 48), "cam", width=100, height=48), "bad_image"),
+        (lambda: input_frame(1, jpeg(64, 48), "cam", fmt=ImageFormat.PNG), "bad_image"),
+        (lambda: input_frame(1, jpeg(64, 48), "elsewhere"), "unknown_channel"),
+        (lambda: input_frame(1, jpeg(320, 240), "cam", 320, 240), "resolution_too_large"),
+        (lambda: input_frame(1, noise_png(200, 200), "cam", 200, 200, ImageFormat.PNG), "frame_too_large"),
+    ],
+)
 async def test_bad_frames_are_refused_with_a_clear_code(build, code):
     config = RelayConfig(port=0, max_frame_bytes=64 * 1024, max_width=256, max_height=256)
     async with Relay(config) as relay:
@@ -349,13 +363,17 @@ async def test_control_messages_on_the_wire_are_the_bytes_clients_always_got(rel
         await ws.send('{"type": "hello", "role": "producer", "channel": "lonely"}')
         welcome = await asyncio.wait_for(ws.recv(), 5)
         assert welcome.startswith('{"type":"welcome","role":"producer","channel":"lonely","session":"')
-        assert welcome.endswith('","protocol":1,"limits":{"max_frame_bytes":8388608,"max_width":4096,'
-                                '"max_height":4096,"max_channels":256}}')
+        assert welcome.endswith(
+            '","protocol":1,"limits":{"max_frame_bytes":8388608,"max_width":4096,'
+            '"max_height":4096,"max_channels":256}}'
+        )
         assert await ws.recv() == '{"type":"status","channel":"lonely","state":"waiting_for_worker"}'
         await ws.send('{"type": "ping"}')
         assert await ws.recv() == '{"type":"pong"}'
         await ws.send('{"type": "params", "params": {"a": 1}}')
         assert await ws.recv() == '{"type":"params_ack","channel":"lonely","version":1}'
         await ws.send('{"type": "hello", "role": "viewer"}')
-        assert await ws.recv() == ('{"type":"error","code":"bad_message",'
-                                   '"message":"unexpected \'hello\' message after the handshake"}')
+        assert await ws.recv() == (
+            '{"type":"error","code":"bad_message",'
+            '"message":"unexpected \'hello\' message after the handshake"}'
+        )

@@ -52,6 +52,7 @@ def hello(role: str, channel: str = "cam", **fields: object) -> str:
 
 # -- 1. params: a limit at the door, and what reaches a worker always fits ------------------
 
+
 async def test_oversized_params_are_refused_at_the_door_and_the_worker_keeps_serving(relay):
     worker = await EchoWorker(relay.url).start()
     serving = asyncio.create_task(worker.serve())
@@ -92,6 +93,7 @@ def test_limits_that_would_overflow_a_client_are_refused_at_start():
 
 # -- 2. keyed channels, open channels, origins -----------------------------------------------
 
+
 @pytest.fixture
 async def server():
     """(app, base URL) of an API with no relay token configured and no worker processes."""
@@ -102,8 +104,9 @@ async def server():
 
 async def create_stream(url: str) -> dict:
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
-        response = await client.post("/v1/streams", json={"pipeline": "streamdiffusion",
-                                                          "params": {"prompt": "negative"}})
+        response = await client.post(
+            "/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "negative"}}
+        )
         assert response.status_code == 201, response.text
         return response.json()
 
@@ -124,8 +127,9 @@ async def test_a_stream_channel_opens_only_to_its_key_or_the_relay_token(server)
     # the stream key opens it, in the hello or the URL; the relay token too
     viewer, welcome = await connect(relay_url, "viewer", stream["id"], token=stream["stream_key"])
     assert welcome["channel"] == stream["id"]
-    async with websockets.connect(f"{relay_url}/{stream['id']}?role=producer&token={stream['stream_key']}",
-                                  compression=None) as producer:
+    async with websockets.connect(
+        f"{relay_url}/{stream['id']}?role=producer&token={stream['stream_key']}", compression=None
+    ) as producer:
         await producer.send(input_frame(1, jpeg(), stream["id"]))
         await recv_json(producer, "status")  # waiting for a worker: joined, not refused
     token = next(iter(app.state.relay.config.tokens))
@@ -138,8 +142,11 @@ async def test_open_channels_stay_tokenless_on_loopback_but_workers_need_the_tok
     app, _ = server
     relay_url = app.state.relay_url
     async with websockets.connect(relay_url) as legacy:  # a seed-002 producer, as the seed has it
-        await legacy.send(orjson.dumps({"type": "image", "format": "jpeg",
-                                        "data": base64.b64encode(jpeg()).decode()}).decode())
+        await legacy.send(
+            orjson.dumps(
+                {"type": "image", "format": "jpeg", "data": base64.b64encode(jpeg()).decode()}
+            ).decode()
+        )
         assert await recv_json(legacy, "ack") == {"type": "ack", "status": "received"}
     async with websockets.connect(relay_url, compression=None) as ws:  # an anonymous "worker"
         await ws.send(hello("worker"))
@@ -174,7 +181,7 @@ async def test_the_generated_relay_token_reaches_workers_and_outputs_by_environm
     async with running(app):
         (token,) = app.state.relay.config.tokens
         assert len(token) >= 32
-        (command, env), = spawned
+        ((command, env),) = spawned
         assert env[TOKEN_ENV] == token and not any(token in arg for arg in command)
         assert app.state.outputs.token == token  # RTMP/HLS processes: Options.environment, not argv
         assert not app.state.settings.relay.tokens  # nothing configured was changed
@@ -217,6 +224,7 @@ async def test_open_channels_can_be_switched_off_and_workers_need_the_token_when
 
 # -- 3. hello deadline, per-address cap, control rate, accept errors -------------------------
 
+
 async def test_a_silent_connection_is_closed_after_the_hello_timeout_without_open_channels():
     config = RelayConfig(port=0, tokens=frozenset({"t"}), hello_timeout=0.3)
     async with Relay(config) as relay, websockets.connect(relay.url) as ws:
@@ -226,8 +234,10 @@ async def test_a_silent_connection_is_closed_after_the_hello_timeout_without_ope
 
 
 async def test_a_silent_connection_becomes_a_seed_002_consumer_where_channels_are_open():
-    async with Relay(RelayConfig(port=0, hello_timeout=0.3)) as relay, \
-            websockets.connect(relay.url) as consumer:  # the seed's main.py: connects and waits
+    async with (
+        Relay(RelayConfig(port=0, hello_timeout=0.3)) as relay,
+        websockets.connect(relay.url) as consumer,
+    ):  # the seed's main.py: connects and waits
         await eventually(lambda: "default" in relay.hub.channels, 5, "the consumer to join")
         producer, _ = await connect(relay.url, "producer", "default", receive="none")
         await producer.send(input_frame(3, jpeg(seed=3), "default"))
@@ -288,12 +298,19 @@ async def test_a_control_flood_gets_one_error_and_never_slows_the_next_stream(re
 def test_running_out_of_descriptors_is_logged_once_not_in_a_busy_loop(tmp_path):
     """The issue's relay wrote 130 MB of ``Too many open files`` tracebacks in 90 s (asyncio retries
     the listener up to 100 times per failed accept, logging each); now one line per 10 s."""
-    script = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
-              "from relay.__main__ import main; main(['--port', '0'])")
+    script = (
+        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+        "from relay.__main__ import main; main(['--port', '0'])"
+    )
     log = tmp_path / "relay.log"
     with log.open("w") as stderr:
-        child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=stderr,
-                                 stdout=subprocess.PIPE, env={**os.environ, TOKEN_ENV: ""})
+        child = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            stderr=stderr,
+            stdout=subprocess.PIPE,
+            env={**os.environ, TOKEN_ENV: ""},
+        )
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline().decode().rsplit(":", 1)[1])
@@ -312,6 +329,7 @@ def test_running_out_of_descriptors_is_logged_once_not_in_a_busy_loop(tmp_path):
 
 # -- 4. protocol versions --------------------------------------------------------------------
 
+
 async def test_an_unknown_protocol_version_is_refused(relay):
     async with websockets.connect(relay.url, compression=None) as ws:
         await ws.send(hello("producer", protocol=2))
@@ -326,9 +344,13 @@ async def test_an_unknown_protocol_version_is_refused(relay):
 
 # -- 5. a full channel table, anonymous channels and keyed streams ---------------------------
 
+
 async def test_a_full_channel_table_is_a_503_not_a_500():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0, max_channels=1), workers=0,
-                                    api_keys=frozenset({KEY})))
+    app = create_app(
+        ServerSettings(
+            port=0, relay=RelayConfig(port=0, max_channels=1), workers=0, api_keys=frozenset({KEY})
+        )
+    )
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         body = {"pipeline": "streamdiffusion", "params": {"prompt": "a fox"}}
         assert (await client.post("/v1/streams", json=body)).status_code == 201
@@ -350,10 +372,12 @@ async def test_idle_seed_sockets_cannot_keep_a_stream_from_its_worker(server):
         for _ in range(4):  # seed 000 clients that connect and then do nothing
             seeds.append(await websockets.connect(ws_url, compression=None))
         hub = app.state.relay.hub
-        await eventually(lambda: sum(name.startswith("ws000-") for name in hub.channels) == 4, 10,
-                         "four seed channels")
+        await eventually(
+            lambda: sum(name.startswith("ws000-") for name in hub.channels) == 4, 10, "four seed channels"
+        )
         stream = await create_stream(url)
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
+
             async def state() -> str:
                 status = await client.get(f"/v1/streams/{stream['id']}/status")
                 return status.json()["data"]["state"]

@@ -101,8 +101,10 @@ def assert_video(frames: list[np.ndarray], count: int) -> None:
 @pytest.mark.network_service
 async def test_rtmp_reaches_nginx_and_plays_back(relay: Relay, rtmp_server: NginxRtmp) -> None:
     url = rtmp_server.url("live", "test")
-    async with pipeline(relay, "rtmp-test"), output(relay_url=relay.url, channel="rtmp-test",
-                                                    rtmp_url=url) as out:
+    async with (
+        pipeline(relay, "rtmp-test"),
+        output(relay_url=relay.url, channel="rtmp-test", rtmp_url=url) as out,
+    ):
         assert await out.wait_for(lambda o: o.publishing, LIMIT), out.state()
         # FLV from RTMP announces audio too: without a short analyzeduration the
         # reader waits 5 s for audio that never comes
@@ -129,9 +131,12 @@ async def test_rtmp_reconnects_when_the_server_comes_back(relay: Relay, tmp_path
 async def test_hls_playlist_plays(relay: Relay, tmp_path: Path) -> None:
     directory = hls.hls_dir_for(tmp_path / "hls", "stream_1")
     playlist = directory / hls.PLAYLIST
-    async with pipeline(relay, "hls-test"), output(relay_url=relay.url, channel="hls-test",
-                                                   hls_dir=directory, fps=10, hls_time=1,
-                                                   hls_list_size=4) as out:
+    async with (
+        pipeline(relay, "hls-test"),
+        output(
+            relay_url=relay.url, channel="hls-test", hls_dir=directory, fps=10, hls_time=1, hls_list_size=4
+        ) as out,
+    ):
         deadline = time.monotonic() + LIMIT
         while not (playlist.is_file() and playlist.read_text().count(".ts") >= 2):
             assert time.monotonic() < deadline, f"no playlist with 2 segments: {out.state()}"
@@ -145,6 +150,7 @@ async def test_hls_playlist_plays(relay: Relay, tmp_path: Path) -> None:
 
 async def check_serving(directory: Path, playlist: str) -> None:
     """The API's HLS route, mounted the way the API mounts it, over real ASGI."""
+
     async def route(request: Request) -> Response:
         return await hls.hls_response(directory, request.path_params["name"])
 
@@ -159,8 +165,15 @@ async def check_serving(directory: Path, playlist: str) -> None:
         r = await c.get(base + segment)
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp2t"
         assert r.content[:1] == b"\x47"  # MPEG-TS sync byte
-        for bad in ("..%2Fstream_1%2Findex.m3u8", "%2e%2e%2fsecret.ts", "..%5cindex.m3u8",
-                    "nginx.conf", "index.m3u8.tmp", "missing.ts", "sub/index.m3u8"):
+        for bad in (
+            "..%2Fstream_1%2Findex.m3u8",
+            "%2e%2e%2fsecret.ts",
+            "..%5cindex.m3u8",
+            "nginx.conf",
+            "index.m3u8.tmp",
+            "missing.ts",
+            "sub/index.m3u8",
+        ):
             assert (await c.get(base + bad)).status_code == 404, bad
     assert (await hls.hls_response(None, "index.m3u8")).status_code == 404
     for bad in ("../stream_1/index.m3u8", "/etc/passwd", "..", ".ts", "a/../index.m3u8"):
@@ -169,8 +182,10 @@ async def check_serving(directory: Path, playlist: str) -> None:
 
 async def test_refused_rtmp_reports_error_and_restarts(relay: Relay) -> None:
     url = f"rtmp://127.0.0.1:{free_port()}/live/secret-key"
-    async with pipeline(relay, "refused"), output(relay_url=relay.url, channel="refused", rtmp_url=url,
-                                                  restart_delay=0.1) as out:
+    async with (
+        pipeline(relay, "refused"),
+        output(relay_url=relay.url, channel="refused", rtmp_url=url, restart_delay=0.1) as out,
+    ):
         assert await out.wait_for(lambda o: o.last_error is not None, LIMIT), out.state()
         assert "refused" in out.last_error and "secret-key" not in out.last_error, out.last_error
         assert out.running and not out.publishing and out.restarts == 0
@@ -188,10 +203,17 @@ async def test_hung_rtmp_server_is_cut_off_and_retried(relay: Relay) -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never replies
     port = server.sockets[0].getsockname()[1]
     try:
-        async with pipeline(relay, "hung"), output(relay_url=relay.url, channel="hung",
-                                                   rtmp_url=f"rtmp://127.0.0.1:{port}/live/k",
-                                                   stall_timeout=1, restart_delay=0.1,
-                                                   clean=False) as out:  # may be mid-handshake
+        async with (
+            pipeline(relay, "hung"),
+            output(
+                relay_url=relay.url,
+                channel="hung",
+                rtmp_url=f"rtmp://127.0.0.1:{port}/live/k",
+                stall_timeout=1,
+                restart_delay=0.1,
+                clean=False,
+            ) as out,
+        ):  # may be mid-handshake
             assert await out.wait_for(lambda o: o.restarts >= 1 and o.ready, LIMIT), out.state()
             assert "exited with code 1" in (out.last_error or ""), out.last_error
             assert not out.publishing
@@ -202,9 +224,21 @@ async def test_hung_rtmp_server_is_cut_off_and_retried(relay: Relay) -> None:
 async def test_child_exits_when_stdin_closes(tmp_path: Path) -> None:
     """The API dying closes the pipe: the child must not outlive it (relay unreachable meanwhile)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "media.output_process", "--relay", f"ws://127.0.0.1:{free_port()}",
-        "--channel", "x", "--hls", str(tmp_path / "h"), "--status", "--watch-stdin",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "media.output_process",
+        "--relay",
+        f"ws://127.0.0.1:{free_port()}",
+        "--channel",
+        "x",
+        "--hls",
+        str(tmp_path / "h"),
+        "--status",
+        "--watch-stdin",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     events = []
     while "relay_error" not in events:

@@ -25,8 +25,9 @@ def anonymous(api: httpx.AsyncClient) -> httpx.AsyncClient:
 async def test_only_the_stream_key_publishes_on_the_short_whip_route(api, worker):
     stream = await create_stream(api)
     async with anonymous(api) as client:
-        by_id = await client.post(f"/whip/{stream['id']}", content="v=0\r\n",
-                                  headers={"Content-Type": "application/sdp"})
+        by_id = await client.post(
+            f"/whip/{stream['id']}", content="v=0\r\n", headers={"Content-Type": "application/sdp"}
+        )
         assert by_id.status_code == 404 and by_id.json()["success"] is False
         pc, answer = await publish(client, f"/whip/{stream['stream_key']}", PatternTrack())
         assert answer.status_code == 201
@@ -51,8 +52,9 @@ async def test_health_is_degraded_without_a_worker(api):
 
 
 async def test_oversized_bodies_are_refused_at_the_door(api):
-    declared = await api.post("/v1/streams", content=b"{" + b" " * (9 * 2**20) + b"}",
-                              headers={"Content-Type": "application/json"})
+    declared = await api.post(
+        "/v1/streams", content=b"{" + b" " * (9 * 2**20) + b"}", headers={"Content-Type": "application/json"}
+    )
     assert declared.status_code == 413
     assert declared.json()["code"] == "REQUEST/TOO_LARGE" and declared.json()["details"]["max_body_bytes"]
 
@@ -66,20 +68,28 @@ async def test_oversized_bodies_are_refused_at_the_door(api):
 
 
 async def test_prompts_are_bounded_and_errors_name_the_field_sent(api):
-    long = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "x" * 4001}})
+    long = await api.post(
+        "/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "x" * 4001}}
+    )
     assert long.status_code == 422 and long.json()["error"].startswith("invalid field 'params.prompt'")
     seed = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {"seed": -1}})
     assert seed.status_code == 422 and seed.json()["error"].startswith("invalid field 'params.seed'")
     assert all("constrained" not in ".".join(d["loc"]) for d in seed.json()["details"])
 
 
-
-
 @pytest.fixture
 async def guarded():
     """A server with a 0.5 s header deadline and at most 3 connections per client address."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
-                                    header_timeout_s=0.5, max_connections_per_client=3))
+    app = create_app(
+        ServerSettings(
+            port=0,
+            relay=RelayConfig(port=0),
+            workers=0,
+            api_keys=frozenset({KEY}),
+            header_timeout_s=0.5,
+            max_connections_per_client=3,
+        )
+    )
     async with running(app) as url:
         yield url
 

@@ -30,8 +30,7 @@ SIZE = 512
 @pytest.fixture
 async def server():
     """(ws URL, app) with an in-process filter worker on the app's relay."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({"k"})))
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
     async with running(app) as url:
         worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter", capacity=4))
         task = asyncio.create_task(worker.run())
@@ -72,9 +71,11 @@ async def processed(ws: ClientConnection) -> tuple[dict, np.ndarray]:
 
 async def until(predicate, timeout: float = TIMEOUT) -> None:
     """Poll a condition the server reaches on its own (cleanup after a disconnect)."""
+
     async def loop() -> None:
         while not predicate():
             await asyncio.sleep(0.005)
+
     await asyncio.wait_for(loop(), timeout)
 
 
@@ -119,18 +120,21 @@ async def test_status_settings_and_frames(server):
     await until(lambda: channel not in app.state.relay.hub.channels)  # released on disconnect
 
 
-@pytest.mark.parametrize(("message", "code", "field"), [
-    ("{not json", "bad_json", None),
-    ("[1, 2]", "bad_message", None),
-    ('{"data": {}}', "bad_message", None),
-    ('{"type": "play", "data": {}}', "unknown_type", None),
-    ('{"type": "settings", "data": {"guidance_scale": 99}}', "invalid_settings", "guidance_scale"),
-    ('{"type": "settings", "data": {"prompt": 5}}', "invalid_settings", "prompt"),
-    ('{"type": "settings", "data": {"width": 768}}', "invalid_settings", "width"),
-    ('{"type": "settings", "data": "prompt"}', "invalid_settings", None),
-    (b"definitely not an image", "bad_image", None),
-    (b"\xff\xd8\xff\xe0 truncated jpeg", "bad_image", None),
-])
+@pytest.mark.parametrize(
+    ("message", "code", "field"),
+    [
+        ("{not json", "bad_json", None),
+        ("[1, 2]", "bad_message", None),
+        ('{"data": {}}', "bad_message", None),
+        ('{"type": "play", "data": {}}', "unknown_type", None),
+        ('{"type": "settings", "data": {"guidance_scale": 99}}', "invalid_settings", "guidance_scale"),
+        ('{"type": "settings", "data": {"prompt": 5}}', "invalid_settings", "prompt"),
+        ('{"type": "settings", "data": {"width": 768}}', "invalid_settings", "width"),
+        ('{"type": "settings", "data": "prompt"}', "invalid_settings", None),
+        (b"definitely not an image", "bad_image", None),
+        (b"\xff\xd8\xff\xe0 truncated jpeg", "bad_image", None),
+    ],
+)
 async def test_bad_messages_get_an_error_and_the_connection_goes_on(server, message, code, field):
     url, _app = server
     async with client(url) as ws:
@@ -179,8 +183,7 @@ async def test_sessions_are_independent(server):
 
 
 async def test_frames_without_a_worker_get_an_error():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({"k"})))
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
     async with running(app) as url, client(url.replace("http://", "ws://") + "/ws") as ws:
         status = await recv_json(ws)
         assert status["data"]["engine_state"] == "waiting_for_worker"
@@ -192,8 +195,11 @@ async def test_frames_without_a_worker_get_an_error():
 
 
 async def test_an_oversized_frame_gets_an_error_naming_the_limit_then_a_close():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0, max_frame_bytes=64 * 1024), workers=0,
-                                    api_keys=frozenset({"k"})))
+    app = create_app(
+        ServerSettings(
+            port=0, relay=RelayConfig(port=0, max_frame_bytes=64 * 1024), workers=0, api_keys=frozenset({"k"})
+        )
+    )
     async with running(app) as url, client(url.replace("http://", "ws://") + "/ws") as ws:
         await recv_json(ws)  # connected
         await ws.send(b"\xff" * (64 * 1024 + 1))

@@ -41,14 +41,21 @@ class Server:
 
     def ws(self, user_id: str, mode: str | None = "image"):
         query = f"?mode={mode}" if mode else ""
-        return connect(f"{self.url.replace('http://', 'ws://')}/api/ws/{user_id}{query}",
-                       compression=None, max_size=None, open_timeout=TIMEOUT)
+        return connect(
+            f"{self.url.replace('http://', 'ws://')}/api/ws/{user_id}{query}",
+            compression=None,
+            max_size=None,
+            open_timeout=TIMEOUT,
+        )
 
 
 @pytest.fixture
 async def server():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({"k"}), max_queue_size=MAX_QUEUE))
+    app = create_app(
+        ServerSettings(
+            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"}), max_queue_size=MAX_QUEUE
+        )
+    )
     async with running(app) as url:
         worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter", capacity=4))
         task = asyncio.create_task(worker.run())
@@ -101,15 +108,17 @@ class MjpegReader:
         length = int(headers["Content-Length"])
         while len(self.buffer) < length + 2:
             await self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length + 2:]
+        body, self.buffer = self.buffer[:length], self.buffer[length + 2 :]
         return body
 
 
 async def until(predicate, timeout: float = TIMEOUT) -> None:
     """Poll a state the server reaches on its own (cleanup after a disconnect)."""
+
     async def loop() -> None:
         while not await predicate():
             await asyncio.sleep(0.005)
+
     await asyncio.wait_for(loop(), timeout)
 
 
@@ -123,17 +132,33 @@ async def test_settings_describe_the_form_a_frontend_builds(server):
     assert body["page_content"].startswith("<") and info["page_content"]["default"] == body["page_content"]
     props = body["input_params"]["properties"]
     assert list(props)[:3] == ["prompt", "negative_prompt", "guidance_scale"]
-    assert props["prompt"] == {"default": "flowers", "title": "Prompt", "type": "string",
-                               "id": "prompt", "field": "textarea"}
+    assert props["prompt"] == {
+        "default": "flowers",
+        "title": "Prompt",
+        "type": "string",
+        "id": "prompt",
+        "field": "textarea",
+    }
     guidance = props["guidance_scale"]
-    assert (guidance["field"], guidance["min"], guidance["max"], guidance["default"]) == ("range", 0.0, 20.0, 1.0)
+    assert (guidance["field"], guidance["min"], guidance["max"], guidance["default"]) == (
+        "range",
+        0.0,
+        20.0,
+        1.0,
+    )
     assert guidance["type"] == "number" and guidance["title"] == "Guidance Scale" and "hide" not in guidance
     assert props["seed"]["field"] == "seed" and props["seed"]["type"] == "integer"
     assert props["seed"]["min"] == 0 and props["seed"]["hide"] is True
     assert props["num_inference_steps"]["step"] == 1 and props["num_inference_steps"]["max"] == 100
     assert props["width"]["hide"] is True and props["width"]["min"] == 384 and props["width"]["step"] == 64
-    assert props["do_add_noise"] == {"default": True, "title": "Do Add Noise", "type": "boolean",
-                                     "id": "do_add_noise", "field": "checkbox", "hide": True}
+    assert props["do_add_noise"] == {
+        "default": True,
+        "title": "Do Add Noise",
+        "type": "boolean",
+        "id": "do_add_noise",
+        "field": "checkbox",
+        "hide": True,
+    }
     assert all(p["id"] == name and "field" in p and "title" in p for name, p in props.items())
 
 
@@ -164,8 +189,9 @@ async def test_image_mode_loop_with_params_changing_the_output(server):
             for a, b in ((cartoon, negative), (sketch, negative), (sketch, cartoon)):
                 assert np.abs(a - b).mean() > 10
             # the seed's own example params: steps 4 makes the t_index_list follow
-            await send_bundle(ws, {"prompt": "photo negative", "guidance_scale": 7.5,
-                                   "num_inference_steps": 4}, image)
+            await send_bundle(
+                ws, {"prompt": "photo negative", "guidance_scale": 7.5, "num_inference_steps": 4}, image
+            )
             assert await recv_json(ws) == SEND_FRAME
             assert np.abs(decode_image(await mjpeg.part()).astype(int) - (255 - source)).mean() < 10
             # a lower quality is re-encoded, a smaller JPEG of the same picture
@@ -186,16 +212,19 @@ async def _queue_is(server: Server, size: int) -> bool:
     return (await server.http.get("/api/queue")).json()["queue_size"] == size
 
 
-@pytest.mark.parametrize(("params", "needle"), [
-    ({"guidance_scale": 99}, "guidance_scale"),
-    ({"prompt": 5}, "prompt"),
-    ({"seed": -1}, "seed"),
-    ({"num_inference_steps": 0}, "num_inference_steps"),
-    ({"width": 768}, "width"),
-    ({"model_id": "other/model"}, "model_id"),
-    ("{broken", "JSON"),
-    ([1, 2], "object"),
-])
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"guidance_scale": 99}, "guidance_scale"),
+        ({"prompt": 5}, "prompt"),
+        ({"seed": -1}, "seed"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"width": 768}, "width"),
+        ({"model_id": "other/model"}, "model_id"),
+        ("{broken", "JSON"),
+        ([1, 2], "object"),
+    ],
+)
 async def test_invalid_params_get_a_warning_and_the_loop_goes_on(server, params, needle):
     image = jpeg(SIZE, SIZE, seed=1)
     async with server.ws(str(uuid.uuid4())) as ws:
@@ -217,10 +246,12 @@ async def test_bad_frames_and_out_of_order_messages(server):
         reply = await recv_json(ws)
         assert reply["status"] == "warning" and "JPEG" in reply["message"]
         assert await recv_json(ws) == SEND_FRAME
-        for out_of_turn in (jpeg(SIZE, SIZE),  # bytes without next_frame and params
-                            '{"status": "hello"}',  # an unknown status
-                            '{"prompt": "x"}',  # params before next_frame
-                            "{not json"):
+        for out_of_turn in (
+            jpeg(SIZE, SIZE),  # bytes without next_frame and params
+            '{"status": "hello"}',  # an unknown status
+            '{"prompt": "x"}',  # params before next_frame
+            "{not json",
+        ):
             await ws.send(out_of_turn)
             assert (await recv_json(ws))["status"] == "warning"
             assert await recv_json(ws) == SEND_FRAME
@@ -258,10 +289,11 @@ async def test_video_mode_needs_no_image(server):
 
 
 async def test_wait_while_no_worker_is_free_then_send_frame():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({"k"})))
-    async with running(app) as url, connect(url.replace("http://", "ws://") + "/api/ws/early",
-                                            compression=None) as ws:
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
+    async with (
+        running(app) as url,
+        connect(url.replace("http://", "ws://") + "/api/ws/early", compression=None) as ws,
+    ):
         assert await recv_json(ws) == {"status": "connected"}
         assert await recv_json(ws) == {"status": "wait"}
         worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter"))

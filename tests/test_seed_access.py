@@ -20,8 +20,9 @@ KEY = "seed-key"
 
 @asynccontextmanager
 async def server(**settings: object) -> AsyncIterator[str]:
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
-                                    **settings))
+    app = create_app(
+        ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), **settings)
+    )
     async with running(app) as url:
         yield url
 
@@ -35,8 +36,9 @@ async def _ws_status(url: str) -> str:
         return f"refused {exc.response.status_code}"
 
 
-@pytest.mark.parametrize(("settings", "open_"), [({}, True), ({"seed_endpoints": "open"}, True),
-                                                 ({"host": "0.0.0.0"}, False)])
+@pytest.mark.parametrize(
+    ("settings", "open_"), [({}, True), ({"seed_endpoints": "open"}, True), ({"host": "0.0.0.0"}, False)]
+)
 async def test_auto_is_open_on_loopback_only(settings, open_):
     async with server(**settings) as url, httpx.AsyncClient(base_url=url) as client:
         settings_answer = await client.get("/api/settings")

@@ -15,6 +15,7 @@ LIMIT = 10.0
 
 # -- Newest -----------------------------------------------------------------------
 
+
 def test_one_slot_keeps_the_newest_and_counts_what_it_replaced() -> None:
     slot: Newest[int] = Newest()
     assert slot.put(1) is None
@@ -50,6 +51,7 @@ def test_resize_keeps_the_newest_and_counts_the_rest() -> None:
 
 
 # -- ThreadSlot -----------------------------------------------------------------
+
 
 def test_thread_slot_hands_the_newest_to_a_waiting_thread() -> None:
     slot: ThreadSlot[int] = ThreadSlot()
@@ -104,6 +106,7 @@ def test_closing_a_thread_slot_stops_takers_and_sleepers() -> None:
 
 # -- AsyncSlot ------------------------------------------------------------------
 
+
 async def test_async_slot_wakes_the_taker_with_the_newest() -> None:
     slot: AsyncSlot[int] = AsyncSlot()
     taker = asyncio.create_task(slot.take())
@@ -129,6 +132,7 @@ async def test_closing_an_async_slot_ends_the_taker() -> None:
 
 
 # -- percentiles ------------------------------------------------------------------
+
 
 def test_percentiles_are_nearest_rank_in_ms_with_a_fixed_shape() -> None:
     samples = [i / 1000 for i in range(1, 101)]  # 1..100 ms

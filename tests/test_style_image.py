@@ -40,21 +40,24 @@ def body(url: str) -> dict:
     return {"pipeline": "streamdiffusion", "params": {"ip_adapter_style_image_url": url}}
 
 
-@pytest.mark.parametrize(("url", "needle"), [
-    ("https://127.0.0.1/style.jpg", "private address"),
-    ("https://localhost:9/style.jpg", "private address"),
-    ("https://[::1]/style.jpg", "private address"),
-    ("http://example.com/style.jpg", "https URL"),
-    ("ftp://example.com/style.jpg", "https URL"),
-    ("data:text/plain;base64,aGVsbG8=", "data:image"),
-    ("data:image/png;base64,aGVsbG8=", "JPEG or PNG"),
-    ("https://[::1/style.jpg", "not a valid URL"),
-    ("https://example.com:99999/style.jpg", "not a valid URL"),
-    ("https://[64:ff9b::7f00:1]/style.jpg", "private address"),  # NAT64 of 127.0.0.1
-    ("https://[2002:a00:1::1]/style.jpg", "private address"),  # 6to4 of 10.0.0.1
-    ("https://[::7f00:1]/style.jpg", "private address"),  # IPv4-compatible 127.0.0.1
-    ("https://[::ffff:192.168.0.1]/style.jpg", "private address"),  # IPv4-mapped
-])
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("https://127.0.0.1/style.jpg", "private address"),
+        ("https://localhost:9/style.jpg", "private address"),
+        ("https://[::1]/style.jpg", "private address"),
+        ("http://example.com/style.jpg", "https URL"),
+        ("ftp://example.com/style.jpg", "https URL"),
+        ("data:text/plain;base64,aGVsbG8=", "data:image"),
+        ("data:image/png;base64,aGVsbG8=", "JPEG or PNG"),
+        ("https://[::1/style.jpg", "not a valid URL"),
+        ("https://example.com:99999/style.jpg", "not a valid URL"),
+        ("https://[64:ff9b::7f00:1]/style.jpg", "private address"),  # NAT64 of 127.0.0.1
+        ("https://[2002:a00:1::1]/style.jpg", "private address"),  # 6to4 of 10.0.0.1
+        ("https://[::7f00:1]/style.jpg", "private address"),  # IPv4-compatible 127.0.0.1
+        ("https://[::ffff:192.168.0.1]/style.jpg", "private address"),  # IPv4-mapped
+    ],
+)
 async def test_unsafe_or_unusable_urls_are_422(api, url, needle):
     response = await api.post("/v1/streams", json=body(url))
     assert response.status_code == 422
@@ -68,8 +71,13 @@ async def test_data_url_is_accepted_as_is(api):
 
 
 async def test_fetched_image_becomes_a_data_url(files):
-    settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}),
-                              style_image_allow_private=True)
+    settings = ServerSettings(
+        port=0,
+        relay=RelayConfig(port=0),
+        workers=0,
+        api_keys=frozenset({KEY}),
+        style_image_allow_private=True,
+    )
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         response = await client.post("/v1/streams", json=body(f"{files}/style.jpg"))
@@ -81,8 +89,9 @@ async def test_fetched_image_becomes_a_data_url(files):
         channel = app.state.relay.hub.channels[sid]
         assert channel.params["ip_adapter_style_image_url"] == data_url  # what the worker gets
         for path, needle in (("notes.txt", "not a JPEG or PNG"), ("missing.jpg", "HTTP 404")):
-            response = await client.patch(f"/v1/streams/{sid}/params",
-                                          json={"ip_adapter_style_image_url": f"{files}/{path}"})
+            response = await client.patch(
+                f"/v1/streams/{sid}/params", json={"ip_adapter_style_image_url": f"{files}/{path}"}
+            )
             assert response.status_code == 422 and needle in response.json()["error"]
 
 
@@ -111,8 +120,9 @@ async def test_a_trickling_server_cannot_hold_the_fetch():
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(ApiError) as exc:
-            await style_image.fetch(f"http://127.0.0.1:{port}/slow.jpg", allow_private=True, timeout=5,
-                                    deadline=0.5)
+            await style_image.fetch(
+                f"http://127.0.0.1:{port}/slow.jpg", allow_private=True, timeout=5, deadline=0.5
+            )
         assert "took over 0.5 s" in exc.value.message
     finally:
         stop.set()

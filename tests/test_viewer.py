@@ -46,9 +46,13 @@ async def relay(echo: bool = True) -> AsyncIterator[Relay]:
             await asyncio.wait_for(worker, LIMIT)
 
 
-async def view_while_producing(url: str, options: ViewerOptions, size: tuple[int, int] = (160, 120),
-                               fps: float = 0, on_frame: Callable[[Frame], None] | None = None,
-                               ) -> tuple[ViewerReport, ProducerReport]:
+async def view_while_producing(
+    url: str,
+    options: ViewerOptions,
+    size: tuple[int, int] = (160, 120),
+    fps: float = 0,
+    on_frame: Callable[[Frame], None] | None = None,
+) -> tuple[ViewerReport, ProducerReport]:
     """Start the viewer, then produce (one frame in flight at a time, at ``fps``; 0 = as fast
     as possible) until the viewer is done."""
     ready = asyncio.Event()
@@ -93,8 +97,9 @@ async def test_mp4_is_h264_at_the_rate_frames_arrived(tmp_path: Path) -> None:
     seen: list[float] = []  # when on_frame ran: a clock of the test's own
     async with relay() as r:
         options = ViewerOptions(relay=r.url, show=False, mp4=path, max_frames=n)
-        report, _ = await view_while_producing(r.url, options, size=(175, 143), fps=fps,
-                                               on_frame=lambda _: seen.append(time.monotonic()))
+        report, _ = await view_while_producing(
+            r.url, options, size=(175, 143), fps=fps, on_frame=lambda _: seen.append(time.monotonic())
+        )
     codec, frames, duration, average_fps = read_mp4(path)
     assert codec == "h264" and report.mp4_frames == len(frames) == n
     assert {(f.width, f.height, f.format.name) for f in frames} == {(174, 142, "yuv420p")}
@@ -119,29 +124,31 @@ async def test_mp4_frames_show_what_arrived(tmp_path: Path) -> None:
     received: list[Frame] = []
     async with relay() as r:
         options = ViewerOptions(relay=r.url, show=False, mp4=path, max_frames=6)
-        report, _ = await view_while_producing(r.url, options, size=(176, 144),
-                                               on_frame=received.append)
+        report, _ = await view_while_producing(r.url, options, size=(176, 144), on_frame=received.append)
     _, frames, _, _ = read_mp4(path)
     assert report.mp4_frames == len(frames) == len(received) == 6
     for frame, sent in zip(frames, received, strict=True):
-        error = abs(frame.to_ndarray(format="rgb24").astype(int)
-                    - decode_image(sent.payload).astype(int)).mean()
+        error = abs(
+            frame.to_ndarray(format="rgb24").astype(int) - decode_image(sent.payload).astype(int)
+        ).mean()
         assert error < 8, error
 
 
 @pytest.mark.asyncio
 async def test_input_frames_reach_a_viewer_without_a_worker(tmp_path: Path) -> None:
     async with relay(echo=False) as r:
-        options = ViewerOptions(relay=r.url, show=False, receive="input", save_dir=tmp_path,
-                                max_frames=5)
+        options = ViewerOptions(relay=r.url, show=False, receive="input", save_dir=tmp_path, max_frames=5)
         ready = asyncio.Event()
         viewer = asyncio.create_task(run_viewer(options, ready=ready))
         await asyncio.wait_for(ready.wait(), LIMIT)
         done = asyncio.Event()
         viewer.add_done_callback(lambda _: done.set())
-        await asyncio.wait_for(run_producer(
-            PatternSource(64, 64), ProducerOptions(relay=r.url, fps=200, receive=False), stop=done),
-            LIMIT)
+        await asyncio.wait_for(
+            run_producer(
+                PatternSource(64, 64), ProducerOptions(relay=r.url, fps=200, receive=False), stop=done
+            ),
+            LIMIT,
+        )
         report = await viewer
     assert report.frames == 5 and len(list(tmp_path.glob("*.jpg"))) == 5
 
@@ -149,8 +156,7 @@ async def test_input_frames_reach_a_viewer_without_a_worker(tmp_path: Path) -> N
 @pytest.mark.asyncio
 async def test_both_kinds_are_saved_apart(tmp_path: Path) -> None:
     async with relay() as r:
-        options = ViewerOptions(relay=r.url, show=False, receive="both", save_dir=tmp_path,
-                                max_frames=8)
+        options = ViewerOptions(relay=r.url, show=False, receive="both", save_dir=tmp_path, max_frames=8)
         report, _ = await view_while_producing(r.url, options, size=(64, 64))
     names = {p.name for p in tmp_path.iterdir()}
     assert report.frames == 8 and len(names) == 8
@@ -162,7 +168,8 @@ async def test_both_kinds_are_saved_apart(tmp_path: Path) -> None:
 async def test_duration_ends_an_idle_viewer() -> None:
     async with relay(echo=False) as r:
         report = await asyncio.wait_for(
-            run_viewer(ViewerOptions(relay=r.url, show=False, duration=0.2)), LIMIT)
+            run_viewer(ViewerOptions(relay=r.url, show=False, duration=0.2)), LIMIT
+        )
     assert report.frames == 0 and report.closed is None and report.elapsed >= 0.19
 
 
@@ -171,8 +178,7 @@ async def test_relay_shutdown_is_reported() -> None:
     r = Relay(RelayConfig(port=0))
     await r.start()
     ready = asyncio.Event()
-    viewer = asyncio.create_task(run_viewer(ViewerOptions(relay=r.url, show=False, reconnect=0),
-                                            ready=ready))
+    viewer = asyncio.create_task(run_viewer(ViewerOptions(relay=r.url, show=False, reconnect=0), ready=ready))
     await asyncio.wait_for(ready.wait(), LIMIT)
     await r.close()
     report = await asyncio.wait_for(viewer, LIMIT)
@@ -200,8 +206,9 @@ async def test_the_viewer_joins_the_channel_again_when_the_relay_comes_back(tmp_
         got.append(frame)
         more.set()
 
-    options = ViewerOptions(relay=first.url, channel="cam", receive="input", show=False,
-                            save_dir=tmp_path, reconnect=LIMIT)
+    options = ViewerOptions(
+        relay=first.url, channel="cam", receive="input", show=False, save_dir=tmp_path, reconnect=LIMIT
+    )
     viewer = asyncio.create_task(run_viewer(options, ready=ready, stop=stop_viewer, on_frame=on_frame))
     await asyncio.wait_for(ready.wait(), LIMIT)
     once = ProducerOptions(relay=first.url, channel="cam", fps=0, max_frames=1, receive=False, reconnect=0)
@@ -234,15 +241,15 @@ async def test_the_viewer_joins_the_channel_again_when_the_relay_comes_back(tmp_
 def free_display() -> str:
     """A display name no X server answers on here (no lock file, no socket)."""
     for number in range(4000, 5000):
-        if not (os.path.exists(f"/tmp/.X{number}-lock")
-                or os.path.exists(f"/tmp/.X11-unix/X{number}")):
+        if not (os.path.exists(f"/tmp/.X{number}-lock") or os.path.exists(f"/tmp/.X11-unix/X{number}")):
             return f":{number}"
     raise AssertionError("no free display number")
 
 
 @pytest.mark.asyncio
 async def test_window_on_a_display_that_does_not_answer_is_a_viewer_error(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("DISPLAY", free_display())
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.delenv("SDL_VIDEODRIVER", raising=False)
@@ -250,8 +257,9 @@ async def test_window_on_a_display_that_does_not_answer_is_a_viewer_error(
         await run_viewer(ViewerOptions(relay="ws://127.0.0.1:1", show=True))
 
 
-def test_cli_view_without_display_exits_2(monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_view_without_display_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A server without a display: the viewer says how to run headless, before connecting."""
     monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -20,9 +20,15 @@ from relay import RelayConfig
 from worker.runtime import Worker, WorkerOptions
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
 KEY = "page-test-key"
 
@@ -34,8 +40,7 @@ if not shutil.which(CHROMIUM):
 
 @pytest.fixture
 async def server():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0,
-                                    api_keys=frozenset({KEY})))
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
     async with running(app) as url:
         worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter"))
         task = asyncio.create_task(worker.run())
@@ -84,11 +89,14 @@ async def test_frames_flow_and_a_prompt_change_reaches_output_and_stats(server, 
     await page.fill("textarea[name=prompt]", "photo negative")  # filter engine: invert
     stream_id = await page.evaluate("window.sd.stream.id")
     await page.wait_for_function(
-        f"Number(document.body.dataset.outputParamsVersion) > {version_before}", timeout=20_000)
+        f"Number(document.body.dataset.outputParamsVersion) > {version_before}", timeout=20_000
+    )
     assert app.state.streams.get(stream_id).params["prompt"] == "photo negative"
     await page.wait_for_function(
         "(then) => Math.max(...window.sampleOutput().map((v, i) => Math.abs(v - then[i]))) > 40",
-        arg=before, timeout=20_000)
+        arg=before,
+        timeout=20_000,
+    )
     await page.screenshot(path=f"{shot}-after.png")
     stats = await page.inner_text("#stats")
     assert "ONLINE" in stats and "v0 of" not in stats

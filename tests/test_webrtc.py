@@ -56,7 +56,7 @@ class PatternTrack(VideoStreamTrack):
         rgb = np.empty((self.height, self.width, 3), np.uint8)
         rgb[:] = BACKGROUND
         x = (self.count * 4) % (self.width - 16)
-        rgb[self.height // 2 - 8:self.height // 2 + 8, x:x + 16] = 255
+        rgb[self.height // 2 - 8 : self.height // 2 + 8, x : x + 16] = 255
         self.count += 1
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts, frame.time_base = pts, time_base
@@ -85,8 +85,13 @@ async def offer(pc: RTCPeerConnection) -> str:
     return pc.localDescription.sdp
 
 
-async def publish(client: httpx.AsyncClient, url: str, track: VideoStreamTrack,
-                  codec: str = "video/VP8", audio: bool = False) -> tuple[RTCPeerConnection, httpx.Response]:
+async def publish(
+    client: httpx.AsyncClient,
+    url: str,
+    track: VideoStreamTrack,
+    codec: str = "video/VP8",
+    audio: bool = False,
+) -> tuple[RTCPeerConnection, httpx.Response]:
     pc = peer()
     if audio:  # as OBS and browsers send: audio first, then video
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
@@ -97,8 +102,9 @@ async def publish(client: httpx.AsyncClient, url: str, track: VideoStreamTrack,
     return pc, response
 
 
-async def play(client: httpx.AsyncClient, url: str, codec: str = "video/VP8"
-               ) -> tuple[RTCPeerConnection, RTCRtpTransceiver, httpx.Response]:
+async def play(
+    client: httpx.AsyncClient, url: str, codec: str = "video/VP8"
+) -> tuple[RTCPeerConnection, RTCRtpTransceiver, httpx.Response]:
     pc = peer()
     transceiver = pc.addTransceiver("video", direction="recvonly")
     prefer(transceiver, codec)
@@ -144,8 +150,10 @@ async def test_whip_in_whep_out_inverted(api, worker, codec):
         mean = frames[-1].to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
         expected = 255 - np.array(BACKGROUND)
         assert np.all(np.abs(mean - expected) < 25), (mean, expected)
-        print(f"\n{codec}: WHIP POST->201 {post_ms:.0f} ms, first WHEP frame {first_ms:.0f} ms "
-              f"after the WHIP POST")
+        print(
+            f"\n{codec}: WHIP POST->201 {post_ms:.0f} ms, first WHEP frame {first_ms:.0f} ms "
+            f"after the WHIP POST"
+        )
 
         sessions = registry(api).for_stream(stream["id"])
         assert sorted(s.kind for s in sessions) == ["whep", "whip"]
@@ -173,20 +181,28 @@ async def test_viewers_share_one_encoder_per_codec(api, worker):
     stream = await create_stream(api, width=WIDTH, height=HEIGHT)
     channel = stream["id"]
     whip_pc, _ = await publish(api, stream["whip_url"], PatternTrack())
-    viewers = [await play(api, stream["output_stream_url"], codec)
-               for codec in ("video/VP8", "video/VP8", "video/H264")]
+    viewers = [
+        await play(api, stream["output_stream_url"], codec)
+        for codec in ("video/VP8", "video/VP8", "video/H264")
+    ]
     encoders = api.app.state.webrtc.encoders
     try:
         for _pc, transceiver, _response in viewers:
-            assert np.all(np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25)
+            assert np.all(
+                np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25
+            )
         assert len(encoders) == 2  # VP8 and H.264, each encoding every frame once
         assert len(api.app.state.relay.hub.channels[channel].viewers) == 2  # one relay viewer per encoder
         vp8 = encoders.get(api.app.state.relay.hub, channel, "video/VP8")
         assert vp8.viewers == 2
-        whep = (await api.get(f"/v1/streams/{channel}/status")).json()["data"]["gateway_status"]["outputs"]["whep"]
+        whep = (await api.get(f"/v1/streams/{channel}/status")).json()["data"]["gateway_status"]["outputs"][
+            "whep"
+        ]
         assert whep["viewers"] == 3
-        assert sorted((e["codec"], e["viewers"]) for e in whep["shared_encoders"]) == [("video/H264", 1),
-                                                                                        ("video/VP8", 2)]
+        assert sorted((e["codec"], e["viewers"]) for e in whep["shared_encoders"]) == [
+            ("video/H264", 1),
+            ("video/VP8", 2),
+        ]
         assert all(e["frames_encoded"] > 0 for e in whep["shared_encoders"])
         metrics = (await api.get("/metrics")).text
         assert f'sd_stream_webrtc_sessions{{kind="whep",stream="{channel}"}} 3.0' in metrics
@@ -218,7 +234,9 @@ async def test_one_encoder_per_viewer_when_sharing_is_off(api, worker):
     viewers = [await play(api, stream["output_stream_url"]) for _ in range(2)]
     try:
         for _pc, transceiver, _response in viewers:
-            assert np.all(np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25)
+            assert np.all(
+                np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25
+            )
         assert len(api.app.state.relay.hub.channels[stream["id"]].viewers) == 2
     finally:
         for pc in (whip_pc, *(v[0] for v in viewers)):
@@ -238,7 +256,7 @@ async def test_a_viewer_starts_at_a_keyframe_and_skips_ahead_when_behind():
     shared._keyframe = False
     track.deliver(deltas[0])  # before any keyframe: useless to a decoder
     track.deliver(key)
-    for delta in deltas[1:MAX_BACKLOG + 1]:  # one more than the backlog holds
+    for delta in deltas[1 : MAX_BACKLOG + 1]:  # one more than the backlog holds
         track.deliver(delta)
     assert track.resyncs == 1 and shared.keyframe_requested
     track.deliver(deltas[6])  # still waiting for a keyframe
@@ -262,7 +280,7 @@ async def test_an_undecodable_output_frame_is_skipped_not_fatal(api, caplog):
     track.attach(shared)
     producer = LocalProducer(hub, stream["id"])
     good = jpeg(64, 64)
-    bad = good[:good.index(b"\xff\xda")] + b"\xff\xd9"
+    bad = good[: good.index(b"\xff\xda")] + b"\xff\xd9"
     try:
         producer.publish(good, 64, 64)
         await asyncio.wait_for(track.recv(), 10)
@@ -294,12 +312,15 @@ async def test_signalling_errors(api):
     assert wrong_type.status_code == 415
     assert wrong_type.json()["code"] == "REQUEST/UNSUPPORTED_MEDIA_TYPE"
     assert wrong_type.headers["accept-post"] == "application/sdp"
-    assert (await api.post(whep, content="v=0\r\n", headers={"Content-Type": "text/plain"})).status_code == 415
+    assert (
+        await api.post(whep, content="v=0\r\n", headers={"Content-Type": "text/plain"})
+    ).status_code == 415
 
     unknown = await api.post(whip.replace(stream["stream_key"], "stk_nope"), content="v=0", headers=SDP)
     assert unknown.status_code == 404 and unknown.json()["success"] is False
-    assert (await api.post(whep.replace(stream["output_playback_id"], "nope"),
-                           content="v=0", headers=SDP)).status_code == 404
+    assert (
+        await api.post(whep.replace(stream["output_playback_id"], "nope"), content="v=0", headers=SDP)
+    ).status_code == 404
 
     for body in ("garbage", "", "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"):
         bad = await api.post(whip, content=body, headers=SDP)
@@ -332,11 +353,16 @@ async def test_patch_alias_and_replacement(api, worker):
     stream = await create_stream(api)
     # seed 003's alias, without any Authorization header: the stream key is the credential
     async with httpx.AsyncClient(base_url=str(api.base_url), timeout=15) as anonymous:
-        first_pc, first = await publish(anonymous, f"/whip/{stream['stream_key']}", PatternTrack(), audio=True)
+        first_pc, first = await publish(
+            anonymous, f"/whip/{stream['stream_key']}", PatternTrack(), audio=True
+        )
         assert "m=audio" in first.text and first.text.count("a=recvonly") == 2
         assert first.headers["location"].startswith(stream["whip_url"] + "/")
-        patch = await anonymous.patch(first.headers["location"], content="a=end-of-candidates",
-                                      headers={"Content-Type": "application/trickle-ice-sdpfrag"})
+        patch = await anonymous.patch(
+            first.headers["location"],
+            content="a=end-of-candidates",
+            headers={"Content-Type": "application/trickle-ice-sdpfrag"},
+        )
         assert patch.status_code == 204  # a redundant end-of-candidates is harmless
         whep_pc, _transceiver, whep = await play(anonymous, stream["output_stream_url"])
         assert (await anonymous.patch(whep.headers["location"], content="x")).status_code == 415
@@ -379,11 +405,17 @@ async def test_shutdown_closes_sessions():
 
 def test_link_header_lists_ice_servers():
     assert link_header([]) is None
-    link = link_header(["stun:stun.example.net:3478",
-                        {"urls": ["turn:turn.example.net?transport=udp"], "username": "u", "credential": "p"}])
-    assert link == ('<stun:stun.example.net:3478>; rel="ice-server", '
-                    '<turn:turn.example.net?transport=udp>; rel="ice-server"; username="u"; '
-                    'credential="p"; credential-type="password"')
+    link = link_header(
+        [
+            "stun:stun.example.net:3478",
+            {"urls": ["turn:turn.example.net?transport=udp"], "username": "u", "credential": "p"},
+        ]
+    )
+    assert link == (
+        '<stun:stun.example.net:3478>; rel="ice-server", '
+        '<turn:turn.example.net?transport=udp>; rel="ice-server"; username="u"; '
+        'credential="p"; credential-type="password"'
+    )
 
 
 def _without_candidates(sdp: str) -> tuple[str, str]:
@@ -420,7 +452,9 @@ async def test_trickle_ice_connects_with_candidates_sent_after_the_offer(api, wo
         assert stale.status_code == 412
         assert (await api.patch(location, content=fragment, headers=SDP)).status_code == 415
         restart = fragment.replace("a=ice-ufrag:", "a=ice-ufrag:new")
-        assert (await api.patch(location, content=restart, headers={**frag, "If-Match": etag})).status_code == 405
+        assert (
+            await api.patch(location, content=restart, headers={**frag, "If-Match": etag})
+        ).status_code == 405
         added = await api.patch(location, content=fragment, headers={**frag, "If-Match": etag})
         assert added.status_code == 204, added.text
         await eventually(lambda: pc.connectionState == "connected", 20)

@@ -85,13 +85,22 @@ def test_corrupted_headers_decode_or_raise_protocol_error(frame, position, value
         pass
 
 
-@given(st.one_of(st.text(max_size=200), st.binary(max_size=200),
-                 st.dictionaries(st.sampled_from(["type", "role", "channel", "data", "params",
-                                                  "format", "capacity", "token"]),
-                                 st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.text(max_size=20),
-                                           st.sampled_from(["hello", "image", "params", "stats",
-                                                            "viewer", "worker"])),
-                                 max_size=6).map(lambda d: orjson.dumps(d).decode())))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["type", "role", "channel", "data", "params", "format", "capacity", "token"]),
+            st.one_of(
+                st.none(),
+                st.integers(-(2**63), 2**63 - 1),
+                st.text(max_size=20),
+                st.sampled_from(["hello", "image", "params", "stats", "viewer", "worker"]),
+            ),
+            max_size=6,
+        ).map(lambda d: orjson.dumps(d).decode()),
+    )
+)
 @settings(max_examples=500)
 def test_any_text_decodes_or_raises_protocol_error(text):
     try:
@@ -111,9 +120,16 @@ def test_hello_defaults_and_validation():
 
 def test_seed_002_image_message():
     image = jpeg()
-    message = decode_control(orjson.dumps({"type": "image", "format": "JPEG",
-                                           "data": base64.b64encode(image).decode(),
-                                           "timestamp": 1234567890.123}))
+    message = decode_control(
+        orjson.dumps(
+            {
+                "type": "image",
+                "format": "JPEG",
+                "data": base64.b64encode(image).decode(),
+                "timestamp": 1234567890.123,
+            }
+        )
+    )
     assert isinstance(message, LegacyImage)
     assert (message.data, message.format, message.timestamp) == (image, ImageFormat.JPEG, 1234567890.123)
 
@@ -137,23 +153,40 @@ def test_frame_header_is_32_bytes():
 
 # what the relay sent before its messages were typed, byte for byte (the old dict builders' output)
 RELAY_MESSAGES = [
-    (Welcome(role=Role.PRODUCER, channel="cam1", session="9f2c01ab", limits={"max_frame_bytes": 8388608}),
-     ('{"type":"welcome","role":"producer","channel":"cam1","session":"9f2c01ab","protocol":1,'
-      '"limits":{"max_frame_bytes":8388608}}')),
+    (
+        Welcome(role=Role.PRODUCER, channel="cam1", session="9f2c01ab", limits={"max_frame_bytes": 8388608}),
+        (
+            '{"type":"welcome","role":"producer","channel":"cam1","session":"9f2c01ab","protocol":1,'
+            '"limits":{"max_frame_bytes":8388608}}'
+        ),
+    ),
     (Error(code=ErrorCode.BAD_IMAGE, message="m"), '{"type":"error","code":"bad_image","message":"m"}'),
-    (Assign(channel="c", params={"prompt": "a"}, version=2),
-     '{"type":"assign","channel":"c","params":{"prompt":"a"},"version":2}'),
+    (
+        Assign(channel="c", params={"prompt": "a"}, version=2),
+        '{"type":"assign","channel":"c","params":{"prompt":"a"},"version":2}',
+    ),
     (Release(channel="c"), '{"type":"release","channel":"c"}'),
-    (ChannelParams(channel="c", params={}, version=3), '{"type":"params","channel":"c","params":{},"version":3}'),
+    (
+        ChannelParams(channel="c", params={}, version=3),
+        '{"type":"params","channel":"c","params":{},"version":3}',
+    ),
     (ParamsAck(channel="c", version=1), '{"type":"params_ack","channel":"c","version":1}'),
-    (Status(channel="c", state=ChannelState.WAITING_FOR_WORKER),
-     '{"type":"status","channel":"c","state":"waiting_for_worker"}'),
-    (Status(channel="c", state=ChannelState.ASSIGNED, worker="w"),
-     '{"type":"status","channel":"c","state":"assigned","worker":"w"}'),
-    (StatsReply(channels={"c": {"engine_state": EngineState.READY, "worker": None}}, workers=[]),
-     '{"type":"stats","channels":{"c":{"engine_state":"ready","worker":null}},"workers":[]}'),
-    (Report(channel="c", event=ReportEvent.ERROR, message="x", data={"v": None}),
-     '{"type":"report","channel":"c","event":"error","message":"x","data":{"v":null}}'),
+    (
+        Status(channel="c", state=ChannelState.WAITING_FOR_WORKER),
+        '{"type":"status","channel":"c","state":"waiting_for_worker"}',
+    ),
+    (
+        Status(channel="c", state=ChannelState.ASSIGNED, worker="w"),
+        '{"type":"status","channel":"c","state":"assigned","worker":"w"}',
+    ),
+    (
+        StatsReply(channels={"c": {"engine_state": EngineState.READY, "worker": None}}, workers=[]),
+        '{"type":"stats","channels":{"c":{"engine_state":"ready","worker":null}},"workers":[]}',
+    ),
+    (
+        Report(channel="c", event=ReportEvent.ERROR, message="x", data={"v": None}),
+        '{"type":"report","channel":"c","event":"error","message":"x","data":{"v":null}}',
+    ),
     (Pong(), '{"type":"pong"}'),
     (Shutdown(message="relay shutting down"), '{"type":"shutdown","message":"relay shutting down"}'),
     (Ack(), '{"type":"ack","status":"received"}'),
@@ -168,12 +201,18 @@ def test_relay_messages_encode_to_the_same_bytes_and_decode_back(message, text):
 
 def test_legacy_results_decode_with_our_additions():
     image = jpeg()
-    text = encode_control(legacy_image_message(ImageFormat.JPEG, image, 12.5, seq=3, channel="c",
-                                               kind="output"))
+    text = encode_control(
+        legacy_image_message(ImageFormat.JPEG, image, 12.5, seq=3, channel="c", kind="output")
+    )
     result = decode_relay_message(text)
     assert isinstance(result, LegacyResult)
     assert (result.data, result.format, result.seq, result.channel, result.kind) == (
-        image, ImageFormat.JPEG, 3, "c", "output")
+        image,
+        ImageFormat.JPEG,
+        3,
+        "c",
+        "output",
+    )
 
 
 def test_unknown_types_are_their_own_error_and_codes_are_enums():
@@ -202,4 +241,6 @@ def test_a_hello_with_an_unknown_protocol_version_is_refused_with_its_own_code(v
 def test_the_doors_have_their_error_codes_on_the_wire():
     for code in ("unsupported_protocol", "params_too_large", "rate_limited", "hello_timeout"):
         assert ErrorCode(code) == code
-        assert decode_relay_message(orjson.dumps({"type": "error", "code": code, "message": "m"})).code == code
+        assert (
+            decode_relay_message(orjson.dumps({"type": "error", "code": code, "message": "m"})).code == code
+        )

@@ -194,6 +194,7 @@ def test_the_worker_ignores_unknown_and_malformed_relay_messages():
 
 # -- a failed load is not final -------------------------------------------------------
 
+
 async def test_a_failed_load_is_retried_when_params_fix_it(relay):
     """The first load fails (an effect the filter engine does not know): the channel stays in
     error, the relay's status says which attempt failed and when the next comes, and params
@@ -280,8 +281,14 @@ def test_a_waiting_pipeline_reports_its_next_try_and_stops_at_once():
         reports.append((event, message, data))
         failed.set()
 
-    pipeline = ChannelPipeline("cam", FlakyEngine, {}, 0, Events(output=lambda f: None, report=report),
-                               PipelineOptions(load_retry_first=3600, load_retry_max=3600))
+    pipeline = ChannelPipeline(
+        "cam",
+        FlakyEngine,
+        {},
+        0,
+        Events(output=lambda f: None, report=report),
+        PipelineOptions(load_retry_first=3600, load_retry_max=3600),
+    )
     pipeline.start()
     assert failed.wait(10)
     stats = pipeline.stats()

@@ -124,7 +124,11 @@ def byte_tokenizer() -> CLIPTokenizer:
 
 def _byte_symbol(value: int) -> str:
     """GPT-2's printable stand-in for a byte, as byte-level BPE spells it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     if value in printable:
         return chr(value)
     return chr(256 + sum(1 for b in range(value) if b not in printable))
@@ -158,7 +162,11 @@ def _unet(cross_attention_dim: int, xl: bool = False) -> UNet2DConditionModel:
         block_out_channels=(8, 16, 16),
         layers_per_block=1,
         norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 1/4 latent size only
+        down_block_types=(
+            "DownBlock2D",
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+        ),  # attention at 1/4 latent size only
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
@@ -200,7 +208,11 @@ def _controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
 def _save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     """Save a rank-2 LoRA on the UNet's attention projections with random (non-zero) weights."""
     unet = UNet2DConditionModel.from_config(unet.config)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder / "pytorch_lora_weights.safetensors"
 
@@ -213,8 +225,15 @@ def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path, weight_name: str)
     key/value projections of each cross-attention layer, numbered in ``attn_processors`` order.
     """
     encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8, projection_dim=TEXT_DIM)
+        CLIPVisionConfig(
+            hidden_size=TEXT_DIM,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=TEXT_DIM,
+        )
     )
     encoder.save_pretrained(folder / "image_encoder")
     dim = unet.config.cross_attention_dim
@@ -224,7 +243,9 @@ def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path, weight_name: str)
         "image_proj.norm.weight": torch.ones(dim),
         "image_proj.norm.bias": torch.zeros(dim),
     }
-    cross_attentions = [name.removesuffix(".processor") for name in unet.attn_processors if name.endswith("attn2.processor")]
+    cross_attentions = [
+        name.removesuffix(".processor") for name in unet.attn_processors if name.endswith("attn2.processor")
+    ]
     for index, name in enumerate(cross_attentions):
         hidden = unet.get_submodule(name).to_k.out_features
         for projection in ("to_k_ip", "to_v_ip"):
@@ -233,18 +254,39 @@ def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path, weight_name: str)
 
 
 def _depth_model() -> DepthAnythingForDepthEstimation:
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                            patch_size=14, image_size=56, out_features=["stage1", "stage2"], reshape_hidden_states=False)
-    return DepthAnythingForDepthEstimation(DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32], reassemble_factors=[2, 1],
-        fusion_hidden_size=16, head_hidden_size=8,
-    ))
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        patch_size=14,
+        image_size=56,
+        out_features=["stage1", "stage2"],
+        reshape_hidden_states=False,
+    )
+    return DepthAnythingForDepthEstimation(
+        DepthAnythingConfig(
+            backbone_config=backbone,
+            reassemble_hidden_size=32,
+            neck_hidden_sizes=[16, 32],
+            reassemble_factors=[2, 1],
+            fusion_hidden_size=16,
+            head_hidden_size=8,
+        )
+    )
 
 
 def _pose_model() -> VitPoseForPoseEstimation:
     """ViTPose's layout (backbone, simple decoder, 17 COCO heatmaps) at 64x48 input instead of 256x192."""
-    backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                                     image_size=[64, 48], patch_size=[16, 16], out_indices=[2])
+    backbone = VitPoseBackboneConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=[64, 48],
+        patch_size=[16, 16],
+        out_indices=[2],
+    )
     return VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17))
 
 
@@ -266,5 +308,9 @@ def _hed_state_dict() -> dict[str, torch.Tensor]:
 def _scheduler() -> EulerDiscreteScheduler:
     """sd-turbo's scheduler config (the engine converts it to an LCMScheduler)."""
     return EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="trailing"
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="trailing",
     )

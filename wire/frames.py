@@ -79,17 +79,26 @@ class Frame:
     kind: FrameKind = FrameKind.INPUT
     params_version: int = 0
 
-    def as_output(self, payload: bytes, fmt: ImageFormat, width: int, height: int,
-                  params_version: int) -> Frame:
+    def as_output(
+        self, payload: bytes, fmt: ImageFormat, width: int, height: int, params_version: int
+    ) -> Frame:
         """The result frame for this input: same channel, sequence number and timestamp."""
-        return replace(self, kind=FrameKind.OUTPUT, payload=payload, format=fmt,
-                       width=width, height=height, params_version=params_version)
+        return replace(
+            self,
+            kind=FrameKind.OUTPUT,
+            payload=payload,
+            format=fmt,
+            width=width,
+            height=height,
+            params_version=params_version,
+        )
 
 
 def validate_channel(name: str) -> str:
     if not isinstance(name, str) or not CHANNEL_PATTERN.match(name):
         raise ProtocolError(
-            f"bad channel name {name!r}: 1-64 characters from A-Z a-z 0-9 _ . -", ErrorCode.BAD_CHANNEL)
+            f"bad channel name {name!r}: 1-64 characters from A-Z a-z 0-9 _ . -", ErrorCode.BAD_CHANNEL
+        )
     return name
 
 
@@ -102,9 +111,20 @@ def encode_frame(frame: Frame) -> bytes:
         raise ProtocolError(f"size {frame.width}x{frame.height} out of range")
     if not 0 <= frame.params_version <= MAX_PARAMS_VERSION:
         raise ProtocolError(f"params version {frame.params_version} out of range")
-    header = HEADER.pack(MAGIC, VERSION, frame.kind, frame.format, 0, len(channel), 0,
-                         frame.seq, frame.timestamp, frame.width, frame.height,
-                         frame.params_version)
+    header = HEADER.pack(
+        MAGIC,
+        VERSION,
+        frame.kind,
+        frame.format,
+        0,
+        len(channel),
+        0,
+        frame.seq,
+        frame.timestamp,
+        frame.width,
+        frame.height,
+        frame.params_version,
+    )
     return b"".join((header, channel, frame.payload))
 
 
@@ -119,8 +139,20 @@ def decode_frame(data: bytes) -> Frame:
     """Parse a binary message; any malformed input raises :class:`ProtocolError`."""
     if len(data) < HEADER_SIZE:
         raise ProtocolError(f"binary message of {len(data)} bytes is shorter than a frame header")
-    (magic, version, kind, fmt, _flags, channel_len, _reserved, seq, timestamp,
-     width, height, params_version) = HEADER.unpack_from(data)
+    (
+        magic,
+        version,
+        kind,
+        fmt,
+        _flags,
+        channel_len,
+        _reserved,
+        seq,
+        timestamp,
+        width,
+        height,
+        params_version,
+    ) = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError("binary message does not start with the frame magic b'SD'")
     if version != VERSION:
@@ -149,5 +181,6 @@ def decode_frame(data: bytes) -> Frame:
         _CHANNELS[name] = channel
     if not math.isfinite(timestamp):
         raise ProtocolError("timestamp is not a finite number")
-    return Frame(channel, seq, timestamp, width, height, image_format, bytes(data[end:]),
-                 frame_kind, params_version)
+    return Frame(
+        channel, seq, timestamp, width, height, image_format, bytes(data[end:]), frame_kind, params_version
+    )

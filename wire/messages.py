@@ -85,9 +85,11 @@ ImageFormatName = Annotated[str, AfterValidator(ImageFormat.parse)]
 
 def _supported_protocol(version: int) -> int:
     if version not in SUPPORTED_PROTOCOLS:
-        raise ProtocolError(f"protocol version {version} is not supported; this side speaks "
-                            f"{', '.join(map(str, sorted(SUPPORTED_PROTOCOLS)))}",
-                            ErrorCode.UNSUPPORTED_PROTOCOL)
+        raise ProtocolError(
+            f"protocol version {version} is not supported; this side speaks "
+            f"{', '.join(map(str, sorted(SUPPORTED_PROTOCOLS)))}",
+            ErrorCode.UNSUPPORTED_PROTOCOL,
+        )
     return version
 
 
@@ -169,6 +171,7 @@ class Ping(Message):
 ClientMessage = Hello | Params | StatsRequest | Report | LegacyImage | Ping
 _client = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
 
+
 def decode_control(message: str | bytes | Mapping[str, Any]) -> ClientMessage:
     """A client's text message (or its parsed JSON) as a model; :class:`ProtocolError` says what is wrong."""
     return decode_with(_client, message)
@@ -223,5 +226,10 @@ def legacy_image_message(fmt: ImageFormat, payload: bytes, timestamp: float, **e
 
     A frame, not a control message: built from bytes on the way out, never a model.
     """
-    return {"type": "image", "format": fmt.label, "data": base64.b64encode(payload).decode(),
-            "timestamp": timestamp, **extra}
+    return {
+        "type": "image",
+        "format": fmt.label,
+        "data": base64.b64encode(payload).decode(),
+        "timestamp": timestamp,
+        **extra,
+    }

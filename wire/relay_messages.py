@@ -133,8 +133,21 @@ class LegacyResult(LegacyImage):
     kind: Literal["input", "output"] = "output"
 
 
-RelayMessage = (Welcome | Error | Assign | Release | ChannelParams | ParamsAck | Status | StatsReply
-                | Report | Pong | Shutdown | Ack | LegacyResult)
+RelayMessage = (
+    Welcome
+    | Error
+    | Assign
+    | Release
+    | ChannelParams
+    | ParamsAck
+    | Status
+    | StatsReply
+    | Report
+    | Pong
+    | Shutdown
+    | Ack
+    | LegacyResult
+)
 _relay = TypeAdapter(Annotated[RelayMessage, Field(discriminator="type")])
 
 

@@ -29,22 +29,38 @@ log = logging.getLogger("worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--relay", default="ws://127.0.0.1:8765", help="relay URL (default ws://127.0.0.1:8765)")
-    p.add_argument("--engine", choices=["auto", *ENGINES], default="auto",
-                   help="auto (default): diffusion with a CUDA GPU and diffusers, filter otherwise")
-    p.add_argument("--token", default=token_from_environment(),
-                   help=f"relay token (default: ${TOKEN_ENV}; prefer the variable: argv is visible to ps)")
+    p.add_argument(
+        "--engine",
+        choices=["auto", *ENGINES],
+        default="auto",
+        help="auto (default): diffusion with a CUDA GPU and diffusers, filter otherwise",
+    )
+    p.add_argument(
+        "--token",
+        default=token_from_environment(),
+        help=f"relay token (default: ${TOKEN_ENV}; prefer the variable: argv is visible to ps)",
+    )
     p.add_argument("--capacity", type=int, default=1, help="channels served at once (default 1)")
-    p.add_argument("--channel", action="append", default=[],
-                   help="serve only these channels (repeatable); default any")
+    p.add_argument(
+        "--channel", action="append", default=[], help="serve only these channels (repeatable); default any"
+    )
     p.add_argument("--name", default="", help="this worker's name in relay stats")
     p.add_argument("--model", help="diffusion model id or local path (sets params.model_id)")
-    p.add_argument("--acceleration", choices=["none", "sdpa", "xformers", "compile", "tensorrt"],
-                   help="diffusion acceleration (sets params.acceleration)")
-    p.add_argument("--params", default="{}", metavar="JSON",
-                   help="JSON defaults under each channel's params, e.g. '{\"prompt\": \"a cat\"}'")
+    p.add_argument(
+        "--acceleration",
+        choices=["none", "sdpa", "xformers", "compile", "tensorrt"],
+        help="diffusion acceleration (sets params.acceleration)",
+    )
+    p.add_argument(
+        "--params",
+        default="{}",
+        metavar="JSON",
+        help='JSON defaults under each channel\'s params, e.g. \'{"prompt": "a cat"}\'',
+    )
     p.add_argument("--format", default="jpeg", help="output image format: jpeg (default) or png")
     p.add_argument("--quality", type=int, default=85, help="output JPEG quality 1-100 (default 85)")
     add_logging_arguments(p)
@@ -66,9 +82,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, str | None
         params["acceleration"] = args.acceleration
     engine = default_engine_name() if args.engine == "auto" else args.engine
     options = WorkerOptions(
-        relay_url=args.relay, engine=engine, token=args.token, capacity=args.capacity,
-        channels=args.channel, name=args.name, params=params,
-        output_format=ImageFormat.parse(args.format), quality=args.quality)
+        relay_url=args.relay,
+        engine=engine,
+        token=args.token,
+        capacity=args.capacity,
+        channels=args.channel,
+        name=args.name,
+        params=params,
+        output_format=ImageFormat.parse(args.format),
+        quality=args.quality,
+    )
     return options, args.log_level
 
 
@@ -76,8 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     exit_with_parent()  # a server's local worker ends with it
     options, log_level = parse_args(argv)
     setup_logging(log_level)
-    log.warning("engine %s%s", options.engine, " (OpenCV effects on the CPU: no CUDA GPU with "
-                "diffusers here)" if options.engine == "filter" else "")
+    log.warning(
+        "engine %s%s",
+        options.engine,
+        " (OpenCV effects on the CPU: no CUDA GPU with diffusers here)" if options.engine == "filter" else "",
+    )
     try:
         asyncio.run(run_forever(options))
     except RelayRefused as exc:

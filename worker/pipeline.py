@@ -63,9 +63,11 @@ class StageTimes:
 
     def per_frame_ms(self) -> dict[str, float]:
         n = max(self.frames, 1)
-        return {"decode_ms": round(self.decode / n * 1000, 3),
-                "engine_ms": round(self.engine / n * 1000, 3),
-                "encode_ms": round(self.encode / n * 1000, 3)}
+        return {
+            "decode_ms": round(self.decode / n * 1000, 3),
+            "engine_ms": round(self.engine / n * 1000, 3),
+            "encode_ms": round(self.encode / n * 1000, 3),
+        }
 
 
 @dataclass
@@ -101,8 +103,15 @@ class PipelineOptions:
 class ChannelPipeline:
     """Runs one channel's frames through an engine on three threads."""
 
-    def __init__(self, channel: str, engine_factory: EngineFactory, params: Mapping[str, Any],
-                 version: int, events: Events, options: PipelineOptions | None = None) -> None:
+    def __init__(
+        self,
+        channel: str,
+        engine_factory: EngineFactory,
+        params: Mapping[str, Any],
+        version: int,
+        events: Events,
+        options: PipelineOptions | None = None,
+    ) -> None:
         self.channel = channel
         self.options = options or PipelineOptions()
         self.events = events
@@ -159,13 +168,20 @@ class ChannelPipeline:
         return self._incoming.dropped + self._decoded.dropped + self._processed.dropped
 
     def stats(self) -> dict[str, Any]:
-        stats = {**self.times.per_frame_ms(), "frames": self.times.frames,
-                 "errors": self.times.errors, "dropped": self.dropped,
-                 "params_version": self._version, "reloading": self._reloading}
+        stats = {
+            **self.times.per_frame_ms(),
+            "frames": self.times.frames,
+            "errors": self.times.errors,
+            "dropped": self.dropped,
+            "params_version": self._version,
+            "reloading": self._reloading,
+        }
         next_load = self._next_load
         if self._engine is None and next_load is not None:  # waiting to retry a failed load
-            stats.update(load_failures=self._load_failures,
-                         next_load_in_s=round(max(0.0, next_load - time.monotonic()), 3))
+            stats.update(
+                load_failures=self._load_failures,
+                next_load_in_s=round(max(0.0, next_load - time.monotonic()), 3),
+            )
         return stats
 
     # -- stages ---------------------------------------------------------------
@@ -178,6 +194,7 @@ class ChannelPipeline:
                 pass
             finally:
                 self.stop()  # one stage ending stops the others
+
         return run
 
     def _decode_loop(self) -> None:
@@ -244,14 +261,18 @@ class ChannelPipeline:
                 return self._build(self._params)
             except Exception as exc:
                 failures += 1
-                delay = load_retry_delay(failures, self.options.load_retry_first,
-                                         self.options.load_retry_max)
+                delay = load_retry_delay(failures, self.options.load_retry_first, self.options.load_retry_max)
                 self._load_failures = failures
                 self._next_load = time.monotonic() + delay
-                self._error(f"engine failed to load (attempt {failures}, params version "
-                            f"{self._version}): {exc}; retrying in {delay:g} s or when the params "
-                            "change", load_failed=True, attempt=failures, retry_in_s=delay,
-                            version=self._version)
+                self._error(
+                    f"engine failed to load (attempt {failures}, params version "
+                    f"{self._version}): {exc}; retrying in {delay:g} s or when the params "
+                    "change",
+                    load_failed=True,
+                    attempt=failures,
+                    retry_in_s=delay,
+                    version=self._version,
+                )
             self._wait_for_retry(self._next_load)
 
     def _wait_for_retry(self, until: float) -> None:
@@ -307,14 +328,19 @@ class ChannelPipeline:
             self._params, self._version = latest.params, latest.version
 
     def _start_reload(self, update: PendingUpdate, keys: set[str]) -> None:
-        self.events.report(ReportEvent.RELOADING, f"reloading for {sorted(keys)}", {"version": update.version})
+        self.events.report(
+            ReportEvent.RELOADING, f"reloading for {sorted(keys)}", {"version": update.version}
+        )
 
         def build() -> None:
             try:
                 engine = self._build(update.params)
             except Exception as exc:
-                self._error(f"reload for params version {update.version} failed, "
-                            f"keeping version {self._version}: {exc}", reload_failed=True)
+                self._error(
+                    f"reload for params version {update.version} failed, "
+                    f"keeping version {self._version}: {exc}",
+                    reload_failed=True,
+                )
                 return
             with self._lock:
                 self._replacement = (engine, update.params, update.version)
@@ -331,6 +357,7 @@ class ChannelPipeline:
 def engine_factory(name: str) -> EngineFactory:
     def build(params: Mapping[str, Any]) -> Engine:
         return create_engine(name, params)
+
     return build
 
 

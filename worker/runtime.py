@@ -79,9 +79,14 @@ class Worker:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         ws, welcome = await connect(
-            self.options.relay_url, Role.WORKER, token=self.options.token,
-            capacity=self.options.capacity, channels=self.options.channels,
-            name=self.options.name, engine=self.options.engine)
+            self.options.relay_url,
+            Role.WORKER,
+            token=self.options.token,
+            capacity=self.options.capacity,
+            channels=self.options.channels,
+            name=self.options.name,
+            engine=self.options.engine,
+        )
         log.info("worker %s connected to %s", welcome.get("session"), self.options.relay_url)
         self.connected.set()
         sender = asyncio.create_task(self._send_loop(ws))
@@ -139,11 +144,16 @@ class Worker:
     def _assign(self, channel: str, params: dict[str, Any], version: int) -> None:
         self._release(channel)
         log.info("serving channel %s with engine %s", channel, self.options.engine)
-        events = Events(output=self._deliver,
-                        report=lambda event, msg, data: self._report(channel, event, msg, data))
-        options = PipelineOptions(self.options.output_format, self.options.quality,
-                                  dict(self.options.params), self.options.load_retry_first,
-                                  self.options.load_retry_max)
+        events = Events(
+            output=self._deliver, report=lambda event, msg, data: self._report(channel, event, msg, data)
+        )
+        options = PipelineOptions(
+            self.options.output_format,
+            self.options.quality,
+            dict(self.options.params),
+            self.options.load_retry_first,
+            self.options.load_retry_max,
+        )
         pipeline = ChannelPipeline(channel, self.factory, params, version, events, options)
         self.pipelines[channel] = pipeline
         pipeline.start()
@@ -187,14 +197,20 @@ class Worker:
             await asyncio.sleep(STATS_INTERVAL)  # a reporting period, not synchronisation
             now = time.monotonic()
             for channel, pipeline in list(self.pipelines.items()):
-                self._report(channel, ReportEvent.STATS, "",
-                             {**pipeline.stats(), "interval_s": round(now - last, 3)})
+                self._report(
+                    channel, ReportEvent.STATS, "", {**pipeline.stats(), "interval_s": round(now - last, 3)}
+                )
             last = now
 
 
-async def run_forever(options: WorkerOptions, factory: EngineFactory | None = None, *,
-                      retry_delay: float = RETRY_FIRST, max_delay: float = RETRY_MAX,
-                      sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+async def run_forever(
+    options: WorkerOptions,
+    factory: EngineFactory | None = None,
+    *,
+    retry_delay: float = RETRY_FIRST,
+    max_delay: float = RETRY_MAX,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
     """Keep a worker connected, announcing itself again after each reconnection.
 
     When the relay closes the connection (a ``shutdown`` on restart, or a lost

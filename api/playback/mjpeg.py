@@ -37,8 +37,7 @@ MEDIA_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
 
 def part(jpeg: bytes) -> bytes:
     """One multipart part: boundary, headers, the JPEG."""
-    head = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: {len(jpeg)}\r\n\r\n").encode()
+    head = (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n").encode()
     return head + jpeg + b"\r\n"
 
 
@@ -56,8 +55,9 @@ class MjpegStream:
     iteration ever started.
     """
 
-    def __init__(self, hub: Hub, channel: str, quality: int | None = None,
-                 max_fps: float | None = None) -> None:
+    def __init__(
+        self, hub: Hub, channel: str, quality: int | None = None, max_fps: float | None = None
+    ) -> None:
         self.viewer = LocalViewer(hub, channel)
         self.quality = quality
         self.interval = 1.0 / max_fps if max_fps else 0.0
@@ -89,8 +89,9 @@ class MjpegStream:
             await self._parts.aclose()
 
 
-def mjpeg_stream(hub: Hub, channel: str, quality: int | None = None,
-                 max_fps: float | None = None) -> MjpegStream:
+def mjpeg_stream(
+    hub: Hub, channel: str, quality: int | None = None, max_fps: float | None = None
+) -> MjpegStream:
     """The reusable generator (also behind seed 001's ``GET /api/stream/{userId}``)."""
     return MjpegStream(hub, channel, quality, max_fps)
 
@@ -99,15 +100,24 @@ class MjpegResponse(StreamingResponse):
     """Streams an :class:`MjpegStream` until it ends or the client goes away, then closes it."""
 
     def __init__(self, stream: MjpegStream, headers: dict[str, str] | None = None) -> None:
-        super().__init__(stream, media_type=MEDIA_TYPE, headers={
-            "Cache-Control": "no-cache, no-store, must-revalidate", "Pragma": "no-cache",
-            "X-Accel-Buffering": "no", "Access-Control-Allow-Origin": "*", **(headers or {})})
+        super().__init__(
+            stream,
+            media_type=MEDIA_TYPE,
+            headers={
+                "Cache-Control": "no-cache, no-store, must-revalidate",
+                "Pragma": "no-cache",
+                "X-Accel-Buffering": "no",
+                "Access-Control-Allow-Origin": "*",
+                **(headers or {}),
+            },
+        )
         self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             async for chunk in self.stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -126,12 +136,14 @@ class MjpegResponse(StreamingResponse):
 
 
 @router.get("/live/video-to-video/{playback_id}/mjpeg", response_class=StreamingResponse)
-async def mjpeg(playback_id: str, request: Request,
-                quality: int | None = Query(default=None, ge=1, le=100,
-                                            description="re-encode at this JPEG quality"),
-                max_fps: float | None = Query(default=None, gt=0, le=120,
-                                              description="at most this many frames a second"),
-                ) -> MjpegResponse:
+async def mjpeg(
+    playback_id: str,
+    request: Request,
+    quality: int | None = Query(default=None, ge=1, le=100, description="re-encode at this JPEG quality"),
+    max_fps: float | None = Query(
+        default=None, gt=0, le=120, description="at most this many frames a second"
+    ),
+) -> MjpegResponse:
     """The stream's output as MJPEG: ``<img src=".../mjpeg">``."""
     found = services(request)
     stream = found.streams.by_playback_id(playback_id)

@@ -62,8 +62,14 @@ class Outputs(StreamListener):
     is never removed (it may hold other things).
     """
 
-    def __init__(self, relay_url: str, token: str | None, hls_base: Path | None,
-                 republish: Republisher | None = None, first_playlist_wait_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        relay_url: str,
+        token: str | None,
+        hls_base: Path | None,
+        republish: Republisher | None = None,
+        first_playlist_wait_s: float = 15.0,
+    ) -> None:
         self.relay_url, self.token, self.hls_base = relay_url, token, hls_base
         #: how long a first playlist request waits for the first segment before a 503 (players with
         #: default settings retry a 503 once, about a second later, and ignore Retry-After)
@@ -78,8 +84,12 @@ class Outputs(StreamListener):
         await self.stream_changed(stream)
         if self.republish is not None:
             stream.external_whep_url = self.republish.whep_url(stream.playback_id)
-            output = OutputProcess(self.relay_url, stream.channel, token=self.token,
-                                   rtmp_url=self.republish.publish_url(stream.playback_id))
+            output = OutputProcess(
+                self.relay_url,
+                stream.channel,
+                token=self.token,
+                rtmp_url=self.republish.publish_url(stream.playback_id),
+            )
             self.external[stream.id] = output
             await output.start()
 
@@ -89,8 +99,9 @@ class Outputs(StreamListener):
         if current is not None:
             await current.stop()
         if stream.output_rtmp_url:
-            output = OutputProcess(self.relay_url, stream.channel, rtmp_url=stream.output_rtmp_url,
-                                   token=self.token)
+            output = OutputProcess(
+                self.relay_url, stream.channel, rtmp_url=stream.output_rtmp_url, token=self.token
+            )
             self.rtmp[stream.id] = output
             await output.start()
 
@@ -105,8 +116,12 @@ class Outputs(StreamListener):
     async def hls_for(self, stream: Stream) -> Path:
         output = self.hls.get(stream.id)
         if output is None:
-            output = OutputProcess(self.relay_url, stream.channel, token=self.token,
-                                   hls_dir=hls_dir_for(self._hls_base(), stream.id))
+            output = OutputProcess(
+                self.relay_url,
+                stream.channel,
+                token=self.token,
+                hls_dir=hls_dir_for(self._hls_base(), stream.id),
+            )
             self.hls[stream.id] = output
             await output.start()
         assert output.hls_dir is not None
@@ -124,21 +139,32 @@ class Outputs(StreamListener):
             self._temp_base = None
 
     def state(self, stream: Stream) -> dict[str, Any]:
-        return {kind: outputs[stream.id].state() for kind, outputs in
-                (("rtmp", self.rtmp), ("hls", self.hls), ("republish", self.external))
-                if stream.id in outputs}
+        return {
+            kind: outputs[stream.id].state()
+            for kind, outputs in (("rtmp", self.rtmp), ("hls", self.hls), ("republish", self.external))
+            if stream.id in outputs
+        }
 
 
 #: every HLS answer, errors included: players (hls.js) on other origins read them and the Retry-After
-HLS_CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Retry-After, Content-Length"}
+HLS_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Retry-After, Content-Length",
+}
 PLAYLIST_POLL_S = 0.1
 
 
 @router.options("/live/video-to-video/{playback_id}/hls/{filename}")
 async def hls_preflight() -> Response:
-    return Response(status_code=204, headers={**HLS_CORS, "Access-Control-Allow-Methods": "GET, OPTIONS",
-                                              "Access-Control-Allow-Headers": "Range",
-                                              "Access-Control-Max-Age": "86400"})
+    return Response(
+        status_code=204,
+        headers={
+            **HLS_CORS,
+            "Access-Control-Allow-Methods": "GET, OPTIONS",
+            "Access-Control-Allow-Headers": "Range",
+            "Access-Control-Max-Age": "86400",
+        },
+    )
 
 
 @router.get("/live/video-to-video/{playback_id}/hls/{filename}")
@@ -161,8 +187,12 @@ async def hls_file(playback_id: str, filename: str, request: Request) -> Respons
             await asyncio.sleep(PLAYLIST_POLL_S)  # the encoder writes the playlist by rename: poll for it
             response = await hls_response(directory, filename)
         if response.status_code == 404:
-            return error_response(503, "HLS output is starting; retry shortly", "STREAMS/HLS_STARTING",
-                                  headers={**HLS_CORS, "Retry-After": "2"})
+            return error_response(
+                503,
+                "HLS output is starting; retry shortly",
+                "STREAMS/HLS_STARTING",
+                headers={**HLS_CORS, "Retry-After": "2"},
+            )
     response.headers.update(HLS_CORS)
     return response
 
@@ -170,7 +200,15 @@ async def hls_file(playback_id: str, filename: str, request: Request) -> Respons
 def outputs_for(settings: ServerSettings, relay_url: str) -> Outputs:
     """The outputs ``settings`` ask for: where HLS goes, and the MediaMTX republisher if configured."""
     base = Path(settings.hls_dir) if settings.hls_dir else None
-    republish = (Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
-                 if settings.mediamtx_publish_url and settings.mediamtx_whep_url else None)
-    return Outputs(relay_url, next(iter(settings.relay.tokens), None), base, republish,
-                   settings.hls_first_playlist_wait_s)
+    republish = (
+        Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
+        if settings.mediamtx_publish_url and settings.mediamtx_whep_url
+        else None
+    )
+    return Outputs(
+        relay_url,
+        next(iter(settings.relay.tokens), None),
+        base,
+        republish,
+        settings.hls_first_playlist_wait_s,
+    )

@@ -61,4 +61,3 @@ async def admit(websocket: WebSocket) -> bool:
     if not allowed:
         await websocket.close(code=1008, reason=why[:120])
     return allowed
-

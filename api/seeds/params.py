@@ -60,8 +60,9 @@ def merge_params(current: Mapping[str, Any], patch: Any) -> Merged:
         if rescaled is not None:
             updates["t_index_list"] = rescaled
     merged = _validate({**current, **updates})
-    needs = reload_fields(DiffusionParams.model_validate(dict(current)),
-                          DiffusionParams.model_validate(merged))
+    needs = reload_fields(
+        DiffusionParams.model_validate(dict(current)), DiffusionParams.model_validate(merged)
+    )
     if needs:
         names = ", ".join(sorted(needs))
         raise ParamsError(f"{names} cannot change during a session", min(needs))

@@ -42,9 +42,12 @@ async def seed001_queue(request: Request) -> JSONResponse:
 
 
 @router.get("/api/stream/{user_id}", response_model=None, dependencies=[Depends(require_seed_access)])
-async def seed001_stream(request: Request, user_id: str,
-                         quality: int = Query(85, ge=1, le=100),
-                         max_fps: float = Query(30.0, gt=0, le=120)) -> MjpegResponse | JSONResponse:
+async def seed001_stream(
+    request: Request,
+    user_id: str,
+    quality: int = Query(85, ge=1, le=100),
+    max_fps: float = Query(30.0, gt=0, le=120),
+) -> MjpegResponse | JSONResponse:
     running = services(request)
     session = running.seeds.sessions.get(user_id)
     if session is None:

@@ -66,42 +66,59 @@ class Seed001Options:
 def seed001_options(settings: ServerSettings) -> Seed001Options:
     """Defaults plus what the server's settings say (pipeline name and mode, session timeout)."""
     mode = settings.pipeline_mode
-    return Seed001Options(name=settings.pipeline_name,
-                          input_mode=mode if mode in ("image", "video") else "image",
-                          timeout_s=float(settings.session_timeout_s))
+    return Seed001Options(
+        name=settings.pipeline_name,
+        input_mode=mode if mode in ("image", "video") else "image",
+        timeout_s=float(settings.session_timeout_s),
+    )
 
 
 def info_schema(opts: Seed001Options) -> dict[str, Any]:
     """``info``: a pydantic-style schema; ``properties.title`` is a plain string as in the seed."""
-    return {"title": "Info", "type": "object", "properties": {
-        "title": opts.title,
-        "name": {"default": opts.name, "title": "Name", "type": "string"},
-        "input_mode": {"default": opts.input_mode, "title": "Input Mode", "type": "string",
-                       "enum": ["image", "video"]},
-        "page_content": {"default": opts.page_content, "title": "Page Content", "type": "string"},
-    }}
+    return {
+        "title": "Info",
+        "type": "object",
+        "properties": {
+            "title": opts.title,
+            "name": {"default": opts.name, "title": "Name", "type": "string"},
+            "input_mode": {
+                "default": opts.input_mode,
+                "title": "Input Mode",
+                "type": "string",
+                "enum": ["image", "video"],
+            },
+            "page_content": {"default": opts.page_content, "title": "Page Content", "type": "string"},
+        },
+    }
 
 
 def input_params_schema(defaults: dict[str, Any]) -> dict[str, Any]:
     """``input_params``: the ``HINTS`` fields of ``DiffusionParams`` with UI hints and ``defaults``."""
     source = DiffusionParams.model_json_schema()["properties"]
-    properties = {name: _property(name, source[name], defaults.get(name), hints)
-                  for name, hints in HINTS.items()}
+    properties = {
+        name: _property(name, source[name], defaults.get(name), hints) for name, hints in HINTS.items()
+    }
     return {"title": "InputParams", "type": "object", "properties": properties}
 
 
 def settings_body(running: Services, defaults: dict[str, Any]) -> dict[str, Any]:
     opts = running.seeds.options
-    return {"info": info_schema(opts),
-            "input_params": input_params_schema(defaults),
-            "max_queue_size": int(running.settings.max_queue_size),
-            "page_content": opts.page_content}
+    return {
+        "info": info_schema(opts),
+        "input_params": input_params_schema(defaults),
+        "max_queue_size": int(running.settings.max_queue_size),
+        "page_content": opts.page_content,
+    }
 
 
 def _property(name: str, schema: dict[str, Any], default: Any, hints: dict[str, Any]) -> dict[str, Any]:
     schema = _scalar(schema)
-    prop: dict[str, Any] = {"default": _form_value(default), "title": schema.get("title", name),
-                            "type": schema.get("type", "string"), "id": name}
+    prop: dict[str, Any] = {
+        "default": _form_value(default),
+        "title": schema.get("title", name),
+        "type": schema.get("type", "string"),
+        "id": name,
+    }
     for key, hint in (("minimum", "min"), ("maximum", "max")):
         if key in schema:
             prop[key] = prop[hint] = schema[key]

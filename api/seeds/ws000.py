@@ -65,9 +65,18 @@ async def seed000_socket(websocket: WebSocket) -> None:
         await out.close(1013, "try again later")
         return
     try:
-        await out.json({"type": "status", "data": {
-            "status": "connected", "message": "Connected", "session_id": session.name,
-            "engine_state": session.engine_state, "settings": session.params}})
+        await out.json(
+            {
+                "type": "status",
+                "data": {
+                    "status": "connected",
+                    "message": "Connected",
+                    "session_id": session.name,
+                    "engine_state": session.engine_state,
+                    "settings": session.params,
+                },
+            }
+        )
         goodbye = {"type": "status", "data": {"status": "shutdown", "message": SHUTDOWN_TEXT}}
         with running.farewells.registered(lambda: out.json(goodbye)):
             await first_done(_read(websocket, out, session), _pump(out, session))
@@ -81,8 +90,13 @@ async def _read(websocket: WebSocket, out: Outgoing, session: SessionChannel) ->
     while (message := await receive(websocket)) is not None:
         if isinstance(message, bytes) and len(message) > limit:
             # larger than any frame may be: say so, then close (1009: message too big)
-            await out.json(error(ErrorCode.FRAME_TOO_LARGE, f"a frame of {len(message)} bytes is over the "
-                                 f"limit of {limit} bytes", max_frame_bytes=limit))
+            await out.json(
+                error(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"a frame of {len(message)} bytes is over the limit of {limit} bytes",
+                    max_frame_bytes=limit,
+                )
+            )
             await out.close(1009, f"frames are limited to {limit} bytes")
             return
         if isinstance(message, bytes):
@@ -112,16 +126,24 @@ def _control(session: SessionChannel, text: str) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return error("bad_message", 'expected {"type": ..., "data": {...}}')
     if message["type"] != "settings":
-        return error("unknown_type", f"unknown message type {message['type']!r}; "
-                     "send settings as JSON and frames as binary messages")
+        return error(
+            "unknown_type",
+            f"unknown message type {message['type']!r}; send settings as JSON and frames as binary messages",
+        )
     try:
         merged = merge_params(session.params, message.get("data") or {})
     except ParamsError as exc:
         return error("invalid_settings", str(exc), field=exc.field)
     version = session.set_params(merged.params) if merged.changed else session.params_version
-    return {"type": "settings_updated", "data": {
-        "success": True, "settings": merged.params, "params_version": version,
-        "ignored": merged.ignored}}
+    return {
+        "type": "settings_updated",
+        "data": {
+            "success": True,
+            "settings": merged.params,
+            "params_version": version,
+            "ignored": merged.ignored,
+        },
+    }
 
 
 async def _pump(out: Outgoing, session: SessionChannel) -> None:
@@ -140,9 +162,16 @@ async def _pump(out: Outgoing, session: SessionChannel) -> None:
 
 def _processed(result: Result) -> dict[str, Any]:
     frame = result.frame
-    return {"type": "processed_frame", "data": {
-        "frame_id": frame.seq, "width": frame.width, "height": frame.height,
-        "format": frame.format.label, "size": len(frame.payload),
-        "params_version": frame.params_version,
-        "processing_time_ms": None if result.latency_s is None else round(result.latency_s * 1000, 2),
-        "timestamp": frame.timestamp}}
+    return {
+        "type": "processed_frame",
+        "data": {
+            "frame_id": frame.seq,
+            "width": frame.width,
+            "height": frame.height,
+            "format": frame.format.label,
+            "size": len(frame.payload),
+            "params_version": frame.params_version,
+            "processing_time_ms": None if result.latency_s is None else round(result.latency_s * 1000, 2),
+            "timestamp": frame.timestamp,
+        },
+    }

@@ -102,8 +102,9 @@ class Expect(enum.Enum):
 class Session:
     """One connected user: its socket, its channel, and where it is in the frame loop."""
 
-    def __init__(self, user_id: str, mode: Mode, out: Outgoing, channel: SessionChannel,
-                 opts: Seed001Options) -> None:
+    def __init__(
+        self, user_id: str, mode: Mode, out: Outgoing, channel: SessionChannel, opts: Seed001Options
+    ) -> None:
         self.user_id, self.mode, self.out, self.channel, self.opts = user_id, mode, out, channel, opts
         self.streams: weakref.WeakSet[MjpegStream] = weakref.WeakSet()  # its MJPEG viewers
         self.expect = Expect.NEXT_FRAME
@@ -148,7 +149,9 @@ class Session:
             await self.out.json(warning(self._bundle_error))
         if self.mode is Mode.IMAGE:
             self.expect = Expect.IMAGE
-            self._image_timer = asyncio.get_running_loop().call_later(self.opts.image_wait_s, self._image_late)
+            self._image_timer = asyncio.get_running_loop().call_later(
+                self.opts.image_wait_s, self._image_late
+            )
         else:
             await self._finish_bundle(None)
 
@@ -176,7 +179,8 @@ class Session:
         self._image_timer = None
         if self.expect is Expect.IMAGE and not self.out.closed:
             asyncio.get_running_loop().create_task(
-                self._recover(f"no image within {self.opts.image_wait_s:g} s after the params"))
+                self._recover(f"no image within {self.opts.image_wait_s:g} s after the params")
+            )
 
     def _cancel_image_timer(self) -> None:
         if self._image_timer is not None:
@@ -210,8 +214,9 @@ class Session:
             try:
                 event = await asyncio.wait_for(anext(events), self._stall_timeout())
             except TimeoutError:
-                log.info("session %s: no result in %.0f s; asking for a new frame",
-                         self.user_id, self.opts.stall_s)
+                log.info(
+                    "session %s: no result in %.0f s; asking for a new frame", self.user_id, self.opts.stall_s
+                )
                 await self._release()
                 continue
             match event:
@@ -284,8 +289,9 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
         refusal = "User already connected"
     if refusal is None:
         try:
-            params = initial_params(running.settings.default_params,
-                                    mode="img2img" if mode == Mode.IMAGE else "txt2img")
+            params = initial_params(
+                running.settings.default_params, mode="img2img" if mode == Mode.IMAGE else "txt2img"
+            )
             channel = SessionChannel(running.hub, "ws001", params)
         except ParamsError as exc:  # the server's own default_params are invalid
             refusal, code = str(exc), 1011

@@ -68,16 +68,25 @@ def create_app(settings: ServerSettings | None = None, relay_socket: socket.sock
     app.state.ready = asyncio.Event()
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for routes in (metrics.router, router, v1, ws_ingest.router, outputs.router, webrtc.router, mjpeg.router,
-                   seeds_router):  # seeds: seed 000's /ws, seed 001's /api/*
+    for routes in (
+        metrics.router,
+        router,
+        v1,
+        ws_ingest.router,
+        outputs.router,
+        webrtc.router,
+        mjpeg.router,
+        seeds_router,
+    ):  # seeds: seed 000's /ws, seed 001's /api/*
         app.include_router(routes)
     page.install(app)
     return app
 
 
 @contextlib.asynccontextmanager
-async def start_services(settings: ServerSettings, relay_socket: socket.socket | None,
-                         farewells: Farewells) -> AsyncIterator[Services]:
+async def start_services(
+    settings: ServerSettings, relay_socket: socket.socket | None, farewells: Farewells
+) -> AsyncIterator[Services]:
     """Start order: relay, streams and what follows them (outputs, WebRTC), metrics, the streams
     kept in ``settings.data_dir`` (none without one), local workers.
 
@@ -87,8 +96,11 @@ async def start_services(settings: ServerSettings, relay_socket: socket.socket |
     """
     relay_config = settings.relay
     if not relay_config.tokens:  # a token of this run's own, so that /v1 channels still need one (or the key)
-        relay_config = dataclasses.replace(relay_config, tokens=frozenset({secrets.token_urlsafe(32)}),
-                                           open_channels=relay_config.accepts_open_channels)
+        relay_config = dataclasses.replace(
+            relay_config,
+            tokens=frozenset({secrets.token_urlsafe(32)}),
+            open_channels=relay_config.accepts_open_channels,
+        )
     relay_token = next(iter(relay_config.tokens))  # to workers and outputs by environment, never argv
     relay = Relay(relay_config, sock=relay_socket)
     await relay.start()
@@ -102,10 +114,18 @@ async def start_services(settings: ServerSettings, relay_socket: socket.socket |
     webrtc_state = webrtc.webrtc_state(settings)
     streams.subscribe(webrtc_state.registry)
     workers = LocalWorkers(settings.workers, settings.engine, settings.worker_args)
-    running = Services(settings=settings, relay=relay, relay_url=relay_url, streams=streams,
-                       outputs=stream_outputs, webrtc=webrtc_state,
-                       metrics=metrics.Metrics(relay.hub, webrtc_state), workers=workers, farewells=farewells,
-                       seeds=SeedState(seed001_options(settings)))
+    running = Services(
+        settings=settings,
+        relay=relay,
+        relay_url=relay_url,
+        streams=streams,
+        outputs=stream_outputs,
+        webrtc=webrtc_state,
+        metrics=metrics.Metrics(relay.hub, webrtc_state),
+        workers=workers,
+        farewells=farewells,
+        seeds=SeedState(seed001_options(settings)),
+    )
     try:
         restored = await streams.restore()
         if restored:

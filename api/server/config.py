@@ -46,34 +46,56 @@ class ServerSection(_Section):
     host: str = Field("127.0.0.1", description="HTTP address; loopback only unless changed")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0: any free port)")
     public_url: str | None = Field(None, description="base URL clients use, for whip_url and friends")
-    api_keys: list[str] = Field(default_factory=list,
-                                description="Bearer keys for /v1; empty: one is generated and printed")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer keys for /v1; empty: one is generated and printed"
+    )
     max_queue_size: int = Field(0, ge=0, description="seed-001 sessions at once (0: no limit)")
     seed_endpoints: Literal["auto", "off", "open", "keyed"] = Field(
-        "auto", description="the seed protocols' endpoints (/ws, /api/ws, /api/settings, /api/queue, "
+        "auto",
+        description="the seed protocols' endpoints (/ws, /api/ws, /api/settings, /api/queue, "
         "/api/stream): open without a key, keyed (the API key), or off; auto: open when the server "
-        "listens on loopback, else off")
-    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest HTTP request body; larger ones get "
-                                "a 413 (style images as data URLs need ~7 MB)")
-    header_timeout_s: float = Field(10.0, gt=0, description="seconds a connection may take to send a "
-                                    "request's headers before it is closed")
-    max_connections_per_client: int = Field(128, ge=1, description="HTTP and WebSocket connections one "
-                                            "client address may hold at once")
+        "listens on loopback, else off",
+    )
+    max_body_bytes: int = Field(
+        8 * 2**20,
+        ge=1024,
+        description="largest HTTP request body; larger ones get a 413 (style images as data URLs need ~7 MB)",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a connection may take to send a request's headers before it is closed",
+    )
+    max_connections_per_client: int = Field(
+        128, ge=1, description="HTTP and WebSocket connections one client address may hold at once"
+    )
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")
-    hls_first_playlist_wait_s: float = Field(15.0, ge=0, description="how long the first HLS playlist "
-                                             "request waits for the first segment before a 503")
-    data_dir: str | None = Field(None, description="where the server keeps its state, such as the generated "
-                                 "API key (default: $XDG_DATA_HOME/streamdiffusion-server, "
-                                 "else ~/.local/share/streamdiffusion-server)")
-    style_image_allow_private: bool = Field(False, description="fetch style image URLs from private "
-                                            "addresses too (closed networks only)")
-    ice_servers: list[str] = Field(default_factory=list,
-                                   description="WebRTC ICE servers, e.g. stun:stun.example.org:3478")
-    whep_shared_encoder: bool = Field(True, description="WHEP viewers of a stream share one encoder per codec "
-                                      "(false: one encoder per viewer, adapting to its network)")
-    whep_bitrate: int = Field(1_500_000, ge=100_000, le=50_000_000,
-                              description="bits per second of shared WHEP encoders")
+    hls_first_playlist_wait_s: float = Field(
+        15.0,
+        ge=0,
+        description="how long the first HLS playlist request waits for the first segment before a 503",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="where the server keeps its state, such as the generated "
+        "API key (default: $XDG_DATA_HOME/streamdiffusion-server, "
+        "else ~/.local/share/streamdiffusion-server)",
+    )
+    style_image_allow_private: bool = Field(
+        False, description="fetch style image URLs from private addresses too (closed networks only)"
+    )
+    ice_servers: list[str] = Field(
+        default_factory=list, description="WebRTC ICE servers, e.g. stun:stun.example.org:3478"
+    )
+    whep_shared_encoder: bool = Field(
+        True,
+        description="WHEP viewers of a stream share one encoder per codec "
+        "(false: one encoder per viewer, adapting to its network)",
+    )
+    whep_bitrate: int = Field(
+        1_500_000, ge=100_000, le=50_000_000, description="bits per second of shared WHEP encoders"
+    )
 
 
 class RelaySection(_Section):
@@ -84,38 +106,69 @@ class RelaySection(_Section):
     max_width: int = Field(4096, ge=16, description="largest frame width")
     max_height: int = Field(4096, ge=16, description="largest frame height")
     max_channels: int = Field(256, ge=1, description="channels (streams and sessions) at once")
-    max_params_bytes: int = Field(256 * 2**10, ge=1024, le=16 * 2**20 - 64 * 2**10,
-                                  description="largest params message a relay client sends, and most "
-                                  "its merges may add to a channel's params (JSON bytes)")
+    max_params_bytes: int = Field(
+        256 * 2**10,
+        ge=1024,
+        le=16 * 2**20 - 64 * 2**10,
+        description="largest params message a relay client sends, and most "
+        "its merges may add to a channel's params (JSON bytes)",
+    )
     insecure: bool = Field(False, description="allow a non-loopback relay with no tokens (or open channels)")
-    open_channels: bool | None = Field(None, description="relay clients without a token may join channels "
-                                       "that are not /v1 streams (seed-002 clients); null: yes when no "
-                                       "token is configured")
-    origins: list[str] = Field(default_factory=list, description="browser origins allowed to open relay "
-                               "WebSockets, e.g. https://app.example; empty: any Origin header is refused")
-    hello_timeout_s: float = Field(10.0, gt=0, description="seconds a relay connection has to say hello; "
-                                   "a silent one then becomes a seed-002 consumer (open channels) or is closed")
-    max_connections_per_ip: int = Field(64, ge=1, description="relay connections one address may hold, "
-                                        "not counting those with the relay token")
-    control_rate: float = Field(20.0, gt=0, description="control messages a relay connection may send per "
-                                "second (the excess is dropped; frames are not counted)")
+    open_channels: bool | None = Field(
+        None,
+        description="relay clients without a token may join channels "
+        "that are not /v1 streams (seed-002 clients); null: yes when no "
+        "token is configured",
+    )
+    origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to open relay "
+        "WebSockets, e.g. https://app.example; empty: any Origin header is refused",
+    )
+    hello_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a relay connection has to say hello; "
+        "a silent one then becomes a seed-002 consumer (open channels) or is closed",
+    )
+    max_connections_per_ip: int = Field(
+        64,
+        ge=1,
+        description="relay connections one address may hold, not counting those with the relay token",
+    )
+    control_rate: float = Field(
+        20.0,
+        gt=0,
+        description="control messages a relay connection may send per "
+        "second (the excess is dropped; frames are not counted)",
+    )
     control_burst: int = Field(40, ge=1, description="control messages a relay connection may send at once")
-    anonymous_share: float = Field(0.5, ge=0, le=1, description="share of the workers' capacity that "
-                                   "anonymous channels (seed clients, tokenless relay clients) may hold; "
-                                   "the rest waits for /v1 streams (1: no reserve)")
+    anonymous_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the workers' capacity that "
+        "anonymous channels (seed clients, tokenless relay clients) may hold; "
+        "the rest waits for /v1 streams (1: no reserve)",
+    )
 
 
 class MediaMTXSection(_Section):
-    publish_url: str | None = Field(None, pattern=r"^rtmps?://",
-                                    description="push every output here, e.g. rtmp://127.0.0.1:1935 (off: null)")
-    whep_url: str | None = Field(None, description="MediaMTX WebRTC base returned as WHEP URL, "
-                                                   "e.g. http://127.0.0.1:8889")
+    publish_url: str | None = Field(
+        None,
+        pattern=r"^rtmps?://",
+        description="push every output here, e.g. rtmp://127.0.0.1:1935 (off: null)",
+    )
+    whep_url: str | None = Field(
+        None, description="MediaMTX WebRTC base returned as WHEP URL, e.g. http://127.0.0.1:8889"
+    )
 
 
 class WorkersSection(_Section):
     count: int = Field(1, ge=0, description="local worker processes")
     engine: Literal["auto", "filter", "diffusion"] = Field(
-        "auto", description="auto: diffusion with a CUDA GPU, filter otherwise")
+        "auto", description="auto: diffusion with a CUDA GPU, filter otherwise"
+    )
     capacity: int = Field(1, ge=1, description="channels each local worker serves at once")
     args: list[str] = Field(default_factory=list, description="extra arguments for each worker")
 
@@ -123,8 +176,10 @@ class WorkersSection(_Section):
 class ModelSection(_Section):
     model_id: str = Field("stabilityai/sd-turbo", description="default model: hub id or local path")
     acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = Field(
-        "xformers", description="default acceleration, as Daydream's default (xformers: PyTorch's SDPA where "
-        "xformers is not installed; tensorrt engines are cached in $TENSORRT_CACHE_DIR)")
+        "xformers",
+        description="default acceleration, as Daydream's default (xformers: PyTorch's SDPA where "
+        "xformers is not installed; tensorrt engines are cached in $TENSORRT_CACHE_DIR)",
+    )
 
 
 class PipelineSection(_Section):
@@ -148,8 +203,9 @@ class LoggingSection(_Section):
 
 
 class Config(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
-                                      yaml_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
 
     server: ServerSection = Field(default_factory=ServerSection)
     relay: RelaySection = Field(default_factory=RelaySection)
@@ -161,12 +217,14 @@ class Config(BaseSettings):
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # first wins: flags (init), then environment, then the YAML file
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
@@ -188,28 +246,49 @@ class Config(BaseSettings):
         worker_args = list(self.workers.args)
         if self.workers.capacity != 1:
             worker_args += ["--capacity", str(self.workers.capacity)]
-        worker_args += ["--quality", str(self.performance.jpeg_quality),
-                        "--model", self.model.model_id, "--acceleration", self.model.acceleration]
+        worker_args += [
+            "--quality",
+            str(self.performance.jpeg_quality),
+            "--model",
+            self.model.model_id,
+            "--acceleration",
+            self.model.acceleration,
+        ]
         return ServerSettings(
-            host=self.server.host, port=self.server.port, public_url=self.server.public_url,
+            host=self.server.host,
+            port=self.server.port,
+            public_url=self.server.public_url,
             api_keys=frozenset(self.server.api_keys),
-            relay=RelayConfig(host=self.relay.host, port=self.relay.port,
-                              tokens=frozenset(self.relay.tokens),
-                              max_frame_bytes=self.relay.max_frame_bytes, max_width=self.relay.max_width,
-                              max_height=self.relay.max_height, max_channels=self.relay.max_channels,
-                              max_params_bytes=self.relay.max_params_bytes,
-                              insecure=self.relay.insecure, open_channels=self.relay.open_channels,
-                              origins=frozenset(self.relay.origins),
-                              hello_timeout=self.relay.hello_timeout_s,
-                              max_connections_per_ip=self.relay.max_connections_per_ip,
-                              control_rate=self.relay.control_rate, control_burst=self.relay.control_burst,
-                              anonymous_share=self.relay.anonymous_share),
-            workers=self.workers.count, engine=self.workers.engine, worker_args=worker_args,
-            max_queue_size=self.server.max_queue_size, seed_endpoints=self.server.seed_endpoints,
+            relay=RelayConfig(
+                host=self.relay.host,
+                port=self.relay.port,
+                tokens=frozenset(self.relay.tokens),
+                max_frame_bytes=self.relay.max_frame_bytes,
+                max_width=self.relay.max_width,
+                max_height=self.relay.max_height,
+                max_channels=self.relay.max_channels,
+                max_params_bytes=self.relay.max_params_bytes,
+                insecure=self.relay.insecure,
+                open_channels=self.relay.open_channels,
+                origins=frozenset(self.relay.origins),
+                hello_timeout=self.relay.hello_timeout_s,
+                max_connections_per_ip=self.relay.max_connections_per_ip,
+                control_rate=self.relay.control_rate,
+                control_burst=self.relay.control_burst,
+                anonymous_share=self.relay.anonymous_share,
+            ),
+            workers=self.workers.count,
+            engine=self.workers.engine,
+            worker_args=worker_args,
+            max_queue_size=self.server.max_queue_size,
+            seed_endpoints=self.server.seed_endpoints,
             jpeg_quality=self.performance.jpeg_quality,
-            pipeline_mode=self.pipeline.mode, pipeline_name=self.pipeline.name,
-            session_timeout_s=self.server.session_timeout_s, hls_dir=self.server.hls_dir,
-            data_dir=self.server.data_dir, max_body_bytes=self.server.max_body_bytes,
+            pipeline_mode=self.pipeline.mode,
+            pipeline_name=self.pipeline.name,
+            session_timeout_s=self.server.session_timeout_s,
+            hls_dir=self.server.hls_dir,
+            data_dir=self.server.data_dir,
+            max_body_bytes=self.server.max_body_bytes,
             hls_first_playlist_wait_s=self.server.hls_first_playlist_wait_s,
             header_timeout_s=self.server.header_timeout_s,
             max_connections_per_client=self.server.max_connections_per_client,
@@ -217,13 +296,15 @@ class Config(BaseSettings):
             whep_shared_encoder=self.server.whep_shared_encoder,
             whep_bitrate=self.server.whep_bitrate,
             style_image_allow_private=self.server.style_image_allow_private,
-            mediamtx_publish_url=self.mediamtx.publish_url, mediamtx_whep_url=self.mediamtx.whep_url,
+            mediamtx_publish_url=self.mediamtx.publish_url,
+            mediamtx_whep_url=self.mediamtx.whep_url,
             default_params=self.default_stream_params(),
         )
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
     """Read ``path`` (or ``$STREAMDIFFUSION_CONFIG``), the environment and ``overrides``.
 
     Raises :class:`ConfigError` naming the file and the first bad field.
@@ -256,8 +337,11 @@ def load_config(path: str | os.PathLike[str] | None = None,
 
 def example_yaml() -> str:
     """Every option with its default and description, as a commented YAML file."""
-    lines = ["# StreamDiffusion server configuration. Every value here is the default.",
-             f"# Override any of them with {ENV_PREFIX}<SECTION>__<OPTION> or a command-line flag.", ""]
+    lines = [
+        "# StreamDiffusion server configuration. Every value here is the default.",
+        f"# Override any of them with {ENV_PREFIX}<SECTION>__<OPTION> or a command-line flag.",
+        "",
+    ]
     for section_name, field in Config.model_fields.items():
         section = field.default_factory()  # type: ignore[misc]
         lines.append(f"{section_name}:")

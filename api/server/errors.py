@@ -11,8 +11,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, details: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.details = status, message, code, details
         self.headers = headers
@@ -22,8 +23,9 @@ def error_body(status: int, message: str, code: str, details: Any = None) -> dic
     return {"success": False, "error": message, "code": code, "status": status, "details": details}
 
 
-def error_response(status: int, message: str, code: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, code: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, details), status_code=status, headers=headers)
 
 
@@ -31,10 +33,17 @@ def not_found(what: str = "stream") -> ApiError:
     return ApiError(404, f"{what} not found", f"{what.upper()}S/NOT_FOUND")
 
 
-_HTTP_CODES = {400: "REQUEST/BAD_REQUEST", 401: "AUTH/UNAUTHORIZED", 403: "AUTH/FORBIDDEN",
-               404: "REQUEST/NOT_FOUND", 405: "REQUEST/METHOD_NOT_ALLOWED",
-               409: "REQUEST/CONFLICT", 415: "REQUEST/UNSUPPORTED_MEDIA_TYPE",
-               422: "REQUEST/VALIDATION", 429: "REQUEST/RATE_LIMITED"}
+_HTTP_CODES = {
+    400: "REQUEST/BAD_REQUEST",
+    401: "AUTH/UNAUTHORIZED",
+    403: "AUTH/FORBIDDEN",
+    404: "REQUEST/NOT_FOUND",
+    405: "REQUEST/METHOD_NOT_ALLOWED",
+    409: "REQUEST/CONFLICT",
+    415: "REQUEST/UNSUPPORTED_MEDIA_TYPE",
+    422: "REQUEST/VALIDATION",
+    429: "REQUEST/RATE_LIMITED",
+}
 
 
 #: what pydantic puts in a location for the branch of a union it tried, not a field the client sent
@@ -43,8 +52,11 @@ _BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
 
 def client_location(loc: Any) -> list[str]:
     """A validation error's location as the client wrote it: ``params.seed``, never ``params.seed.constrained-int``."""
-    return [str(p) for p in loc if p != "body"
-            and not (isinstance(p, str) and ("-" in p or "[" in p or p in _BRANCH_TAGS))]
+    return [
+        str(p)
+        for p in loc
+        if p != "body" and not (isinstance(p, str) and ("-" in p or "[" in p or p in _BRANCH_TAGS))
+    ]
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> str:
@@ -65,18 +77,25 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        details = [{"loc": client_location(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-                   for e in errors]
-        if any(e.get("type") == "json_invalid" for e in errors):  # not JSON at all: a bad request, not a bad field
-            return error_response(400, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}"
-                                  .rstrip(": "), "REQUEST/BAD_REQUEST", details)
+        details = [
+            {"loc": client_location(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in errors
+        ]
+        if any(
+            e.get("type") == "json_invalid" for e in errors
+        ):  # not JSON at all: a bad request, not a bad field
+            return error_response(
+                400,
+                f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}".rstrip(": "),
+                "REQUEST/BAD_REQUEST",
+                details,
+            )
         return error_response(422, describe_validation(errors), "REQUEST/VALIDATION", details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "REQUEST/ERROR")
-        return error_response(exc.status_code, str(exc.detail), code, None,
-                              getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), code, None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -44,8 +44,9 @@ class Farewells:
         if not goodbyes:
             return
         log.info("telling %d WebSocket client(s) that the server is stopping", len(goodbyes))
-        results = await asyncio.gather(*(asyncio.wait_for(g(), self.timeout) for g in goodbyes),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(g(), self.timeout) for g in goodbyes), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, Exception) and not isinstance(result, (OSError, asyncio.TimeoutError)):
                 log.debug("goodbye failed: %r", result)

@@ -21,15 +21,21 @@ def gpu_info() -> dict[str, Any] | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_mb": props.total_memory // 2**20,
-            "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+    return {
+        "name": props.name,
+        "memory_mb": props.total_memory // 2**20,
+        "count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+    }
 
 
 def health_report(running: Services) -> dict[str, Any]:
     """For anyone, without a key: so it names no stream, channel or key (stream ids would let
     an anonymous client find a channel to read or publish on)."""
-    workers = [{"name": w.name, "engine": w.engine, "capacity": w.capacity, "used": len(w.assigned)}
-               for w in running.hub.workers]
+    workers = [
+        {"name": w.name, "engine": w.engine, "capacity": w.capacity, "used": len(w.assigned)}
+        for w in running.hub.workers
+    ]
     return {
         "status": "ok" if workers else "degraded",
         "detail": None if workers else "no worker connected: streams wait in LOADING",

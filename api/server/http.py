@@ -34,15 +34,19 @@ class GracefulServer(uvicorn.Server):
 
 def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
     settings = app.state.settings
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on",
-                            http=guarded_h11(settings.header_timeout_s, settings.max_connections_per_client),
-                            # above the frame limit, so an oversize frame reaches the app and gets an error
-                            # message naming the limit; beyond this the transport closes with 1009
-                            ws_max_size=settings.relay.websocket_max_size,
-                            ws_per_message_deflate=False,  # deflate costs ~40x on JPEG frames
-                            access_log=False,
-                            # endless responses (MJPEG) would otherwise hold shutdown forever
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        http=guarded_h11(settings.header_timeout_s, settings.max_connections_per_client),
+        # above the frame limit, so an oversize frame reaches the app and gets an error
+        # message naming the limit; beyond this the transport closes with 1009
+        ws_max_size=settings.relay.websocket_max_size,
+        ws_per_message_deflate=False,  # deflate costs ~40x on JPEG frames
+        access_log=False,
+        # endless responses (MJPEG) would otherwise hold shutdown forever
+        timeout_graceful_shutdown=2,
+    )
     return GracefulServer(config)
 
 

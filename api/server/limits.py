@@ -17,8 +17,12 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     def _refusal(self) -> ASGIApp:
-        return error_response(413, f"request body larger than {self.max_bytes} bytes", "REQUEST/TOO_LARGE",
-                              {"max_body_bytes": self.max_bytes})
+        return error_response(
+            413,
+            f"request body larger than {self.max_bytes} bytes",
+            "REQUEST/TOO_LARGE",
+            {"max_body_bytes": self.max_bytes},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -36,13 +36,17 @@ class HubCollector:
         fps_in = GaugeMetricFamily("sd_stream_input_fps", "Input frames per second", labels=["stream"])
         fps_out = GaugeMetricFamily("sd_stream_output_fps", "Output frames per second", labels=["stream"])
         frames_in = CounterMetricFamily("sd_stream_input_frames", "Input frames received", labels=["stream"])
-        frames_out = CounterMetricFamily("sd_stream_output_frames", "Output frames produced",
-                                         labels=["stream"])
-        drops = CounterMetricFamily("sd_stream_dropped_frames",
-                                    "Frames replaced by newer ones before sending, or with no worker",
-                                    labels=["stream", "where"])
-        gpu = GaugeMetricFamily("sd_stream_gpu_memory_bytes", "GPU memory the stream's worker reports",
-                                labels=["stream"])
+        frames_out = CounterMetricFamily(
+            "sd_stream_output_frames", "Output frames produced", labels=["stream"]
+        )
+        drops = CounterMetricFamily(
+            "sd_stream_dropped_frames",
+            "Frames replaced by newer ones before sending, or with no worker",
+            labels=["stream", "where"],
+        )
+        gpu = GaugeMetricFamily(
+            "sd_stream_gpu_memory_bytes", "GPU memory the stream's worker reports", labels=["stream"]
+        )
         for name, channel in list(self.hub.channels.items()):
             fps_in.add_metric([name], channel.frames_in.rate())
             fps_out.add_metric([name], channel.frames_out.rate())
@@ -55,8 +59,9 @@ class HubCollector:
                 gpu.add_metric([name], memory * 2**20)
         workers = GaugeMetricFamily("sd_workers", "Workers connected to the relay")
         workers.add_metric([], len(self.hub.workers))
-        capacity = GaugeMetricFamily("sd_worker_capacity", "Channels workers can serve, and in use",
-                                     labels=["state"])
+        capacity = GaugeMetricFamily(
+            "sd_worker_capacity", "Channels workers can serve, and in use", labels=["state"]
+        )
         capacity.add_metric(["total"], sum(w.capacity for w in self.hub.workers))
         capacity.add_metric(["used"], sum(len(w.assigned) for w in self.hub.workers))
         channels = GaugeMetricFamily("sd_channels", "Relay channels open")
@@ -71,8 +76,11 @@ class WebRTCCollector:
         self.webrtc = webrtc
 
     def collect(self) -> Iterator[Metric]:
-        sessions = GaugeMetricFamily("sd_stream_webrtc_sessions", "WebRTC sessions (whip: publishers, "
-                                     "whep: viewers)", labels=["stream", "kind"])
+        sessions = GaugeMetricFamily(
+            "sd_stream_webrtc_sessions",
+            "WebRTC sessions (whip: publishers, whep: viewers)",
+            labels=["stream", "kind"],
+        )
         counts = Counter((s.stream.id, s.kind) for s in list(self.webrtc.registry.sessions.values()))
         for (stream, kind), count in sorted(counts.items()):
             sessions.add_metric([stream, kind], count)
@@ -102,14 +110,17 @@ class LatencyHistograms:
         self._sums[channel] += seconds
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily("sd_stream_latency_seconds",
-                                       "Relay latency: input arrival to result arrival", labels=["stream"])
+        family = HistogramMetricFamily(
+            "sd_stream_latency_seconds", "Relay latency: input arrival to result arrival", labels=["stream"]
+        )
         for channel in list(self._counts):
             if channel not in self.hub.channels:
                 del self._counts[channel], self._sums[channel]
                 continue
             cumulative = itertools.accumulate(self._counts[channel])
-            family.add_metric([channel], list(zip(BUCKET_LABELS, cumulative, strict=True)), self._sums[channel])
+            family.add_metric(
+                [channel], list(zip(BUCKET_LABELS, cumulative, strict=True)), self._sums[channel]
+            )
         yield family
 
 

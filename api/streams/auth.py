@@ -26,9 +26,12 @@ def require_api_key(request: Request) -> str:
     """FastAPI dependency: the request's valid key, or a 401 in Daydream's error envelope."""
     token = bearer_token(request)
     if not token:
-        raise ApiError(401, "missing 'Authorization: Bearer <api key>' header", "AUTH/UNAUTHORIZED",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "missing 'Authorization: Bearer <api key>' header",
+            "AUTH/UNAUTHORIZED",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not is_api_key(request, token):
-        raise ApiError(401, "invalid API key", "AUTH/UNAUTHORIZED",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "invalid API key", "AUTH/UNAUTHORIZED", headers={"WWW-Authenticate": "Bearer"})
     return token

@@ -133,11 +133,18 @@ class StreamManager:
     def subscribe(self, listener: StreamListener) -> None:
         self._listeners.append(listener)
 
-    async def create(self, pipeline: str, params: dict[str, Any], name: str = "",
-                     output_rtmp_url: str | None = None) -> Stream:
-        stream = Stream(id=ids.stream_id(), stream_key=ids.stream_key(), playback_id=ids.playback_id(),
-                        pipeline="streamdiffusion" if pipeline.startswith("pip_") else pipeline,
-                        params=params, name=name, output_rtmp_url=output_rtmp_url)
+    async def create(
+        self, pipeline: str, params: dict[str, Any], name: str = "", output_rtmp_url: str | None = None
+    ) -> Stream:
+        stream = Stream(
+            id=ids.stream_id(),
+            stream_key=ids.stream_key(),
+            playback_id=ids.playback_id(),
+            pipeline="streamdiffusion" if pipeline.startswith("pip_") else pipeline,
+            params=params,
+            name=name,
+            output_rtmp_url=output_rtmp_url,
+        )
         if self.store is not None:
             self.store.save(stream)
         try:
@@ -147,8 +154,13 @@ class StreamManager:
                 raise
             if self.store is not None:
                 self.store.delete(stream.id)
-            raise ApiError(503, f"the server is full: {exc}", "STREAMS/CAPACITY",
-                           {"max_channels": self.hub.config.max_channels}, {"Retry-After": "10"}) from None
+            raise ApiError(
+                503,
+                f"the server is full: {exc}",
+                "STREAMS/CAPACITY",
+                {"max_channels": self.hub.config.max_channels},
+                {"Retry-After": "10"},
+            ) from None
         return stream
 
     async def restore(self) -> int:
@@ -179,20 +191,31 @@ class StreamManager:
     def by_playback_id(self, playback_id: str) -> Stream | None:
         return self._by_playback.get(playback_id)
 
-    async def update(self, stream: Stream, patch: dict[str, Any], hot_only: bool = False,
-                     name: str | None = None, output_rtmp_url: str | None = None) -> Stream:
+    async def update(
+        self,
+        stream: Stream,
+        patch: dict[str, Any],
+        hot_only: bool = False,
+        name: str | None = None,
+        output_rtmp_url: str | None = None,
+    ) -> Stream:
         """Merge ``patch`` into the params and send them to the worker.
 
         ``hot_only`` refuses (409) changes that would rebuild the pipeline.
         """
         params = validate_params({**stream.params, **patch})
         if hot_only:
-            needs = reload_fields(DiffusionParams.model_validate(stream.params),
-                                  DiffusionParams.model_validate(params))
+            needs = reload_fields(
+                DiffusionParams.model_validate(stream.params), DiffusionParams.model_validate(params)
+            )
             if needs:
-                raise ApiError(409, f"{', '.join(sorted(needs))} cannot change without a reload; "
-                               "use PATCH /v1/streams/{id}", "STREAMS/RELOAD_REQUIRED",
-                               {"reload_fields": sorted(needs)})
+                raise ApiError(
+                    409,
+                    f"{', '.join(sorted(needs))} cannot change without a reload; "
+                    "use PATCH /v1/streams/{id}",
+                    "STREAMS/RELOAD_REQUIRED",
+                    {"reload_fields": sorted(needs)},
+                )
         stream.params = params
         if name is not None:
             stream.name = name
@@ -229,8 +252,9 @@ class StreamManager:
             await listener.stream_closed(stream)
         self.hub.close_channel(stream.channel)
 
-    def status(self, stream: Stream, base_url: str,
-               outputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    def status(
+        self, stream: Stream, base_url: str, outputs: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         outputs = outputs or {}
         channel = self.hub.channels.get(stream.channel)
         stats = channel.stats() if channel else {}
@@ -258,8 +282,7 @@ class StreamManager:
                 "whep_url": stream.urls(base_url)["output_stream_url"],
                 "error": next((o["last_error"] for o in outputs.values() if o.get("last_error")), None),
                 "outputs": outputs,
-                "ingest_metrics": {"frames_in": stats.get("frames_in", 0),
-                                   "drops": stats.get("drops", {})},
+                "ingest_metrics": {"frames_in": stats.get("frames_in", 0), "drops": stats.get("drops", {})},
             },
             "worker": stats.get("worker"),
             "engine": stats.get("engine", {}),

@@ -37,8 +37,9 @@ async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     settings = services(request).settings
     given = await style_image.resolve(body.given_params(), settings.style_image_allow_private)
     params = validate_params({**settings.default_params, **given})
-    stream = await streams.create(body.pipeline or body.pipeline_id or "streamdiffusion",
-                                  params, body.name or "", body.output_rtmp_url)
+    stream = await streams.create(
+        body.pipeline or body.pipeline_id or "streamdiffusion", params, body.name or "", body.output_rtmp_url
+    )
     return stream.to_json(base_url(request))
 
 
@@ -64,8 +65,9 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
 
 
 @v1.patch("/streams/{stream_id}/params")
-async def update_params(stream_id: str, request: Request,
-                        body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+async def update_params(
+    stream_id: str, request: Request, body: Annotated[dict[str, Any], Body()]
+) -> dict[str, Any]:
     """Hot params only (never reloads): a body of params, or ``{"params": {...}}``."""
     streams = manager(request)
     stream = streams.get(stream_id)

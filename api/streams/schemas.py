@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from worker.engines.diffusion.params import DiffusionParams
 
 #: ``pipeline`` values clients send; all run the StreamDiffusion engine.
-PIPELINES = frozenset({"streamdiffusion", "streamdiffusion-sdxl", "streamdiffusion-sdxl-faceid",
-                       "streamdiffusion-sd15"})
+PIPELINES = frozenset(
+    {"streamdiffusion", "streamdiffusion-sdxl", "streamdiffusion-sdxl-faceid", "streamdiffusion-sd15"}
+)
 #: the deprecated ``pipeline_id`` form and the model each one implies
 PIPELINE_IDS = {
     "pip_SD-turbo": "stabilityai/sd-turbo",

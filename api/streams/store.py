@@ -55,8 +55,10 @@ class StreamStore:
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path} was written by a newer version (schema {version}, this one "
-                               f"knows {len(MIGRATIONS)})")
+            raise RuntimeError(
+                f"{self.path} was written by a newer version (schema {version}, this one "
+                f"knows {len(MIGRATIONS)})"
+            )
         for number, statement in enumerate(MIGRATIONS[version:], start=version + 1):
             with self._db:  # the migration and its version move together
                 self._db.execute("BEGIN")
@@ -65,20 +67,40 @@ class StreamStore:
 
     def load(self) -> Iterator[Stream]:
         """Every stored stream, oldest first."""
-        with closing(self._db.execute(
+        with closing(
+            self._db.execute(
                 "SELECT id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created "
-                "FROM streams ORDER BY created")) as rows:
+                "FROM streams ORDER BY created"
+            )
+        ) as rows:
             for row in rows.fetchall():
-                yield Stream(id=row[0], stream_key=row[1], playback_id=row[2], pipeline=row[3],
-                             params=json.loads(row[4]), name=row[5], output_rtmp_url=row[6], created=row[7])
+                yield Stream(
+                    id=row[0],
+                    stream_key=row[1],
+                    playback_id=row[2],
+                    pipeline=row[3],
+                    params=json.loads(row[4]),
+                    name=row[5],
+                    output_rtmp_url=row[6],
+                    created=row[7],
+                )
 
     def save(self, stream: Stream) -> None:
         self._db.execute(
             "INSERT INTO streams (id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pipeline = excluded.pipeline, "
             "params = excluded.params, name = excluded.name, output_rtmp_url = excluded.output_rtmp_url",
-            (stream.id, stream.stream_key, stream.playback_id, stream.pipeline, json.dumps(stream.params),
-             stream.name, stream.output_rtmp_url, stream.created))
+            (
+                stream.id,
+                stream.stream_key,
+                stream.playback_id,
+                stream.pipeline,
+                json.dumps(stream.params),
+                stream.name,
+                stream.output_rtmp_url,
+                stream.created,
+            ),
+        )
 
     def delete(self, stream_id: str) -> None:
         self._db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))

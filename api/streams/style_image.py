@@ -77,8 +77,13 @@ def embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> lis
     return [a for a in inner if a is not None]
 
 
-async def fetch(url: str, allow_private: bool = False, max_bytes: int = MAX_BYTES,
-                timeout: float = 10.0, deadline: float = DEADLINE_S) -> str:
+async def fetch(
+    url: str,
+    allow_private: bool = False,
+    max_bytes: int = MAX_BYTES,
+    timeout: float = 10.0,
+    deadline: float = DEADLINE_S,
+) -> str:
     """Download ``url`` and return it as a ``data:`` URL; 422 for anything unusable.
 
     ``timeout`` bounds each network step; ``deadline`` the whole fetch.
@@ -98,8 +103,9 @@ async def fetch(url: str, allow_private: bool = False, max_bytes: int = MAX_BYTE
         raise _invalid(f"fetching it took over {deadline:g} s") from None
 
 
-async def _download(url: str, host: str, port: int, allow_private: bool, max_bytes: int,
-                    timeout: float) -> str:
+async def _download(
+    url: str, host: str, port: int, allow_private: bool, max_bytes: int, timeout: float
+) -> str:
     if not allow_private:
         await public_addresses(host, port)
     body = bytearray()

@@ -19,6 +19,10 @@ __all__ = ["SessionRegistry", "WebRTCSettings", "WebRTCState", "router", "webrtc
 def webrtc_state(settings: ServerSettings) -> WebRTCState:
     """WHIP/WHEP state for ``settings``: ICE servers, shared WHEP encoders and their bitrate."""
     complete_frames_on_marker()  # one frame interval less delay on every WHIP session
-    return WebRTCState(WebRTCSettings(ice_servers=tuple(settings.ice_servers),
-                                      shared_encoding=settings.whep_shared_encoder,
-                                      output_bitrate=settings.whep_bitrate))
+    return WebRTCState(
+        WebRTCSettings(
+            ice_servers=tuple(settings.ice_servers),
+            shared_encoding=settings.whep_shared_encoder,
+            output_bitrate=settings.whep_bitrate,
+        )
+    )

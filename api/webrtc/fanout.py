@@ -96,9 +96,17 @@ class VideoEncoder:
             codec.gop_size = 3000
             codec.qmin, codec.qmax = 2, 56
             codec.options = {
-                "bufsize": str(self.bitrate), "minrate": str(self.bitrate), "maxrate": str(self.bitrate),
-                "cpu-used": "-6", "deadline": "realtime", "lag-in-frames": "0", "noise-sensitivity": "4",
-                "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100",
+                "bufsize": str(self.bitrate),
+                "minrate": str(self.bitrate),
+                "maxrate": str(self.bitrate),
+                "cpu-used": "-6",
+                "deadline": "realtime",
+                "lag-in-frames": "0",
+                "noise-sensitivity": "4",
+                "overshoot-pct": "15",
+                "partitions": "0",
+                "static-thresh": "1",
+                "undershoot-pct": "100",
             }
             codec.thread_count = number_of_threads(width * height, multiprocessing.cpu_count())
         return codec
@@ -221,7 +229,9 @@ class SharedEncoder:
                 try:
                     encoded = await asyncio.to_thread(self._encode, frame.payload, self._pts.next(), keyframe)
                 except ProtocolError as exc:  # an undecodable output frame: skip it, keep the stream
-                    log.warning("event=whep_bad_frame channel=%s seq=%d error=%s", self.channel, frame.seq, exc)
+                    log.warning(
+                        "event=whep_bad_frame channel=%s seq=%d error=%s", self.channel, frame.seq, exc
+                    )
                     encoded = None
                 if encoded is None:
                     self._keyframe |= keyframe

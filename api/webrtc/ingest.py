@@ -26,8 +26,9 @@ from wire.messages import Receive, Role
 log = logging.getLogger("api.webrtc")
 
 
-async def open_whip(hub: Hub, registry: SessionRegistry, settings: WebRTCSettings,
-                    stream: Stream, offer: str) -> tuple[Session, str]:
+async def open_whip(
+    hub: Hub, registry: SessionRegistry, settings: WebRTCSettings, stream: Stream, offer: str
+) -> tuple[Session, str]:
     """Answer ``offer`` and start ingesting; returns the session and the SDP answer.
 
     Raises ``signaling.BadOffer`` for offers we cannot answer; the peer
@@ -64,8 +65,9 @@ async def open_whip(hub: Hub, registry: SessionRegistry, settings: WebRTCSetting
     return session, sdp_answer
 
 
-async def _ingest(session: Session, frames: LatestFrame, publisher: LocalSession,
-                  first_frame: asyncio.Event) -> None:
+async def _ingest(
+    session: Session, frames: LatestFrame, publisher: LocalSession, first_frame: asyncio.Event
+) -> None:
     """Newest decoded frame -> stream-sized JPEG (in a thread) -> the channel, until the track ends."""
     stream = session.stream
     try:

@@ -20,8 +20,9 @@ log = logging.getLogger("api.webrtc")
 _original = jitterbuffer.JitterBuffer._remove_frame
 
 
-def _remove_frame_on_marker(self: jitterbuffer.JitterBuffer,
-                            sequence_number: int) -> jitterbuffer.JitterFrame | None:
+def _remove_frame_on_marker(
+    self: jitterbuffer.JitterBuffer, sequence_number: int
+) -> jitterbuffer.JitterFrame | None:
     if not self._is_video:
         return _original(self, sequence_number)
     packets = []

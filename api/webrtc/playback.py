@@ -22,8 +22,14 @@ from relay.hub import Hub
 from relay.local import LocalViewer
 
 
-async def open_whep(hub: Hub, registry: SessionRegistry, settings: WebRTCSettings,
-                    stream: Stream, offer: str, encoders: EncoderPool | None = None) -> tuple[Session, str]:
+async def open_whep(
+    hub: Hub,
+    registry: SessionRegistry,
+    settings: WebRTCSettings,
+    stream: Stream,
+    offer: str,
+    encoders: EncoderPool | None = None,
+) -> tuple[Session, str]:
     """Answer ``offer`` with the stream's output as a send-only video track.
 
     With ``encoders`` the track carries the stream's shared encoder's packets.

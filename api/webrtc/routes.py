@@ -51,10 +51,18 @@ CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": EXP
 
 
 def _preflight(methods: str) -> Response:
-    return Response(status_code=204, headers={
-        **CORS, "Allow": methods, "Access-Control-Allow-Methods": methods,
-        "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, ETag",
-        "Access-Control-Max-Age": "86400", "Accept-Post": SDP, "Accept-Patch": trickle.MEDIA_TYPE})
+    return Response(
+        status_code=204,
+        headers={
+            **CORS,
+            "Allow": methods,
+            "Access-Control-Allow-Methods": methods,
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, ETag",
+            "Access-Control-Max-Age": "86400",
+            "Accept-Post": SDP,
+            "Accept-Patch": trickle.MEDIA_TYPE,
+        },
+    )
 
 
 def _state(request: Request) -> WebRTCState:
@@ -76,14 +84,19 @@ async def _read_offer(request: Request, media: str = SDP) -> str:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != media:
         accept = "Accept-Post" if media == SDP else "Accept-Patch"
-        raise ApiError(415, f"Content-Type must be {media}, not {media_type or 'missing'}",
-                       "REQUEST/UNSUPPORTED_MEDIA_TYPE", headers={**CORS, accept: media})
+        raise ApiError(
+            415,
+            f"Content-Type must be {media}, not {media_type or 'missing'}",
+            "REQUEST/UNSUPPORTED_MEDIA_TYPE",
+            headers={**CORS, accept: media},
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_OFFER_BYTES:
-            raise ApiError(413, f"SDP offer larger than {MAX_OFFER_BYTES} bytes",
-                           "REQUEST/TOO_LARGE", headers=CORS)
+            raise ApiError(
+                413, f"SDP offer larger than {MAX_OFFER_BYTES} bytes", "REQUEST/TOO_LARGE", headers=CORS
+            )
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
@@ -98,7 +111,9 @@ async def _open(request: Request, stream: Stream, kind: Kind) -> Response:
         if kind == "whip":
             session, answer = await open_whip(hub, state.registry, state.settings, stream, offer)
         else:
-            session, answer = await open_whep(hub, state.registry, state.settings, stream, offer, state.encoders)
+            session, answer = await open_whep(
+                hub, state.registry, state.settings, stream, offer, state.encoders
+            )
     except BadOffer as exc:
         raise ApiError(400, exc.message, exc.code, headers=CORS) from None
     if _streams(request).streams.get(stream.id) is not stream:  # deleted while we negotiated
@@ -134,11 +149,17 @@ async def _trickle(request: Request, session_id: str, kind: Kind, stream: Stream
     session = _session(request, session_id, kind, stream)
     expected = request.headers.get("if-match") or request.headers.get("etag")
     if expected is not None and expected.strip() not in ("*", session.etag):
-        raise ApiError(412, "If-Match does not name this session's entity tag", "WEBRTC/PRECONDITION_FAILED",
-                       headers=CORS)
+        raise ApiError(
+            412,
+            "If-Match does not name this session's entity tag",
+            "WEBRTC/PRECONDITION_FAILED",
+            headers=CORS,
+        )
     fragment = trickle.parse_sdpfrag(await _read_offer(request, trickle.MEDIA_TYPE))
     if trickle.is_restart(session.pc, fragment):
-        raise ApiError(405, NO_RESTART, "REQUEST/METHOD_NOT_ALLOWED", headers={**CORS, "Allow": SESSION_METHODS})
+        raise ApiError(
+            405, NO_RESTART, "REQUEST/METHOD_NOT_ALLOWED", headers={**CORS, "Allow": SESSION_METHODS}
+        )
     try:
         await trickle.add_candidates(session.pc, fragment)
     except trickle.BadFragment as exc:
@@ -147,6 +168,7 @@ async def _trickle(request: Request, session_id: str, kind: Kind, stream: Stream
 
 
 # -- WHIP ---------------------------------------------------------------------
+
 
 @router.options(f"{LIVE}/{{stream_key}}/whip")
 @router.options("/whip/{stream_key}")
@@ -188,6 +210,7 @@ async def whip_patch(stream_key: str, session_id: str, request: Request) -> Resp
 
 
 # -- WHEP ---------------------------------------------------------------------
+
 
 @router.options(f"{LIVE}/{{playback_id}}/whep")
 @router.options("/whep/{playback_id}")

@@ -94,8 +94,9 @@ class Session:
             await self.closed.wait()
             return
         self._closing = True
-        log.info("%s session %s of stream %s closed: %s", self.kind.upper(), self.id[:6],
-                 self.stream.id, reason)
+        log.info(
+            "%s session %s of stream %s closed: %s", self.kind.upper(), self.id[:6], self.stream.id, reason
+        )
         current = asyncio.current_task()
         others = [t for t in self.tasks if t is not current]
         for task in others:
@@ -140,8 +141,9 @@ class SessionRegistry(StreamListener):
         return session if session is not None and session.kind == kind else None
 
     def for_stream(self, stream_id: str, kind: Kind | None = None) -> list[Session]:
-        return [s for s in self.sessions.values()
-                if s.stream.id == stream_id and (kind is None or s.kind == kind)]
+        return [
+            s for s in self.sessions.values() if s.stream.id == stream_id and (kind is None or s.kind == kind)
+        ]
 
     async def stream_closed(self, stream: Stream) -> None:
         """The stream is being deleted: end every session on it."""
@@ -156,7 +158,6 @@ async def close_all(sessions: Iterable[Session], reason: str) -> None:
     for result in results:
         if isinstance(result, Exception):
             log.warning("closing a session failed: %r", result)
-
 
 
 @dataclass
@@ -177,6 +178,7 @@ class WebRTCState:
         encoders = self.encoders.for_channel(stream.channel) if self.encoders is not None else []
         return {
             "viewers": len(self.registry.for_stream(stream.id, "whep")),
-            "shared_encoders": [{"codec": e.mime, "viewers": e.viewers, "frames_encoded": e.encoded}
-                                for e in encoders],
+            "shared_encoders": [
+                {"codec": e.mime, "viewers": e.viewers, "frames_encoded": e.encoded} for e in encoders
+            ],
         }

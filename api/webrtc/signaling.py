@@ -36,8 +36,9 @@ class BadOffer(Exception):
 def ice_server(entry: str | Mapping[str, Any]) -> RTCIceServer:
     if isinstance(entry, str):
         return RTCIceServer(urls=entry)
-    return RTCIceServer(urls=entry["urls"], username=entry.get("username"),
-                        credential=entry.get("credential"))
+    return RTCIceServer(
+        urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential")
+    )
 
 
 def peer_connection(settings: WebRTCSettings) -> RTCPeerConnection:
@@ -59,8 +60,10 @@ def link_header(ice_servers: Iterable[str | Mapping[str, Any]]) -> str | None:
         for url in urls:
             link = f'<{url}>; rel="ice-server"'
             if server.username and server.credential:
-                link += (f'; username="{server.username}"; credential="{server.credential}"'
-                         '; credential-type="password"')
+                link += (
+                    f'; username="{server.username}"; credential="{server.credential}"'
+                    '; credential-type="password"'
+                )
             links.append(link)
     return ", ".join(links) or None
 
@@ -80,8 +83,10 @@ def check_offer(text: str, kind: Kind) -> None:
         raise BadOffer("the offer has no video section", "WEBRTC/NO_VIDEO")
     if not any(m.direction in _WANTED[kind] for m in videos):
         verb = "send" if kind == "whip" else "receive"
-        raise BadOffer(f"the offer's video must {verb} ({' or '.join(_WANTED[kind])}); "
-                       f"got {videos[0].direction}", "WEBRTC/BAD_DIRECTION")
+        raise BadOffer(
+            f"the offer's video must {verb} ({' or '.join(_WANTED[kind])}); got {videos[0].direction}",
+            "WEBRTC/BAD_DIRECTION",
+        )
     if any(m.kind not in ("audio", "video", "application") for m in description.media):
         raise BadOffer("the offer has an unsupported media section")
 
@@ -92,8 +97,11 @@ async def accept_offer(pc: RTCPeerConnection, text: str, kind: Kind) -> None:
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="offer"))
     except OperationError as exc:
-        raise BadOffer(f"no codec in common: video must be H.264 (constrained baseline, "
-                       f"packetization-mode 1) or VP8 ({exc})", "WEBRTC/UNSUPPORTED_CODEC") from None
+        raise BadOffer(
+            f"no codec in common: video must be H.264 (constrained baseline, "
+            f"packetization-mode 1) or VP8 ({exc})",
+            "WEBRTC/UNSUPPORTED_CODEC",
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a malformed line fails in aiortc's parsing code
         raise BadOffer(f"invalid SDP offer: {exc}") from None
 

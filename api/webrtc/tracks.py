@@ -82,8 +82,7 @@ async def discard(track: MediaStreamTrack) -> None:
             await track.recv()
 
 
-def frame_to_jpeg(frame: av.VideoFrame, width: int, height: int,
-                  quality: int = DEFAULT_QUALITY) -> bytes:
+def frame_to_jpeg(frame: av.VideoFrame, width: int, height: int, quality: int = DEFAULT_QUALITY) -> bytes:
     """Scale ``frame`` to cover ``width`` x ``height``, crop the centre, encode JPEG.
 
     Covering (rather than stretching) keeps faces and objects in proportion
@@ -95,7 +94,7 @@ def frame_to_jpeg(frame: av.VideoFrame, width: int, height: int,
     scaled_h = max(height, round(frame.height * scale))
     rgb = frame.to_ndarray(format="rgb24", width=scaled_w, height=scaled_h)
     x, y = (scaled_w - width) // 2, (scaled_h - height) // 2
-    return encode_image(rgb[y:y + height, x:x + width], quality=quality)
+    return encode_image(rgb[y : y + height, x : x + width], quality=quality)
 
 
 class MonotonicPts:

@@ -39,8 +39,7 @@ def sketch(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pencil, cv2.COLOR_GRAY2RGB)
 
 
-_SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]],
-                  dtype=np.float32)
+_SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], dtype=np.float32)
 
 
 def sepia(rgb: np.ndarray) -> np.ndarray:
@@ -59,6 +58,7 @@ def _colormap(code: int) -> Callable[[np.ndarray], np.ndarray]:
     def apply(rgb: np.ndarray) -> np.ndarray:
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         return cv2.cvtColor(cv2.applyColorMap(gray, code), cv2.COLOR_BGR2RGB)
+
     return apply
 
 
@@ -139,8 +139,7 @@ class FilterEngine(Engine):
         return out
 
     def info(self) -> dict[str, Any]:
-        return {"engine": self.name, "device": "cpu", "effect": self.effect,
-                "effects": sorted(EFFECTS)}
+        return {"engine": self.name, "device": "cpu", "effect": self.effect, "effects": sorted(EFFECTS)}
 
 
 def _strength(params: Mapping[str, Any]) -> float:

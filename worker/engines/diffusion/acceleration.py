@@ -58,10 +58,15 @@ def accelerate(
     if mode == "tensorrt":
         if device.type == "cuda" and importlib.util.find_spec("torch_tensorrt") is not None:
             return Accelerated(_tensorrt(_sdpa(unet, controlnets, device), unet.dtype, cache_key), "tensorrt")
-        log.warning("acceleration tensorrt unavailable (%s); falling back to sdpa", _why_not("torch_tensorrt", device))
+        log.warning(
+            "acceleration tensorrt unavailable (%s); falling back to sdpa", _why_not("torch_tensorrt", device)
+        )
     if mode == "compile":
         return Accelerated(_compile(_sdpa(unet, controlnets, device), device), "compile")
-    log.info("acceleration sdpa: scaled-dot-product attention%s", ", channels-last" if device.type == "cuda" else "")
+    log.info(
+        "acceleration sdpa: scaled-dot-product attention%s",
+        ", channels-last" if device.type == "cuda" else "",
+    )
     return Accelerated(_sdpa(unet, controlnets, device), "sdpa")
 
 
@@ -93,15 +98,19 @@ def heartbeat(what: str, every_s: float = 10.0) -> Iterator[None]:
         log.info("%s took %.1f s", what, time.monotonic() - started)
 
 
-def _sdpa(unet: torch.nn.Module, controlnets: Sequence[torch.nn.Module], device: torch.device) -> torch.nn.Module:
+def _sdpa(
+    unet: torch.nn.Module, controlnets: Sequence[torch.nn.Module], device: torch.device
+) -> torch.nn.Module:
     """Fused SDPA attention everywhere; channels-last convolutions on CUDA."""
     for model in (unet, *controlnets):
         processors = model.attn_processors
         # IP-Adapter installs its own processors; keep those.
-        model.set_attn_processor({
-            name: proc if "IPAdapter" in type(proc).__name__ else AttnProcessor2_0()
-            for name, proc in processors.items()
-        })
+        model.set_attn_processor(
+            {
+                name: proc if "IPAdapter" in type(proc).__name__ else AttnProcessor2_0()
+                for name, proc in processors.items()
+            }
+        )
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
     return unet

@@ -22,7 +22,9 @@ def normalize_weights(weights: Sequence[float], normalize: bool) -> list[float]:
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation along the last dim; lerp where the vectors are nearly parallel."""
     a32, b32 = a.float(), b.float()
-    dot = (a32 * b32).sum(-1, keepdim=True) / (a32.norm(dim=-1, keepdim=True) * b32.norm(dim=-1, keepdim=True) + 1e-8)
+    dot = (a32 * b32).sum(-1, keepdim=True) / (
+        a32.norm(dim=-1, keepdim=True) * b32.norm(dim=-1, keepdim=True) + 1e-8
+    )
     theta = torch.acos(dot.clamp(-1.0, 1.0))
     sin = torch.sin(theta)
     parallel = sin.abs() < 1e-4

@@ -44,7 +44,9 @@ class DepthEstimator:
     """One depth model: RGB uint8 frame in, grey depth frame of the same size out."""
 
     def __init__(self, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
-        self.model = load_network(AutoModelForDepthEstimation.from_pretrained, model_id, "depth model", device, dtype)
+        self.model = load_network(
+            AutoModelForDepthEstimation.from_pretrained, model_id, "depth model", device, dtype
+        )
         backbone = getattr(self.model.config, "backbone_config", None)
         self.patch = int(getattr(backbone, "patch_size", 14) or 14)
         self._device, self._dtype = device, dtype
@@ -55,9 +57,12 @@ class DepthEstimator:
         height, width = frame.shape[:2]
         scale = detect_resolution / min(height, width)
         size = [max(self.patch, round(side * scale / self.patch) * self.patch) for side in (height, width)]
-        pixels = F.interpolate(frame_tensor(frame, self._device, self._dtype), size=size, mode="bicubic",
-                               align_corners=False)
+        pixels = F.interpolate(
+            frame_tensor(frame, self._device, self._dtype), size=size, mode="bicubic", align_corners=False
+        )
         depth = self.model(pixel_values=self._normalize(pixels)).predicted_depth[:, None].float()
         depth = F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         low, high = depth.min(), depth.max()
-        return grey_frame((depth - low) / (high - low) if float(high - low) > 1e-12 else torch.zeros_like(depth))
+        return grey_frame(
+            (depth - low) / (high - low) if float(high - low) > 1e-12 else torch.zeros_like(depth)
+        )

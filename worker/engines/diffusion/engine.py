@@ -46,7 +46,12 @@ GUIDANCE_FIELDS = (
 SCHEDULE_FIELDS = ("num_inference_steps", "t_index_list")
 SEED_FIELDS = ("seed", "seed_interpolation_method", "normalize_seed_weights")
 STYLE_FIELDS = ("ip_adapter", "ip_adapter_style_image_url")
-PROCESSING_FIELDS = ("image_preprocessing", "image_postprocessing", "latent_preprocessing", "latent_postprocessing")
+PROCESSING_FIELDS = (
+    "image_preprocessing",
+    "image_postprocessing",
+    "latent_preprocessing",
+    "latent_postprocessing",
+)
 BATCH_SHAPE_FIELDS = ("t_index_list", "cfg_type", "guidance_scale")  # hot, yet they set the UNet's batch size
 WARM_UP_CALLS = {"compile": 3, "tensorrt": 2}  # CUDA graphs record on the 2nd call, replay from the 3rd
 
@@ -64,7 +69,10 @@ class DiffusionEngine(Engine):
     name = "diffusion"
 
     def __init__(
-        self, params: Mapping[str, Any] | None = None, *, device: torch.device | None = None,
+        self,
+        params: Mapping[str, Any] | None = None,
+        *,
+        device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         """``device`` and ``dtype`` default to ``pick_device()``; tests set float16 to run the CUDA dtype on a CPU."""
@@ -118,7 +126,9 @@ class DiffusionEngine(Engine):
             use_denoising_batch=config.use_denoising_batch,
             consistency_boundary=models.kind != "turbo",
         )
-        self._stream = StreamDenoiser(self._predictor, models.scheduler, stream_config, self._device, self._dtype)
+        self._stream = StreamDenoiser(
+            self._predictor, models.scheduler, stream_config, self._device, self._dtype
+        )
         self._codec = LatentCodec(models.vae, self._dtype)
         self._prompts = PromptEncoder(models.pipe, self.output_size)
         if config.enable_similar_image_filter:
@@ -211,7 +221,10 @@ class DiffusionEngine(Engine):
             stream.set_schedule(config.t_index_list, config.num_inference_steps)
         if changed(*SCHEDULE_FIELDS, *SEED_FIELDS):
             noise = seed_noise(
-                config.weighted_seeds(), stream.noise_shape, config.seed_interpolation_method, config.normalize_seed_weights
+                config.weighted_seeds(),
+                stream.noise_shape,
+                config.seed_interpolation_method,
+                config.normalize_seed_weights,
             )
             stream.set_noise(noise)
         if changed(*GUIDANCE_FIELDS):
@@ -230,7 +243,9 @@ class DiffusionEngine(Engine):
         if config.ip_adapter is not None and changed(*STYLE_FIELDS):
             pipe = self._models.pipe
             pipe.set_ip_adapter_scale(config.ip_adapter.scale if config.ip_adapter.enabled else 0.0)
-            self._predictor.image_embeds = ip_adapter.style_embeds(pipe, config.ip_adapter_style_image_url, self.output_size)
+            self._predictor.image_embeds = ip_adapter.style_embeds(
+                pipe, config.ip_adapter_style_image_url, self.output_size
+            )
 
     def _preprocessor(self, params: ControlNetParams) -> Callable[[np.ndarray], np.ndarray]:
         """A ControlNet's preprocessor; networks (depth, hed) load once (at ``load``) and stay for hot updates."""
@@ -255,7 +270,12 @@ class DiffusionEngine(Engine):
     def _accelerate(self, mode: str) -> Accelerated:
         config, models = self._config, self._models
         cache_key = "|".join(
-            [config.model_id, f"{config.width}x{config.height}", f"fbs{config.frame_buffer_size}", str(config.lora_dict)]
+            [
+                config.model_id,
+                f"{config.width}x{config.height}",
+                f"fbs{config.frame_buffer_size}",
+                str(config.lora_dict),
+            ]
         )
         return accelerate(models.pipe.unet, models.controlnets, mode, self._device, cache_key)
 
@@ -286,7 +306,10 @@ class DiffusionEngine(Engine):
 
 def _unet_batch_sizes(config: DiffusionParams) -> frozenset[int]:
     return unet_batch_sizes(
-        len(config.t_index_list), config.frame_buffer_size, config.cfg_type, config.guidance_scale,
+        len(config.t_index_list),
+        config.frame_buffer_size,
+        config.cfg_type,
+        config.guidance_scale,
         config.use_denoising_batch,
     )
 

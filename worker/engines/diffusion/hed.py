@@ -64,12 +64,17 @@ class HEDNetwork(nn.Module):
         """Build the network the weights describe (widths from the conv shapes) and load them."""
         widths = []
         for block in range(1, BLOCKS + 1):
-            convs = sorted(int(k.split(".")[2]) for k in state if k.startswith(f"block{block}.convs.") and
-                           k.endswith(".weight"))
+            convs = sorted(
+                int(k.split(".")[2])
+                for k in state
+                if k.startswith(f"block{block}.convs.") and k.endswith(".weight")
+            )
             if not convs:
                 raise EngineError(f"HED weights lack block{block}")
             first = state[f"block{block}.convs.0.weight"]
-            widths.append([first.shape[1], *(state[f"block{block}.convs.{i}.weight"].shape[0] for i in convs)])
+            widths.append(
+                [first.shape[1], *(state[f"block{block}.convs.{i}.weight"].shape[0] for i in convs)]
+            )
         network = cls(widths)
         network.load_state_dict(dict(state))
         return network
@@ -103,6 +108,8 @@ class HEDDetector:
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         height, width = frame.shape[:2]
         sides = self.network(frame_tensor(frame, self._device, self._dtype, scale=1.0))  # it wants 0-255
-        upsampled = [F.interpolate(s.float(), size=(height, width), mode="bilinear", align_corners=False)
-                     for s in sides]
+        upsampled = [
+            F.interpolate(s.float(), size=(height, width), mode="bilinear", align_corners=False)
+            for s in sides
+        ]
         return grey_frame(torch.sigmoid(torch.cat(upsampled, dim=1).mean(dim=1))[0])

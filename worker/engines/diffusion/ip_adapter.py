@@ -32,7 +32,9 @@ SD2_CROSS_ATTENTION_DIM = 1024
 def check_supported(params: IPAdapterParams) -> None:
     """Reject what can never load, before any weights are read."""
     if params.type == "faceid":
-        raise EngineError("ip_adapter type 'faceid' needs insightface face embeddings, which this server lacks")
+        raise EngineError(
+            "ip_adapter type 'faceid' needs insightface face embeddings, which this server lacks"
+        )
 
 
 def load_ip_adapter(pipe: Any, is_xl: bool, params: IPAdapterParams) -> None:

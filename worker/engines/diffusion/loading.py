@@ -45,7 +45,9 @@ PRESETS: dict[str, ModelKind] = {
 TINY_VAES = {False: "madebyollin/taesd", True: "madebyollin/taesdxl"}  # keyed by "is SDXL"
 SDXL_LCM_LORA = "latent-consistency/lcm-lora-sdxl"
 SD15_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
-PROBE_TIMEOUT_S = 3.0  # httpx's connect and read timeouts for the one request that asks the hub about a model id
+PROBE_TIMEOUT_S = (
+    3.0  # httpx's connect and read timeouts for the one request that asks the hub about a model id
+)
 PROBE_DEADLINE_S = 4.0  # the whole of it, DNS and huggingface_hub's first-call lookups included
 REMEMBER_S = 60.0  # how long a hub's answer (or silence) is reused instead of asking again
 CACHED_SHOWN = 12  # cached model ids an error message lists
@@ -79,7 +81,9 @@ def load_models(params: DiffusionParams, device: torch.device, dtype: torch.dtyp
     is_xl = getattr(pipe, "text_encoder_2", None) is not None
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
-        raise EngineError(f"model {params.model_id!r} predicts {prediction!r}; only epsilon models are supported")
+        raise EngineError(
+            f"model {params.model_id!r} predicts {prediction!r}; only epsilon models are supported"
+        )
     kind = model_kind(params.model_id)
     _apply_loras(pipe, params, kind, is_xl)
     pipe.to(device)
@@ -106,8 +110,10 @@ def pretrained(load: Callable[..., T], source: str, what: str, **kwargs: Any) ->
         try:
             result = load(source, local_files_only=True, **kwargs)
         except Exception as exc:
-            raise EngineError(f"{what} {source!r} is not available: it could not be loaded from its local "
-                              f"directory: {_reason(exc)}") from exc
+            raise EngineError(
+                f"{what} {source!r} is not available: it could not be loaded from its local "
+                f"directory: {_reason(exc)}"
+            ) from exc
     else:
         result = _from_hub(load, source, what, kwargs)
     log.info("loaded %s %s in %.1f s", what, source, time.monotonic() - started)
@@ -121,7 +127,9 @@ def _load_pipeline(model_id: str, dtype: torch.dtype) -> Any:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     pipe = pretrained(DiffusionPipeline.from_pretrained, model_id, "model", **kwargs)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
-        raise EngineError(f"model {model_id!r} is a {type(pipe).__name__}, not a Stable Diffusion (XL) pipeline")
+        raise EngineError(
+            f"model {model_id!r} is a {type(pipe).__name__}, not a Stable Diffusion (XL) pipeline"
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -195,7 +203,9 @@ def cached_models() -> list[str]:
     return sorted(repo.repo_id for repo in info.repos if repo.repo_type == "model")
 
 
-_answers: dict[tuple[str, str], tuple[float, HubAnswer]] = {}  # (endpoint, repo id or "" for the hub) -> answer
+_answers: dict[
+    tuple[str, str], tuple[float, HubAnswer]
+] = {}  # (endpoint, repo id or "" for the hub) -> answer
 _warned: dict[str, float] = {}  # warning -> when it was logged
 
 
@@ -205,11 +215,15 @@ def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str,
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise EngineError(f"{name} is not available: it is neither a local directory nor a valid "
-                          "Hugging Face model id") from None
+        raise EngineError(
+            f"{name} is not available: it is neither a local directory nor a valid Hugging Face model id"
+        ) from None
     endpoint = constants.ENDPOINT
     if _offline():
-        problem, hint = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE to download it, or {_download_hint(repo_id)}"
+        problem, hint = (
+            "HF_HUB_OFFLINE is set",
+            f"unset HF_HUB_OFFLINE to download it, or {_download_hint(repo_id)}",
+        )
     else:
         answer = probe_hub(repo_id)
         if answer.state == "found":
@@ -227,8 +241,10 @@ def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str,
     try:
         result = load(repo_id, local_files_only=True, **kwargs)
     except Exception as exc:
-        raise EngineError(f"{name} is not available: {problem} and {_cache_state(repo_id, exc)}"
-                          + (f"; {hint}" if hint else "")) from exc
+        raise EngineError(
+            f"{name} is not available: {problem} and {_cache_state(repo_id, exc)}"
+            + (f"; {hint}" if hint else "")
+        ) from exc
     if not _offline():
         _warn_once(f"{name}: {problem}; loaded the copy in the local cache")
     return result
@@ -281,8 +297,10 @@ def _cache_state(repo_id: str, exc: Exception) -> str:
 
 
 def _download_hint(repo_id: str) -> str:
-    return (f"run `hf download {repo_id}` on a machine with network access and copy its cache here, "
-            "or use a local directory instead")
+    return (
+        f"run `hf download {repo_id}` on a machine with network access and copy its cache here, "
+        "or use a local directory instead"
+    )
 
 
 def _offline() -> bool:

@@ -76,6 +76,9 @@ class NeuralPreprocessors:
             return DepthEstimator(model_id, self._device, self._dtype)
         if kind == "pose":
             return PoseEstimator(model_id, self._device, self._dtype)
-        network = pretrained(lambda source, **kw: HEDNetwork.from_state_dict(load_hed_weights(source, **kw)),
-                             model_id, "HED model")
+        network = pretrained(
+            lambda source, **kw: HEDNetwork.from_state_dict(load_hed_weights(source, **kw)),
+            model_id,
+            "HED model",
+        )
         return HEDDetector(network, self._device, self._dtype)

@@ -101,13 +101,16 @@ class DiffusionParams(_Strict):
     """All parameters of the diffusion engine, with Daydream's defaults."""
 
     model_id: str = "stabilityai/sd-turbo"
-    prompt: PromptText | Annotated[list[WeightedPrompt], Field(min_length=1, max_length=MAX_BLEND_ENTRIES)] = (
-        "flowers")
+    prompt: (
+        PromptText | Annotated[list[WeightedPrompt], Field(min_length=1, max_length=MAX_BLEND_ENTRIES)]
+    ) = "flowers"
     prompt_interpolation_method: Interpolation = "slerp"
     normalize_prompt_weights: bool = True
     negative_prompt: PromptText = "blurry, low quality, flat, 2d"
-    seed: Annotated[int, Field(ge=0)] | Annotated[list[WeightedSeed],
-                                                   Field(min_length=1, max_length=MAX_BLEND_ENTRIES)] = 789
+    seed: (
+        Annotated[int, Field(ge=0)]
+        | Annotated[list[WeightedSeed], Field(min_length=1, max_length=MAX_BLEND_ENTRIES)]
+    ) = 789
     seed_interpolation_method: Interpolation = "linear"
     normalize_seed_weights: bool = True
     guidance_scale: float = Field(1.0, ge=0.0, le=20.0)
@@ -168,8 +171,11 @@ class DiffusionParams(_Strict):
 
     @field_validator("controlnets")
     @classmethod
-    def _controlnets_fit_the_model(cls, value: list[ControlNetParams], info: ValidationInfo,
-                                   ) -> list[ControlNetParams]:
+    def _controlnets_fit_the_model(
+        cls,
+        value: list[ControlNetParams],
+        info: ValidationInfo,
+    ) -> list[ControlNetParams]:
         """Daydream's rules for known models: ControlNets of the model's family, at most 3 on SDXL."""
         family = model_family(info.data.get("model_id", ""))
         if family is None:
@@ -177,20 +183,26 @@ class DiffusionParams(_Strict):
         for index, controlnet in enumerate(value):
             other = controlnet_family(controlnet.model_id)
             if other is not None and other != family:
-                raise ValueError(f"controlnets[{index}].model_id {controlnet.model_id} is an {NAMES[other]} "
-                                 f"ControlNet; {info.data['model_id']} is {NAMES[family]}")
+                raise ValueError(
+                    f"controlnets[{index}].model_id {controlnet.model_id} is an {NAMES[other]} "
+                    f"ControlNet; {info.data['model_id']} is {NAMES[family]}"
+                )
         if family == "sdxl" and sum(c.enabled for c in value) > MAX_SDXL_CONTROLNETS:
             raise ValueError(f"SDXL models take at most {MAX_SDXL_CONTROLNETS} enabled ControlNets")
         return value
 
     @field_validator("ip_adapter")
     @classmethod
-    def _ip_adapter_fits_the_model(cls, value: IPAdapterParams | None, info: ValidationInfo,
-                                   ) -> IPAdapterParams | None:
+    def _ip_adapter_fits_the_model(
+        cls,
+        value: IPAdapterParams | None,
+        info: ValidationInfo,
+    ) -> IPAdapterParams | None:
         family = model_family(info.data.get("model_id", ""))
         if value is not None and value.enabled and family is not None and family not in IP_ADAPTER_FAMILIES:
-            raise ValueError(f"IP-Adapter works with SD 1.5 and SDXL models, not {NAMES[family]} "
-                             f"({info.data['model_id']})")
+            raise ValueError(
+                f"IP-Adapter works with SD 1.5 and SDXL models, not {NAMES[family]} ({info.data['model_id']})"
+            )
         return value
 
     def weighted_prompts(self) -> list[WeightedPrompt]:

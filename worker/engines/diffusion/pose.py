@@ -32,12 +32,46 @@ NECK = -1
 #: OpenPose's 18 body points as COCO indices (NECK: between the shoulders)
 OPENPOSE_FROM_COCO = (0, NECK, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
 #: OpenPose's limbs, as pairs of its points
-LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
-         (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
+LIMBS = (
+    (1, 2),
+    (1, 5),
+    (2, 3),
+    (3, 4),
+    (5, 6),
+    (6, 7),
+    (1, 8),
+    (8, 9),
+    (9, 10),
+    (1, 11),
+    (11, 12),
+    (12, 13),
+    (1, 0),
+    (0, 14),
+    (14, 16),
+    (0, 15),
+    (15, 17),
+)
 #: one RGB colour per point (and per limb, in order), red through the hues to pink
-COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-           (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-           (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+COLOURS = (
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+    (255, 0, 85),
+)
 
 
 def check_pose_params(params: Mapping[str, Any]) -> None:
@@ -66,8 +100,9 @@ def draw_skeleton(height: int, width: int, points: np.ndarray, visible: np.ndarr
         (xa, ya), (xb, yb) = points[a], points[b]
         length = float(np.hypot(xa - xb, ya - yb))
         angle = float(np.degrees(np.arctan2(ya - yb, xa - xb)))
-        polygon = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick),
-                                   int(angle), 0, 360, 1)
+        polygon = cv2.ellipse2Poly(
+            (int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1
+        )
         limb = canvas.copy()
         cv2.fillConvexPoly(limb, polygon, COLOURS[index])
         canvas = cv2.addWeighted(canvas, 0.4, limb, 0.6, 0)
@@ -81,7 +116,9 @@ class PoseEstimator:
     """RGB uint8 frame in, OpenPose skeleton of the same size out."""
 
     def __init__(self, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
-        self.model = load_network(VitPoseForPoseEstimation.from_pretrained, model_id, "pose model", device, dtype)
+        self.model = load_network(
+            VitPoseForPoseEstimation.from_pretrained, model_id, "pose model", device, dtype
+        )
         size = self.model.config.backbone_config.image_size
         self.input_height, self.input_width = (size, size) if isinstance(size, int) else size
         self._device, self._dtype = device, dtype
@@ -93,10 +130,14 @@ class PoseEstimator:
         scale = min(self.input_height / height, self.input_width / width)
         inner_h, inner_w = round(height * scale), round(width * scale)
         top, left = (self.input_height - inner_h) // 2, (self.input_width - inner_w) // 2
-        pixels = F.interpolate(frame_tensor(frame, self._device, self._dtype), size=(inner_h, inner_w),
-                               mode="bilinear", align_corners=False)
+        pixels = F.interpolate(
+            frame_tensor(frame, self._device, self._dtype),
+            size=(inner_h, inner_w),
+            mode="bilinear",
+            align_corners=False,
+        )
         boxed = torch.zeros(1, 3, self.input_height, self.input_width, device=self._device, dtype=self._dtype)
-        boxed[..., top:top + inner_h, left:left + inner_w] = self._normalize(pixels)
+        boxed[..., top : top + inner_h, left : left + inner_w] = self._normalize(pixels)
         heatmaps = self.model(pixel_values=boxed).heatmaps[0].float()  # (17, h/4, w/4)
         joints, rows, columns = heatmaps.shape
         scores, flat = heatmaps.reshape(joints, -1).max(dim=1)

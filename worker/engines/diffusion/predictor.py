@@ -31,7 +31,9 @@ class ControlNetUnit:
 class UNetPredictor:
     """Implements ``stream.NoisePredictor`` for a diffusers UNet."""
 
-    def __init__(self, unet: Callable[..., Any], controlnets: Sequence[ControlNetUnit], frame_buffer_size: int) -> None:
+    def __init__(
+        self, unet: Callable[..., Any], controlnets: Sequence[ControlNetUnit], frame_buffer_size: int
+    ) -> None:
         self.unet = unet
         self.controlnets = list(controlnets)
         self.image_embeds: torch.Tensor | None = None  # IP-Adapter style image, one row
@@ -48,7 +50,12 @@ class UNetPredictor:
         ]
 
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, steps: torch.Tensor, num_steps: int, cond: Conditioning
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        steps: torch.Tensor,
+        num_steps: int,
+        cond: Conditioning,
     ) -> torch.Tensor:
         added = cond.added_cond_kwargs()
         if self.image_embeds is not None:
@@ -64,7 +71,12 @@ class UNetPredictor:
         )[0]
 
     def _control_residuals(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, steps: torch.Tensor, num_steps: int, cond: Conditioning
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        steps: torch.Tensor,
+        num_steps: int,
+        cond: Conditioning,
     ) -> dict[str, Any]:
         """Summed ControlNet residuals, each scaled per row by its scale and guidance window."""
         down: list[torch.Tensor] | None = None

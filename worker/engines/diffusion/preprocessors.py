@@ -53,7 +53,9 @@ def color(frame: np.ndarray, block_size: int = 64) -> np.ndarray:
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def standard_lineart(frame: np.ndarray, gaussian_sigma: float = 6.0, intensity_threshold: int = 8) -> np.ndarray:
+def standard_lineart(
+    frame: np.ndarray, gaussian_sigma: float = 6.0, intensity_threshold: int = 8
+) -> np.ndarray:
     """controlnet_aux's weight-free "standard lineart": dark detail against a blurred copy."""
     pixels = frame.astype(np.float32)
     intensity = np.min(cv2.GaussianBlur(pixels, (0, 0), gaussian_sigma) - pixels, axis=2).clip(0, 255)

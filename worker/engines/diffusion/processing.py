@@ -47,12 +47,18 @@ class ImageChain:
             if spec.type == "feedback":
                 self._steps.append((True, bind(feedback, spec.params, f"{label} processor 'feedback'")))
             elif spec.type in PREPROCESSORS:
-                self._steps.append((False, bind(PREPROCESSORS[spec.type], spec.params, f"{label} processor {spec.type!r}")))
+                self._steps.append(
+                    (False, bind(PREPROCESSORS[spec.type], spec.params, f"{label} processor {spec.type!r}"))
+                )
             else:
                 names = ", ".join(sorted([*PREPROCESSORS, "feedback"]))
-                raise EngineError(f"{label} processor {spec.type!r} is not supported here; available: {names}")
+                raise EngineError(
+                    f"{label} processor {spec.type!r} is not supported here; available: {names}"
+                )
 
-    def __call__(self, frames: Sequence[np.ndarray], previous: Sequence[np.ndarray] | None) -> list[np.ndarray]:
+    def __call__(
+        self, frames: Sequence[np.ndarray], previous: Sequence[np.ndarray] | None
+    ) -> list[np.ndarray]:
         out = list(frames)
         for needs_previous, step in self._steps:
             if needs_previous:
@@ -69,7 +75,9 @@ class LatentChain:
         self._steps: list[Callable[..., Any]] = []
         for spec in block.active() if block else []:
             if spec.type != "latent_feedback":
-                raise EngineError(f"{label} processor {spec.type!r} is not supported here; available: latent_feedback")
+                raise EngineError(
+                    f"{label} processor {spec.type!r} is not supported here; available: latent_feedback"
+                )
             self._steps.append(bind(latent_feedback, spec.params, f"{label} processor 'latent_feedback'"))
 
     def __call__(self, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

@@ -33,7 +33,9 @@ class Conditioning:
     time_ids: torch.Tensor | None = None
 
     def repeat(self, n: int) -> Conditioning:
-        return Conditioning(*(None if t is None else t.repeat(n, *[1] * (t.dim() - 1)) for t in self._parts()))
+        return Conditioning(
+            *(None if t is None else t.repeat(n, *[1] * (t.dim() - 1)) for t in self._parts())
+        )
 
     def cat(self, other: Conditioning) -> Conditioning:
         pairs = zip(self._parts(), other._parts(), strict=True)
@@ -57,7 +59,12 @@ class NoisePredictor(Protocol):
     """
 
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, steps: torch.Tensor, num_steps: int, cond: Conditioning
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        steps: torch.Tensor,
+        num_steps: int,
+        cond: Conditioning,
     ) -> torch.Tensor: ...
 
 
@@ -67,7 +74,9 @@ class Scheduler(Protocol):
     alphas_cumprod: torch.Tensor
     timesteps: torch.Tensor
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device, original_inference_steps: int) -> None: ...
+    def set_timesteps(
+        self, num_inference_steps: int, device: torch.device, original_inference_steps: int
+    ) -> None: ...
 
     def get_scalings_for_boundary_condition_discrete(self, timestep: int) -> tuple[float, float]: ...
 
@@ -94,7 +103,9 @@ def unet_batch_sizes(
     if cfg == "initialize":
         if batched:
             return frozenset({rows + fbs})
-        return frozenset({2 * fbs, fbs} if num_steps > 1 else {2 * fbs})  # the negative prompt on step one only
+        return frozenset(
+            {2 * fbs, fbs} if num_steps > 1 else {2 * fbs}
+        )  # the negative prompt on step one only
     return frozenset({rows})
 
 
@@ -144,7 +155,9 @@ class StreamDenoiser:
         StreamDiffusion; an index equal to ``num_inference_steps`` means its last step.
         """
         scheduler = self._scheduler
-        scheduler.set_timesteps(num_inference_steps, self._device, original_inference_steps=max(50, num_inference_steps))
+        scheduler.set_timesteps(
+            num_inference_steps, self._device, original_inference_steps=max(50, num_inference_steps)
+        )
         last = len(scheduler.timesteps) - 1
         timesteps = [int(scheduler.timesteps[min(i, last)]) for i in t_index_list]
         if len(timesteps) != self._num_steps:
@@ -171,7 +184,12 @@ class StreamDenoiser:
         self.init_noise = noise.to(self._device, self._dtype)
 
     def set_guidance(
-        self, cond: Conditioning, uncond: Conditioning | None, cfg_type: str, guidance_scale: float, delta: float
+        self,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        cfg_type: str,
+        guidance_scale: float,
+        delta: float,
     ) -> None:
         """Set the prompt conditioning and how guidance runs; guidance is on only when scale > 1."""
         self._cfg_type = cfg_type if guidance_scale > 1.0 else "none"
@@ -231,7 +249,9 @@ class StreamDenoiser:
     def _next_stock_noise(self, eps: torch.Tensor) -> torch.Tensor:
         """RCFG's residual noise for the next frame: the seed noise plus this step's correction."""
         fbs = self._fbs
-        delta_x = self._x0(eps, self._beta * self._stock_noise, self._alpha, self._beta, self._c_skip, self._c_out)
+        delta_x = self._x0(
+            eps, self._beta * self._stock_noise, self._alpha, self._beta, self._c_skip, self._c_out
+        )
         ones = torch.ones_like(self._alpha[:fbs])
         delta_x = delta_x * torch.cat([self._alpha[fbs:], ones]) / torch.cat([self._beta[fbs:], ones])
         return torch.cat([self.init_noise[fbs:], self.init_noise[:fbs]]) + delta_x

@@ -16,7 +16,9 @@ class LatentCodec:
         self.vae = vae
         self.is_tiny = isinstance(vae, AutoencoderTiny)
         # SDXL's full VAE overflows in fp16 (config.force_upcast); run it in fp32 then.
-        self._dtype = torch.float32 if getattr(vae.config, "force_upcast", False) and not self.is_tiny else dtype
+        self._dtype = (
+            torch.float32 if getattr(vae.config, "force_upcast", False) and not self.is_tiny else dtype
+        )
         self._model_dtype = dtype
         if vae.dtype != self._dtype:
             vae.to(dtype=self._dtype)

@@ -14,13 +14,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_network(load: Callable[..., Any], model_id: str, what: str, device: torch.device,
-                 dtype: torch.dtype) -> Any:
+def load_network(
+    load: Callable[..., Any], model_id: str, what: str, device: torch.device, dtype: torch.dtype
+) -> Any:
     """``load(model_id)`` through ``pretrained`` (hub or local, clear error), on ``device``, in eval mode."""
     return pretrained(load, model_id, what, dtype=dtype).to(device).eval()
 
 
-def frame_tensor(frame: np.ndarray, device: torch.device, dtype: torch.dtype, scale: float = 1 / 255) -> torch.Tensor:
+def frame_tensor(
+    frame: np.ndarray, device: torch.device, dtype: torch.dtype, scale: float = 1 / 255
+) -> torch.Tensor:
     """An ``HxWx3`` uint8 frame as a ``1x3xHxW`` tensor on ``device``, times ``scale`` (default: to [0, 1])."""
     pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None]
     return pixels.to(dtype) * scale
