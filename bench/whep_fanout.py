@@ -44,7 +44,7 @@ def cpu_seconds(pid: int) -> float:
 async def start_server(shared: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = child_env() | {"STREAMDIFFUSION_SERVER__WHEP_SHARED_ENCODER": "true" if shared else "false"}
-    server = subprocess.Popen(  # noqa: ASYNC220 (Popen returns at once)
+    server = subprocess.Popen(
         [
             sys.executable,
             "-m",

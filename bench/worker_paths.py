@@ -64,7 +64,7 @@ async def bench_via_relay(
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
     env = child_env()
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "--port", str(port)], cwd=ROOT, env=env)  # noqa: ASYNC220 (Popen returns at once)
+    relay = subprocess.Popen([sys.executable, "-m", "relay", "--port", str(port)], cwd=ROOT, env=env)
     worker = None
     try:
         for _ in range(100):
@@ -83,7 +83,7 @@ async def bench_via_relay(
                 "--relay",
                 url,
                 "--engine",
-                engine,  # noqa: ASYNC220
+                engine,
                 "--params",
                 json.dumps(params),
             ],

@@ -157,7 +157,8 @@ class LegacyImage(Message):
         if isinstance(value, bytes):
             return value  # built in process from the image itself (JSON has no bytes)
         if not isinstance(value, str):
-            raise ValueError("data must be a base64 string")  # noqa: TRY004 (pydantic turns ValueError into a 422)
+            # a ValueError, not a TypeError: pydantic turns it into a 422
+            raise ValueError("data must be a base64 string")
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
