@@ -125,7 +125,8 @@ def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, t
             f"  watch output:  {auth}python -m producers view --relay {relay_url}",
             f"  save output:   {auth}python -m producers view --save out/ --relay {relay_url}",
             (
-                f'  change look:   {auth}python -m producers pattern --params \'{{"prompt": "a pencil sketch"}}\' '
+                f"  change look:   {auth}python -m producers pattern "
+                f'--params \'{{"prompt": "a pencil sketch"}}\' '
                 f"--relay {relay_url}"
             ),
             (

@@ -94,7 +94,9 @@ def _parse(line: str) -> CoreRequirement | None:
 
 
 def modules_of_distributions() -> dict[str, list[str]]:
-    """Normalized distribution name -> the top-level modules it installs (``opencv-python-headless`` -> cv2)."""
+    """Normalized distribution name -> the top-level modules it installs (``opencv-python-headless`` ->
+    cv2).
+    """
     modules: dict[str, list[str]] = {}
     for module, distributions in importlib.metadata.packages_distributions().items():
         if module.isidentifier() and not module.startswith("_"):

@@ -67,6 +67,8 @@ def pct_cells(samples: list[float], decimals: int = 2) -> str:
 
 
 def pct_ms(samples: list[float], q: float) -> float:
-    """The ``q`` percentile in ms (:func:`common.percentiles.percentiles_ms`); NaN when there are no samples."""
+    """The ``q`` percentile in ms (:func:`common.percentiles.percentiles_ms`); NaN when there are no
+    samples.
+    """
     (value,) = percentiles_ms(samples, (q,)).values()
     return float("nan") if value is None else value

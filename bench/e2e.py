@@ -625,8 +625,8 @@ def main() -> None:
         if not r.latencies:
             cells = ["-"] * 4
         print(
-            f"{r.path:<40} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8} {cells[3]:>9} {r.sent:6d} {r.received:6d}"
-            + (f"  ({r.note})" if r.note else "")
+            f"{r.path:<40} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8} {cells[3]:>9} "
+            f"{r.sent:6d} {r.received:6d}" + (f"  ({r.note})" if r.note else "")
         )
     hopped = [r for r in results if r.hops]
     if hopped:

@@ -277,10 +277,12 @@ def main() -> None:
             tiny = build_tiny_models(root / "tiny")
             models = [("tiny-sd", tiny.sd, tiny.tiny_vae, 512)]
         print(
-            "\nengine: Daydream's default params (3 steps, RCFG self, guidance 1.0); latency = one process() call"
+            "\nengine: Daydream's default params (3 steps, RCFG self, guidance 1.0); "
+            "latency = one process() call"
         )
         print(
-            f"{'model':<12} {'size':>9} {'acceleration':<18} {'batch':>5} {'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'load s':>7}"
+            f"{'model':<12} {'size':>9} {'acceleration':<18} {'batch':>5} "
+            f"{'fps':>8} {'p50 ms':>8} {'p99 ms':>8} {'load s':>7}"
         )
         for name, model_dir, vae_dir, size in models:
             for acceleration in accelerations:
@@ -298,7 +300,8 @@ def main() -> None:
                 f"{IN_FLIGHT} frames in flight"
             )
             print(
-                f"{'model':<12} {'size':>9} {'acceleration':<12} {'path':<17} {'fps':>8} {'vs eng':>6} {'p50 ms':>8} {'p99 ms':>8}"
+                f"{'model':<12} {'size':>9} {'acceleration':<12} {'path':<17} "
+                f"{'fps':>8} {'vs eng':>6} {'p50 ms':>8} {'p99 ms':>8}"
             )
         for name, model_dir, vae_dir, size in models:
             for acceleration in worker_accelerations:

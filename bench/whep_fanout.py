@@ -168,7 +168,8 @@ async def main() -> None:
     print(f"machine: {machine()}")
     print(f"stream: 512x512, {FPS} fps in over the WebSocket ingest, VP8 out, filter engine\n")
     print(
-        f"{'encoding':<12} {'viewers':>7} {'server cpu':>10} {'cpu/viewer':>10} {'fps mean':>8} {'fps min':>8}"
+        f"{'encoding':<12} {'viewers':>7} {'server cpu':>10} {'cpu/viewer':>10} "
+        f"{'fps mean':>8} {'fps min':>8}"
     )
     for count in (int(v) for v in args.viewers.split(",")):
         for shared in (True, False):

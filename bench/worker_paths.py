@@ -1,6 +1,7 @@
 """The worker's two paths, fed JPEG frames with two in flight: in-process threads, and processes over a relay.
 
-Shared by ``bench/worker.py`` (filter engine) and ``bench/engine.py`` (diffusion, the >=100 fps target's path).
+Shared by ``bench/worker.py`` (filter engine) and ``bench/engine.py`` (diffusion, the >=100 fps
+target's path).
 """
 
 from __future__ import annotations

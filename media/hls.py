@@ -42,7 +42,9 @@ def prepare_dir(directory: Path) -> None:
 
 
 def remove_dir(directory: Path) -> None:
-    """Delete an HLS directory and its files: a stream's when it closes, a temporary base with its last output."""
+    """Delete an HLS directory and its files: a stream's when it closes, a temporary base with its last
+    output.
+    """
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -608,7 +608,9 @@ class Hub:
         return channel
 
     def _evict_unauthorized(self, channel: Channel) -> None:
-        """Send away the network peers of a channel that just got a key, unless they hold it (or the token)."""
+        """Send away the network peers of a channel that just got a key, unless they hold it (or the
+        token).
+        """
         for peer in [*channel.producers, *channel.viewers]:
             try:
                 self.check_access(peer)
@@ -619,7 +621,9 @@ class Hub:
                 peer.outbox.close()  # its transport closes the connection
 
     def _anonymous_may_take_a_slot(self) -> bool:
-        """Room for one more anonymous channel: within its share, and none taken from a waiting keyed channel."""
+        """Room for one more anonymous channel: within its share, and none taken from a waiting keyed
+        channel.
+        """
         share = self.config.anonymous_share
         capacity = sum(w.capacity for w in self.workers)
         keyed = [c for c in self.channels.values() if c.key is not None]

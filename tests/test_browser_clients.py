@@ -113,7 +113,8 @@ import {{ WHEPClient }} from "/lib/{whep}";
 
 // As the library's README does it: every camera track sendonly, one peer connection, max-bundle.
 window.publish = async (url) => {{
-  const media = await navigator.mediaDevices.getUserMedia({{audio: true, video: {{width: 320, height: 240}}}});
+  const media = await navigator.mediaDevices.getUserMedia(
+    {{audio: true, video: {{width: 320, height: 240}}}});
   document.getElementById("camera").srcObject = media;
   const pc = window.publisherPc = new RTCPeerConnection({{bundlePolicy: "max-bundle"}});
   for (const track of media.getTracks()) pc.addTransceiver(track, {{direction: "sendonly"}});

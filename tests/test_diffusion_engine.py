@@ -524,7 +524,9 @@ def test_importing_the_registry_does_not_import_torch() -> None:
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("turbo", [True, False])
 def test_stream_recovers_the_latents_an_oracle_denoises(batched: bool, turbo: bool) -> None:
-    """With a perfect noise predictor every step lands on the clean latents: the schedule math is consistent."""
+    """With a perfect noise predictor every step lands on the clean latents: the schedule math is
+    consistent.
+    """
     scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     clean = torch.randn(2, 4, 8, 8)
 

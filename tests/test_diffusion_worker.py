@@ -1,4 +1,6 @@
-"""The diffusion engine end to end: relay, ``python -m worker --engine diffusion --model <tiny>``, producer."""
+"""The diffusion engine end to end: relay, ``python -m worker --engine diffusion --model <tiny>``,
+producer.
+"""
 
 from __future__ import annotations
 

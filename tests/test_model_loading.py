@@ -129,7 +129,9 @@ def refused_endpoint() -> str:
 
 @pytest.fixture
 def stalled_endpoint() -> Iterator[str]:
-    """A socket that accepts connections (the kernel does) and never answers: only a timeout ends a request."""
+    """A socket that accepts connections (the kernel does) and never answers: only a timeout ends a
+    request.
+    """
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(16)
@@ -152,7 +154,9 @@ def hub_cache(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(autouse=True)
 def _online(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hub may be asked (the session is offline by default); no earlier answer or warning is remembered."""
+    """The hub may be asked (the session is offline by default); no earlier answer or warning is
+    remembered.
+    """
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(loading, "_answers", {})

@@ -1,4 +1,6 @@
-"""Installable like a Python project: the wheel, its console scripts, and core imports covered by the core requirements."""
+"""Installable like a Python project: the wheel, its console scripts, and core imports covered by the core
+requirements.
+"""
 
 from __future__ import annotations
 

@@ -73,7 +73,9 @@ class Command:
             self._new.notify_all()
 
     async def line(self, pattern: str, start: int = 0, stream: str = "err") -> tuple[int, re.Match[str]]:
-        """The first line from index ``start`` on matching ``pattern`` (waiting for it): its index and match."""
+        """The first line from index ``start`` on matching ``pattern`` (waiting for it): its index and
+        match.
+        """
         lines = self.err if stream == "err" else self.out
 
         async def find() -> tuple[int, re.Match[str]]:

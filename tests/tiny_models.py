@@ -218,7 +218,8 @@ def _save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
 
 
 def _save_ip_adapter(unet: UNet2DConditionModel, folder: Path, weight_name: str) -> None:
-    """A regular IP-Adapter for ``unet`` in h94/IP-Adapter's layout: ``folder`` holds it and its image encoder.
+    """A regular IP-Adapter for ``unet`` in h94/IP-Adapter's layout: ``folder`` holds it and its
+    image encoder.
 
     The adapter file is what diffusers' ``load_ip_adapter`` reads: ``image_proj.*`` maps the image
     embedding to four text-like tokens; ``ip_adapter.{1,3,5...}.to_{k,v}_ip.weight`` are the extra

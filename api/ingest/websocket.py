@@ -94,7 +94,9 @@ async def _receive(websocket: WebSocket, session: LocalSession) -> None:
 
 
 def _publish(session: LocalSession, data: bytes) -> None:
-    """A relay-protocol frame (its header's claims checked) or bare image bytes, passed through as they are."""
+    """A relay-protocol frame (its header's claims checked) or bare image bytes, passed through as they
+    are.
+    """
     if data[:2] == MAGIC:
         frame = decode_frame(data)
         session.publish(frame.payload, frame.width, frame.height, frame.format, frame.timestamp)

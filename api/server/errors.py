@@ -1,4 +1,6 @@
-"""Daydream's error envelope for every 4xx/5xx: ``{"success": false, "error", "code", "status", "details"}``."""
+"""Daydream's error envelope for every 4xx/5xx:
+``{"success": false, "error", "code", "status", "details"}``.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +53,9 @@ _BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
 
 
 def client_location(loc: Any) -> list[str]:
-    """A validation error's location as the client wrote it: ``params.seed``, never ``params.seed.constrained-int``."""
+    """A validation error's location as the client wrote it: ``params.seed``, never
+    ``params.seed.constrained-int``.
+    """
     return [
         str(p)
         for p in loc

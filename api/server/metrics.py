@@ -1,4 +1,5 @@
-"""Prometheus ``/metrics`` (with the API key, as stream ids label its series): per-stream fps, latency histogram, drops, GPU memory, workers, WebRTC sessions.
+"""Prometheus ``/metrics`` (with the API key, as stream ids label its series): per-stream fps,
+latency histogram, drops, GPU memory, workers, WebRTC sessions.
 
 Gauges and counters are read from the hub at scrape time (a custom
 collector, so nothing is updated on the frame path); the latency histogram

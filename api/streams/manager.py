@@ -111,7 +111,9 @@ class StreamListener:
         """Its outputs (``output_rtmp_url``) changed; params go to the worker through the hub."""
 
     async def stream_closed(self, stream: Stream) -> None:
-        """It stops here (deleted, or the server stops); its channel closes right after the listeners return."""
+        """It stops here (deleted, or the server stops); its channel closes right after the listeners
+        return.
+        """
 
 
 class StreamManager:

@@ -87,7 +87,8 @@ class StreamStore:
 
     def save(self, stream: Stream) -> None:
         self._db.execute(
-            "INSERT INTO streams (id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created) "
+            "INSERT INTO streams "
+            "(id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pipeline = excluded.pipeline, "
             "params = excluded.params, name = excluded.name, output_rtmp_url = excluded.output_rtmp_url",
             (

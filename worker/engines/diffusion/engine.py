@@ -75,7 +75,9 @@ class DiffusionEngine(Engine):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """``device`` and ``dtype`` default to ``pick_device()``; tests set float16 to run the CUDA dtype on a CPU."""
+        """``device`` and ``dtype`` default to ``pick_device()``; tests set float16 to run the CUDA dtype on a
+        CPU.
+        """
         super().__init__(params)
         self._config = parse_params(self.params)
         _check(self._config)
@@ -248,7 +250,9 @@ class DiffusionEngine(Engine):
             )
 
     def _preprocessor(self, params: ControlNetParams) -> Callable[[np.ndarray], np.ndarray]:
-        """A ControlNet's preprocessor; networks (depth, hed) load once (at ``load``) and stay for hot updates."""
+        """A ControlNet's preprocessor; networks (depth, hed) load once (at ``load``) and stay for hot
+        updates.
+        """
         if params.preprocessor in NEURAL_PREPROCESSORS:
             return self._neural.preprocessor(params.preprocessor, params.preprocessor_params)
         return preprocessor(params.preprocessor, params.preprocessor_params)

@@ -169,7 +169,9 @@ def _load_vae(params: DiffusionParams, pipe: Any, is_xl: bool, dtype: torch.dtyp
 
 @dataclass(frozen=True)
 class HubAnswer:
-    """What the hub said about a model id: ``found``, ``missing`` (404, or 401 for private/gated) or ``unreachable``."""
+    """What the hub said about a model id: ``found``, ``missing`` (404, or 401 for private/gated) or
+    ``unreachable``.
+    """
 
     state: Literal["found", "missing", "unreachable"]
     cause: str = ""
@@ -210,7 +212,9 @@ _warned: dict[str, float] = {}  # warning -> when it was logged
 
 
 def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str, Any]) -> T:
-    """Download (or update) from a hub that answers, else load the cached copy, else explain why neither works."""
+    """Download (or update) from a hub that answers, else load the cached copy, else explain why neither
+    works.
+    """
     name = f"{what} {repo_id!r}"
     try:
         validate_repo_id(repo_id)
@@ -279,7 +283,9 @@ def _within(seconds: float, call: Callable[[], T]) -> T | None:
 
 
 def _warn_once(message: str) -> None:
-    """Log ``message`` once per ``REMEMBER_S``: a pipeline's config and weights load apart, yet are one model."""
+    """Log ``message`` once per ``REMEMBER_S``: a pipeline's config and weights load apart, yet are one
+    model.
+    """
     now = time.monotonic()
     if now - _warned.get(message, -REMEMBER_S) >= REMEMBER_S:
         _warned[message] = now

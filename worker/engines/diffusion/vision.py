@@ -24,7 +24,9 @@ def load_network(
 def frame_tensor(
     frame: np.ndarray, device: torch.device, dtype: torch.dtype, scale: float = 1 / 255
 ) -> torch.Tensor:
-    """An ``HxWx3`` uint8 frame as a ``1x3xHxW`` tensor on ``device``, times ``scale`` (default: to [0, 1])."""
+    """An ``HxWx3`` uint8 frame as a ``1x3xHxW`` tensor on ``device``, times ``scale`` (default: to [0,
+    1]).
+    """
     pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None]
     return pixels.to(dtype) * scale
 
