@@ -367,7 +367,7 @@ async def run_case(
     running = [True]
     tasks = []
     for s in streams:
-        for ws, log in zip(s.viewers, s.received):
+        for ws, log in zip(s.viewers, s.received, strict=False):
             tasks.append(asyncio.create_task(_view(s, ws, log)))
         tasks.append(asyncio.create_task(_drain(s)))
         tasks += [asyncio.create_task(_echo(w)) for w in s.extra]

@@ -60,10 +60,8 @@ async def _start_bare() -> Any:
         subscribers = viewers[channel]
         async for message in ws:
             for viewer in list(subscribers):
-                try:
+                with contextlib.suppress(ConnectionClosed):
                     await viewer.send(message)
-                except ConnectionClosed:
-                    pass
 
     return await websockets.serve(handler, "127.0.0.1", 0, compression=None, max_size=16 * 1024 * 1024)
 
@@ -85,10 +83,8 @@ async def _start_naive(compression: str | None) -> Any:
                     await ws.send(json.dumps(ACK))
                     for other in list(group):
                         if other is not ws:
-                            try:
+                            with contextlib.suppress(ConnectionClosed):
                                 await other.send(message)
-                            except ConnectionClosed:
-                                pass
         except ConnectionClosed:
             pass
         finally:
@@ -161,10 +157,8 @@ def server_process(kind: str, conn: Any, profile_path: str | None = None) -> Non
         conn.send((port, type(loop).__module__.split(".")[0]))
 
         def wait_for_parent() -> None:
-            try:
+            with contextlib.suppress(EOFError):
                 conn.recv()
-            except EOFError:
-                pass
             loop.call_soon_threadsafe(stop.set)
 
         threading.Thread(target=wait_for_parent, daemon=True).start()

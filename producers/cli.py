@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -364,17 +365,13 @@ async def _until_interrupted(work: Callable[[asyncio.Event], Coroutine[Any, Any,
         stop.set()
         loop.remove_signal_handler(signal.SIGINT)
 
-    try:
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, or not the main thread
         loop.add_signal_handler(signal.SIGINT, first_interrupt)
-    except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
-        pass
     try:
         return await work(stop)
     finally:
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
-        except (NotImplementedError, RuntimeError):
-            pass
 
 
 def _fail(message: str, code: int) -> int:

@@ -384,10 +384,8 @@ class _Producer:
                     return False
                 limit = min(limit, until)
             self.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), max(0.0, limit - now))
-            except TimeoutError:
-                pass
         return True
 
     def _capture(self) -> _Captured | None:

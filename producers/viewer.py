@@ -16,6 +16,7 @@ the relay stays away the report's ``closed`` says why (the command exits 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -472,10 +473,8 @@ class _Viewer:
     async def _close_when(self, stop: asyncio.Event | None) -> None:
         """Close the socket at ``stop`` or after ``duration``: that ends the receive loop."""
         waiter = stop.wait() if stop is not None else asyncio.Event().wait()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter, self.opts.duration)
-        except TimeoutError:
-            pass
         await self._end()
 
     async def _end(self) -> None:
@@ -593,10 +592,8 @@ class _Viewer:
         shown: Frame | None = None
         try:
             while not self.done:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.fresh.wait(), WINDOW_POLL_S)
-                except TimeoutError:
-                    pass
                 self.fresh.clear()
                 if window.closed_by_user():
                     await self._end()  # ends the receive loop: a clean end, like Ctrl-C

@@ -85,7 +85,7 @@ def test_invalid_file_names_the_file_and_field(tmp_path, content, needle):
 
 def test_invalid_environment_value_is_named(monkeypatch):
     monkeypatch.setenv("STREAMDIFFUSION_RELAY__MAX_CHANNELS", "0")
-    with pytest.raises(ConfigError, match="relay.max_channels"):
+    with pytest.raises(ConfigError, match=r"relay\.max_channels"):
         load_config()
 
 

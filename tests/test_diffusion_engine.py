@@ -235,7 +235,7 @@ def test_upscale_post_processing_enlarges_the_output(tiny: TinyModels) -> None:
         tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 1.5}}]}
     )
     assert eng.process(frames())[0].shape == (SIZE * 3 // 2, SIZE * 3 // 2, 3)
-    with pytest.raises(EngineError, match="scale_factor must be in 1..4"):
+    with pytest.raises(EngineError, match=r"scale_factor must be in 1\.\.4"):
         engine(
             tiny, image_postprocessing={"processors": [{"type": "upscale", "params": {"scale_factor": 8}}]}
         )
@@ -393,7 +393,7 @@ def test_a_missing_tiny_vae_or_lora_is_named(tiny: TinyModels) -> None:
 def test_ip_adapter_errors_are_clear(tiny: TinyModels) -> None:
     with pytest.raises(EngineError, match="faceid"):
         DiffusionEngine({"model_id": "Lykon/dreamshaper-8", "ip_adapter": {"type": "faceid"}})
-    with pytest.raises(EngineError, match="not SD 2.1"):
+    with pytest.raises(EngineError, match=r"not SD 2\.1"):
         DiffusionEngine({"ip_adapter": {"type": "regular"}})  # sd-turbo has no IP-Adapter
     with pytest.raises(EngineError, match="IP-Adapter 'h94/IP-Adapter' is not available"):
         engine(tiny, ip_adapter={"type": "regular"})
@@ -470,7 +470,7 @@ def test_unknown_or_invalid_params_are_refused(tiny: TinyModels) -> None:
     with pytest.raises(EngineError, match="non-decreasing"):
         DiffusionEngine({"t_index_list": [30, 10]})
     eng = engine(tiny)
-    with pytest.raises(EngineError, match="unknown parameter 'controlnets.0.bogus'"):
+    with pytest.raises(EngineError, match=r"unknown parameter 'controlnets\.0\.bogus'"):
         eng.update({"controlnets": [{"model_id": "x", "bogus": 1}]})
 
 

@@ -128,9 +128,9 @@ def test_video_source_reads_every_frame_and_loops(tmp_path: Path) -> None:
     [
         lambda p: StaticSource(p / "missing.jpg"),
         lambda p: DirectorySource(p / "missing"),
-        lambda p: DirectorySource(p),  # exists but holds no images
+        DirectorySource,  # exists but holds no images
         lambda p: VideoSource(p / "missing.mp4"),
-        lambda p: StaticSource(p),  # a directory, not a file
+        StaticSource,  # a directory, not a file
     ],
 )
 def test_missing_sources_raise_source_error(tmp_path: Path, make: Any) -> None:

@@ -97,7 +97,7 @@ class Command:
         except TimeoutError:
             raise AssertionError(
                 f"no line matching {pattern!r} in {LIMIT} s; stderr:\n"
-                + "\n".join(self.err[:8] + ["..."] + self.err[-3:])
+                + "\n".join([*self.err[:8], "...", *self.err[-3:]])
             ) from None
 
     async def finish(self, sig: signal.Signals | None = None) -> int:

@@ -253,7 +253,7 @@ async def test_window_on_a_display_that_does_not_answer_is_a_viewer_error(
     monkeypatch.setenv("DISPLAY", free_display())
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.delenv("SDL_VIDEODRIVER", raising=False)
-    with pytest.raises(ViewerError, match="cannot open a window.*--save DIR or --mp4 PATH"):
+    with pytest.raises(ViewerError, match=r"cannot open a window.*--save DIR or --mp4 PATH"):
         await run_viewer(ViewerOptions(relay="ws://127.0.0.1:1", show=True))
 
 

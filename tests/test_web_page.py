@@ -79,9 +79,9 @@ async def test_frames_flow_and_a_prompt_change_reaches_output_and_stats(server, 
     try:
         await page.wait_for_function("document.body.dataset.state === 'ONLINE'", timeout=30_000)
         await page.wait_for_function("Math.max(...window.sampleOutput()) > 20", timeout=20_000)
-    except playwright_api.TimeoutError:
+    except playwright_api.TimeoutError as exc:
         await page.screenshot(path=f"{shot}-failed.png")
-        raise AssertionError("no output: " + " | ".join(page.messages[-10:]))
+        raise AssertionError("no output: " + " | ".join(page.messages[-10:])) from exc
     await page.screenshot(path=f"{shot}-before.png")
     before = await page.evaluate("window.sampleOutput()")
     version_before = int(await page.evaluate("document.body.dataset.outputParamsVersion"))

@@ -159,7 +159,7 @@ async def test_worker_serves_several_channels_with_its_capacity(relay):
         ws, _ = await connect(relay.url, "producer", name)
         await ws.send(params_text(effect=effect))
         producers.append(ws)
-    for ws, name in zip(producers, "ab"):
+    for ws, name in zip(producers, "ab", strict=False):
         await ws.send(input_frame(1, jpeg(), name))
         frame = await recv_frame(ws)
         while frame.params_version < 1:

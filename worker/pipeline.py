@@ -227,7 +227,7 @@ class ChannelPipeline:
                 self._error(f"engine failed on frame {batch[-1].frame.seq}: {exc}")
                 continue
             self.times.engine += time.perf_counter() - start
-            for item, out in zip(batch, outputs):
+            for item, out in zip(batch, outputs, strict=False):
                 self._processed.put((item.frame, out, self._version))
 
     def _encode_loop(self) -> None:

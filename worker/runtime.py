@@ -182,10 +182,8 @@ class Worker:
     def _call_soon(self, fn, *args) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
                 loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # loop closing during shutdown
-                pass
 
     async def _send_loop(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):

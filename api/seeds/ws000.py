@@ -99,10 +99,7 @@ async def _read(websocket: WebSocket, out: Outgoing, session: SessionChannel) ->
             )
             await out.close(1009, f"frames are limited to {limit} bytes")
             return
-        if isinstance(message, bytes):
-            reply = _frame(session, message)
-        else:
-            reply = _control(session, message)
+        reply = _frame(session, message) if isinstance(message, bytes) else _control(session, message)
         if reply is not None and not await out.json(reply):
             return
 

@@ -40,7 +40,7 @@ class Engine(abc.ABC):
         """``(width, height)`` of the frames it produces, or None for "same as input"."""
         return None
 
-    def load(self) -> None:  # an optional hook
+    def load(self) -> None:  # noqa: B027 - an optional hook, not abstract: engines override it if they need it
         """Do the slow work (weights, compilation). Called once, off the event loop."""
 
     @abc.abstractmethod
@@ -55,7 +55,7 @@ class Engine(abc.ABC):
         """What the engine runs on, for logs, stats and ``/health``."""
         return {"engine": self.name}
 
-    def close(self) -> None:  # an optional hook
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: engines override it if they need it
         """Free resources (GPU memory) when the engine is replaced or the channel released."""
 
 

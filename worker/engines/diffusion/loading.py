@@ -149,9 +149,10 @@ def _apply_loras(pipe: Any, params: DiffusionParams, kind: ModelKind, is_xl: boo
         return
     for name, (source, _) in loras.items():
         kwargs: dict[str, Any] = {"adapter_name": name}
+        location = source
         if os.path.isfile(source):
-            source, kwargs["weight_name"] = os.path.split(source)
-        pretrained(lambda src, **kw: pipe.load_lora_weights(src, **kw), source, "LoRA", **kwargs)
+            location, kwargs["weight_name"] = os.path.split(source)
+        pretrained(pipe.load_lora_weights, location, "LoRA", **kwargs)
     names = list(loras)
     pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras.values()])
     pipe.fuse_lora(adapter_names=names)
