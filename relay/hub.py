@@ -124,7 +124,7 @@ class Peer:
     #: a channel it creates is anonymous (no credential: a seed session, a tokenless client)
     anonymous: bool = False
     assigned: list[str] = field(default_factory=list)  # workers only
-    legacy_seq: itertools.count = field(default_factory=itertools.count)
+    legacy_seq: itertools.count[int] = field(default_factory=itertools.count)
     last_input_seq: dict[str, int] = field(default_factory=dict)
     _wanted: frozenset[FrameKind] = field(init=False, repr=False)
 
@@ -170,7 +170,7 @@ class Peer:
         return kind in self._wanted
 
     def describe(self) -> dict[str, Any]:
-        info = {"id": self.id, "role": self.role.value, "name": self.name}
+        info: dict[str, Any] = {"id": self.id, "role": self.role.value, "name": self.name}
         if self.role is Role.WORKER:
             info.update(capacity=self.capacity, engine=self.engine, channels=list(self.assigned))
         else:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 from relay.hub import Delivery, Hub, Peer
 from relay.outbox import Outbox
@@ -57,7 +57,8 @@ class Events:
             if self._done:
                 raise StopAsyncIteration
             control, deliveries = await self._outbox.take()
-            self._pending.extend(control)
+            # a local session is sent models only (text is for the network sessions)
+            self._pending.extend(cast("list[RelayMessage]", control))
             self._pending.extend(deliveries)
             if self._outbox.closed:
                 self._pending.append(CLOSED)

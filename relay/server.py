@@ -38,6 +38,7 @@ from websockets.datastructures import MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.typing import Origin
 
 from common.listen import listen
 from relay.config import RelayConfig
@@ -46,7 +47,15 @@ from relay.limits import OncePerInterval, TokenBucket, limit_accept_error_logs
 from relay.outbox import Control, Outbox
 from wire.errors import ErrorCode, ProtocolError
 from wire.frames import decode_frame
-from wire.messages import DEFAULT_CHANNEL, Hello, LegacyImage, Role, decode_control, encode_control
+from wire.messages import (
+    DEFAULT_CHANNEL,
+    ClientMessage,
+    Hello,
+    LegacyImage,
+    Role,
+    decode_control,
+    encode_control,
+)
 from wire.relay_messages import Error, Shutdown, Welcome
 
 log = logging.getLogger("relay")
@@ -82,14 +91,15 @@ class Relay:
             max_size=self.config.websocket_max_size,
             # browsers always send an Origin, scripts and workers none: a web page may
             # connect only from an allowed origin (403 otherwise)
-            origins=[None, *sorted(self.config.origins)],
+            origins=[None, *(Origin(origin) for origin in sorted(self.config.origins))],
             process_request=self._admit,
         )
 
     @property
     def port(self) -> int:
         assert self._server is not None, "relay not started"
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def url(self) -> str:
@@ -204,6 +214,7 @@ class Relay:
                     # were delivered, the CPU going to frames dropped unsent).
                     await asyncio.sleep(0)
                     continue
+                control: ClientMessage | ProtocolError
                 try:
                     control = decode_control(message)
                 except ProtocolError as exc:

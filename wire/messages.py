@@ -15,7 +15,7 @@ import base64
 import binascii
 import enum
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import orjson
 from pydantic import (
@@ -147,7 +147,8 @@ class LegacyImage(Message):
     type: Literal["image"] = "image"
     # data before format: a message wrong in both is refused for its data, as it always was
     data: bytes
-    format: ImageFormatName = ImageFormat.JPEG
+    # the enum member (a str) as before: pydantic keeps a default as it is
+    format: ImageFormatName = ImageFormat.JPEG  # type: ignore[assignment]
     timestamp: float | None = None
     seq: int | None = Field(default=None, ge=0, lt=2**64)  # our addition; seed clients omit it
 
@@ -175,7 +176,7 @@ _client = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
 
 def decode_control(message: str | bytes | Mapping[str, Any]) -> ClientMessage:
     """A client's text message (or its parsed JSON) as a model; :class:`ProtocolError` says what is wrong."""
-    return decode_with(_client, message)
+    return cast(ClientMessage, decode_with(_client, message))
 
 
 def decode_with(adapter: TypeAdapter[Any], message: str | bytes | Mapping[str, Any]) -> Any:

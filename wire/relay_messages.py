@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, TypeAdapter
 
@@ -157,4 +157,4 @@ def decode_relay_message(message: str | bytes | Mapping[str, Any]) -> RelayMessa
     Raises :class:`ProtocolError`; :class:`wire.errors.UnknownMessageType`
     (a subclass) for a type this side does not know, which a client may ignore.
     """
-    return decode_with(_relay, message)
+    return cast(RelayMessage, decode_with(_relay, message))

@@ -187,7 +187,8 @@ class Worker:
 
     async def _send_loop(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
-            await self._outbox.drain(ws.send, ws.send)
+            # websockets types send() for every kind of Data, the outbox hands it str or bytes
+            await self._outbox.drain(ws.send, ws.send)  # type: ignore[arg-type]
 
     async def _stats_loop(self) -> None:
         last = time.monotonic()

@@ -158,7 +158,7 @@ def _size(params: Mapping[str, Any]) -> tuple[int, int] | None:
     if width is None and height is None:
         return None
     try:
-        width, height = int(width), int(height)
+        width, height = int(width), int(height)  # type: ignore[arg-type]  # None: TypeError, below
     except (TypeError, ValueError):
         raise EngineError("width and height must both be integers") from None
     if not (8 <= width <= 4096 and 8 <= height <= 4096):
