@@ -56,5 +56,8 @@ bench: setup-dev
 doctor: setup
 	$(PY) -m api.doctor
 
+# ruff's rules, ruff's formatting, and mypy over the files listed in pyproject.toml
 lint: setup-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
