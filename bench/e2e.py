@@ -72,6 +72,7 @@ sys.path.insert(0, ROOT)
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from bench.benchutil import child_env, machine, natural_image, pct_ms
 from media.codec import decode_image, encode_image
@@ -531,17 +532,29 @@ async def run(args: argparse.Namespace, params: dict) -> tuple[list[Result], dic
         running(app) as base_url,
         httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=30) as client,
     ):
-        command = [sys.executable, "-m", "worker", "--relay", app.state.relay_url, "--engine", args.engine]
+        command = [
+            sys.executable,
+            "-m",
+            "worker",
+            "--relay",
+            services(app).relay_url,
+            "--engine",
+            args.engine,
+        ]
         if args.model:
             command += ["--model", args.model]
-        worker = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=child_env())
+        # the embedded relay's token (configured, or generated at start) reaches the worker by environment
+        token = next(iter(services(app).relay.config.tokens))
+        worker = await asyncio.create_subprocess_exec(
+            *command, cwd=ROOT, env={**child_env(), "RELAY_TOKEN": token}
+        )
         try:
             response = await client.post(
                 "/v1/streams", json={"pipeline": "streamdiffusion", "params": params}
             )
             response.raise_for_status()
             stream = response.json()
-            hub = app.state.relay.hub
+            hub = services(app).relay.hub
             for codec in args.codecs:
                 results.append(
                     await bench_webrtc(client, hub, stream, codec, args.seconds, args.warmup_timeout)

@@ -15,6 +15,7 @@ import pytest
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from relay import RelayConfig
 from worker.runtime import Worker, WorkerOptions
@@ -35,7 +36,7 @@ async def api() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def worker(api: httpx.AsyncClient) -> AsyncIterator[Worker]:
     """An in-process filter worker on the app's relay (invert for prompt "negative")."""
-    worker = Worker(WorkerOptions(relay_url=api.app.state.relay_url, engine="filter", capacity=4))
+    worker = Worker(WorkerOptions(relay_url=services(api.app).relay_url, engine="filter", capacity=4))
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.connected.wait(), 10)
     yield worker

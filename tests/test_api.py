@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from api.server.services import services
 from api.streams.ids import ALPHABET
 from media.codec import decode_image
 from relay.local import LocalProducer, LocalViewer
@@ -119,7 +120,7 @@ async def test_stream_without_worker_reports_loading_and_never_hangs(api):
 
 async def run_frames(api, stream_id: str, count: int, size=(512, 512)):
     """Publish ``count`` frames in-process and return the last output frame."""
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     producer, viewer = LocalProducer(hub, stream_id), LocalViewer(hub, stream_id)
     try:
         out = None
@@ -145,7 +146,7 @@ async def status_with_rates(api, stream_id: str) -> dict:
 
 
 async def wait_until_ready(api, stream_id: str) -> dict:
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     viewer = LocalViewer(hub, stream_id, receive="none")
     try:
         while hub.channels[stream_id].engine_state != "ready":
@@ -178,7 +179,7 @@ async def test_hot_params_patch_changes_the_output_without_reload(api, worker):
     before = decode_image((await run_frames(api, sid, 2)).payload).astype(int)
     response = await api.patch(f"/v1/streams/{sid}/params", json={"prompt": "photo negative"})
     assert response.status_code == 200 and response.json()["data"]["params"]["prompt"] == "photo negative"
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     version = hub.channels[sid].params_version
     producer, viewer = LocalProducer(hub, sid), LocalViewer(hub, sid)
     frames = 0
@@ -232,7 +233,7 @@ async def test_delete_frees_worker_and_channel(api, worker):
     stream = await create(api)
     sid = stream["id"]
     await asyncio.wait_for(wait_until_ready(api, sid), 15)
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     assert sid in hub.channels and sid in worker.pipelines
     response = await api.delete(f"/v1/streams/{sid}")
     assert response.status_code == 200 and response.json() == {"success": True, "data": {}}

@@ -13,6 +13,7 @@ import pytest
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from relay import RelayConfig
 from relay.local import LocalProducer
@@ -26,7 +27,7 @@ SIZE = 384
 @contextlib.asynccontextmanager
 async def feeding(api, stream_id: str):
     """Publish changing frames at about 30 fps until the block ends."""
-    producer = LocalProducer(api.app.state.relay.hub, stream_id)
+    producer = LocalProducer(services(api.app).relay.hub, stream_id)
     frames = [jpeg(SIZE, SIZE, seed=i) for i in range(30)]
 
     async def run() -> None:
@@ -82,7 +83,7 @@ async def test_output_rtmp_url_pushes_to_nginx(api, worker, rtmp_server):
     assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
     assert max(f.std() for f in frames) > 10
     assert (await api.delete(f"/v1/streams/{stream['id']}")).status_code == 200
-    assert stream["id"] not in api.app.state.outputs.rtmp
+    assert stream["id"] not in services(api.app).outputs.rtmp
 
 
 async def test_hls_playlist_plays_back_with_pyav(api, worker):
@@ -112,7 +113,7 @@ async def test_hls_playlist_plays_back_with_pyav(api, worker):
     assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
     assert (await api.get(stream["hls_url"].replace("index.m3u8", "../../etc/passwd"))).status_code == 404
     await api.delete(f"/v1/streams/{stream['id']}")
-    assert stream["id"] not in api.app.state.outputs.hls
+    assert stream["id"] not in services(api.app).outputs.hls
 
 
 @pytest.mark.network_service
@@ -138,7 +139,7 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         client.app = app
-        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter"))
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
         task = asyncio.create_task(worker.run())
         stream = await create(client, width=SIZE, height=SIZE)
         playback = stream["output_playback_id"]
@@ -187,7 +188,7 @@ async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Pa
             starting = await client.get(stream["hls_url"])
             assert starting.status_code == 503 and starting.headers["retry-after"]
             assert starting.headers["access-control-allow-origin"] == "*"
-        outputs = [app.state.outputs.hls[stream["id"]] for stream in streams]
+        outputs = [services(app).outputs.hls[stream["id"]] for stream in streams]
         for output in outputs:
             assert await output.wait_for(lambda o: o.ready, 15)  # the child has made its directory
         directories = [output.hls_dir for output in outputs]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+from api.server.services import services
 from media.codec import decode_image
 from relay.client import connect
 from tests.helpers import input_frame, jpeg, recv_frame, recv_json
@@ -89,7 +90,7 @@ async def test_shutdown_tells_websocket_clients_in_their_protocol():
         assert orjson.loads(await seed000.recv())["type"] == "status"
         seed001 = await websockets.connect(base + "/api/ws/alice")
         assert orjson.loads(await seed001.recv()) == {"status": "connected"}
-        relay_client, _ = await connect(app.state.relay_url, "viewer", "x")
+        relay_client, _ = await connect(services(app).relay_url, "viewer", "x")
         while len(app.state.farewells) < 2:  # both sessions set up server-side
             await asyncio.sleep(0.01)
     goodbyes = []

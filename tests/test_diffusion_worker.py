@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from api.server.services import services
 from media.codec import decode_image
 from relay.client import connect
 from tests.helpers import input_frame, jpeg, recv_frame, recv_json
@@ -90,7 +91,7 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
     app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as api:
         api.app = app
-        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="diffusion"))
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="diffusion"))
         task = asyncio.create_task(worker.run())
         params = {
             "model_id": str(tiny.sd),
@@ -103,7 +104,7 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
         response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
         sid = response.json()["id"]
         await asyncio.wait_for(wait_until_ready(api, sid), 60)
-        hub = app.state.relay.hub
+        hub = services(app).relay.hub
         producer, viewer = LocalProducer(hub, sid), LocalViewer(hub, sid)
         image = jpeg(SIZE, SIZE, seed=3)
 

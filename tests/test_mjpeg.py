@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from api.playback.mjpeg import mjpeg_stream
+from api.server.services import services
 from media.codec import decode_image, encode_image
 from relay.local import LocalProducer
 from tests.api_fixtures import api, create_stream, eventually, multipart_parts, worker  # noqa: F401
@@ -22,7 +23,7 @@ WIDTH, HEIGHT = 384, 448
 @contextlib.asynccontextmanager
 async def producing(api, channel: str) -> AsyncIterator[LocalProducer]:
     """Feed the channel flat-colour 320x240 input frames at about 30 fps until the block ends."""
-    producer = LocalProducer(api.app.state.relay.hub, channel)
+    producer = LocalProducer(services(api.app).relay.hub, channel)
     rgb = np.empty((240, 320, 3), np.uint8)
     rgb[:] = COLOR
     payload = encode_image(rgb)
@@ -42,7 +43,7 @@ async def producing(api, channel: str) -> AsyncIterator[LocalProducer]:
 
 
 def viewers(api, channel: str) -> int:
-    found = api.app.state.relay.hub.channels.get(channel)
+    found = services(api.app).relay.hub.channels.get(channel)
     return len(found.viewers) if found else 0
 
 
@@ -118,7 +119,7 @@ async def test_disconnect_without_frames_frees_the_viewer(api):
 
 async def test_generator_closes_without_being_started(api):
     stream = await create_stream(api)
-    parts = mjpeg_stream(api.app.state.relay.hub, stream["id"], quality=50, max_fps=10)
+    parts = mjpeg_stream(services(api.app).relay.hub, stream["id"], quality=50, max_fps=10)
     assert viewers(api, stream["id"]) == 1
     await parts.aclose()
     assert viewers(api, stream["id"]) == 0

@@ -25,6 +25,7 @@ from websockets.exceptions import InvalidStatus
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from api.server.workers import LocalWorkers
 from relay import Relay, RelayConfig
@@ -114,7 +115,7 @@ async def create_stream(url: str) -> dict:
 async def test_a_stream_channel_opens_only_to_its_key_or_the_relay_token(server):
     app, url = server
     stream = await create_stream(url)
-    relay_url = app.state.relay_url
+    relay_url = services(app).relay_url
     for role in ("viewer", "producer"):  # the anonymous reader and injector
         async with websockets.connect(relay_url, compression=None) as ws:
             await ws.send(hello(role, stream["id"]))
@@ -132,7 +133,7 @@ async def test_a_stream_channel_opens_only_to_its_key_or_the_relay_token(server)
     ) as producer:
         await producer.send(input_frame(1, jpeg(), stream["id"]))
         await recv_json(producer, "status")  # waiting for a worker: joined, not refused
-    token = next(iter(app.state.relay.config.tokens))
+    token = next(iter(services(app).relay.config.tokens))
     watcher, _ = await connect(relay_url, "viewer", stream["id"], token=token)
     await viewer.close()
     await watcher.close()
@@ -140,7 +141,7 @@ async def test_a_stream_channel_opens_only_to_its_key_or_the_relay_token(server)
 
 async def test_open_channels_stay_tokenless_on_loopback_but_workers_need_the_token(server):
     app, _ = server
-    relay_url = app.state.relay_url
+    relay_url = services(app).relay_url
     async with websockets.connect(relay_url) as legacy:  # a seed-002 producer, as the seed has it
         await legacy.send(
             orjson.dumps(
@@ -179,11 +180,11 @@ async def test_the_generated_relay_token_reaches_workers_and_outputs_by_environm
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=1, api_keys=frozenset({KEY})))
     async with running(app):
-        (token,) = app.state.relay.config.tokens
+        (token,) = services(app).relay.config.tokens
         assert len(token) >= 32
         ((command, env),) = spawned
         assert env[TOKEN_ENV] == token and not any(token in arg for arg in command)
-        assert app.state.outputs.token == token  # RTMP/HLS processes: Options.environment, not argv
+        assert services(app).outputs.token == token  # RTMP/HLS processes: Options.environment, not argv
         assert not app.state.settings.relay.tokens  # nothing configured was changed
 
 
@@ -363,7 +364,7 @@ async def test_a_full_channel_table_is_a_503_not_a_500():
 
 async def test_idle_seed_sockets_cannot_keep_a_stream_from_its_worker(server):
     app, url = server
-    worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter", capacity=2))
+    worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=2))
     task = asyncio.create_task(worker.run())
     seeds = []
     try:
@@ -371,7 +372,7 @@ async def test_idle_seed_sockets_cannot_keep_a_stream_from_its_worker(server):
         ws_url = url.replace("http://", "ws://") + "/ws"
         for _ in range(4):  # seed 000 clients that connect and then do nothing
             seeds.append(await websockets.connect(ws_url, compression=None))
-        hub = app.state.relay.hub
+        hub = services(app).relay.hub
         await eventually(
             lambda: sum(name.startswith("ws000-") for name in hub.channels) == 4, 10, "four seed channels"
         )

@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from media.codec import decode_image
 from relay import RelayConfig
@@ -32,7 +33,7 @@ async def server():
     """(ws URL, app) with an in-process filter worker on the app's relay."""
     app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter", capacity=4))
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=4))
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
         try:
@@ -116,8 +117,8 @@ async def test_status_settings_and_frames(server):
         meta, _ = await processed(ws)
         assert (meta["width"], meta["height"]) == (SIZE, SIZE)
         channel = data["session_id"]
-        assert channel in app.state.relay.hub.channels
-    await until(lambda: channel not in app.state.relay.hub.channels)  # released on disconnect
+        assert channel in services(app).relay.hub.channels
+    await until(lambda: channel not in services(app).relay.hub.channels)  # released on disconnect
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ async def server():
         )
     )
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter", capacity=4))
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=4))
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
         try:
@@ -296,7 +296,7 @@ async def test_wait_while_no_worker_is_free_then_send_frame():
     ):
         assert await recv_json(ws) == {"status": "connected"}
         assert await recv_json(ws) == {"status": "wait"}
-        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter"))
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
         task = asyncio.create_task(worker.run())
         try:
             assert await recv_json(ws) == SEND_FRAME  # a worker took the session

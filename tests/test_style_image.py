@@ -15,6 +15,7 @@ import pytest
 from api.server.app import create_app
 from api.server.errors import ApiError
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from api.streams import style_image
 from relay import RelayConfig
@@ -86,7 +87,7 @@ async def test_fetched_image_becomes_a_data_url(files):
         assert data_url.startswith("data:image/jpeg;base64,")
         assert base64.b64decode(data_url.split(",", 1)[1]) == jpeg(64, 64, seed=5)
         sid = response.json()["id"]
-        channel = app.state.relay.hub.channels[sid]
+        channel = services(app).relay.hub.channels[sid]
         assert channel.params["ip_adapter_style_image_url"] == data_url  # what the worker gets
         for path, needle in (("notes.txt", "not a JPEG or PNG"), ("missing.jpg", "HTTP 404")):
             response = await client.patch(

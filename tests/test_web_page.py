@@ -15,6 +15,7 @@ import pytest
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from relay import RelayConfig
 from worker.runtime import Worker, WorkerOptions
@@ -42,7 +43,7 @@ if not shutil.which(CHROMIUM):
 async def server():
     app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=app.state.relay_url, engine="filter"))
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), 10)
         yield url, app
@@ -91,7 +92,7 @@ async def test_frames_flow_and_a_prompt_change_reaches_output_and_stats(server, 
     await page.wait_for_function(
         f"Number(document.body.dataset.outputParamsVersion) > {version_before}", timeout=20_000
     )
-    assert app.state.streams.get(stream_id).params["prompt"] == "photo negative"
+    assert services(app).streams.get(stream_id).params["prompt"] == "photo negative"
     await page.wait_for_function(
         "(then) => Math.max(...window.sampleOutput().map((v, i) => Math.abs(v - then[i]))) > 40",
         arg=before,
@@ -103,4 +104,4 @@ async def test_frames_flow_and_a_prompt_change_reaches_output_and_stats(server, 
 
     await page.click("#stop")
     await page.wait_for_function("document.querySelector('#start').disabled === false")
-    assert stream_id not in app.state.streams.streams
+    assert stream_id not in services(app).streams.streams

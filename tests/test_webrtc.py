@@ -28,6 +28,7 @@ from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
 
 from api.server.app import create_app
 from api.server.http import running
+from api.server.services import services
 from api.server.settings import ServerSettings
 from api.webrtc import WebRTCSettings
 from api.webrtc.fanout import MAX_BACKLOG, PacketTrack, SharedEncoder, VideoEncoder
@@ -115,7 +116,7 @@ async def play(
 
 
 def registry(client: httpx.AsyncClient):
-    return client.app.state.webrtc.registry
+    return services(client.app).webrtc.registry
 
 
 @pytest.mark.parametrize("codec", ["video/H264", "video/VP8"])
@@ -161,7 +162,7 @@ async def test_whip_in_whep_out_inverted(api, worker, codec):
         assert deleted.status_code == 200
         assert [s.kind for s in registry(api).for_stream(stream["id"])] == ["whep"]
         assert (await api.delete(whip.headers["location"])).status_code == 200  # ended: DELETE is idempotent
-        channel = api.app.state.relay.hub.channels[stream["id"]]
+        channel = services(api.app).relay.hub.channels[stream["id"]]
         assert not channel.producers
         assert (await api.delete(whep.headers["location"])).status_code == 200
         assert registry(api).sessions == {} and not channel.viewers
@@ -185,15 +186,15 @@ async def test_viewers_share_one_encoder_per_codec(api, worker):
         await play(api, stream["output_stream_url"], codec)
         for codec in ("video/VP8", "video/VP8", "video/H264")
     ]
-    encoders = api.app.state.webrtc.encoders
+    encoders = services(api.app).webrtc.encoders
     try:
         for _pc, transceiver, _response in viewers:
             assert np.all(
                 np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25
             )
         assert len(encoders) == 2  # VP8 and H.264, each encoding every frame once
-        assert len(api.app.state.relay.hub.channels[channel].viewers) == 2  # one relay viewer per encoder
-        vp8 = encoders.get(api.app.state.relay.hub, channel, "video/VP8")
+        assert len(services(api.app).relay.hub.channels[channel].viewers) == 2  # one relay viewer per encoder
+        vp8 = encoders.get(services(api.app).relay.hub, channel, "video/VP8")
         assert vp8.viewers == 2
         whep = (await api.get(f"/v1/streams/{channel}/status")).json()["data"]["gateway_status"]["outputs"][
             "whep"
@@ -220,7 +221,7 @@ async def test_viewers_share_one_encoder_per_codec(api, worker):
             assert (await api.delete(response.headers["location"])).status_code == 200
             await pc.close()
             assert len(encoders) == [2, 1, 0][index]  # an encoder goes with its last viewer
-        assert not api.app.state.relay.hub.channels[channel].viewers
+        assert not services(api.app).relay.hub.channels[channel].viewers
     finally:
         await whip_pc.close()
         for pc, _transceiver, _response in viewers:
@@ -228,7 +229,7 @@ async def test_viewers_share_one_encoder_per_codec(api, worker):
 
 
 async def test_one_encoder_per_viewer_when_sharing_is_off(api, worker):
-    api.app.state.webrtc.encoders = None
+    services(api.app).webrtc.encoders = None
     stream = await create_stream(api, width=WIDTH, height=HEIGHT)
     whip_pc, _ = await publish(api, stream["whip_url"], PatternTrack())
     viewers = [await play(api, stream["output_stream_url"]) for _ in range(2)]
@@ -237,7 +238,7 @@ async def test_one_encoder_per_viewer_when_sharing_is_off(api, worker):
             assert np.all(
                 np.abs(await mean_colour(transceiver.receiver.track) - (255 - np.array(BACKGROUND))) < 25
             )
-        assert len(api.app.state.relay.hub.channels[stream["id"]].viewers) == 2
+        assert len(services(api.app).relay.hub.channels[stream["id"]].viewers) == 2
     finally:
         for pc in (whip_pc, *(v[0] for v in viewers)):
             await pc.close()
@@ -271,9 +272,9 @@ async def test_a_viewer_starts_at_a_keyframe_and_skips_ahead_when_behind():
 
 async def test_an_undecodable_output_frame_is_skipped_not_fatal(api, caplog):
     """A worker's bad frame (a JPEG header with no image data) must not end playback for every viewer."""
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     stream = await create_stream(api)
-    echo = await EchoWorker(api.app.state.relay_url).start()
+    echo = await EchoWorker(services(api.app).relay_url).start()
     serving = asyncio.create_task(echo.serve())
     shared = SharedEncoder(hub, stream["id"], "video/VP8", 500_000, on_idle=lambda encoder: None)
     track = PacketTrack()
@@ -370,25 +371,25 @@ async def test_patch_alias_and_replacement(api, worker):
         second_pc, second = await publish(anonymous, stream["whip_url"], PatternTrack())
         publishers = registry(api).for_stream(stream["id"], "whip")
         assert [s.id for s in publishers] == [second.headers["location"].rsplit("/", 1)[1]]
-        channel = api.app.state.relay.hub.channels[stream["id"]]
+        channel = services(api.app).relay.hub.channels[stream["id"]]
         assert len(channel.producers) == 1 and len(channel.viewers) == 1
 
         deleted = await api.delete(f"/v1/streams/{stream['id']}")
         assert deleted.status_code == 200
         assert registry(api).sessions == {}
-        assert stream["id"] not in api.app.state.relay.hub.channels
+        assert stream["id"] not in services(api.app).relay.hub.channels
         for pc in (first_pc, whep_pc, second_pc):
             await pc.close()
 
 
 async def test_session_without_video_is_closed(api):
-    api.app.state.webrtc.settings = WebRTCSettings(first_frame_timeout=0.5)
+    services(api.app).webrtc.settings = WebRTCSettings(first_frame_timeout=0.5)
     stream = await create_stream(api)
     pc, _response = await publish(api, stream["whip_url"], SilentTrack())
     try:
         assert len(registry(api).sessions) == 1
         await eventually(lambda: not registry(api).sessions, 5, "the silent session to close")
-        assert not api.app.state.relay.hub.channels[stream["id"]].producers
+        assert not services(api.app).relay.hub.channels[stream["id"]].producers
     finally:
         await pc.close()
 
@@ -398,8 +399,8 @@ async def test_shutdown_closes_sessions():
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         stream = await create_stream(client)
         pc, _transceiver, _response = await play(client, stream["output_stream_url"])
-        assert len(app.state.webrtc.registry.sessions) == 1
-    assert app.state.webrtc.registry.sessions == {}
+        assert len(services(app).webrtc.registry.sessions) == 1
+    assert services(app).webrtc.registry.sessions == {}
     await pc.close()
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from api.server.services import services
 from media.codec import decode_image
 from relay.client import connect
 from relay.local import LocalProducer, LocalViewer
@@ -317,7 +318,7 @@ class PickyEngine(Engine):
 
 async def engine_state(api, stream_id: str, state: str) -> None:
     """Wait until the relay says the stream's engine is in ``state`` (reports reach its viewers)."""
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     viewer = LocalViewer(hub, stream_id, receive="none")
     try:
         while hub.channels[stream_id].engine_state != state:
@@ -329,7 +330,7 @@ async def engine_state(api, stream_id: str, state: str) -> None:
 async def test_a_patch_brings_a_stream_out_of_error(api):
     """Through the API: the status shows ERROR with the failed attempt and the next try; a PATCH
     with params that load reaches the worker and the stream serves."""
-    worker = Worker(WorkerOptions(relay_url=api.app.state.relay_url, engine="picky"), factory=PickyEngine)
+    worker = Worker(WorkerOptions(relay_url=services(api.app).relay_url, engine="picky"), factory=PickyEngine)
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.connected.wait(), 10)
     stream = await create_stream(api, prompt="a broken lamp")
@@ -341,7 +342,7 @@ async def test_a_patch_brings_a_stream_out_of_error(api):
     response = await api.patch(f"/v1/streams/{sid}", json={"params": {"prompt": "a lamp"}})
     assert response.status_code == 200
     await asyncio.wait_for(engine_state(api, sid, "ready"), 10)
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     with LocalProducer(hub, sid) as producer, LocalViewer(hub, sid) as viewer:
         producer.publish(jpeg(64, 48, seed=3))
         out = await viewer.next_frame(10)

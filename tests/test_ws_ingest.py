@@ -10,6 +10,7 @@ import orjson
 import pytest
 import websockets
 
+from api.server.services import services
 from media.codec import decode_image
 from tests.api_fixtures import eventually
 from tests.helpers import input_frame, jpeg
@@ -71,15 +72,15 @@ async def test_delete_ends_the_ingest_socket_and_frees_the_worker(api, worker):
     assert error["type"] == "error" and error["code"] == "unknown_channel" and "ended" in error["message"]
     health = (await api.get("/health")).json()
     assert health["capacity"]["used"] == 0
-    hub = api.app.state.relay.hub
+    hub = services(api.app).relay.hub
     assert sid not in hub.channels and all(sid not in w.assigned for w in hub.workers)
     await eventually(lambda: sid not in worker.pipelines, what="the worker to release the channel")
 
 
 async def test_a_stream_that_ended_while_the_socket_opened_is_not_brought_back(api):
     stream = await create(api)
-    api.app.state.streams.by_stream_key(stream["stream_key"]).ended.set()  # as DELETE does first
-    hub = api.app.state.relay.hub
+    services(api.app).streams.by_stream_key(stream["stream_key"]).ended.set()  # as DELETE does first
+    hub = services(api.app).relay.hub
     async with websockets.connect(ws_url(stream), compression=None) as ws:
         error = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         with pytest.raises(websockets.ConnectionClosed) as closed:

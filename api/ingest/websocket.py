@@ -25,6 +25,7 @@ import contextlib
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.server.farewell import SHUTDOWN_TEXT
+from api.server.services import services
 from relay.hub import Delivery
 from relay.local import Closed, LocalSession
 from wire.errors import ErrorCode, ProtocolError
@@ -41,7 +42,8 @@ STREAM_ENDED = "stream ended (deleted, or stopped by the server)"
 
 @router.websocket("/live/video-to-video/{stream_key}/ws")
 async def ingest(websocket: WebSocket, stream_key: str) -> None:
-    stream = websocket.app.state.streams.by_stream_key(stream_key)
+    running = services(websocket)
+    stream = running.streams.by_stream_key(stream_key)
     if stream is None:
         await websocket.close(code=1008, reason="unknown stream key")
         return
@@ -49,13 +51,13 @@ async def ingest(websocket: WebSocket, stream_key: str) -> None:
     if stream.ended.is_set():  # deleted while the socket was opening: do not bring the channel back
         await _stream_ended(websocket)
         return
-    session = LocalSession(websocket.app.state.relay.hub, stream.channel, Role.PRODUCER, Receive.OUTPUT)
+    session = LocalSession(running.hub, stream.channel, Role.PRODUCER, Receive.OUTPUT)
     sender = asyncio.create_task(_send(websocket, session))
     receiver = asyncio.create_task(_receive(websocket, session))
     ended = asyncio.create_task(stream.ended.wait())
     goodbye = encode_control(Shutdown(message=SHUTDOWN_TEXT))
     try:
-        with websocket.app.state.farewells.registered(lambda: websocket.send_text(goodbye)):
+        with running.farewells.registered(lambda: websocket.send_text(goodbye)):
             await asyncio.wait({receiver, ended}, return_when=asyncio.FIRST_COMPLETED)
             if ended.done():
                 session.close()  # leave the channel first: no more results, the worker released

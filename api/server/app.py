@@ -55,7 +55,6 @@ def create_app(settings: ServerSettings | None = None, relay_socket: socket.sock
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with start_services(settings, relay_socket, farewells) as running:
             app.state.services = running
-            _legacy_state(app, running)
             app.state.ready.set()
             try:
                 yield
@@ -139,9 +138,3 @@ async def start_services(
         forget_token(relay_url)
         if store is not None:
             store.close()
-
-
-def _legacy_state(app: FastAPI, running: Services) -> None:
-    """The loose ``app.state`` names that modules not yet on :func:`services` still read."""
-    app.state.relay, app.state.relay_url = running.relay, running.relay_url
-    app.state.streams, app.state.outputs, app.state.webrtc = running.streams, running.outputs, running.webrtc
