@@ -24,6 +24,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.logs import add_logging_arguments, setup_logging
+
 DISTRIBUTION = "streamdiffusion-server"
 ROOT = Path(__file__).resolve().parent.parent
 #: the project's packages, every module of which must import with the core requirements alone
@@ -297,11 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only Python, the core requirements and the project's modules; "
         "print failures and a one-line summary",
     )
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)  # what importing the modules logs (a model cache warning, say)
     if args.core:
         checks = core_checks()
     else:

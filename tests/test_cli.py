@@ -59,8 +59,7 @@ def test_every_flag_has_help_and_a_log_level(command):
             assert action.help, f"{prog} {'/'.join(action.option_strings) or action.dest}: no help text"
     leaves = [p for _, p in parsers if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)]
     for parser in leaves:
-        if command != "doctor":  # the doctor only prints; it has nothing to log
-            assert "--log-level" in parser.format_help(), f"{parser.prog}: no --log-level"
+        assert "--log-level" in parser.format_help(), f"{parser.prog}: no --log-level"
 
 
 def _busy_port() -> Iterator[int]:
