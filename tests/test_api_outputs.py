@@ -201,3 +201,48 @@ async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Pa
     assert not directories[1].exists()
     assert base.is_dir() == configured
     assert temp_hls_bases() == []
+
+
+@pytest.mark.network_service
+async def test_rtmp_output_resumes_after_a_restart(rtmp_server, tmp_path: Path):
+    """A stream's RTMP push comes back by itself when the server restarts with the same data dir."""
+    from worker.runtime import Worker, WorkerOptions
+
+    url = rtmp_server.url("live", "restarted")
+    settings = {
+        "port": 0,
+        "relay": RelayConfig(port=0),
+        "workers": 0,
+        "api_keys": frozenset({KEY}),
+        "data_dir": str(tmp_path / "data"),
+    }
+    body = {
+        "pipeline": "streamdiffusion",
+        "output_rtmp_url": url,
+        "params": {"prompt": "photo negative", "width": SIZE, "height": SIZE},
+    }
+    first = create_app(ServerSettings(**settings))
+    async with running(first) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+        stream = (await client.post("/v1/streams", json=body)).json()
+    second = create_app(ServerSettings(**settings))
+    async with running(second) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+        assert stream["id"] in services(second).outputs.rtmp  # started again from the stored record
+        worker = Worker(WorkerOptions(relay_url=services(second).relay_url, engine="filter", capacity=2))
+        task = asyncio.create_task(worker.run())
+        client.app = second  # type: ignore[attr-defined]  (what feeding() reads)
+        try:
+            await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
+            async with feeding(client, stream["id"]):
+
+                async def publishing():
+                    status = (await client.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
+                    return status["gateway_status"]["outputs"].get("rtmp", {}).get("publishing")
+
+                await poll(publishing)
+                frames = await asyncio.to_thread(
+                    decode, url, 5, {"analyzeduration": "1000000", "fflags": "nobuffer"}
+                )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
