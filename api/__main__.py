@@ -65,6 +65,9 @@ def add_config_flag(parser: argparse.ArgumentParser, flag: str, path: str) -> No
     """One flag for one config option, typed and documented by the option's pydantic field."""
     field = _field(path)
     annotation, default = field.annotation, field.get_default(call_default_factory=True)
+    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(optional) == 1:
+        annotation = optional[0]  # ``int | None``: an int flag (None is "not given")
     env = f"{ENV_PREFIX}{path.replace('.', '__').upper()}"
     help_text = field.description or ""
     if default not in (None, [], False):

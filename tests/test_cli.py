@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from api.__main__ import build_parser as api_parser
+from api.__main__ import overrides_from_args
 from api.doctor import build_parser as doctor_parser
 from api.server.config import load_config
 from producers.cli import build_parser as producers_parser
@@ -149,7 +150,6 @@ def test_print_config_ends_quietly_when_the_reader_leaves():
 
 def test_model_and_acceleration_reach_the_local_workers():
     args = api_parser().parse_args(["--model", "my/model", "--acceleration", "none"])
-    from api.__main__ import overrides_from_args
 
     worker_args = load_config(None, overrides_from_args(args)).server_settings().worker_args
     options, _ = __import__("worker.__main__", fromlist=["parse_args"]).parse_args(worker_args)
@@ -238,3 +238,19 @@ async def test_a_configured_api_key_is_not_printed(tmp_path):
     await _stop(process)
     assert "my-own-key" not in text and "as configured" in text
     assert not (tmp_path / "api_key").exists()
+
+
+def test_capacity_comes_from_the_hardware_unless_given():
+    from worker.__main__ import parse_args
+    from worker.capacity import auto_capacity
+
+    options, _ = parse_args(["--engine", "filter"])
+    assert options.capacity == auto_capacity("filter") == min(16, 2 * (os.cpu_count() or 1))
+    assert parse_args(["--engine", "filter", "--capacity", "3"])[0].capacity == 3
+    assert auto_capacity("diffusion") == 1  # no CUDA device here
+    worker_args = (
+        load_config(None, overrides_from_args(api_parser().parse_args([]))).server_settings().worker_args
+    )
+    assert "--capacity" not in worker_args  # the local workers decide from their hardware
+    args = api_parser().parse_args(["--capacity", "5"])
+    assert load_config(None, overrides_from_args(args)).server_settings().worker_args.count("5") == 1

@@ -22,10 +22,21 @@ from common.logs import add_logging_arguments, setup_logging
 from relay.client import RelayRefused
 from relay.config import TOKEN_ENV, token_from_environment
 from wire.frames import ImageFormat
+from worker.capacity import auto_capacity
 from worker.engines import ENGINES, default_engine_name
 from worker.runtime import WorkerOptions, run_forever
 
 log = logging.getLogger("worker")
+
+
+def _capacity(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"capacity is a number of channels (1 or more) or auto, not {text!r}"
+        )
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=token_from_environment(),
         help=f"relay token (default: ${TOKEN_ENV}; prefer the variable: argv is visible to ps)",
     )
-    p.add_argument("--capacity", type=int, default=1, help="channels served at once (default 1)")
+    p.add_argument(
+        "--capacity",
+        type=_capacity,
+        default=None,
+        help="channels served at once (default: from the hardware, 2 per core for filter, "
+        "GPU memory / 4 GiB for diffusion)",
+    )
     p.add_argument(
         "--channel", action="append", default=[], help="serve only these channels (repeatable); default any"
     )
@@ -85,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, str | None
         relay_url=args.relay,
         engine=engine,
         token=args.token,
-        capacity=args.capacity,
+        capacity=args.capacity or auto_capacity(engine),
         channels=args.channel,
         name=args.name,
         params=params,

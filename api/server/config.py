@@ -169,7 +169,13 @@ class WorkersSection(_Section):
     engine: Literal["auto", "filter", "diffusion"] = Field(
         "auto", description="auto: diffusion with a CUDA GPU, filter otherwise"
     )
-    capacity: int = Field(1, ge=1, description="channels each local worker serves at once")
+    capacity: int | None = Field(
+        None,
+        ge=1,
+        description="channels each local worker serves at once "
+        "(default: from the hardware, 2 per core for filter, GPU memory / 4 GiB "
+        "for diffusion)",
+    )
     args: list[str] = Field(default_factory=list, description="extra arguments for each worker")
 
 
@@ -244,7 +250,7 @@ class Config(BaseSettings):
 
     def server_settings(self) -> ServerSettings:
         worker_args = list(self.workers.args)
-        if self.workers.capacity != 1:
+        if self.workers.capacity is not None:
             worker_args += ["--capacity", str(self.workers.capacity)]
         worker_args += [
             "--quality",
