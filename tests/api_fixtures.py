@@ -6,6 +6,7 @@ Import the fixtures into a test module (``from tests.api_fixtures import api, wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,6 +19,8 @@ from api.server.http import running
 from api.server.services import services
 from api.server.settings import ServerSettings
 from relay import RelayConfig
+from relay.local import LocalProducer
+from tests.helpers import jpeg
 from worker.runtime import Worker, WorkerOptions
 
 KEY = "k"
@@ -79,3 +82,25 @@ async def multipart_parts(response: httpx.Response, boundary: str = "frame") -> 
         yield bytes(buffer[start : start + size])
         assert buffer[start + size : start + size + 2] == b"\r\n"
         del buffer[: start + size + 2]
+
+
+@contextlib.asynccontextmanager
+async def feeding(api: httpx.AsyncClient, stream_id: str, size: int = 384) -> AsyncIterator[None]:
+    """Publish changing ``size`` x ``size`` frames into the stream at about 30 fps until the block ends."""
+    producer = LocalProducer(services(api.app).hub, stream_id)  # type: ignore[attr-defined]
+    frames = [jpeg(size, size, seed=i) for i in range(30)]
+
+    async def run() -> None:
+        i = 0
+        while True:
+            producer.publish(frames[i % len(frames)], size, size)
+            i += 1
+            await asyncio.sleep(1 / 30)  # the camera's frame rate, not a synchronisation
+
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        producer.close()

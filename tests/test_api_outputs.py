@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -16,33 +15,11 @@ from api.server.http import running
 from api.server.services import services
 from api.server.settings import ServerSettings
 from relay import RelayConfig
-from relay.local import LocalProducer
-from tests.helpers import jpeg
+from tests.api_fixtures import feeding
 from tests.test_api import AUTH, KEY, api, create, wait_until_ready, worker  # noqa: F401  (fixtures)
 from tests.test_rtmp_hls import decode, rtmp_server  # noqa: F401  (fixture)
 
 SIZE = 384
-
-
-@contextlib.asynccontextmanager
-async def feeding(api, stream_id: str):
-    """Publish changing frames at about 30 fps until the block ends."""
-    producer = LocalProducer(services(api.app).relay.hub, stream_id)
-    frames = [jpeg(SIZE, SIZE, seed=i) for i in range(30)]
-
-    async def run() -> None:
-        i = 0
-        while True:
-            producer.publish(frames[i % len(frames)], SIZE, SIZE)
-            i += 1
-            await asyncio.sleep(1 / 30)  # the camera's frame rate, not a synchronisation
-
-    task = asyncio.create_task(run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        producer.close()
 
 
 async def poll(check, timeout: float = 20.0):

@@ -33,10 +33,8 @@ from starlette.staticfiles import StaticFiles
 
 from api.server.services import services
 from common.listen import listen
-from relay.local import LocalProducer
 from tests import browser_libs
-from tests.api_fixtures import api, create_stream, eventually, worker  # noqa: F401  (fixtures)
-from tests.helpers import jpeg
+from tests.api_fixtures import api, create_stream, eventually, feeding, worker  # noqa: F401  (fixtures)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -234,28 +232,6 @@ async def browser_page(api, tmp_path) -> AsyncIterator:
             yield page
         finally:
             await browser.close()
-
-
-@contextlib.asynccontextmanager
-async def feeding(api, stream_id: str) -> AsyncIterator[None]:
-    """Publish changing frames into the stream at about 30 fps until the block ends."""
-    producer = LocalProducer(services(api.app).hub, stream_id)
-    frames = [jpeg(SIZE, SIZE, seed=i) for i in range(30)]
-
-    async def run() -> None:
-        i = 0
-        while True:
-            producer.publish(frames[i % len(frames)], SIZE, SIZE)
-            i += 1
-            await asyncio.sleep(1 / 30)  # the camera's frame rate, not a synchronisation
-
-    task = asyncio.create_task(run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        producer.close()
 
 
 def diagnosis(page) -> str:
