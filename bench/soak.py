@@ -39,6 +39,7 @@ import simplejpeg
 import websockets
 
 from bench.benchutil import ROOT, free_port, machine, natural_image
+from tests.helpers import child_pids
 from wire.frames import FrameKind, decode_frame
 
 KEY = "soak-key"
@@ -68,16 +69,6 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 async def feed(stream: StreamLoad, url: str, fps: float, stop: asyncio.Event) -> None:
@@ -185,7 +176,7 @@ async def killer(server_pid: int, every: float, stop: asyncio.Event, kills: list
             await asyncio.wait_for(stop.wait(), every)
         if stop.is_set():
             return
-        for worker in children(server_pid):
+        for worker in child_pids(server_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
                 kills.append(time.monotonic())
@@ -231,7 +222,7 @@ async def run(args: argparse.Namespace) -> int:
                 streams.append(StreamLoad(body["id"], body["stream_key"], body["output_playback_id"]))
             feeders = [asyncio.create_task(feed(s, url, args.fps, stop)) for s in streams]
             await asyncio.sleep(args.warmup)  # let every stream reach its steady state before measuring RSS
-            pids = [process.pid, *children(process.pid)]
+            pids = [process.pid, *child_pids(process.pid)]
             rss_start = {pid: rss_mb(pid) for pid in pids}
             side = [
                 asyncio.create_task(viewers(streams, client, stop, rng)),
@@ -243,7 +234,7 @@ async def run(args: argparse.Namespace) -> int:
                 s.sent = s.delivered = 0
                 s.gaps.clear()
             await asyncio.sleep(args.minutes * 60)
-            rss_end = {pid: rss_mb(pid) for pid in [process.pid, *children(process.pid)]}
+            rss_end = {pid: rss_mb(pid) for pid in [process.pid, *child_pids(process.pid)]}
             drops = {}
             for s in streams:
                 status = (await client.get(f"/v1/streams/{s.id}/status")).json()["data"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -130,3 +133,57 @@ class EchoWorker:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
+
+
+# -- the server command as a process ---------------------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live children of ``pid``, from /proc (parents from ``stat``: not every kernel has ``children``)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(stat[1]) == pid and stat[0] != "Z":
+                children.append(int(entry.name))
+    return children
+
+
+async def start_server(*args: str, data_dir: Path, **kwargs: Any) -> tuple[asyncio.subprocess.Process, str]:
+    """``python -m api`` on free ports with its state in ``data_dir`` (never the user's own); returns the
+    process and what it printed up to its ``api key`` line. ``kwargs`` go to the subprocess (``env``,
+    ``stderr``)."""
+    from tests.test_commands import ROOT
+
+    kwargs.setdefault("stderr", asyncio.subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "api",
+        "--port",
+        "0",
+        "--relay-port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        **kwargs,
+    )
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("  api key:"):
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
+        assert line, "the server exited before it was ready"
+        lines.append(line)
+    return process, "".join(lines)
+
+
+async def stop_server(process: asyncio.subprocess.Process) -> int:
+    """SIGTERM, and the exit status (unless it has ended already)."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), 15)

@@ -24,7 +24,7 @@ from api.server.config import load_config
 from producers.cli import build_parser as producers_parser
 from relay.__main__ import build_parser as relay_parser
 from relay.client import connect
-from tests.helpers import recv_json
+from tests.helpers import child_pids, recv_json, start_server, stop_server
 from tests.test_commands import ROOT
 from worker.__main__ import build_parser as worker_parser
 
@@ -156,57 +156,17 @@ def test_model_and_acceleration_reach_the_local_workers():
     assert options.params["model_id"] == "my/model" and options.params["acceleration"] == "none"
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with open(entry / "stat") as file:
-                if int(file.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-    return children
-
-
-async def _start_server(
-    *args: str, env: dict[str, str] | None = None
-) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "api",
-        "--port",
-        "0",
-        "--relay-port",
-        "0",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=env,
-    )
-    lines = []
-    while not lines or not lines[-1].startswith("  api key:"):
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        assert line, "server exited before printing its key"
-        lines.append(line)
-    return process, "".join(lines)
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), 15) == 0
-
-
 async def test_relay_token_reaches_workers_by_environment_never_argv(tmp_path):
-    process, _ = await _start_server("--token", "s3cret-token", "--data-dir", str(tmp_path))
+    process, _ = await start_server("--token", "s3cret-token", data_dir=tmp_path)
     try:
-        (worker,) = _children(process.pid)
+        (worker,) = child_pids(process.pid)
         argv = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
         environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
         assert b"s3cret-token" not in b" ".join(argv)
         assert b"RELAY_TOKEN=s3cret-token" in environ
         assert b"--model" in argv  # the server's model settings do travel on argv
     finally:
-        await _stop(process)
+        assert await stop_server(process) == 0
 
 
 @pytest.mark.slow
@@ -214,7 +174,7 @@ async def test_generated_api_key_survives_a_restart(tmp_path):
     data = tmp_path / "data"
     keys = []
     for _ in range(2):
-        process, text = await _start_server("--workers", "0", "--data-dir", str(data))
+        process, text = await start_server("--workers", "0", data_dir=data)
         try:
             key = re.search(r"api key:\s+(sdk_\w+) \(kept in (.+)\)", text)
             assert key is not None, text
@@ -226,16 +186,14 @@ async def test_generated_api_key_survives_a_restart(tmp_path):
                 refused = await client.get(url + "/v1/streams", headers={"Authorization": "Bearer nope"})
             assert ok.status_code == 200 and refused.status_code == 401
         finally:
-            await _stop(process)
+            assert await stop_server(process) == 0
     assert keys[0] == keys[1]
     assert stat.S_IMODE(os.stat(data / "api_key").st_mode) == 0o600
 
 
 async def test_a_configured_api_key_is_not_printed(tmp_path):
-    process, text = await _start_server(
-        "--workers", "0", "--api-key", "my-own-key", "--data-dir", str(tmp_path)
-    )
-    await _stop(process)
+    process, text = await start_server("--workers", "0", "--api-key", "my-own-key", data_dir=tmp_path)
+    assert await stop_server(process) == 0
     assert "my-own-key" not in text and "as configured" in text
     assert not (tmp_path / "api_key").exists()
 

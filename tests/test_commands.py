@@ -6,34 +6,21 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 
 from api.server.services import services
 from media.codec import decode_image
 from relay.client import connect
-from tests.helpers import input_frame, jpeg, recv_frame, recv_json
+from tests.helpers import input_frame, jpeg, recv_frame, recv_json, start_server, stop_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-async def test_embedded_server_runs_a_relay_and_a_filter_worker():
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "api",
-        "--port",
-        "0",
-        "--relay-port",
-        "0",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+async def test_embedded_server_runs_a_relay_and_a_filter_worker(tmp_path):
+    process, text = await start_server(data_dir=tmp_path, stderr=asyncio.subprocess.PIPE)
     try:
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        url = re.search(r"ws://[\d.]+:\d+", line.decode()).group(0)
+        url = re.search(r"relay ready at (ws://[\d.]+:\d+)", text).group(1)
         producer, _ = await connect(url, "producer", "cam")
         image = jpeg(96, 64, seed=2)
         ready = await recv_json(producer, "report", event="ready")  # worker process joined, engine loaded
@@ -44,8 +31,7 @@ async def test_embedded_server_runs_a_relay_and_a_filter_worker():
         assert abs(decode_image(frame.payload).astype(int) - decode_image(image)).mean() > 10
         await producer.close()
     finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 15)
+        await stop_server(process)
     stderr = (await process.stderr.read()).decode()
     assert process.returncode == 0
     assert "engine 'filter'" in stderr  # the log line that says why there is no diffusion

@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -17,8 +16,7 @@ import pytest
 import websockets
 
 from api.streams.store import StreamStore
-from tests.helpers import jpeg
-from tests.test_commands import ROOT
+from tests.helpers import child_pids, jpeg, start_server, stop_server
 from wire.frames import FrameKind, decode_frame
 
 KEY = "durable-key"
@@ -32,18 +30,7 @@ class Server:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [pid for pid in _pids() if _parent(pid) == self.process.pid]
-
-
-def _pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+        return child_pids(self.process.pid)
 
 
 def _alive(pid: int) -> bool:
@@ -58,36 +45,11 @@ def _alive(pid: int) -> bool:
 async def server(data_dir: Path) -> AsyncIterator[Server]:
     """``python -m api`` with a filter worker, its streams kept in ``data_dir``; stopped with SIGTERM
     unless the test killed it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "api",
-        "--port",
-        "0",
-        "--relay-port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--api-key",
-        KEY,
-        "--engine",
-        "filter",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    process, text = await start_server("--api-key", KEY, "--engine", "filter", data_dir=data_dir)
     try:
-        url = None
-        while url is None:
-            line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-            assert line, "the server exited before it was ready"
-            if found := re.search(r"api ready at (http://\S+)", line):
-                url = found.group(1)
-        yield Server(process, url)
+        yield Server(process, re.search(r"api ready at (http://\S+)", text).group(1))
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 15)
+        await stop_server(process)
 
 
 async def processed_frames(url: str, stream_key: str, count: int) -> list[int]:
