@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ async def test_a_killed_worker_is_restarted_and_its_stream_resumes(tmp_path):
 def test_the_store_migrates_and_refuses_a_newer_schema(tmp_path):
     store = StreamStore.in_directory(tmp_path)
     store.close()
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600  # it holds stream keys
     store = StreamStore.in_directory(tmp_path)  # an up-to-date file opens again
     store._db.execute("PRAGMA user_version = 99")
     store.close()

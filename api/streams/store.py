@@ -41,6 +41,8 @@ class StreamStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        # it holds stream keys; SQLite gives its -wal and -shm files the same mode
+        self.path.touch(mode=0o600, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: each write is durable
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
