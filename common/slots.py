@@ -75,12 +75,11 @@ class Newest(Generic[T]):
         self._size = size
 
 
-class ThreadSlot(Generic[T]):
-    """A :class:`Newest` shared between threads: ``take`` waits for items."""
+class _Waiting(Generic[T]):
+    """What the two waiting flavours share: the store, its drop count, and being closed."""
 
     def __init__(self, size: int = 1) -> None:
         self._store: Newest[T] = Newest(size)
-        self._cond = threading.Condition()
         self._closed = False
 
     @property
@@ -90,6 +89,14 @@ class ThreadSlot(Generic[T]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class ThreadSlot(_Waiting[T]):
+    """A :class:`Newest` shared between threads: ``take`` waits for items."""
+
+    def __init__(self, size: int = 1) -> None:
+        super().__init__(size)
+        self._cond = threading.Condition()
 
     def put(self, item: T) -> T | None:
         """Store ``item`` and wake a waiting taker; return the item it pushed out, if any."""
@@ -128,21 +135,12 @@ class ThreadSlot(Generic[T]):
             self._cond.notify_all()
 
 
-class AsyncSlot(Generic[T]):
+class AsyncSlot(_Waiting[T]):
     """A :class:`Newest` within one event loop: ``take`` awaits items. Not thread-safe."""
 
     def __init__(self, size: int = 1) -> None:
-        self._store: Newest[T] = Newest(size)
+        super().__init__(size)
         self._ready = asyncio.Event()
-        self._closed = False
-
-    @property
-    def dropped(self) -> int:
-        return self._store.dropped
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def put(self, item: T) -> T | None:
         """Store ``item`` and wake the taker; return the item it pushed out, if any."""

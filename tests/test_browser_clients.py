@@ -35,18 +35,9 @@ from api.server.services import services
 from common.listen import listen
 from tests import browser_libs
 from tests.api_fixtures import api, create_stream, eventually, feeding, worker  # noqa: F401  (fixtures)
+from tests.helpers import ARTIFACTS, CHROMIUM
+from tests.helpers import CHROMIUM_ARGS as ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
 SIZE = 384
 
 playwright_api = pytest.importorskip("playwright.async_api")

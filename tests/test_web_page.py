@@ -7,9 +7,7 @@ drives it. Screenshots go to ``artifacts/`` (kept by CI as test artifacts).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -18,19 +16,10 @@ from api.server.http import running
 from api.server.services import services
 from api.server.settings import ServerSettings
 from relay import RelayConfig
+from tests.helpers import ARTIFACTS, CHROMIUM
+from tests.helpers import CHROMIUM_ARGS as ARGS
 from worker.runtime import Worker, WorkerOptions
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
 KEY = "page-test-key"
 
 pytestmark = pytest.mark.browser
