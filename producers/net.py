@@ -80,11 +80,8 @@ async def open_legacy(
     path = parts.path
     if path in ("", "/") and channel != DEFAULT_CHANNEL:
         path = "/" + channel
-    query = {
-        k: v
-        for k, v in (("token", token), ("receive", None if receive == Receive.OUTPUT else str(receive)))
-        if v
-    }
+    # always said: a seed-002 producer gets no results unless it asks (it reads one reply per image)
+    query = {k: v for k, v in (("token", token), ("receive", str(receive))) if v}
     target = urlunsplit((parts.scheme, parts.netloc, path or "/", urlencode(query), ""))
     try:
         async with asyncio.timeout(timeout):  # not wait_for: see open_relay

@@ -23,6 +23,7 @@ import hmac
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,13 +39,16 @@ from wire.frames import Frame, FrameKind, ImageFormat, encode_frame
 from wire.images import probe_image
 from wire.messages import (
     ClientMessage,
+    ClientType,
     Encoding,
     Hello,
     LegacyImage,
     Message,
     Params,
     Ping,
+    PromptUpdate,
     Receive,
+    Register,
     Report,
     ReportEvent,
     Role,
@@ -61,6 +65,8 @@ from wire.relay_messages import (
     Error,
     ParamsAck,
     Pong,
+    PromptUpdated,
+    Registered,
     Release,
     StatsReply,
     Status,
@@ -123,6 +129,9 @@ class Peer:
     token: str | None = field(default=None, repr=False)
     #: a channel it creates is anonymous (no credential: a seed session, a tokenless client)
     anonymous: bool = False
+    #: a seed-002 client: it reads one reply per message it sends, so it gets those replies
+    #: and its frames, never unasked ``status`` or ``report`` messages
+    quiet: bool = False
     assigned: list[str] = field(default_factory=list)  # workers only
     legacy_seq: itertools.count[int] = field(default_factory=itertools.count)
     last_input_seq: dict[str, int] = field(default_factory=dict)
@@ -141,6 +150,7 @@ class Peer:
         *,
         network: bool = True,
         anonymous: bool = False,
+        quiet: bool = False,
     ) -> Peer:
         return cls(
             id=peer_id,
@@ -156,6 +166,7 @@ class Peer:
             network=network,
             token=hello.token,
             anonymous=anonymous,
+            quiet=quiet,
         )
 
     @property
@@ -310,7 +321,7 @@ class Hub:
             channel.producers.add(peer)
             if channel.worker is None:
                 self._assign(channel)
-            if channel.worker is None:
+            if channel.worker is None and not peer.quiet:
                 peer.send(Status(channel=channel.name, state=ChannelState.WAITING_FOR_WORKER))
         else:
             channel.viewers.add(peer)
@@ -370,6 +381,17 @@ class Hub:
             self._assign(channel)
         return channel
 
+    def seed_channel(self, name: str) -> str:
+        """Where a seed-002 producer on the relay's default URL goes: ``name`` unless a producer is
+        already there, else a channel of its own (two seed scripts never mix their frames).
+        """
+        channel = self.channels.get(name)
+        if channel is None or not channel.producers:
+            return name
+        while (own := f"{name}-{secrets.token_hex(3)}") in self.channels:
+            pass
+        return own
+
     def close_channel(self, name: str) -> None:
         channel = self.channels.get(name)
         if channel is not None:
@@ -404,14 +426,20 @@ class Hub:
             raise ProtocolError("viewers cannot send frames", ErrorCode.NOT_ALLOWED)
 
     def route_image(
-        self, peer: Peer, payload: bytes, timestamp: float | None = None, seq: int | None = None
+        self,
+        peer: Peer,
+        payload: bytes,
+        timestamp: float | None = None,
+        seq: int | None = None,
+        declared: ImageFormat | None = None,
     ) -> Frame:
         """Forward an encoded image that has no frame header (seed 002, in-process sessions).
 
         The hub reads its format and size (the one probe it gets); a producer's
         image is input for its channel numbered by the peer when ``seq`` is
         None, a worker's is output for its first channel, matched to the last
-        input. Returns the frame as routed.
+        input. ``declared``: the format the sender named, checked against the
+        image as a frame header's is. Returns the frame as routed.
         """
         if peer.role is Role.WORKER:
             if not peer.assigned:
@@ -423,7 +451,7 @@ class Hub:
             channel, kind = peer.channel, FrameKind.INPUT
             if seq is None:
                 seq = next(peer.legacy_seq)
-        fmt, width, height = self._check_image(payload, None)
+        fmt, width, height = self._check_image(payload, declared)
         frame = Frame(
             channel=channel,
             seq=seq,
@@ -437,14 +465,20 @@ class Hub:
         self.route(peer, frame, None, probed=True)
         return frame
 
-    def route_legacy(self, peer: Peer, payload: bytes, timestamp: float | None, seq: int | None) -> None:
+    def route_legacy(self, peer: Peer, image: LegacyImage) -> None:
         """A seed-002 image message: from a producer it is input (acked), from a worker output."""
-        self.route_image(peer, payload, timestamp, seq)
+        self.route_image(peer, image.data, image.timestamp, image.seq, image.format)
         if peer.role is Role.PRODUCER:
             peer.send(Ack())
 
-    def _check_image(self, payload: bytes, header: Frame | None) -> tuple[ImageFormat, int, int]:
-        """The image's format and size, within the limits and (given a frame header) as it says."""
+    def _check_image(
+        self, payload: bytes, declared: Frame | ImageFormat | None
+    ) -> tuple[ImageFormat, int, int]:
+        """The image's format and size, within the limits and as its sender declared.
+
+        ``declared``: a frame header (format and size) or the format a JSON
+        image message names; both get the same checks and errors.
+        """
         size = len(payload)
         if size > self.config.max_frame_bytes:
             raise ProtocolError(
@@ -452,11 +486,13 @@ class Hub:
                 ErrorCode.FRAME_TOO_LARGE,
             )
         fmt, width, height = probe_image(payload)
-        if header is not None:
-            if fmt != header.format:
-                raise ProtocolError(
-                    f"header says {header.format.label} but the payload is {fmt.label}", ErrorCode.BAD_IMAGE
-                )
+        declared_format = declared.format if isinstance(declared, Frame) else declared
+        if declared_format is not None and fmt != declared_format:
+            raise ProtocolError(
+                f"declared {declared_format.label} but the image is {fmt.label}", ErrorCode.BAD_IMAGE
+            )
+        if isinstance(declared, Frame):
+            header = declared
             if (width, height) != (header.width, header.height):
                 raise ProtocolError(
                     f"header says {header.width}x{header.height} but the image is {width}x{height}",
@@ -507,7 +543,7 @@ class Hub:
         """A decoded control message from a joined peer; refusals raise ``ProtocolError``."""
         match message:
             case LegacyImage():
-                self.route_legacy(peer, message.data, message.timestamp, message.seq)
+                self.route_legacy(peer, message)
             case Params():
                 version = self.on_params(peer, message)
                 peer.send(ParamsAck(channel=peer.channel, version=version))
@@ -516,9 +552,23 @@ class Hub:
             case Report():
                 self.on_report(peer, message)
             case Ping():
-                peer.send(Pong())
+                peer.send(Pong(timestamp=time.time()))
+            case PromptUpdate():
+                version = self.on_params(peer, Params(params={"prompt": message.prompt}))
+                peer.send(PromptUpdated(prompt=message.prompt, timestamp=time.time(), version=version))
+            case Register():
+                self.on_register(peer, message)
             case _:
                 raise ProtocolError(f"unexpected {message.type!r} message after the handshake")
+
+    def on_register(self, peer: Peer, message: Register) -> None:
+        """A seed-002 ``register`` after the handshake: confirmed when it says what the peer is."""
+        client_type = ClientType.PRODUCER if peer.role is Role.PRODUCER else ClientType.CONSUMER
+        if peer.role is Role.WORKER or message.client_type is not client_type:
+            raise ProtocolError(
+                f"already joined as a {peer.role.value}; register before anything else", ErrorCode.NOT_ALLOWED
+            )
+        peer.send(registered(peer))
 
     def set_params(self, channel: Channel, params: dict[str, Any], replace: bool = False) -> int:
         """The API's own change (its doors bound it): producers' merges may add ``max_params_bytes`` to it."""
@@ -681,7 +731,14 @@ class Hub:
 
     def _tell_channel(self, channel: Channel, message: Message) -> None:
         for peer in (*channel.producers, *channel.viewers):
-            peer.send(message)
+            if not peer.quiet:
+                peer.send(message)
+
+
+def registered(peer: Peer) -> Registered:
+    """The answer to a seed-002 ``register``: what the peer is, and its channel."""
+    client_type = ClientType.PRODUCER if peer.role is Role.PRODUCER else ClientType.CONSUMER
+    return Registered(client_type=client_type, timestamp=time.time(), channel=peer.channel)
 
 
 def _json_size(value: Any) -> int:

@@ -5,11 +5,21 @@ Handshake, in order of preference:
 1. a ``hello`` JSON message (answered by ``welcome``);
 2. the connection URL: ``ws://host:port/<channel>?role=viewer&token=...``
    registers at once, for clients that cannot send a hello;
-3. a seed-002 ``image`` message as the first message: a producer on the
-   URL's channel (``default`` for ``/``) that gets acks and base64 results;
-4. nothing within ``hello_timeout``: a seed-002 consumer (a viewer of the
-   URL's channel's input, base64 JSON) if open channels are allowed, else
-   the connection is closed (``hello_timeout``).
+3. seed 002, what the example's scripts do: a ``register`` message
+   (answered ``registered``) or an ``image`` as the first message. A
+   producer goes to the URL's channel; on the default URL (``/``) to
+   ``default``, or to a channel of its own when another producer is there
+   already. It gets one reply per message it sends (``ack`` per image,
+   ``error`` for a refused one, ``pong``, ``prompt_updated``), and base64
+   results only when its URL asks (``?receive=output``). A consumer gets the
+   channel's input images as base64 ``image`` messages (``receive`` in the
+   URL changes that);
+4. nothing within ``hello_timeout``: a seed-002 consumer (the seed's own
+   consumer just listens) if open channels are allowed, else the connection
+   is closed (``hello_timeout``).
+
+Seed-002 peers never get unasked ``status`` or ``report`` messages: the
+scripts read exactly one reply per message they send.
 
 Doors, all decided before a peer joins (never per frame): browser
 ``Origin`` headers outside ``origins`` are refused (403) by websockets'
@@ -42,7 +52,7 @@ from websockets.typing import Origin
 
 from common.listen import listen
 from relay.config import RelayConfig
-from relay.hub import Delivery, Hub, Peer
+from relay.hub import Delivery, Hub, Peer, registered
 from relay.limits import OncePerInterval, TokenBucket, limit_accept_error_logs
 from relay.outbox import Control, Outbox
 from wire.errors import ErrorCode, ProtocolError
@@ -50,8 +60,10 @@ from wire.frames import decode_frame
 from wire.messages import (
     DEFAULT_CHANNEL,
     ClientMessage,
+    ClientType,
     Hello,
     LegacyImage,
+    Register,
     Role,
     decode_control,
     encode_control,
@@ -177,9 +189,9 @@ class Relay:
         self._connections.add(ws)
         peer: Peer | None = None
         sender: asyncio.Task[None] | None = None
-        channel, query = _parse_path(ws.request.path if ws.request else "/")
+        channel, query, default_url = _parse_path(ws.request.path if ws.request else "/")
         try:
-            first: str | bytes | None = None
+            pending: ClientMessage | None = None  # the first message, when it was also a frame
             if "role" in query:
                 peer = await self._register(ws, lambda: _hello_from_query(channel, query), welcome=False)
             else:
@@ -189,9 +201,7 @@ class Relay:
                 except TimeoutError:
                     peer = await self._silent(ws, channel, query)
                 else:
-                    peer, replay = await self._first_message(ws, first, channel, query)
-                    if not replay:
-                        first = None
+                    peer, pending = await self._first_message(ws, first, channel, query, default_url)
             if peer is None:
                 return
             sender = asyncio.create_task(self._send_loop(ws, peer))
@@ -199,8 +209,8 @@ class Relay:
             scale = peer.capacity if peer.role is Role.WORKER else 1  # a worker reports per channel
             bucket = TokenBucket(self.config.control_rate * scale, self.config.control_burst * scale)
             warned = False
-            if first is not None:
-                self._on_text(peer, first)  # a seed-002 image: handshake and frame at once
+            if pending is not None:
+                self._on_control(peer, pending)  # a seed-002 image: handshake and frame at once
             async for message in ws:
                 if isinstance(message, bytes):
                     try:
@@ -251,32 +261,53 @@ class Relay:
             error = ProtocolError(f"no hello within {self.config.hello_timeout:g} s", ErrorCode.HELLO_TIMEOUT)
             await _refuse(ws, error)
             return None
-        fields = {**query, "role": "viewer", "encoding": "json", "receive": query.get("receive", "input")}
-        return await self._register(ws, lambda: _hello_from_query(channel, fields), welcome=False)
+        hello = _seed_hello(channel, query, ClientType.CONSUMER)
+        return await self._register(ws, lambda: hello, welcome=False, quiet=True)
 
     async def _first_message(
-        self, ws: ServerConnection, message: str | bytes, channel: str, query: dict[str, str]
-    ) -> tuple[Peer | None, bool]:
+        self,
+        ws: ServerConnection,
+        message: str | bytes,
+        channel: str,
+        query: dict[str, str],
+        default_url: bool,
+    ) -> tuple[Peer | None, ClientMessage | None]:
         """Register the peer the first message describes.
 
-        Returns the peer (None when refused) and whether the message itself
+        Returns the peer (None when refused) and the message itself when it
         must still be dispatched (a seed-002 image is both handshake and frame).
         """
-
-        def hello() -> Hello:
+        try:
             if isinstance(message, bytes):
                 raise ProtocolError("send a hello message before frames")
-            control = decode_control(message)
-            if isinstance(control, Hello):
-                return control
-            if isinstance(control, LegacyImage):
-                return _hello_from_query(channel, {**query, "role": "producer", "encoding": "json"})
-            raise ProtocolError(f"send a hello message before {control.type!r}")
+            first = decode_control(message)
+        except ProtocolError as exc:
+            await _refuse(ws, exc)
+            return None, None
+        if isinstance(first, Hello):
+            return await self._register(ws, lambda: first, welcome=True), None
+        if not isinstance(first, Register | LegacyImage):
+            await _refuse(ws, ProtocolError(f"send a hello message before {first.type!r}"))
+            return None, None
+        kind = first.client_type if isinstance(first, Register) else ClientType.PRODUCER
 
-        peer = await self._register(ws, hello, welcome=True)
-        return peer, peer is not None and peer.legacy and isinstance(message, str)
+        def hello() -> Hello:
+            seed_default = kind is ClientType.PRODUCER and default_url
+            return _seed_hello(self.hub.seed_channel(channel) if seed_default else channel, query, kind)
 
-    async def _register(self, ws: ServerConnection, hello: Callable[[], Hello], welcome: bool) -> Peer | None:
+        peer = await self._register(ws, hello, welcome=False, quiet=True)
+        if peer is None or isinstance(first, LegacyImage):
+            return peer, first
+        peer.send(registered(peer))
+        return peer, None
+
+    async def _register(
+        self,
+        ws: ServerConnection,
+        hello: Callable[[], Hello],
+        welcome: bool,
+        quiet: bool = False,
+    ) -> Peer | None:
         """Check the hello, the credential and the limits; join the hub. Refusals close the socket."""
         try:
             greeting = hello()
@@ -286,6 +317,7 @@ class Relay:
                 greeting,
                 Outbox(self.config.control_queue),
                 anonymous=bool(self.config.tokens) and not trusted,
+                quiet=quiet,
             )
             self.hub.check_join(peer)
         except ProtocolError as exc:
@@ -308,13 +340,6 @@ class Relay:
                 ErrorCode.FRAME_TOO_LARGE,
             )
         self.hub.route(peer, decode_frame(message), message)
-
-    def _on_text(self, peer: Peer, message: str | bytes) -> None:
-        """One text message outside the loop's rate limit (the handshake's seed-002 image)."""
-        try:
-            self.hub.on_message(peer, decode_control(message))
-        except ProtocolError as exc:
-            peer.send(Error.of(exc))
 
     def _on_control(self, peer: Peer, control: Any) -> None:
         """A decoded control message (or the ProtocolError decoding it raised) from a joined peer."""
@@ -357,10 +382,23 @@ def _client_ip(ws: ServerConnection) -> str:
     return str(address[0]) if isinstance(address, tuple) and address else "?"
 
 
-def _parse_path(path: str) -> tuple[str, dict[str, str]]:
+def _parse_path(path: str) -> tuple[str, dict[str, str], bool]:
+    """The URL's channel, its query, and whether it is the default URL (no channel named)."""
     parts = urlsplit(path)
-    channel = unquote(parts.path.strip("/")) or DEFAULT_CHANNEL
-    return channel, dict(parse_qsl(parts.query))
+    query = dict(parse_qsl(parts.query))
+    named = unquote(parts.path.strip("/"))
+    return named or DEFAULT_CHANNEL, query, not named and "channel" not in query
+
+
+def _seed_hello(channel: str, query: dict[str, str], kind: ClientType) -> Hello:
+    """A seed-002 client's hello: base64 JSON, a producer that gets no results unless its URL asks
+    (it reads one reply per image), a consumer that gets the producers' images.
+    """
+    if kind is ClientType.PRODUCER:
+        fields = {"receive": "none", **query, "role": "producer", "encoding": "json"}
+    else:
+        fields = {"receive": "input", **query, "role": "viewer", "encoding": "json"}
+    return _hello_from_query(channel, fields)
 
 
 def _hello_from_query(channel: str, query: dict[str, str]) -> Hello:

@@ -143,12 +143,12 @@ async def test_params_reach_the_worker_with_a_version(relay):
     await worker.close()
 
 
-async def test_seed_002_base64_client_gets_acks_and_results(relay):
+async def test_seed_002_client_asking_for_results_gets_acks_and_results(relay):
     import base64
 
     worker = await EchoWorker(relay.url).start()
     serving = asyncio.create_task(worker.serve())
-    async with websockets.connect(relay.url) as legacy:  # the seed's client: no hello
+    async with websockets.connect(relay.url + "/?receive=output") as legacy:  # no hello
         for i in range(3):
             image = jpeg(seed=i)
             await legacy.send(
@@ -369,7 +369,7 @@ async def test_control_messages_on_the_wire_are_the_bytes_clients_always_got(rel
         )
         assert await ws.recv() == '{"type":"status","channel":"lonely","state":"waiting_for_worker"}'
         await ws.send('{"type": "ping"}')
-        assert await ws.recv() == '{"type":"pong"}'
+        assert (await ws.recv()).startswith('{"type":"pong","timestamp":')  # seed 002 logs the time
         await ws.send('{"type": "params", "params": {"a": 1}}')
         assert await ws.recv() == '{"type":"params_ack","channel":"lonely","version":1}'
         await ws.send('{"type": "hello", "role": "viewer"}')

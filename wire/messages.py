@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -77,10 +78,18 @@ class Message(BaseModel):
 Channel = Annotated[str, Field(pattern=CHANNEL_PATTERN.pattern)]
 
 
+def _image_format(value: Any) -> ImageFormat:
+    if isinstance(value, ImageFormat):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("format must be a string: jpeg or png")
+    return ImageFormat.parse(value)
+
+
 #: a string on the wire (``"jpeg"``, ``"JPG"``, ``"png"``...: the spellings seed-002 clients use),
 #: an :class:`ImageFormat` once validated; an unknown name is ImageFormat.parse's ProtocolError
 #: (bad_image), which decoding re-raises as is
-ImageFormatName = Annotated[str, AfterValidator(ImageFormat.parse)]
+ImageFormatName = Annotated[ImageFormat, PlainValidator(_image_format)]
 
 
 def _supported_protocol(version: int) -> int:
@@ -147,8 +156,9 @@ class LegacyImage(Message):
     type: Literal["image"] = "image"
     # data before format: a message wrong in both is refused for its data, as it always was
     data: bytes
-    # the enum member (a str) as before: pydantic keeps a default as it is
-    format: ImageFormatName = ImageFormat.JPEG  # type: ignore[assignment]
+    #: what the client says it sent; the relay checks it against the image's own header
+    #: (the same check, and error, as a binary frame's header gets). None: not said.
+    format: ImageFormatName | None = None
     timestamp: float | None = None
     seq: int | None = Field(default=None, ge=0, lt=2**64)  # our addition; seed clients omit it
 
@@ -170,7 +180,29 @@ class Ping(Message):
     type: Literal["ping"] = "ping"
 
 
-ClientMessage = Hello | Params | StatsRequest | Report | LegacyImage | Ping
+class ClientType(enum.StrEnum):
+    """What a seed-002 client registers as: it sends images, or it receives them."""
+
+    PRODUCER = "producer"
+    CONSUMER = "consumer"
+
+
+class Register(Message):
+    """Seed 002: the example's scripts say what they are before anything else (answered ``registered``)."""
+
+    type: Literal["register"] = "register"
+    client_type: ClientType
+
+
+class PromptUpdate(Message):
+    """Seed 002: a new prompt for the sender's channel, from its next frame on."""
+
+    type: Literal["prompt_update"] = "prompt_update"
+    prompt: str
+    timestamp: float | None = None
+
+
+ClientMessage = Hello | Params | StatsRequest | Report | LegacyImage | Ping | Register | PromptUpdate
 _client = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
 
 

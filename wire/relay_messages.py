@@ -18,6 +18,7 @@ from wire.errors import ErrorCode, ProtocolError
 from wire.messages import (
     PROTOCOL_VERSION,
     Channel,
+    ClientType,
     LegacyImage,
     Message,
     Report,
@@ -112,6 +113,8 @@ class StatsReply(Message):
 
 class Pong(Message):
     type: Literal["pong"] = "pong"
+    #: the relay's clock (seconds since the epoch): seed-002 clients log it
+    timestamp: float | None = None
 
 
 class Shutdown(Message):
@@ -124,6 +127,25 @@ class Ack(Message):
 
     type: Literal["ack"] = "ack"
     status: Literal["received"] = "received"
+
+
+class Registered(Message):
+    """Seed 002: the answer to ``register``; ``channel`` (ours) is where the client's images go."""
+
+    type: Literal["registered"] = "registered"
+    client_type: ClientType
+    timestamp: float
+    channel: Channel | None = None
+
+
+class PromptUpdated(Message):
+    """Seed 002: the answer to a ``prompt_update`` the relay applied (refusals are ``error``)."""
+
+    type: Literal["prompt_updated"] = "prompt_updated"
+    status: Literal["success"] = "success"
+    prompt: str
+    timestamp: float
+    version: int | None = None
 
 
 class LegacyResult(LegacyImage):
@@ -146,6 +168,8 @@ RelayMessage = (
     | Pong
     | Shutdown
     | Ack
+    | Registered
+    | PromptUpdated
     | LegacyResult
 )
 _relay = TypeAdapter(Annotated[RelayMessage, Field(discriminator="type")])
