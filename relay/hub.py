@@ -223,6 +223,8 @@ class Channel:
     last_params_time: float | None = None
     #: params version of the newest result: tells when a change reached the output
     output_params_version: int = 0
+    #: the last waiting ``status`` its peers were told (None while served)
+    announced: Status | None = None
 
     @property
     def wants_worker(self) -> bool:
@@ -315,14 +317,17 @@ class Hub:
             self.workers.append(peer)
             log.info("worker %s joined (capacity %d, engine %s)", peer.id, peer.capacity, peer.engine)
             self._assign_waiting()
+            self._announce_queue()
             return
         channel = self._channel(peer.channel, anonymous=peer.anonymous)
         if peer.role is Role.PRODUCER:
             channel.producers.add(peer)
             if channel.worker is None:
                 self._assign(channel)
-            if channel.worker is None and not peer.quiet:
-                peer.send(Status(channel=channel.name, state=ChannelState.WAITING_FOR_WORKER))
+            told = channel.announced
+            self._announce_queue()
+            if channel.announced is told and told is not None and not peer.quiet:
+                peer.send(told)  # the channel heard it before this peer came
         else:
             channel.viewers.add(peer)
 
@@ -340,11 +345,7 @@ class Hub:
                     orphans.append(channel)
             peer.assigned.clear()
             self._assign_waiting()  # keyed channels first, wherever they were
-            for channel in orphans:
-                if channel.worker is None:
-                    self._tell_channel(
-                        channel, Status(channel=channel.name, state=ChannelState.WAITING_FOR_WORKER)
-                    )
+            self._announce_queue()  # the orphans that found no other worker are told
             return
         channel = self.channels.get(peer.channel)
         if channel is None:
@@ -352,6 +353,7 @@ class Hub:
         channel.producers.discard(peer)
         channel.viewers.discard(peer)
         self._tidy(channel)
+        self._announce_queue()
 
     def open_channel(
         self,
@@ -379,6 +381,7 @@ class Hub:
             self.set_params(channel, params, replace=True)
         if channel.worker is None:
             self._assign(channel)
+        self._announce_queue()
         return channel
 
     def seed_channel(self, name: str) -> str:
@@ -397,6 +400,7 @@ class Hub:
         if channel is not None:
             channel.held = False
             self._tidy(channel)
+            self._announce_queue()
 
     # -- frames -------------------------------------------------------------
 
@@ -670,19 +674,50 @@ class Hub:
                 peer.send(Error.of(exc))
                 peer.outbox.close()  # its transport closes the connection
 
+    def _anonymous_slots(self) -> tuple[int, int]:
+        """Anonymous channels served, and how many may be: their share of the workers' capacity."""
+        share = self.config.anonymous_share
+        capacity = sum(w.capacity for w in self.workers)
+        limit = math.floor(share * capacity + 1e-9)
+        if share > 0 and capacity and not any(c.key is not None for c in self.channels.values()):
+            limit = max(limit, 1)  # a lone seed client on a one-slot server is served
+        used = sum(1 for c in self.channels.values() if c.anonymous and c.worker is not None)
+        return used, limit
+
+    def slots(self, channel: Channel) -> tuple[int, int]:
+        """The slots ``channel`` may get a worker from: (in use, total); an anonymous channel's share."""
+        if channel.anonymous:
+            return self._anonymous_slots()
+        return sum(len(w.assigned) for w in self.workers), sum(w.capacity for w in self.workers)
+
+    def queue(self) -> list[Channel]:
+        """The channels waiting for a worker, in the order they will get one."""
+        waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker]
+        return sorted(waiting, key=lambda c: c.priority)  # stable: oldest first within a rank
+
+    def _announce_queue(self) -> None:
+        """Tell each waiting channel its place and slots, when they changed (joins and leaves only)."""
+        for position, channel in enumerate(self.queue(), 1):
+            in_use, slots = self.slots(channel)
+            status = Status(
+                channel=channel.name,
+                state=ChannelState.WAITING_FOR_WORKER,
+                position=position,
+                in_use=in_use,
+                slots=slots,
+            )
+            if status != channel.announced:
+                channel.announced = status
+                self._tell_channel(channel, status)
+
     def _anonymous_may_take_a_slot(self) -> bool:
         """Room for one more anonymous channel: within its share, and none taken from a waiting keyed
         channel.
         """
-        share = self.config.anonymous_share
-        capacity = sum(w.capacity for w in self.workers)
-        keyed = [c for c in self.channels.values() if c.key is not None]
-        limit = math.floor(share * capacity + 1e-9)
-        if share > 0 and not keyed:
-            limit = max(limit, 1)  # a lone seed client on a one-slot server is served
-        used = sum(1 for c in self.channels.values() if c.anonymous and c.worker is not None)
+        used, limit = self._anonymous_slots()
         if used >= limit:
             return False
+        keyed = [c for c in self.channels.values() if c.key is not None]
         free = sum(max(0, w.capacity - len(w.assigned)) for w in self.workers)
         waiting = sum(1 for c in keyed if c.worker is None and c.wants_worker)
         return free > waiting
@@ -698,7 +733,7 @@ class Hub:
         if channel.anonymous and not self._anonymous_may_take_a_slot():
             return
         worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
-        channel.worker = worker
+        channel.worker, channel.announced = worker, None
         channel.engine_state = EngineState.LOADING
         worker.assigned.append(channel.name)
         worker.send(Assign(channel=channel.name, params=channel.params, version=channel.params_version))
@@ -708,8 +743,7 @@ class Hub:
         )
 
     def _assign_waiting(self) -> None:
-        waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker]
-        for channel in sorted(waiting, key=lambda c: c.priority):  # stable: oldest first within a rank
+        for channel in self.queue():
             self._assign(channel)
 
     def _release(self, channel: Channel) -> None:

@@ -83,6 +83,16 @@ async def joined(h: Hub, *peers: Peer) -> None:
         await pending(p)  # forget the join's news
 
 
+def waiting(channel: str, position: int, in_use: int, slots: int) -> Status:
+    return Status(
+        channel=channel,
+        state=ChannelState.WAITING_FOR_WORKER,
+        position=position,
+        in_use=in_use,
+        slots=slots,
+    )
+
+
 def route(h: Hub, p: Peer, f: Frame) -> None:
     h.route(p, f, encode_frame(f))
 
@@ -132,7 +142,7 @@ async def test_frames_with_no_worker_are_counted_and_the_producer_is_told():
     h = hub()
     producer = peer(Role.PRODUCER)
     h.join(producer)
-    assert (await pending(producer))[0] == [Status(channel="cam", state=ChannelState.WAITING_FOR_WORKER)]
+    assert (await pending(producer))[0] == [waiting("cam", 1, 0, 0)]
     route(h, producer, frame(0))
     assert h.channels["cam"].drops["no_worker"] == 1
     assert h.channels["cam"].engine_state is EngineState.WAITING_FOR_WORKER
@@ -221,12 +231,14 @@ async def test_channels_go_to_the_least_loaded_worker_with_room_and_move_when_it
     assert (await pending(producers[0]))[0] == [
         Status(channel="a", state=ChannelState.ASSIGNED, worker="big")
     ]
-    assert (await pending(producers[3]))[0] == [Status(channel="d", state=ChannelState.WAITING_FOR_WORKER)]
+    assert (await pending(producers[3]))[0] == [waiting("d", 1, 3, 3)]
     for p in producers[1:3]:
         await pending(p)
     h.leave(big)  # a and c look for a worker: small is full
-    for p in producers[::2]:
-        assert (await pending(p))[0] == [Status(channel=p.channel, state=ChannelState.WAITING_FOR_WORKER)]
+    # a and c wait too, the oldest channel first; the slots are small's one
+    assert (await pending(producers[0]))[0] == [waiting("a", 1, 1, 1)]
+    assert (await pending(producers[2]))[0] == [waiting("c", 2, 1, 1)]
+    assert (await pending(producers[3]))[0] == [waiting("d", 3, 1, 1)]
     h.leave(producers[1])  # small's channel goes: it takes a waiting one
     assert (await pending(small))[0][0] == Release(channel="b")
     assert h.channels["a"].worker is small and h.channels["a"].engine_state is EngineState.LOADING
@@ -362,7 +374,7 @@ async def test_a_local_session_yields_typed_messages_then_frames_then_closed():
     producer = LocalSession(h, "cam", Role.PRODUCER, Receive.OUTPUT)
     worker = peer(Role.WORKER, name="w1")
     events = producer.events()
-    assert await anext(events) == Status(channel="cam", state=ChannelState.WAITING_FOR_WORKER)
+    assert await anext(events) == waiting("cam", 1, 0, 0)
     await joined(h, worker)
     assert producer.publish(jpeg(W, H)) == 0  # bare bytes: the hub reads format and size
     (routed,) = (await pending(worker))[1]
@@ -557,3 +569,38 @@ def test_a_full_channel_table_raises_a_typed_error_when_the_api_opens_one():
     with pytest.raises(ProtocolError) as refused:
         h.open_channel("str_2", {}, key="k2")
     assert refused.value.code is ErrorCode.TOO_MANY_CHANNELS and list(h.channels) == ["str_1"]
+
+
+async def test_waiting_channels_hear_their_place_in_the_queue_as_it_changes():
+    h = hub()
+    worker = peer(Role.WORKER, capacity=2)
+    a, b, c, d = (peer(Role.PRODUCER, channel=name) for name in "abcd")
+    for p in (worker, a, b, c, d):
+        h.join(p)
+    await pending(a)
+    await pending(b)
+    assert [ch.name for ch in h.queue()] == ["c", "d"]
+    assert (await pending(c))[0] == [waiting("c", 1, 2, 2)]
+    assert (await pending(d))[0] == [waiting("d", 2, 2, 2)]
+    late = peer(Role.VIEWER, channel="d")
+    h.join(late)  # a viewer hears nothing until the queue changes
+    h.leave(a)  # c gets a's slot, d moves up
+    assert (await pending(c))[0] == [Status(channel="c", state=ChannelState.ASSIGNED, worker=worker.id)]
+    assert (await pending(d))[0] == [waiting("d", 1, 2, 2)]
+    assert (await pending(late))[0] == [waiting("d", 1, 2, 2)]
+    second = peer(Role.PRODUCER, channel="d", name="d2")
+    h.join(second)  # joins a waiting channel: told at once, the others hear nothing new
+    assert (await pending(second))[0] == [waiting("d", 1, 2, 2)]
+    assert (await pending(d))[0] == []
+    assert waiting("d", 1, 2, 2).detail == "waiting for a slot: 2 of 2 in use (1st in the queue)"
+    assert waiting("d", 1, 0, 0).detail == "waiting for a worker: none is connected"
+
+
+async def test_anonymous_channels_wait_for_their_share():
+    h = hub(anonymous_share=0.5)
+    worker = peer(Role.WORKER, capacity=4)
+    seeds = [peer(Role.PRODUCER, channel=f"s{i}", anonymous=True) for i in range(3)]
+    for p in (worker, *seeds):
+        h.join(p)
+    assert [ch.worker is worker for ch in (h.channels[f"s{i}"] for i in range(3))] == [True, True, False]
+    assert (await pending(seeds[2]))[0] == [waiting("s2", 1, 2, 2)]  # two of the share's two in use

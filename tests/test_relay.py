@@ -111,7 +111,14 @@ async def test_second_worker_takes_over_when_the_first_leaves(relay):
 async def test_producer_waits_for_a_worker_and_is_told(relay):
     producer, _ = await connect(relay.url, "producer", "lonely")
     status = await recv_json(producer, "status")
-    assert status == {"type": "status", "channel": "lonely", "state": "waiting_for_worker"}
+    assert status == {
+        "type": "status",
+        "channel": "lonely",
+        "state": "waiting_for_worker",
+        "position": 1,
+        "in_use": 0,
+        "slots": 0,
+    }
     await producer.send(input_frame(0, jpeg(), "lonely"))
     await producer.send(orjson.dumps({"type": "stats"}).decode())
     stats = await recv_json(producer, "stats")
@@ -367,7 +374,9 @@ async def test_control_messages_on_the_wire_are_the_bytes_clients_always_got(rel
             '","protocol":1,"limits":{"max_frame_bytes":8388608,"max_width":4096,'
             '"max_height":4096,"max_channels":256}}'
         )
-        assert await ws.recv() == '{"type":"status","channel":"lonely","state":"waiting_for_worker"}'
+        assert await ws.recv() == (
+            '{"type":"status","channel":"lonely","state":"waiting_for_worker","position":1,"in_use":0,"slots":0}'
+        )
         await ws.send('{"type": "ping"}')
         assert (await ws.recv()).startswith('{"type":"pong","timestamp":')  # seed 002 logs the time
         await ws.send('{"type": "params", "params": {"a": 1}}')

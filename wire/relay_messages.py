@@ -97,12 +97,36 @@ class ParamsAck(Message):
 
 
 class Status(Message):
-    """To producers and viewers: the channel's worker changed (``worker`` only when assigned)."""
+    """To producers and viewers: the channel's worker changed (``worker`` only when assigned).
+
+    While waiting: the channel's place in the queue (1: next to be served)
+    and the slots it waits for, ``in_use`` of ``slots`` (the workers'
+    capacity, or for an anonymous channel its share of it). Sent again
+    whenever these change.
+    """
 
     type: Literal["status"] = "status"
     channel: Channel
     state: ChannelState
     worker: str | None = None
+    position: int | None = None
+    in_use: int | None = None
+    slots: int | None = None
+
+    @property
+    def detail(self) -> str:
+        """What a person reads: ``waiting for a slot: 4 of 4 in use (2nd in the queue)``."""
+        if self.state is ChannelState.ASSIGNED:
+            return "a worker is serving this stream"
+        if not self.slots:
+            return "waiting for a worker: none is connected"
+        place = f" ({_ordinal(self.position)} in the queue)" if self.position else ""
+        return f"waiting for a slot: {self.in_use} of {self.slots} in use{place}"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 class StatsReply(Message):
