@@ -210,3 +210,31 @@ async def test_an_oversized_frame_gets_an_error_naming_the_limit_then_a_close():
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert closed.value.rcvd.code == 1009
+
+
+async def test_a_full_server_tells_the_newcomer_its_place_and_serves_it_when_a_slot_frees(server):
+    """4 worker slots, half for anonymous sessions: two /ws clients are served at once, the third
+    waits, knows why, and is served as soon as one leaves."""
+    url, _app = server
+    async with client(url) as a, client(url) as b:
+        for ws in (a, b):
+            assert "queue_position" not in (await recv_json(ws))["data"]
+        image = jpeg(SIZE, SIZE, seed=2)
+        await a.send(image)
+        await b.send(image)
+        await processed(a)
+        await processed(b)  # both served at once, each its own session
+        async with client(url) as c:
+            hello = (await recv_json(c))["data"]
+            assert hello["engine_state"] == "waiting_for_worker"
+            assert (hello["queue_position"], hello["slots_in_use"], hello["slots"]) == (1, 2, 2)
+            await c.send(image)
+            refused = (await recv_json(c))["data"]
+            assert refused["code"] == "waiting_for_worker" and refused["queue_position"] == 1
+            assert refused["message"] == "waiting for a slot: 2 of 2 in use (1st in the queue); frame dropped"
+            await a.close()
+            ready = (await recv_json(c))["data"]
+            assert ready["status"] == "ready"
+            await c.send(image)
+            meta, _ = await processed(c)
+            assert meta["width"] == SIZE

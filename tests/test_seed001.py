@@ -295,7 +295,11 @@ async def test_wait_while_no_worker_is_free_then_send_frame():
         connect(url.replace("http://", "ws://") + "/api/ws/early", compression=None) as ws,
     ):
         assert await recv_json(ws) == {"status": "connected"}
-        assert await recv_json(ws) == {"status": "wait"}
+        assert await recv_json(ws) == {
+            "status": "wait",
+            "message": "waiting for a worker: none is connected",
+            "queue_position": 1,
+        }
         worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
         task = asyncio.create_task(worker.run())
         try:
@@ -346,3 +350,35 @@ async def test_session_timeout(server):
         assert await recv_json(ws) == {"status": "timeout", "message": "Your session has ended"}
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), TIMEOUT)
+
+
+async def test_several_users_are_served_at_once_and_the_next_one_waits_with_its_place():
+    """4 worker slots, half for anonymous sessions: two users at once, the third hears its place
+    in the queue and gets ``send_frame`` when a slot frees."""
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
+    async with running(app) as url:
+        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=4))
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
+        server = Server(app, url, None)
+        try:
+            async with server.ws("ann") as ann, server.ws("bob") as bob:
+                for ws in (ann, bob):
+                    await start(ws)
+                    await send_bundle(ws, {"prompt": "x"}, jpeg(SIZE, SIZE))
+                for ws in (ann, bob):
+                    assert await recv_json(ws) == SEND_FRAME  # each one's frame came back
+                async with server.ws("cyd") as cyd:
+                    assert await recv_json(cyd) == {"status": "connected"}
+                    assert await recv_json(cyd) == {
+                        "status": "wait",
+                        "message": "waiting for a slot: 2 of 2 in use (1st in the queue)",
+                        "queue_position": 1,
+                    }
+                    await ann.close()
+                    assert await recv_json(cyd) == SEND_FRAME
+                    await send_bundle(cyd, {"prompt": "x"}, jpeg(SIZE, SIZE))
+                    assert await recv_json(cyd) == SEND_FRAME
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

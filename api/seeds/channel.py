@@ -21,7 +21,7 @@ from relay.hub import Channel, Delivery, Hub
 from relay.local import Closed, LocalSession
 from wire.frames import Frame
 from wire.messages import Receive, Role
-from wire.relay_messages import EngineState, RelayMessage
+from wire.relay_messages import EngineState, RelayMessage, Status
 
 _MAX_PENDING = 64  # send times kept for latency; older ones are forgotten
 
@@ -67,6 +67,12 @@ class SessionChannel:
     def has_worker(self) -> bool:
         channel = self.channel
         return channel is not None and channel.worker is not None
+
+    @property
+    def queue_status(self) -> Status | None:
+        """While the channel waits for a worker: its place in the queue and the slots (else None)."""
+        channel = self.channel
+        return channel.announced if channel is not None and channel.worker is None else None
 
     @property
     def params_version(self) -> int:

@@ -18,7 +18,13 @@ self-describing:
   connection goes on.
 
 Only client messages are answered (plus engine errors), so a client that
-reads strictly "send X, read the reply" never meets an unexpected message.
+reads strictly "send X, read the reply" never meets an unexpected message,
+with one exception for a session that has to wait for a worker (every slot
+busy): its frames are answered by ``waiting_for_worker`` errors that say
+its place in the queue, and it hears ``{"type": "status", "data":
+{"status": "waiting", "message", "queue_position", "slots_in_use",
+"slots"}}`` whenever that place changes, then ``{"type": "status", "data":
+{"status": "ready", ...}}`` when a worker takes it.
 Latest frame wins: frames are published as they arrive and the hub and
 worker keep only the newest, so a client sending faster than the engine
 gets fewer, fresher results instead of a growing delay.
@@ -41,6 +47,7 @@ from api.server.services import services
 from relay.local import Closed
 from wire.errors import ErrorCode, ProtocolError
 from wire.messages import Report, ReportEvent
+from wire.relay_messages import ChannelState, Status
 
 log = logging.getLogger("api.seeds")
 
@@ -74,6 +81,7 @@ async def seed000_socket(websocket: WebSocket) -> None:
                     "session_id": session.name,
                     "engine_state": session.engine_state,
                     "settings": session.params,
+                    **_queue_fields(session.queue_status),
                 },
             }
         )
@@ -107,7 +115,9 @@ async def _read(websocket: WebSocket, out: Outgoing, session: SessionChannel) ->
 def _frame(session: SessionChannel, data: bytes) -> dict[str, Any] | None:
     """Publish one image; an error reply if it cannot be processed."""
     if not session.has_worker:
-        return error("waiting_for_worker", "no worker is free for this session yet; frame dropped")
+        queue = session.queue_status
+        detail = queue.detail if queue is not None else "no worker is free for this session yet"
+        return error("waiting_for_worker", f"{detail}; frame dropped", **_queue_fields(queue))
     try:
         session.publish(data)
     except ProtocolError as exc:
@@ -143,14 +153,30 @@ def _control(session: SessionChannel, text: str) -> dict[str, Any]:
     }
 
 
+def _queue_fields(status: Status | None) -> dict[str, Any]:
+    if status is None:
+        return {}
+    return {"queue_position": status.position, "slots_in_use": status.in_use, "slots": status.slots}
+
+
 async def _pump(out: Outgoing, session: SessionChannel) -> None:
-    """Forward results (metadata, then bytes) and engine errors until the socket fails."""
+    """Forward results (metadata, then bytes), engine errors and a waiting session's queue news."""
+    told = session.queue_status  # in the connect status already; the hub's news repeats it
+    waited = told is not None
     async for event in session.events():
         match event:
             case Result():
                 await out.json_then_bytes(_processed(event), event.frame.payload)
             case Report(event=ReportEvent.ERROR):
                 await out.json(error("engine_error", event.message))
+            case Status(state=ChannelState.WAITING_FOR_WORKER) if event != told:
+                waited, told = True, event
+                data = {"status": "waiting", "message": event.detail, **_queue_fields(event)}
+                await out.json({"type": "status", "data": data})
+            case Status(state=ChannelState.ASSIGNED) if waited:
+                waited, told = False, None
+                data = {"status": "ready", "message": "a worker is serving this session: send frames"}
+                await out.json({"type": "status", "data": data})
             case Closed():
                 return
         if out.closed:

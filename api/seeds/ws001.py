@@ -15,8 +15,10 @@ when the worker has produced the result of the frame it was given, so the
 client sends exactly as fast as the engine runs (one frame in flight, no
 backlog). Other statuses, as in the seed's server:
 
-* ``{"status": "wait"}`` while no worker is free for the session;
-  ``send_frame`` follows once one is;
+* ``{"status": "wait", "message": "waiting for a slot: 4 of 4 in use (2nd
+  in the queue)", "queue_position": 2}`` while no worker is free for the
+  session, again each time its place changes; ``send_frame`` follows once
+  one is;
 * ``{"status": "error", "message"}`` only for what ends the session (the
   seed's frontend takes it for a disconnect): ``Server is full`` (more than
   ``max_queue_size`` sessions), a userId already connected, an engine that
@@ -70,7 +72,6 @@ router = APIRouter()
 
 CONNECTED = {"status": "connected"}
 SEND_FRAME = {"status": "send_frame"}
-WAIT = {"status": "wait"}
 TIMEOUT = {"status": "timeout", "message": "Your session has ended"}
 MAX_USER_ID = 128
 _NOT_JSON = object()
@@ -79,6 +80,13 @@ _NOT_JSON = object()
 def error(message: str) -> dict[str, Any]:
     """A problem that ends the session (the seed's frontend disconnects on it)."""
     return {"status": "error", "message": message}
+
+
+def wait(status: Status | None) -> dict[str, Any]:
+    """The seed's ``wait``, with why and the session's place in the queue (the demo ignores extras)."""
+    if status is None:
+        return {"status": "wait", "message": "waiting for a worker"}
+    return {"status": "wait", "message": status.detail, "queue_position": status.position}
 
 
 def warning(message: str) -> dict[str, Any]:
@@ -111,6 +119,8 @@ class Session:
         self.awaiting: int | None = None  # seq whose result releases the next send_frame
         self.published_at = 0.0
         self.waiting = not channel.has_worker
+        #: the last queue news the client got (the hub's own news repeats what it said at connect)
+        self.told = channel.queue_status
         self._bundle_error: str | None = None
         self._bundle_params: dict[str, Any] | None = None
         self._image_timer: asyncio.TimerHandle | None = None
@@ -241,11 +251,13 @@ class Session:
     async def _on_control(self, message: RelayMessage) -> bool:
         """Handle one hub message; False ends the session."""
         match message:
-            case Status(state=ChannelState.WAITING_FOR_WORKER) if not self.waiting:
+            case Status(state=ChannelState.WAITING_FOR_WORKER):
                 self.waiting, self.awaiting = True, None
-                await self.out.json(WAIT)
+                if message != self.told:  # again as its place in the queue changes
+                    self.told = message
+                    await self.out.json(wait(message))
             case Status(state=ChannelState.ASSIGNED) if self.waiting or self.awaiting is not None:
-                self.waiting = False
+                self.waiting, self.told = False, None
                 await self._release()  # a new worker has no frame of ours: send one
             case Report(event=ReportEvent.ERROR):
                 if self.channel.engine_state is EngineState.ERROR:
@@ -304,7 +316,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
     session = reg[user_id] = Session(user_id, Mode(mode), out, channel, opts)
     try:
         await out.json(CONNECTED)
-        await out.json(WAIT if session.waiting else SEND_FRAME)
+        await out.json(wait(channel.queue_status) if session.waiting else SEND_FRAME)
         tasks = [session.read(websocket), session.pump()]
         if opts.timeout_s > 0:
             tasks.append(session.timer())
