@@ -1,7 +1,11 @@
 """HLS output: where a stream's files live, how FFmpeg writes them, how to serve them.
 
 The output process writes ``index.m3u8`` and ``seg_<n>.ts`` into one
-directory per stream; the API serves that directory at
+directory per stream. When the picture size changes it starts a new muxer
+that appends to the same playlist after an ``#EXT-X-DISCONTINUITY`` (players
+reset their decoder there) and continues its segment numbers; the playlist
+never gets an ``#EXT-X-ENDLIST``, which would end playback for good (the
+directory goes when the stream does). The API serves that directory at
 ``/live/video-to-video/{playback_id}/hls/{file}`` with :func:`hls_response`.
 Only names matching :data:`FILE_NAME` are ever served, so a request cannot
 reach outside the directory, and FFmpeg's half-written ``*.tmp`` files are
@@ -59,11 +63,17 @@ def start_number(hls_time: float) -> int:
 
 
 def container_options(directory: Path, hls_time: float, list_size: int) -> dict[str, str]:
-    """FFmpeg HLS muxer options: a sliding live window of complete, independent segments."""
+    """FFmpeg HLS muxer options: a sliding live window of complete, independent segments.
+
+    ``append_list``: a muxer opened on an existing playlist (a new picture
+    size, a retry) continues it after a discontinuity, numbering on from its
+    last segment (``start_number`` only counts for a new playlist);
+    ``omit_endlist``: closing one for the next never tells players the stream ended.
+    """
     return {
         "hls_time": f"{hls_time:g}",
         "hls_list_size": str(list_size),
-        "hls_flags": "delete_segments+independent_segments+temp_file+discont_start",
+        "hls_flags": "delete_segments+independent_segments+temp_file+append_list+omit_endlist",
         "hls_segment_filename": str(directory / f"{SEGMENT_PREFIX}%d.ts"),
         "start_number": str(start_number(hls_time)),
     }

@@ -21,14 +21,19 @@ thread decodes and encodes. Timing:
   picture when input is slower and dropping frames when it is faster; GOP =
   ``fps * hls_time`` so every segment is ``hls_time`` long.
 
-The output size is the first frame's (rounded down to even); later frames of
-another size are scaled to it. A failed RTMP target is retried with backoff,
+The output size is the frame's (rounded down to even). When frames of another
+size arrive (a stream resized, another input) the container is closed and a
+new one opened at the new size, on the same clock so timestamps keep rising:
+RTMP reconnects, so the server and its players get a new stream header;
+HLS continues the playlist after a discontinuity (:mod:`media.hls`). Nothing
+is ever scaled to an old size. A failed RTMP target is retried with backoff,
 dropping frames meanwhile; so is a lost relay. SIGTERM/SIGINT flush and close
 the container and exit 0. With ``--status`` one JSON line per event goes to
-stdout (``ready``, ``relay_connected``, ``publishing``, ``error``, ``relay_error``,
-``stopped``); logs go to stderr. The RTMP URL and the relay token may come
-from the environment (:data:`~media.output_options.ENV_RTMP`,
-:data:`~media.output_options.ENV_TOKEN`) to keep them out of ``ps``.
+stdout (``ready``, ``relay_connected``, ``publishing`` (again after a size
+change, with the new size), ``error``, ``relay_error``, ``stopped``); logs go
+to stderr. The RTMP URL and the relay token may come from the environment
+(:data:`~media.output_options.ENV_RTMP`, :data:`~media.output_options.ENV_TOKEN`)
+to keep them out of ``ps``.
 """
 
 from __future__ import annotations
@@ -106,7 +111,9 @@ class Sink:
         gop: int,
         codec_options: dict[str, str],
         container_options: dict[str, str] | None = None,
+        epoch: float | None = None,
     ) -> None:
+        """``epoch``: the monotonic time of pts 0 (a previous sink's, to keep timestamps rising)."""
         self.size, self.time_base = size, time_base
         self.container = av.open(target, "w", format=fmt, container_options=container_options or {})
         try:
@@ -121,14 +128,18 @@ class Sink:
             self.container.close()
             raise
         self.stream = stream
-        self.started = time.monotonic()
+        self.started = time.monotonic() if epoch is None else epoch
         self.last_pts = -1
         self.frames = 0
 
     def write(self, rgb: np.ndarray, keyframe: bool = False) -> None:
         """Encode and mux one picture at the clock's pts (connects on the first call for RTMP)."""
         pts = max(round((time.monotonic() - self.started) / self.time_base), self.last_pts + 1)
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(*self.size, "yuv420p")
+        width, height = self.size
+        rgb = rgb[:height, :width]  # an odd side loses its last pixel: H.264 4:2:0 needs even sides
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+            format="yuv420p"
+        )
         frame.pts, frame.time_base = pts, self.time_base
         if keyframe:
             frame.pict_type = av.video.frame.PictureType.I
@@ -155,6 +166,8 @@ class Encoder:
         self.retry_at = 0.0
         self.backoff = BACKOFF[0]
         self.last_key = 0.0
+        #: pts 0 of every sink this process opens: timestamps rise across reopenings
+        self.epoch: float | None = None
         self.exit_code = 0
         self.label = rtmp.mask_url(options.rtmp) if options.rtmp else str(options.hls)
 
@@ -204,6 +217,8 @@ class Encoder:
             return  # waiting before a retry: drop the frame
         try:
             with watchdog(self.opts.stall_timeout):
+                if self.sink is not None and self.sink.size != even_size(picture):
+                    self._resized(self.sink.size, even_size(picture))
                 if self.sink is None:
                     self.sink = self._open(picture)
                     self.last_key = 0.0
@@ -221,9 +236,18 @@ class Encoder:
             )
             self.backoff = BACKOFF[0]
 
+    def _resized(self, old: tuple[int, int], new: tuple[int, int]) -> None:
+        """Close the sink made for ``old``; the caller opens one for ``new`` (a new RTMP stream
+        header, a new HLS muxer continuing the playlist)."""
+        log.info("the picture went from %dx%d to %dx%d: reopening %s", *old, *new, self.label)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.close()
+
     def _open(self, picture: np.ndarray) -> Sink:
-        height, width = picture.shape[:2]
-        size = (max(2, width - width % 2), max(2, height - height % 2))
+        size = even_size(picture)
+        if self.epoch is None:
+            self.epoch = time.monotonic()
         if self.opts.rtmp is not None:
             rtmp.probe(self.opts.rtmp, timeout=min(5.0, self.opts.stall_timeout))
             return Sink(
@@ -234,6 +258,7 @@ class Encoder:
                 Fraction(1, 1000),
                 max(1, round(self.opts.fps * 2)),
                 rtmp.codec_options(),
+                epoch=self.epoch,
             )
         assert self.opts.hls is not None
         options = hls.container_options(self.opts.hls, self.opts.hls_time, self.opts.hls_list_size)
@@ -246,6 +271,7 @@ class Encoder:
             max(1, round(self.opts.fps * self.opts.hls_time)),
             hls.codec_options(),
             options,
+            epoch=self.epoch,
         )
 
     def _failed(self, exc: BaseException) -> None:
@@ -268,6 +294,12 @@ class Encoder:
                 sink.close()
         except (OSError, av.FFmpegError) as exc:
             log.info("closing %s: %s", self.label, exc)
+
+
+def even_size(picture: np.ndarray) -> tuple[int, int]:
+    """``(width, height)`` of ``picture`` rounded down to even (at least 2), as H.264 4:2:0 needs."""
+    height, width = picture.shape[:2]
+    return max(2, width - width % 2), max(2, height - height % 2)
 
 
 async def read_relay(options: Options, frames: ThreadSlot[Frame]) -> None:

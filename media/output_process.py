@@ -73,6 +73,8 @@ class OutputProcess:
         self.target = rtmp.mask_url(rtmp_url) if rtmp_url else str(hls_dir)
         self.ready = False  # the child's signal handlers are installed (SIGTERM before: exit -15)
         self.publishing = False
+        #: ``(width, height)`` it publishes at (it follows the frames: a new size reopens the output)
+        self.size: tuple[int, int] | None = None
         self.last_error: str | None = None
         self.restarts = 0
         self.returncode: int | None = None
@@ -96,6 +98,7 @@ class OutputProcess:
             "target": self.target,
             "running": self.running,
             "publishing": self.publishing,
+            "size": list(self.size) if self.size else None,
             "last_error": self.last_error,
             "restarts": self.restarts,
         }
@@ -209,6 +212,8 @@ class OutputProcess:
             self.ready = True
         elif event == "publishing":
             self.publishing = True
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self.size = (int(status["width"]), int(status["height"]))
         elif event in ("error", "relay_error"):
             if event == "error":  # the target failed; a lost relay leaves RTMP repeating frames
                 self.publishing = False
