@@ -110,9 +110,9 @@ def test_hot_updates_change_the_output_without_reload(
     tiny: TinyModels, reference: list[np.ndarray], change: dict[str, Any]
 ) -> None:
     eng = engine(tiny)
-    pipe = eng._models.pipe
+    pipe = eng._model.models.pipe
     assert eng.update(change) == set()
-    assert eng._models.pipe is pipe
+    assert eng._model.models.pipe is pipe
     assert not same(reference, run(eng, SEQUENCE))
     assert all(eng.params[key] == value for key, value in change.items())
 
@@ -281,19 +281,19 @@ def test_depth_preprocessor_runs_a_depth_model(tiny: TinyModels, reference: list
         "preprocessor_params": {"model_id": str(tiny.depth), "detect_resolution": 140},
     }
     eng = engine(tiny, controlnets=[depth])
-    estimator = eng._predictor.controlnets[0].preprocess
+    estimator = eng._lane.controlnets[0].preprocess
     gradient = np.repeat(np.linspace(0, 255, SIZE, dtype=np.uint8)[None, :, None], SIZE, 0).repeat(3, 2)
     grey = estimator(gradient)
     assert grey.shape == gradient.shape and grey.dtype == np.uint8
     assert (grey[..., 0] == grey[..., 2]).all() and grey.min() == 0 and grey.max() == 255  # scaled per frame
     assert not same(reference, run(eng, SEQUENCE))
-    loaded = dict(eng._neural._models)
+    loaded = dict(eng._model.neural._models)
     assert eng.update({"controlnets": [{**depth, "conditioning_scale": 0.5}]}) == set()
     assert (
         eng.update({"controlnets": [{**depth, "preprocessor_params": {"model_id": str(tiny.depth)}}]})
         == set()
     )
-    assert eng._neural._models == loaded  # hot updates reuse the loaded model
+    assert eng._model.neural._models == loaded  # hot updates reuse the loaded model
     other = {**depth, "preprocessor_params": {"model_id": "somewhere/else"}}
     assert eng.update({"controlnets": [other]}) == {"controlnets"}
 
@@ -305,7 +305,7 @@ def test_hed_preprocessor_runs_the_hed_network(tiny: TinyModels, reference: list
         "preprocessor_params": {"model_id": str(tiny.hed)},
     }
     eng = engine(tiny, controlnets=[hed])
-    detect = eng._predictor.controlnets[0].preprocess
+    detect = eng._lane.controlnets[0].preprocess
     square = np.zeros((SIZE, SIZE, 3), np.uint8)
     square[100:250, 120:300] = 255
     edges = detect(square)
@@ -359,7 +359,7 @@ def test_openpose_preprocessor_runs_vitpose(tiny: TinyModels, reference: list[np
         "preprocessor_params": {"model_id": str(tiny.pose), "threshold": 0.0},
     }
     eng = engine(tiny, controlnets=[pose])
-    skeleton = eng._predictor.controlnets[0].preprocess(frames(shape=(240, 320))[0])
+    skeleton = eng._lane.controlnets[0].preprocess(frames(shape=(240, 320))[0])
     assert skeleton.shape == (240, 320, 3) and skeleton.dtype == np.uint8
     assert (
         len({tuple(c) for c in skeleton.reshape(-1, 3)} & set(COLOURS)) >= 5
@@ -419,7 +419,7 @@ def test_ip_adapter_style_image_and_scale_are_hot(tiny: TinyModels) -> None:
         )
 
     eng = styled(red)
-    pipe = eng._models.pipe
+    pipe = eng._model.models.pipe
     assert pipe.image_encoder is not None  # loaded from models/image_encoder beside the adapter
     with_blue = run(styled(blue), SEQUENCE)
     assert not same(run(eng, SEQUENCE), with_blue)
@@ -430,7 +430,7 @@ def test_ip_adapter_style_image_and_scale_are_hot(tiny: TinyModels) -> None:
     switched_off = run(eng, SEQUENCE)
     assert not same(switched_off, with_blue)
     assert same(switched_off, run(styled(red, scale=0.0), SEQUENCE))
-    assert eng._models.pipe is pipe
+    assert eng._model.models.pipe is pipe
     assert eng.update({"ip_adapter": {"model_id": "elsewhere/IP-Adapter"}}) == {"ip_adapter"}
 
 

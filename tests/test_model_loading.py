@@ -308,11 +308,11 @@ def test_the_engine_warns_once_per_load_that_the_cpu_is_slow(
     tiny: TinyModels, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = DiffusionEngine(params(str(tiny.sd), tiny), device=torch.device("cpu"))
-    with caplog.at_level(logging.WARNING, logger="worker.engines.diffusion.engine"):
+    with caplog.at_level(logging.WARNING, logger="worker.engines.diffusion.model"):
         engine.load()
         engine.process([np.zeros((SIZE, SIZE, 3), np.uint8)])
     slow = [r for r in caplog.records if "no CUDA device" in r.getMessage()]
     assert [r.getMessage() for r in slow] == [
         "no CUDA device: the diffusion engine runs on the CPU, expect seconds per frame"
     ]
-    assert slow[0].levelno == logging.WARNING and slow[0].name == "worker.engines.diffusion.engine"
+    assert slow[0].levelno == logging.WARNING and slow[0].name == "worker.engines.diffusion.model"

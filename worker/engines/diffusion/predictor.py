@@ -1,6 +1,12 @@
-"""The noise predictor the stream calls: the UNet, plus ControlNet residuals and IP-Adapter embeds.
+"""The noise predictor: one UNet call (plus ControlNet residuals) for the calls of one or more streams.
 
-Rows of a stream batch come in blocks of ``frame_buffer_size`` (one block
+Each stream (a channel's lane) brings its own rows: latents, timesteps and
+prompt conditioning from its :class:`~.stream.UNetCall`, and from its
+:class:`LaneInputs` its ControlNet images, ControlNet settings and IP-Adapter
+image embeds. The rows are concatenated into one batch, so channels sharing a
+model share each UNet call, and the prediction is split back per call.
+
+Within a stream's call rows come in blocks of ``frame_buffer_size`` (one block
 per denoising step, doubled for CFG), so row ``r`` belongs to frame
 ``r % frame_buffer_size`` and each frame's control image is tiled to match.
 """
@@ -8,60 +14,53 @@ per denoising step, doubled for CFG), so row ``r`` belongs to frame
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from worker.engines.diffusion.images import frames_to_tensor
 from worker.engines.diffusion.params import ControlNetParams
-from worker.engines.diffusion.stream import Conditioning
+from worker.engines.diffusion.stream import Conditioning, UNetCall
 
 
 @dataclass
-class ControlNetUnit:
-    """A loaded ControlNet with its (hot-updatable) settings and bound preprocessor."""
+class LaneControlNet:
+    """One ControlNet as a channel uses it: its (hot-updatable) settings and bound preprocessor."""
 
-    model: torch.nn.Module
     params: ControlNetParams
     preprocess: Callable[[np.ndarray], np.ndarray]
 
 
-class UNetPredictor:
-    """Implements ``stream.NoisePredictor`` for a diffusers UNet."""
+@dataclass
+class LaneInputs:
+    """What a channel adds to its UNet calls besides latents and prompt."""
 
-    def __init__(
-        self, unet: Callable[..., Any], controlnets: Sequence[ControlNetUnit], frame_buffer_size: int
-    ) -> None:
+    frame_buffer_size: int
+    controlnets: list[ControlNetParams] = field(default_factory=list)  # one per loaded ControlNet
+    control_images: list[torch.Tensor] = field(default_factory=list)  # per ControlNet, fbs rows in [0, 1]
+    image_embeds: torch.Tensor | None = None  # IP-Adapter style image, one row
+
+
+class UNetPredictor:
+    """Runs the UNet and the loaded ControlNets on the concatenated rows of several calls."""
+
+    def __init__(self, unet: Callable[..., Any], controlnets: Sequence[torch.nn.Module]) -> None:
         self.unet = unet
         self.controlnets = list(controlnets)
-        self.image_embeds: torch.Tensor | None = None  # IP-Adapter style image, one row
-        self._fbs = frame_buffer_size
-        self._control_images: list[torch.Tensor] = []
 
-    def set_control_frames(
-        self, frames: Sequence[np.ndarray], size: tuple[int, int], device: torch.device, dtype: torch.dtype
-    ) -> None:
-        """Preprocess the current input frames into each ControlNet's image (in [0, 1])."""
-        self._control_images = [
-            (frames_to_tensor([unit.preprocess(f) for f in frames], size, device, dtype) + 1.0) / 2.0
-            for unit in self.controlnets
-        ]
-
-    def __call__(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        steps: torch.Tensor,
-        num_steps: int,
-        cond: Conditioning,
-    ) -> torch.Tensor:
+    def predict(self, calls: Sequence[tuple[UNetCall, LaneInputs]]) -> list[torch.Tensor]:
+        """One noise prediction per call, computed in one batch."""
+        latents = torch.cat([call.latents for call, _ in calls]) if len(calls) > 1 else calls[0][0].latents
+        timesteps = torch.cat([call.timesteps for call, _ in calls])
+        cond = Conditioning.concat([call.cond for call, _ in calls])
         added = cond.added_cond_kwargs()
-        if self.image_embeds is not None:
-            added = {**(added or {}), "image_embeds": [self.image_embeds.repeat(len(latents), 1, 1)]}
-        residuals = self._control_residuals(latents, timesteps, steps, num_steps, cond)
-        return self.unet(
+        embeds = [inputs.image_embeds for _, inputs in calls]
+        if any(e is not None for e in embeds):
+            rows = [e.repeat(len(call.latents), 1, 1) for e, (call, _) in zip(embeds, calls, strict=True)]
+            added = {**(added or {}), "image_embeds": [torch.cat(rows)]}
+        residuals = self._control_residuals(calls, latents, timesteps, cond)
+        eps = self.unet(
             latents,
             timesteps,
             encoder_hidden_states=cond.embeds,
@@ -69,27 +68,37 @@ class UNetPredictor:
             return_dict=False,
             **residuals,
         )[0]
+        return list(eps.split([len(call.latents) for call, _ in calls]))
 
     def _control_residuals(
         self,
+        calls: Sequence[tuple[UNetCall, LaneInputs]],
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        steps: torch.Tensor,
-        num_steps: int,
         cond: Conditioning,
     ) -> dict[str, Any]:
-        """Summed ControlNet residuals, each scaled per row by its scale and guidance window."""
+        """Summed ControlNet residuals, each scaled per row by its channel's scale and guidance window."""
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
-        for unit, image in zip(self.controlnets, self._control_images, strict=True):
-            scale = self._row_scales(unit.params, steps, num_steps).to(latents.dtype)
+        for index, model in enumerate(self.controlnets):
+            scale = torch.cat(
+                [_row_scales(inputs.controlnets[index], call.steps, call.num_steps) for call, inputs in calls]
+            ).to(latents.dtype)
             if not bool(scale.any()):
                 continue
-            unit_down, unit_mid = unit.model(
+            image = torch.cat(
+                [
+                    inputs.control_images[index].repeat(
+                        len(call.latents) // inputs.frame_buffer_size, 1, 1, 1
+                    )
+                    for call, inputs in calls
+                ]
+            )
+            unit_down, unit_mid = model(
                 latents,
                 timesteps,
                 encoder_hidden_states=cond.embeds,
-                controlnet_cond=image.repeat(len(latents) // self._fbs, 1, 1, 1),
+                controlnet_cond=image,
                 added_cond_kwargs=cond.added_cond_kwargs(),
                 return_dict=False,
             )
@@ -101,10 +110,10 @@ class UNetPredictor:
             return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    @staticmethod
-    def _row_scales(params: ControlNetParams, steps: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """``conditioning_scale`` for rows whose step lies in the guidance window, else 0 (as diffusers)."""
-        start = steps.float() / num_steps
-        end = (steps.float() + 1) / num_steps
-        inside = (start >= params.control_guidance_start) & (end <= params.control_guidance_end)
-        return inside.float() * params.conditioning_scale
+
+def _row_scales(params: ControlNetParams, steps: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``conditioning_scale`` for rows whose step lies in the guidance window, else 0 (as diffusers)."""
+    start = steps.float() / num_steps
+    end = (steps.float() + 1) / num_steps
+    inside = (start >= params.control_guidance_start) & (end <= params.control_guidance_end)
+    return inside.float() * params.conditioning_scale

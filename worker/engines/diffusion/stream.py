@@ -10,12 +10,15 @@ noise kept in ``stock_noise``: ``self`` never runs the negative prompt,
 step (classic CFG).
 
 The model is reached only through ``NoisePredictor``, so the engine can put
-ControlNets, compiled graphs or TensorRT behind it.
+ControlNets, compiled graphs or TensorRT behind it. ``denoise`` is a
+generator that yields each :class:`UNetCall` it needs and takes the noise
+prediction back, so :func:`drive_together` can run the calls of several
+streams (channels sharing one model) as one batched UNet call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +34,14 @@ class Conditioning:
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+
+    @staticmethod
+    def concat(conds: Sequence[Conditioning]) -> Conditioning:
+        """The rows of several conditionings, in order (streams batched together)."""
+        if len(conds) == 1:
+            return conds[0]
+        parts = zip(*(c._parts() for c in conds), strict=True)
+        return Conditioning(*(None if p[0] is None else torch.cat(list(p)) for p in parts))
 
     def repeat(self, n: int) -> Conditioning:
         return Conditioning(
@@ -66,6 +77,62 @@ class NoisePredictor(Protocol):
         num_steps: int,
         cond: Conditioning,
     ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    """One noise prediction a stream needs: latent rows at their timesteps, with matching conditioning.
+
+    ``steps`` holds each row's position in ``t_index_list``; ``num_steps`` is that list's length.
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    steps: torch.Tensor
+    num_steps: int
+    cond: Conditioning
+
+
+#: ``StreamDenoiser.denoise``: yields UNet calls, is sent their noise predictions, returns the finished x0
+Denoising = Generator[UNetCall, torch.Tensor, torch.Tensor]
+
+
+def run_alone(denoising: Denoising, predict: NoisePredictor) -> torch.Tensor:
+    """Drive one stream's denoising with ``predict``."""
+    return drive_together([denoising], lambda calls: [predict(*_args(call)) for _, call in calls])[0]
+
+
+def drive_together(
+    denoisings: Sequence[Denoising],
+    predict: Callable[[list[tuple[int, UNetCall]]], list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Drive several streams in lockstep: each round, one ``predict`` for the calls of all running streams.
+
+    ``predict`` gets ``(stream index, call)`` pairs in stream order and returns one prediction per call;
+    a batched predictor concatenates them into one UNet call. Returns each stream's x0, in order.
+    """
+    results: dict[int, torch.Tensor] = {}
+    pending: dict[int, UNetCall] = {}
+
+    def advance(index: int, eps: torch.Tensor | None) -> None:
+        denoising = denoisings[index]
+        try:
+            pending[index] = next(denoising) if eps is None else denoising.send(eps)
+        except StopIteration as finished:
+            pending.pop(index, None)
+            results[index] = finished.value
+
+    for index in range(len(denoisings)):
+        advance(index, None)
+    while pending:
+        calls = list(pending.items())
+        for (index, _), eps in zip(calls, predict(calls), strict=True):
+            advance(index, eps)
+    return [results[i] for i in range(len(denoisings))]
+
+
+def _args(call: UNetCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, Conditioning]:
+    return (call.latents, call.timesteps, call.steps, call.num_steps, call.cond)
 
 
 class Scheduler(Protocol):
@@ -114,7 +181,7 @@ class StreamDenoiser:
 
     def __init__(
         self,
-        predict: NoisePredictor,
+        predict: NoisePredictor | None,
         scheduler: Scheduler,
         config: StreamConfig,
         device: torch.device,
@@ -215,14 +282,20 @@ class StreamDenoiser:
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Denoise ``frame_buffer_size`` latents at the first timestep; return the finished x0."""
+        """Denoise ``frame_buffer_size`` latents at the first timestep with the stream's own predictor."""
+        if self._predict is None:
+            raise EngineError("this stream has no predictor of its own: drive denoise() instead")
+        return run_alone(self.denoise(x_t), self._predict)
+
+    def denoise(self, x_t: torch.Tensor) -> Denoising:
+        """Denoise ``frame_buffer_size`` latents at the first timestep; yields its UNet calls, returns x0."""
         if self.init_noise is None or self._cond is None:
             raise EngineError("the stream needs set_schedule, set_noise and set_guidance before use")
         if self.config.use_denoising_batch:
-            return self._batched(x_t)
-        return self._sequential(x_t)
+            return (yield from self._batched(x_t))
+        return (yield from self._sequential(x_t))
 
-    def _batched(self, x_t: torch.Tensor) -> torch.Tensor:
+    def _batched(self, x_t: torch.Tensor) -> Denoising:
         fbs, n = self._fbs, self._num_steps
         noise = self.init_noise
         if self._stock_noise is None:
@@ -232,7 +305,7 @@ class StreamDenoiser:
                 self._buffer = torch.zeros_like(noise[fbs:])
             x_t = torch.cat([x_t, self._buffer])
             self._stock_noise = torch.cat([noise[:fbs], self._stock_noise[:-fbs]])
-        eps, self._stock_noise = self._guided_eps(
+        eps, self._stock_noise = yield from self._guided_eps(
             x_t, self._timesteps, self._steps, self._stock_noise, self._batched_cond()
         )
         x0 = self._x0(eps, x_t, self._alpha, self._beta, self._c_skip, self._c_out)
@@ -256,7 +329,7 @@ class StreamDenoiser:
         delta_x = delta_x * torch.cat([self._alpha[fbs:], ones]) / torch.cat([self._beta[fbs:], ones])
         return torch.cat([self.init_noise[fbs:], self.init_noise[:fbs]]) + delta_x
 
-    def _sequential(self, x_t: torch.Tensor) -> torch.Tensor:
+    def _sequential(self, x_t: torch.Tensor) -> Denoising:
         """One UNet call per step (``use_denoising_batch=False``): no buffer, same schedule."""
         x0 = x_t
         for step in range(self._num_steps):
@@ -265,7 +338,7 @@ class StreamDenoiser:
             rows = torch.full((self._fbs,), step, device=self._device, dtype=torch.long)
             timesteps = self._timesteps[at].repeat(self._fbs)
             cond = self._sequential_cond(first=step == 0)
-            eps, _ = self._guided_eps(x_t, timesteps, rows, stock, cond, initialize=step == 0)
+            eps, _ = yield from self._guided_eps(x_t, timesteps, rows, stock, cond, initialize=step == 0)
             x0 = self._x0(eps, x_t, self._alpha[at], self._beta[at], self._c_skip[at], self._c_out[at])
             if step + 1 < self._num_steps:
                 x_t = self._alpha[step + 1] * x0
@@ -281,7 +354,7 @@ class StreamDenoiser:
         stock_noise: torch.Tensor,
         cond: Conditioning,
         initialize: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Generator[UNetCall, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Guided noise prediction, and the residual noise it used.
 
         With ``initialize`` the first frames' residual noise becomes the real
@@ -292,7 +365,7 @@ class StreamDenoiser:
             x_t, timesteps, steps = (torch.cat([v, v]) for v in (x_t, timesteps, steps))
         elif cfg == "initialize" and initialize:
             x_t, timesteps, steps = (torch.cat([v[:fbs], v]) for v in (x_t, timesteps, steps))
-        eps = self._predict(x_t, timesteps, steps, self._num_steps, cond)
+        eps = yield UNetCall(x_t, timesteps, steps, self._num_steps, cond)
         if cfg == "none":
             return eps, stock_noise
         if cfg == "full":

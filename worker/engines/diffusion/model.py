@@ -1,0 +1,135 @@
+"""What channels on one diffusion model share: weights on the device, the accelerated UNet and the caches.
+
+A :class:`DiffusionModel` holds no per-channel state; each channel's prompt,
+seed, schedule and latent buffers live in its :class:`~.lane.Lane`. So one
+model can serve one channel (:class:`~.engine.DiffusionEngine`) or several
+batched together (:class:`~.shared.SharedDiffusion`), and :func:`share_key`
+says which params must match for that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from worker.engines.diffusion import ip_adapter
+from worker.engines.diffusion.acceleration import COMPILED, Accelerated, accelerate
+from worker.engines.diffusion.loading import LoadedModels, load_models
+from worker.engines.diffusion.neural import NeuralPreprocessors
+from worker.engines.diffusion.params import DiffusionParams
+from worker.engines.diffusion.predictor import UNetPredictor
+from worker.engines.diffusion.prompts import PromptEncoder
+from worker.engines.diffusion.vae import LatentCodec
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when present, else the CPU in fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def share_key(config: DiffusionParams, device: torch.device, dtype: torch.dtype) -> Hashable | None:
+    """What channels must have in common to share one model and its batched steps; None: not shareable.
+
+    The weights (model, LoRAs, VAE, ControlNet models), the acceleration and the frame size and buffer
+    (one latent shape per batch) must match. Prompts, seeds, schedules (step counts included), guidance,
+    ControlNet scales and preprocessors, processing blocks, filters and modes may differ. Not shared:
+    an IP-Adapter (its scale is a setting of the model's attention layers, one for every row of a
+    batch) and compiled UNets (specialised to one batch size, which changes as channels come and go).
+    """
+    if config.ip_adapter is not None or config.acceleration in COMPILED:
+        return None
+    return (
+        config.model_id,
+        tuple(sorted((config.lora_dict or {}).items())),
+        config.use_lcm_lora,
+        config.lcm_lora_id,
+        config.acceleration,
+        config.width,
+        config.height,
+        config.frame_buffer_size,
+        config.use_safety_checker,
+        config.use_tiny_vae,
+        config.vae_id,
+        tuple(c.model_id for c in config.enabled_controlnets()),
+        str(device),
+        str(dtype),
+    )
+
+
+class DiffusionModel:
+    """Loaded weights and caches for ``config``'s shareable part (see :func:`share_key`)."""
+
+    def __init__(self, config: DiffusionParams, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.device, self.dtype = device, dtype
+        self.models: LoadedModels | None = None
+        self.accelerated: Accelerated | None = None
+        self.predictor: UNetPredictor | None = None
+        self.codec: LatentCodec | None = None
+        self.prompts: PromptEncoder | None = None
+        self.neural = NeuralPreprocessors(device, dtype)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return (self.config.width, self.config.height)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        pipe = self.models.pipe
+        scale = pipe.vae_scale_factor
+        return (pipe.unet.config.in_channels, self.config.height // scale, self.config.width // scale)
+
+    def load(self) -> None:
+        """Load every model, apply the acceleration (compiled modes compile on first use)."""
+        config = self.config
+        if self.device.type != "cuda":  # said once per load: a user sees why frames take seconds
+            where = "the CPU" if self.device.type == "cpu" else str(self.device)
+            log.warning("no CUDA device: the diffusion engine runs on %s, expect seconds per frame", where)
+        models = load_models(config, self.device, self.dtype)
+        if config.ip_adapter is not None:
+            ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
+        self.models = models
+        self.accelerated = self.accelerate(config.acceleration)
+        self.predictor = UNetPredictor(self.accelerated.unet, models.controlnets)
+        self.codec = LatentCodec(models.vae, self.dtype)
+        self.prompts = PromptEncoder(models.pipe, self.output_size)
+
+    def accelerate(self, mode: str) -> Accelerated:
+        """``mode`` applied to the UNet; the predictor is pointed at the result when it exists."""
+        config, models = self.config, self.models
+        cache_key = "|".join(
+            [
+                config.model_id,
+                f"{config.width}x{config.height}",
+                f"fbs{config.frame_buffer_size}",
+                str(config.lora_dict),
+            ]
+        )
+        accelerated = accelerate(models.pipe.unet, models.controlnets, mode, self.device, cache_key)
+        self.accelerated = accelerated
+        if self.predictor is not None:
+            self.predictor.unet = accelerated.unet
+        return accelerated
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "acceleration": self.accelerated.mode if self.accelerated else None,
+        }
+        if self.models is not None:
+            info |= {"model_kind": self.models.kind, "sdxl": self.models.is_xl}
+        return info
+
+    def close(self) -> None:
+        self.models = self.accelerated = self.predictor = self.codec = self.prompts = None
+        self.neural = NeuralPreprocessors(self.device, self.dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
