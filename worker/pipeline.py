@@ -17,6 +17,15 @@ params arrive, and on its own after a backoff (2, 4, 8... seconds, at most
 60; new params start the schedule over). Each failure's ``error`` report
 says the attempt and when the next one comes, so the relay's ``last_error``
 (and the API's stream status) shows it; ``ready`` follows the load that works.
+
+With a :class:`~worker.engines.base.SubmittingEngine` (the diffusion engine
+in a worker: one model batched across channels) the engine thread hands
+each batch over and goes back for the next frame at once; the engine's own
+thread runs it together with other channels' frames and passes the outputs
+to this channel's encode stage. Each result carries the params version that
+was current when its frames were submitted, which the engine honours: hot
+params drop a submission made before them. When the channel stops, its
+engine is closed (a shared model is freed with its last channel).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from common.slots import Closed, ThreadSlot
 from media.codec import decode_image, encode_image
 from wire.frames import Frame, ImageFormat
 from wire.messages import ReportEvent
-from worker.engines import Engine, EngineError, create_engine
+from worker.engines import Engine, EngineError, SubmittingEngine, create_channel_engine
+from worker.engines.base import Result
 
 log = logging.getLogger("worker")
 
@@ -127,6 +137,7 @@ class ChannelPipeline:
         #: set by ``update`` and ``stop``: wakes an engine thread waiting to retry a failed load
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self._finished = False  # the engine thread has ended: engines built after it are closed at once
         self._load_failures = 0
         self._next_load: float | None = None  # monotonic time of the next automatic load attempt
         self._incoming: ThreadSlot[Frame] = ThreadSlot(1)
@@ -210,25 +221,59 @@ class ChannelPipeline:
                 self._decoded.put(Decoded(frame, rgb))
 
     def _engine_loop(self) -> None:
-        self._engine = self._load_until_ready()
-        self._load_failures, self._next_load = 0, None
-        self.events.report(ReportEvent.READY, "engine loaded", self._engine.info())
-        while True:
-            batch_size = self._engine.batch_size
-            self._decoded.resize(batch_size)
-            batch = self._decoded.take(batch_size, timeout=0.05)
-            self._apply_updates()
-            if not batch:
-                continue
-            start = time.perf_counter()
+        try:
+            self._engine = self._load_until_ready()
+            self._load_failures, self._next_load = 0, None
+            self.events.report(ReportEvent.READY, "engine loaded", self._engine.info())
+            while True:
+                batch_size = self._engine.batch_size
+                self._decoded.resize(batch_size)
+                batch = self._decoded.take(batch_size, timeout=0.05)
+                self._apply_updates()
+                if batch:
+                    self._run(self._engine, batch)
+        finally:
+            self._close_engines()
+
+    def _run(self, engine: Engine, batch: list[Decoded]) -> None:
+        """Process ``batch`` now, or hand it to a submitting engine; results go to the encode stage."""
+        done = self._finisher(batch, self._version, time.perf_counter())
+        frames = [item.rgb for item in batch]
+        if isinstance(engine, SubmittingEngine):
             try:
-                outputs = self._engine.process([item.rgb for item in batch])
+                engine.submit(frames, done)
             except Exception as exc:
-                self._error(f"engine failed on frame {batch[-1].frame.seq}: {exc}")
-                continue
-            self.times.engine += time.perf_counter() - start
-            for item, out in zip(batch, outputs, strict=False):
-                self._processed.put((item.frame, out, self._version))
+                done(exc)
+            return
+        try:
+            result: Result = engine.process(frames)
+        except Exception as exc:
+            result = exc
+        done(result)
+
+    def _finisher(self, batch: list[Decoded], version: int, start: float) -> Callable[[Result], None]:
+        """What to do with ``batch``'s result: outputs to the encode stage, an error to the report."""
+
+        def done(result: Result) -> None:
+            if isinstance(result, Exception):
+                self._error(f"engine failed on frame {batch[-1].frame.seq}: {result}")
+                return
+            self.times.engine += time.perf_counter() - start  # with a shared model: waiting included
+            for item, out in zip(batch, result, strict=False):
+                self._processed.put((item.frame, out, version))
+
+        return done
+
+    def _close_engines(self) -> None:
+        """Close the engine and any replacement built meanwhile; a reload finishing later closes its own."""
+        with self._lock:
+            self._finished = True
+            replacement, self._replacement = self._replacement, None
+        engines = [self._engine, replacement[0] if replacement else None]
+        self._engine = None
+        for engine in engines:
+            if engine is not None:
+                _close_quietly(engine)
 
     def _encode_loop(self) -> None:
         fmt, quality = self.options.output_format, self.options.quality
@@ -296,10 +341,7 @@ class ChannelPipeline:
         try:
             engine.load()
         except BaseException:
-            try:
-                engine.close()  # what a half-done load holds (GPU memory) must not pile up over retries
-            except Exception:  # the load's own error is the one to report
-                log.debug("closing an engine that failed to load", exc_info=True)
+            _close_quietly(engine)  # what a half-done load holds (GPU memory) must not pile up over retries
             raise
         return engine
 
@@ -343,7 +385,11 @@ class ChannelPipeline:
                 )
                 return
             with self._lock:
-                self._replacement = (engine, update.params, update.version)
+                finished = self._finished
+                if not finished:
+                    self._replacement = (engine, update.params, update.version)
+            if finished:  # the channel stopped while this loaded
+                _close_quietly(engine)
 
         self._reloading = True
         threading.Thread(target=build, name=f"reload-{self.channel}", daemon=True).start()
@@ -354,9 +400,18 @@ class ChannelPipeline:
         self.events.report(ReportEvent.ERROR, message, data)
 
 
+def _close_quietly(engine: Engine) -> None:
+    try:
+        engine.close()
+    except Exception:  # a close that fails must not hide the reason it was closed
+        log.debug("closing an engine failed", exc_info=True)
+
+
 def engine_factory(name: str) -> EngineFactory:
+    """Builds what a worker's channel runs for ``name`` (a lane on a shared model for diffusion)."""
+
     def build(params: Mapping[str, Any]) -> Engine:
-        return create_engine(name, params)
+        return create_channel_engine(name, params)
 
     return build
 

@@ -1,4 +1,9 @@
-"""Engine registry: names to classes, imported lazily so ``filter`` needs no torch."""
+"""Engine registry: names to classes, imported lazily so ``filter`` needs no torch.
+
+``create_engine`` builds an engine that owns its model (tests, benchmarks);
+``create_channel_engine`` builds what a worker's channel runs, which for
+``diffusion`` is a lane on a model shared with the worker's other channels.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,23 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
-from worker.engines.base import Engine, EngineError
+from worker.engines.base import Engine, EngineError, SubmittingEngine
 
 ENGINES = {
     "filter": "worker.engines.filter:FilterEngine",
     "diffusion": "worker.engines.diffusion:DiffusionEngine",
 }
+#: the worker's per-channel engines where they differ from ``ENGINES``
+CHANNEL_ENGINES = {
+    "diffusion": "worker.engines.diffusion.channel:DiffusionChannel",
+}
 
 
-def engine_class(name: str) -> type[Engine]:
-    try:
-        target = ENGINES[name]
-    except KeyError:
-        raise EngineError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
+def engine_class(name: str, channel: bool = False) -> type[Engine]:
+    """The class of engine ``name``; with ``channel``, the one a worker's channel runs."""
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
+    target = CHANNEL_ENGINES.get(name, ENGINES[name]) if channel else ENGINES[name]
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -31,6 +40,11 @@ def engine_class(name: str) -> type[Engine]:
 def create_engine(name: str, params: Mapping[str, Any] | None = None) -> Engine:
     """Instantiate (not load) engine ``name`` with ``params``."""
     return engine_class(name)(params)
+
+
+def create_channel_engine(name: str, params: Mapping[str, Any] | None = None) -> Engine:
+    """Instantiate (not load) what a worker's channel runs for engine ``name``."""
+    return engine_class(name, channel=True)(params)
 
 
 def cuda_available() -> bool:
@@ -49,4 +63,12 @@ def default_engine_name() -> str:
     return "filter"
 
 
-__all__ = ["Engine", "EngineError", "create_engine", "default_engine_name", "engine_class"]
+__all__ = [
+    "Engine",
+    "EngineError",
+    "SubmittingEngine",
+    "create_channel_engine",
+    "create_engine",
+    "default_engine_name",
+    "engine_class",
+]

@@ -7,12 +7,17 @@ new engine (``update`` returns their names and leaves them unapplied). The
 runtime then builds a fresh engine with the merged parameters in the
 background and swaps it in when ``load`` returns, so the old one keeps
 serving meanwhile.
+
+A :class:`SubmittingEngine` runs its frames on a thread it does not own
+(one model batched across channels): the runtime hands frames over with
+``submit`` and gets the outputs back through a callback.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +62,39 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: engines override it if they need it
         """Free resources (GPU memory) when the engine is replaced or the channel released."""
+
+
+#: what a submission's ``done`` gets: the output frames, or the error that stopped them
+Result = list[np.ndarray] | Exception
+Done = Callable[[Result], None]
+
+
+class SubmittingEngine(Engine):
+    """An engine whose frames run on another thread, e.g. one batched step for several channels.
+
+    ``submit`` returns at once. A submission not started yet is replaced by the
+    next one (newest wins) and its ``done`` is never called; otherwise ``done``
+    is called once, on the engine's thread, so it must only hand the result on.
+    """
+
+    @abc.abstractmethod
+    def submit(self, frames: Sequence[np.ndarray], done: Done) -> None:
+        """Queue ``len(frames) == batch_size`` frames for the engine's next step."""
+
+    def process(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Submit and wait, for callers with nothing else to do meanwhile (tests, benchmarks)."""
+        finished = threading.Event()
+        results: list[Result] = []
+
+        def done(result: Result) -> None:
+            results.append(result)
+            finished.set()
+
+        self.submit(frames, done)
+        finished.wait()
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
 
 
 def changed_keys(current: Mapping[str, Any], new: Mapping[str, Any]) -> set[str]:
