@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the workers' capacity channels opened without a credential may hold "
         f"(0-1; default {defaults.anonymous_share:g})",
     )
+    p.add_argument(
+        "--idle-release",
+        type=float,
+        default=defaults.idle_release_s,
+        metavar="SECONDS",
+        help="a channel without input this long gives its worker slot back until input returns "
+        f"(default {defaults.idle_release_s:g}; 0: never)",
+    )
     p.add_argument("--insecure", action="store_true", help="allow listening beyond loopback with no tokens")
     add_logging_arguments(p)
     return p
@@ -170,6 +178,7 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
         control_rate=args.control_rate,
         control_burst=args.control_burst,
         anonymous_share=args.anonymous_share,
+        idle_release_s=args.idle_release,
     )
 
 

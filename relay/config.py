@@ -63,6 +63,9 @@ class RelayConfig:
     #: kept for keyed channels (the API's /v1 streams). At least one slot while no keyed
     #: channel exists; 1 turns the reserve off.
     anonymous_share: float = 0.5
+    #: seconds without input after which a channel gives its worker slot back (its params
+    #: and its viewers stay; the next input frame asks for a worker again); 0: never.
+    idle_release_s: float = 60.0
 
     @property
     def websocket_max_size(self) -> int:
@@ -112,6 +115,8 @@ class RelayConfig:
                 f"max_params_bytes {self.max_params_bytes} is too large "
                 f"(at most {PEER_MAX_SIZE // 4 - _ENVELOPE})"
             )
+        if self.idle_release_s < 0:
+            raise ValueError("idle_release_s must be >= 0 (0: never)")
         if not 0 <= self.anonymous_share <= 1:
             raise ValueError("anonymous_share must be between 0 and 1")
         if (

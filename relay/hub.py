@@ -225,10 +225,14 @@ class Channel:
     output_params_version: int = 0
     #: the last waiting ``status`` its peers were told (None while served)
     announced: Status | None = None
+    #: gave its worker back after ``idle_release_s`` without input; the next input ends it
+    idle: bool = False
+    #: when it last got a worker (time.time()): a fresh channel is not idle yet
+    assigned_time: float | None = None
 
     @property
     def wants_worker(self) -> bool:
-        return bool(self.producers) or self.held
+        return (bool(self.producers) or self.held) and not self.idle
 
     @property
     def empty(self) -> bool:
@@ -395,6 +399,33 @@ class Hub:
             pass
         return own
 
+    def release_idle(self, now: float | None = None) -> list[str]:
+        """Give back the worker slots of channels without input for ``idle_release_s``.
+
+        Called periodically by the transport (never per frame). The channel
+        stays, with its params and peers, and is told ``idle``; its next
+        input frame asks for a worker again. Returns the channels released.
+        """
+        limit = self.config.idle_release_s
+        if limit <= 0:
+            return []
+        now = time.time() if now is None else now
+        released = []
+        for channel in list(self.channels.values()):
+            if channel.worker is None or channel.idle:
+                continue
+            since = max(channel.last_input_time or 0.0, channel.assigned_time or 0.0)
+            if now - since >= limit:
+                channel.idle = True
+                released.append(channel.name)
+                log.info("channel %s idle for %.0f s: releasing its worker", channel.name, now - since)
+                self._release(channel)
+                channel.engine_state = EngineState.IDLE
+                self._tell_channel(channel, Status(channel=channel.name, state=ChannelState.IDLE))
+        if released:
+            self._announce_queue()
+        return released
+
     def close_channel(self, name: str) -> None:
         channel = self.channels.get(name)
         if channel is not None:
@@ -512,6 +543,10 @@ class Hub:
     def _route_input(self, channel: Channel, delivery: Delivery) -> None:
         channel.frames_in.tick()
         channel.last_input_time = time.time()
+        if channel.idle:  # input is back: ask for a worker again (this frame goes to it if one is free)
+            channel.idle = False
+            self._assign(channel)
+            self._announce_queue()
         worker = channel.worker
         if worker is None:
             channel.drops["no_worker"] += 1
@@ -734,6 +769,7 @@ class Hub:
             return
         worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
         channel.worker, channel.announced = worker, None
+        channel.assigned_time = time.time()
         channel.engine_state = EngineState.LOADING
         worker.assigned.append(channel.name)
         worker.send(Assign(channel=channel.name, params=channel.params, version=channel.params_version))

@@ -91,6 +91,7 @@ class Relay:
         #: connections counted against their address's cap, and the counts
         self._counted: dict[ServerConnection, str] = {}
         self.connections_per_ip: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.config.check()
@@ -106,6 +107,8 @@ class Relay:
             origins=[None, *(Origin(origin) for origin in sorted(self.config.origins))],
             process_request=self._admit,
         )
+        if self.config.idle_release_s > 0:
+            self._sweeper = asyncio.create_task(self._release_idle_channels())
 
     @property
     def port(self) -> int:
@@ -121,6 +124,9 @@ class Relay:
         """Tell every peer, then close their sockets and the listener."""
         if self._server is None:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._server.close(close_connections=False)
         shutdown = encode_control(Shutdown(message="relay shutting down"))
         for ws in list(self._connections):
@@ -140,6 +146,13 @@ class Relay:
     async def serve_forever(self) -> None:
         assert self._server is not None
         await self._server.serve_forever()
+
+    async def _release_idle_channels(self) -> None:
+        """Ask the hub, a few times per ``idle_release_s``, to free the slots of idle channels."""
+        period = min(5.0, max(0.05, self.config.idle_release_s / 4))
+        while True:
+            await asyncio.sleep(period)  # a timer: the hub decides from the channels' clocks
+            self.hub.release_idle()
 
     # -- one connection -----------------------------------------------------
 

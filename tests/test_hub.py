@@ -604,3 +604,40 @@ async def test_anonymous_channels_wait_for_their_share():
         h.join(p)
     assert [ch.worker is worker for ch in (h.channels[f"s{i}"] for i in range(3))] == [True, True, False]
     assert (await pending(seeds[2]))[0] == [waiting("s2", 1, 2, 2)]  # two of the share's two in use
+
+
+async def test_a_channel_without_input_gives_its_slot_back_and_input_brings_a_worker_again():
+    h = hub(idle_release_s=30)
+    worker = peer(Role.WORKER)
+    quiet_one, waiting_one = peer(Role.PRODUCER, channel="quiet"), peer(Role.PRODUCER, channel="next")
+    for p in (worker, quiet_one, waiting_one):
+        h.join(p)
+    quiet, nxt = h.channels["quiet"], h.channels["next"]
+    assert quiet.worker is worker and nxt.worker is None
+    for p in (worker, quiet_one, waiting_one):
+        await pending(p)
+    assert quiet.assigned_time is not None
+    assert h.release_idle(now=quiet.assigned_time + 29) == []  # not yet
+    route(h, waiting_one, frame(0, channel="next"))  # input on a waiting channel is no reason to release
+    assert h.release_idle(now=quiet.assigned_time + 30) == ["quiet"]
+    assert quiet.worker is None and quiet.idle and quiet.engine_state is EngineState.IDLE
+    assert nxt.worker is worker  # the slot went to the channel that waited
+    told = (await pending(quiet_one))[0]
+    assert told == [Status(channel="quiet", state=ChannelState.IDLE)]
+    assert h.queue() == [] and "quiet" in h.channels  # idle is not waiting; the channel stays
+    assert (await pending(worker))[0][0] == Release(channel="quiet")
+    h.leave(waiting_one)  # the slot frees; an idle channel does not take it
+    assert quiet.worker is None and worker.assigned == []
+    route(h, quiet_one, frame(1, channel="quiet"))  # input is back
+    assert quiet.worker is worker and not quiet.idle
+    control, frames = await pending(worker)
+    assert control[-1] == Assign(channel="quiet", params={}, version=0)
+    assert [f.seq for f in frames] == [1]  # the frame that woke it is processed
+
+
+async def test_idle_release_can_be_turned_off():
+    h = hub(idle_release_s=0)
+    worker, producer = peer(Role.WORKER), peer(Role.PRODUCER)
+    await joined(h, worker, producer)
+    assert h.release_idle(now=time.time() + 10**6) == []
+    assert h.channels["cam"].worker is worker

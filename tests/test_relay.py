@@ -386,3 +386,19 @@ async def test_control_messages_on_the_wire_are_the_bytes_clients_always_got(rel
             '{"type":"error","code":"bad_message",'
             '"message":"unexpected \'hello\' message after the handshake"}'
         )
+
+
+async def test_an_idle_channel_is_told_and_its_next_frame_brings_the_worker_back():
+    async with Relay(RelayConfig(port=0, idle_release_s=0.2)) as relay:
+        worker = await EchoWorker(relay.url).start()
+        serving = asyncio.create_task(worker.serve())
+        producer, _ = await connect(relay.url, "producer", "sleepy")
+        await producer.send(input_frame(0, jpeg(), "sleepy"))
+        assert (await recv_frame(producer)).seq == 0
+        assert (await recv_json(producer, "status", state="idle"))["channel"] == "sleepy"
+        await producer.send(input_frame(1, jpeg(), "sleepy"))
+        assert (await recv_json(producer, "status", state="assigned"))["channel"] == "sleepy"
+        assert (await recv_frame(producer)).seq == 1
+        await producer.close()
+        serving.cancel()
+        await worker.close()

@@ -35,6 +35,8 @@ class EngineState(enum.StrEnum):
     READY = "ready"
     RELOADING = "reloading"
     ERROR = "error"
+    #: no input for ``idle_release_s``: its worker slot was given back until input returns
+    IDLE = "idle"
     #: in-process sessions only: their channel is gone
     CLOSED = "closed"
 
@@ -44,6 +46,8 @@ class ChannelState(enum.StrEnum):
 
     WAITING_FOR_WORKER = "waiting_for_worker"
     ASSIGNED = "assigned"
+    #: no input for ``idle_release_s``: the worker slot was given back; input brings one again
+    IDLE = "idle"
 
 
 class Welcome(Message):
@@ -118,6 +122,8 @@ class Status(Message):
         """What a person reads: ``waiting for a slot: 4 of 4 in use (2nd in the queue)``."""
         if self.state is ChannelState.ASSIGNED:
             return "a worker is serving this stream"
+        if self.state is ChannelState.IDLE:
+            return "idle: no input for a while, so its worker slot was given back; input brings it back"
         if not self.slots:
             return "waiting for a worker: none is connected"
         place = f" ({_ordinal(self.position)} in the queue)" if self.position else ""
