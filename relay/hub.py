@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -71,6 +71,9 @@ from wire.relay_messages import (
     StatsReply,
     Status,
 )
+
+if TYPE_CHECKING:
+    from relay.backplane import Backplane
 
 log = logging.getLogger("relay")
 
@@ -229,14 +232,17 @@ class Channel:
     idle: bool = False
     #: when it last got a worker (time.time()): a fresh channel is not idle yet
     assigned_time: float | None = None
+    #: a cluster node's worker serves it here for another node, which decides its worker:
+    #: this hub neither queues, assigns nor releases it on its own (:mod:`relay.cluster`)
+    remote: bool = False
 
     @property
     def wants_worker(self) -> bool:
-        return (bool(self.producers) or self.held) and not self.idle
+        return (bool(self.producers) or self.held or self.remote) and not self.idle
 
     @property
     def empty(self) -> bool:
-        return not (self.producers or self.viewers or self.held)
+        return not (self.producers or self.viewers or self.held or self.remote)
 
     @property
     def priority(self) -> int:
@@ -271,6 +277,11 @@ class Hub:
         self.workers: list[Peer] = []
         #: called with (channel, seconds) for each result matched to its input (metrics)
         self.latency_observers: list[Callable[[str, float], None]] = []
+        #: shares frames and news with other relay nodes (``--nats``); None: a node on its own
+        self.backplane: Backplane | None = None
+        #: a frame routed since the transport last looked waits in an outbox (its socket was busy):
+        #: the transport should let the senders run before it reads the next frame
+        self.backlog = False
 
     # -- membership ---------------------------------------------------------
 
@@ -322,6 +333,7 @@ class Hub:
             log.info("worker %s joined (capacity %d, engine %s)", peer.id, peer.capacity, peer.engine)
             self._assign_waiting()
             self._announce_queue()
+            self._changed()
             return
         channel = self._channel(peer.channel, anonymous=peer.anonymous)
         if peer.role is Role.PRODUCER:
@@ -334,6 +346,7 @@ class Hub:
                 peer.send(told)  # the channel heard it before this peer came
         else:
             channel.viewers.add(peer)
+        self._changed()
 
     def leave(self, peer: Peer) -> None:
         if peer.role is Role.WORKER:
@@ -350,6 +363,7 @@ class Hub:
             peer.assigned.clear()
             self._assign_waiting()  # keyed channels first, wherever they were
             self._announce_queue()  # the orphans that found no other worker are told
+            self._changed()
             return
         channel = self.channels.get(peer.channel)
         if channel is None:
@@ -358,6 +372,7 @@ class Hub:
         channel.viewers.discard(peer)
         self._tidy(channel)
         self._announce_queue()
+        self._changed()
 
     def open_channel(
         self,
@@ -412,7 +427,7 @@ class Hub:
         now = time.time() if now is None else now
         released = []
         for channel in list(self.channels.values()):
-            if channel.worker is None or channel.idle:
+            if channel.worker is None or channel.idle or channel.remote:  # remote: its node decides
                 continue
             since = max(channel.last_input_time or 0.0, channel.assigned_time or 0.0)
             if now - since >= limit:
@@ -432,6 +447,7 @@ class Hub:
             channel.held = False
             self._tidy(channel)
             self._announce_queue()
+            self._changed()
 
     # -- frames -------------------------------------------------------------
 
@@ -448,7 +464,10 @@ class Hub:
                 raise ProtocolError("producers send input frames", ErrorCode.NOT_ALLOWED)
             if frame.channel != peer.channel:
                 raise ProtocolError(f"not joined to channel {frame.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
-            self._route_input(self.channels[peer.channel], Delivery(frame, raw or encode_frame(frame)))
+            delivery = Delivery(frame, raw or encode_frame(frame))
+            self._route_input(self.channels[peer.channel], delivery)
+            if self.backplane is not None:
+                self.backplane.share(delivery)
         elif peer.role is Role.WORKER:
             if frame.channel not in peer.assigned:
                 raise ProtocolError(
@@ -456,7 +475,10 @@ class Hub:
                 )
             if frame.kind is not FrameKind.OUTPUT:
                 raise ProtocolError("workers send output frames", ErrorCode.NOT_ALLOWED)
-            self._route_output(self.channels[frame.channel], Delivery(frame, raw or encode_frame(frame)))
+            delivery = Delivery(frame, raw or encode_frame(frame))
+            self._route_output(self.channels[frame.channel], delivery)
+            if self.backplane is not None:
+                self.backplane.share(delivery)
         else:
             raise ProtocolError("viewers cannot send frames", ErrorCode.NOT_ALLOWED)
 
@@ -555,6 +577,7 @@ class Hub:
             worker.last_input_seq[channel.name] = delivery.frame.seq
             if worker.outbox.put_frame((channel.name, FrameKind.INPUT), delivery) is not None:
                 channel.drops["worker"] += 1
+            self.backlog = self.backlog or worker.outbox.backlogged
         for viewer in channel.viewers:
             if viewer.wants(FrameKind.INPUT):
                 self._offer(channel, viewer, delivery)
@@ -575,6 +598,7 @@ class Hub:
         slot = (channel.name, delivery.frame.kind)
         if peer.outbox.put_frame(slot, delivery) is not None:
             channel.drops["viewers"] += 1
+        self.backlog = self.backlog or peer.outbox.backlogged
 
     # -- control ------------------------------------------------------------
 
@@ -657,6 +681,11 @@ class Hub:
                 ErrorCode.PARAMS_TOO_LARGE,
             )
         channel = self.channels[report.channel]
+        self._apply_report(channel, report)
+        if self.backplane is not None:
+            self.backplane.report(report)
+
+    def _apply_report(self, channel: Channel, report: Report) -> None:
         match report.event:
             case ReportEvent.STATS:
                 channel.worker_stats = report.data
@@ -727,7 +756,7 @@ class Hub:
 
     def queue(self) -> list[Channel]:
         """The channels waiting for a worker, in the order they will get one."""
-        waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker]
+        waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker and not c.remote]
         return sorted(waiting, key=lambda c: c.priority)  # stable: oldest first within a rank
 
     def _announce_queue(self) -> None:
@@ -758,6 +787,8 @@ class Hub:
         return free > waiting
 
     def _assign(self, channel: Channel) -> None:
+        if channel.remote:
+            return  # another node gives it its worker
         candidates = [
             w
             for w in self.workers
@@ -767,7 +798,9 @@ class Hub:
             return
         if channel.anonymous and not self._anonymous_may_take_a_slot():
             return
-        worker = min(candidates, key=lambda w: len(w.assigned) / w.capacity)
+        self._give(channel, min(candidates, key=lambda w: len(w.assigned) / w.capacity))
+
+    def _give(self, channel: Channel, worker: Peer) -> None:
         channel.worker, channel.announced = worker, None
         channel.assigned_time = time.time()
         channel.engine_state = EngineState.LOADING
@@ -777,6 +810,7 @@ class Hub:
         self._tell_channel(
             channel, Status(channel=channel.name, state=ChannelState.ASSIGNED, worker=worker.id)
         )
+        self._changed()
 
     def _assign_waiting(self) -> None:
         for channel in self.queue():
@@ -792,6 +826,7 @@ class Hub:
             worker.assigned.remove(channel.name)
         worker.send(Release(channel=channel.name))
         self._assign_waiting()
+        self._changed()
 
     def _tidy(self, channel: Channel) -> None:
         if not channel.wants_worker:
@@ -803,6 +838,87 @@ class Hub:
         for peer in (*channel.producers, *channel.viewers):
             if not peer.quiet:
                 peer.send(message)
+
+    def _changed(self) -> None:
+        """Peers, channels or assignments changed: the backplane tells the other nodes (it coalesces)."""
+        if self.backplane is not None:
+            self.backplane.changed()
+
+    # -- cluster: what relay.cluster calls (nothing does without a backplane) --
+
+    def route_remote(self, delivery: Delivery) -> None:
+        """A frame another node shared: to this node's receivers only, never shared again."""
+        channel = self.channels.get(delivery.frame.channel)
+        if channel is None:
+            return
+        if delivery.frame.kind is FrameKind.INPUT:
+            self._route_input(channel, delivery)
+        else:
+            self._route_output(channel, delivery)
+
+    def serve_remote(self, name: str, worker: Peer, params: dict[str, Any], version: int) -> bool:
+        """Another node gives channel ``name`` to ``worker``, one of ours: whether it took it.
+
+        Refused when the worker is full or pinned elsewhere, or the channel
+        already has another worker here; the asking node then looks further.
+        """
+        if worker not in self.workers or (worker.pinned and name not in worker.pinned):
+            return False
+        channel = self.channels.get(name)
+        if channel is not None and channel.worker is not None:
+            return channel.worker is worker and channel.remote
+        if len(worker.assigned) >= worker.capacity:
+            return False
+        try:
+            channel = self._channel(name)
+        except ProtocolError:
+            return False
+        channel.remote, channel.idle = True, False
+        channel.params, channel.params_version = dict(params), version
+        self._give(channel, worker)
+        return True
+
+    def unserve_remote(self, name: str) -> None:
+        """The node that asked for channel ``name`` let it go (or is gone): release our worker."""
+        channel = self.channels.get(name)
+        if channel is not None and channel.remote:
+            channel.remote = False
+            self._tidy(channel)
+            self._announce_queue()
+            self._changed()
+
+    def remote_params(self, name: str, params: dict[str, Any], version: int) -> None:
+        """New params for a channel served here for another node: to its worker as they are."""
+        channel = self.channels.get(name)
+        if channel is None or not channel.remote:
+            return
+        channel.params, channel.params_version = dict(params), version
+        channel.last_params_time = time.time()
+        if channel.worker is not None:
+            channel.worker.send(ChannelParams(channel=name, params=channel.params, version=version))
+
+    def remote_report(self, report: Report) -> None:
+        """A worker's report another node shared: this node's peers of the channel hear it."""
+        channel = self.channels.get(report.channel)
+        if channel is not None:
+            self._apply_report(channel, report)
+
+    def refresh(self) -> None:
+        """Another node's worker has room again (its heartbeat said so): serve the waiting channels."""
+        self._assign_waiting()
+        self._announce_queue()
+
+    def unassign(self, worker: Peer, name: str) -> None:
+        """``worker`` (another node's) will not serve channel ``name`` after all: find another."""
+        if name in worker.assigned:
+            worker.assigned.remove(name)
+        channel = self.channels.get(name)
+        if channel is not None and channel.worker is worker:
+            channel.worker = None
+            channel.engine_state = EngineState.WAITING_FOR_WORKER
+        self._assign_waiting()
+        self._announce_queue()
+        self._changed()
 
 
 def registered(peer: Peer) -> Registered:

@@ -54,6 +54,11 @@ class Outbox(Generic[T]):
         self._ready.set()
         return newest.put(item)
 
+    @property
+    def backlogged(self) -> bool:
+        """Frames wait for the sender task (the socket was busy): it needs a turn of the loop."""
+        return bool(self._frames)
+
     def put_control(self, message: Control) -> None:
         self._control.append(message)
         self._ready.set()

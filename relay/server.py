@@ -39,7 +39,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import websockets
@@ -70,6 +70,9 @@ from wire.messages import (
 )
 from wire.relay_messages import Error, Shutdown, Welcome
 
+if TYPE_CHECKING:
+    from relay.cluster.backplane import NatsBackplane
+
 log = logging.getLogger("relay")
 _crowded = OncePerInterval("connections from", 10.0)  # one line per 10 s while an address is refused
 log.addFilter(_crowded)
@@ -92,10 +95,16 @@ class Relay:
         self._counted: dict[ServerConnection, str] = {}
         self.connections_per_ip: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: the link to the other relay nodes (``config.nats``); None: a relay on its own
+        self.backplane: NatsBackplane | None = None
 
     async def start(self) -> None:
         self.config.check()
         limit_accept_error_logs()
+        if self.config.nats:  # imported only here: nats-py is an optional dependency
+            from relay.cluster.backplane import NatsBackplane
+
+            self.backplane = await NatsBackplane.connect(self.hub, self.config)
         sock = self._sock or listen(self.config.host, self.config.port)
         self._server = await websockets.serve(
             self._handle,
@@ -127,6 +136,9 @@ class Relay:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self.backplane is not None:  # first: the other nodes reassign what we served for them
+            await self.backplane.close()
+            self.backplane = None
         self._server.close(close_connections=False)
         shutdown = encode_control(Shutdown(message="relay shutting down"))
         for ws in list(self._connections):
@@ -230,12 +242,15 @@ class Relay:
                         self._on_frame(peer, message)
                     except ProtocolError as exc:
                         peer.send(Error.of(exc))
-                    # Let the receivers' sender tasks run before the next frame. Frames
-                    # already read from the socket would otherwise be routed in one go,
-                    # each receiver's slot keeping only the last: a producer faster than
-                    # the relay starves every sender (bench/relay.py: 5-15% of frames read
-                    # were delivered, the CPU going to frames dropped unsent).
-                    await asyncio.sleep(0)
+                    if self.hub.backlog:
+                        # Let the receivers' sender tasks run before the next frame. Frames
+                        # already read from the socket would otherwise be routed in one go,
+                        # each receiver's slot keeping only the last: a producer faster than
+                        # the relay starves every sender (bench/relay.py: 5-15% of frames read
+                        # were delivered, the CPU going to frames dropped unsent). Not when
+                        # every receiver took its frame at once: a loop turn costs ~5 us.
+                        self.hub.backlog = False
+                        await asyncio.sleep(0)
                     continue
                 control: ClientMessage | ProtocolError
                 try:
