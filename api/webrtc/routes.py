@@ -12,6 +12,11 @@ Choices worth knowing:
 * The stream key (WHIP) or playback id (WHEP) is the credential: an
   ``Authorization`` header may be sent (OBS sends the key as a Bearer
   token) and is ignored.
+* ``POST {base}/whip`` is one stable server URL for every stream, as OBS's
+  WHIP output wants it (Server: that URL; Bearer Token: the stream key):
+  the Bearer token is the stream key and picks the stream (401 when it is
+  missing or names no stream). Sessions it opens are the stream's own
+  (``Location`` under the stream's ``whip_url``).
 * Trickle ICE (RFC 9725 section 4.3): PATCH a session with an
   ``application/trickle-ice-sdpfrag`` body to add candidates after the
   offer (204). ``If-Match`` (or ``ETag``, as one client sends it) must name
@@ -31,6 +36,7 @@ from fastapi import APIRouter, Request, Response
 
 from api.server.errors import ApiError, not_found
 from api.server.services import services
+from api.streams.auth import bearer_token
 from api.streams.manager import Stream, StreamManager
 from api.streams.routes import base_url
 from api.webrtc import trickle
@@ -191,6 +197,28 @@ async def whip_publish_alias(stream_key: str, request: Request) -> Response:
     stream = _streams(request).by_stream_key(stream_key)
     if stream is None:
         raise _no_stream()
+    return await _open(request, stream, "whip")
+
+
+@router.options("/whip")
+async def whip_server_options() -> Response:
+    return _preflight("POST, OPTIONS")
+
+
+@router.post("/whip", status_code=201, response_class=Response)
+async def whip_publish_by_token(request: Request) -> Response:
+    """One server URL for every stream (OBS): the ``Authorization: Bearer`` token is the stream key."""
+    key = bearer_token(request)
+    stream = _streams(request).by_stream_key(key) if key else None
+    if stream is None:
+        raise ApiError(
+            401,
+            "send the stream key as 'Authorization: Bearer <stream key>'"
+            if key is None
+            else "the Bearer token is not the stream key of any stream",
+            "WEBRTC/UNKNOWN_STREAM_KEY",
+            headers={**CORS, "WWW-Authenticate": "Bearer"},
+        )
     return await _open(request, stream, "whip")
 
 
