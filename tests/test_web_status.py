@@ -69,11 +69,7 @@ async def test_waiting_for_a_slot_is_said_with_the_slots_in_use_then_the_stream_
 @pytest.fixture
 async def diffusion_server():
     """A server whose only worker runs the diffusion engine (on the CPU here)."""
-    app = create_app(
-        ServerSettings(
-            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
-        )
-    )
+    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
     async with running(app) as url:
         worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="diffusion"))
         task = asyncio.create_task(worker.run())
