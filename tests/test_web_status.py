@@ -12,6 +12,7 @@ Screenshots go to ``artifacts/``.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -115,3 +116,48 @@ async def test_the_viewer_page_retries_until_the_stream_exists(server, page):
     url, _app = server
     await page.goto(f"{url}/view/nosuchplaybackid")
     await page.wait_for_function("document.querySelector('#note').textContent.includes('retrying')")
+
+
+async def test_progress_reloading_and_a_failed_reload_as_the_status_would_say_them(server, page):
+    """Fields a status may carry (a worker's loading ``progress``, ``reloading``, ``last_reload_error``):
+    the real status of a real stream, with those fields added on its way to the page."""
+    url, _app = server
+    extra: dict = {}
+
+    async def amend(route):
+        response = await route.fetch()
+        body = await response.json()
+        body["data"].update(extra.get("data", {}))
+        body["data"]["inference_status"].update(extra.get("inference", {}))
+        await route.fulfill(response=response, body=json.dumps(body))
+
+    await page.route("**/v1/streams/*/status", amend)
+    await start(page, url)
+    mib = 2**20
+    extra["data"] = {
+        "detail": "loading",
+        "progress": {"stage": "downloading weights", "bytes": 100 * mib, "total": 400 * mib, "eta_s": 12},
+    }
+    await page.wait_for_selector("#progress-box:not([hidden])")
+    text = await page.inner_text("#progress-text")
+    assert text == "downloading weights · 100 MB of 400 MB · about 12 s left"
+    assert await page.evaluate("document.querySelector('#progress').value") == 0.25
+    assert "loading the pipeline" in await message(page, "loading")
+
+    extra["data"] = {"detail": "reloading"}
+    assert "old pipeline is still serving" in await message(page, "reloading")
+    assert await page.locator("#progress-box").is_hidden()
+
+    extra["data"] = {}
+    extra["inference"] = {
+        "last_reload_error": {
+            "params_version": 3,
+            "error": "model 'x/y' is not available",
+            "rejected_params": {"model_id": "x/y"},
+            "time": 1_700_000_000_000,
+        }
+    }
+    text = await message(page, "reload-error")
+    assert "change v3 did not load" in text and "model 'x/y' is not available" in text
+    assert "still running the previous model_id" in text
+    await shot(page, "status-reload-error")
