@@ -29,8 +29,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture
 async def api() -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client on a served app with no worker processes; ``client.app`` is the app."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    """An httpx client on a served app with no worker processes; ``client.app`` is the app.
+
+    Tests feed frames one round trip at a time, slower than a camera: no DEGRADED_INPUT for that
+    (tests/test_stream_state.py tests it).
+    """
+    settings = ServerSettings(
+        port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
+    )
+    app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
         yield client

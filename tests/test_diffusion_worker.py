@@ -88,7 +88,11 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
     from tests.test_api import wait_until_ready
     from worker.runtime import Worker, WorkerOptions
 
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    app = create_app(
+        ServerSettings(
+            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
+        )
+    )
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as api:
         api.app = app
         worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="diffusion"))

@@ -30,7 +30,11 @@ if not shutil.which(CHROMIUM):
 
 @pytest.fixture
 async def server():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    app = create_app(
+        ServerSettings(
+            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
+        )
+    )
     async with running(app) as url:
         worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
         task = asyncio.create_task(worker.run())

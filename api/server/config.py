@@ -96,6 +96,12 @@ class ServerSection(_Section):
     whep_bitrate: int = Field(
         1_500_000, ge=100_000, le=50_000_000, description="bits per second of shared WHEP encoders"
     )
+    degraded_input_fps: float = Field(
+        15.0,
+        ge=0,
+        description="a stream whose input arrives slower than this many frames per second is "
+        "DEGRADED_INPUT, as Daydream's runner says under 15 (0: never)",
+    )
 
 
 class RelaySection(_Section):
@@ -195,6 +201,11 @@ class PipelineSection(_Section):
     height: int = Field(512, ge=384, le=1024, multiple_of=64, description="default height")
     use_tiny_vae: bool = Field(True, description="TAESD instead of the full VAE")
     use_lcm_lora: bool = Field(True, description="fuse LCM-LoRA into non-turbo models")
+    fit: Literal["crop", "pad"] = Field(
+        "crop",
+        description="input of another aspect ratio than the stream's: crop (cut the centre) or pad "
+        "(letterbox), never stretched; a stream's params.fit overrides it",
+    )
 
 
 class PerformanceSection(_Section):
@@ -305,6 +316,8 @@ class Config(BaseSettings):
             mediamtx_publish_url=self.mediamtx.publish_url,
             mediamtx_whep_url=self.mediamtx.whep_url,
             default_params=self.default_stream_params(),
+            fit=self.pipeline.fit,
+            degraded_input_fps=self.server.degraded_input_fps,
         )
 
 

@@ -53,3 +53,7 @@ class ServerSettings:
     data_dir: str | None = None
     #: stream params filled in when a client leaves them out (model, size...)
     default_params: dict[str, Any] = field(default_factory=dict)
+    #: input of another aspect ratio than a stream's: "crop" (centre) or "pad" (letterbox), never stretched
+    fit: str = "crop"
+    #: input frames per second under which a stream's state is DEGRADED_INPUT (0: never)
+    degraded_input_fps: float = 15.0

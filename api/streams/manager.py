@@ -4,7 +4,10 @@ A stream's channel name is its id. Creating one asks the hub for a worker;
 with none free the stream waits (state LOADING, detail
 ``waiting_for_worker``) and never blocks a request. Params are stored as
 the full effective set and validated with the engine's own model, so the
-API and the worker agree on every default and range.
+API and the worker agree on every default and range. A change that needs a
+reload is followed to its end (:mod:`api.streams.reloads`): when the new
+pipeline cannot load, the stream's params go back to what really serves and
+its status names the version that failed and why.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ from pydantic import ValidationError
 
 from api.server.errors import ApiError, client_location, describe_validation, not_found
 from api.streams import ids
+from api.streams.reloads import ReloadFailure, failure, needs_reload, serving_after_failure, watch_reload
+from api.streams.schemas import StreamParams
+from media.fit import DEFAULT_FIT, PARAM, FitMode, fit_mode
 from relay.hub import Hub
+from relay.local import LocalViewer
 from wire.errors import ErrorCode, ProtocolError
 from wire.relay_messages import EngineState
-from worker.engines.diffusion.params import DiffusionParams, reload_fields
 
 if TYPE_CHECKING:
     from api.streams.store import StreamStore
+
+
+#: input frames per second under which a stream is DEGRADED_INPUT: Daydream's runner uses 15
+DEGRADED_INPUT_FPS = 15.0
 
 
 @dataclass
@@ -40,6 +50,10 @@ class Stream:
     created: float = field(default_factory=time.time)
     #: WHEP URL on an external republisher (MediaMTX), when one is configured
     external_whep_url: str | None = None
+    #: the last change whose new pipeline failed to load (kept in the store)
+    reload_failure: ReloadFailure | None = None
+    #: the params the worker runs: ``params`` except while a reload is under way
+    serving: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: set when the stream stops here (deleted, or the server stops): its connections end with it
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
@@ -54,6 +68,11 @@ class Stream:
     @property
     def height(self) -> int:
         return int(self.params.get("height", 512))
+
+    @property
+    def fit(self) -> FitMode:
+        """How input of another aspect ratio reaches the stream's size (:mod:`media.fit`)."""
+        return fit_mode(self.params.get(PARAM))
 
     def urls(self, base_url: str) -> dict[str, str]:
         base = base_url.rstrip("/") + "/live/video-to-video"
@@ -90,11 +109,26 @@ class Stream:
 def validate_params(params: dict[str, Any]) -> dict[str, Any]:
     """Full effective params, or a 422 naming the first bad field."""
     try:
-        return DiffusionParams.model_validate(params).model_dump(mode="json")
+        valid = StreamParams.model_validate(params).model_dump(mode="json")
     except ValidationError as exc:
         errors = [{**e, "loc": ("params", *e["loc"])} for e in exc.errors()]
         details = [{"loc": client_location(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
         raise ApiError(422, describe_validation(errors), "REQUEST/VALIDATION", details) from None
+    if valid[PARAM] is None:
+        del valid[PARAM]
+    return valid
+
+
+def worker_params(params: dict[str, Any], sent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the channel's worker gets: ``fit`` only when it is not the default, or was ``sent`` before.
+
+    The diffusion engine's params model does not know ``fit`` yet (it crops,
+    the default); the filter engine takes both modes. Engines merge params, so
+    a mode sent once must be sent again to go back to the default.
+    """
+    if params.get(PARAM, DEFAULT_FIT) == DEFAULT_FIT and PARAM not in (sent or {}):
+        return {k: v for k, v in params.items() if k != PARAM}
+    return {**params, PARAM: params.get(PARAM, DEFAULT_FIT)}
 
 
 class StreamListener:
@@ -131,6 +165,8 @@ class StreamManager:
         self._by_key: dict[str, Stream] = {}
         self._by_playback: dict[str, Stream] = {}
         self._listeners: list[StreamListener] = []
+        #: per stream, the reload being followed: its task and the relay session it reads
+        self._reloads: dict[str, tuple[asyncio.Task[None], LocalViewer]] = {}
 
     def subscribe(self, listener: StreamListener) -> None:
         self._listeners.append(listener)
@@ -174,7 +210,8 @@ class StreamManager:
 
     async def _start(self, stream: Stream) -> None:
         # keyed: relay clients need the stream key (or the relay token) to read or feed it
-        self.hub.open_channel(stream.channel, stream.params, key=stream.stream_key)
+        self.hub.open_channel(stream.channel, worker_params(stream.params), key=stream.stream_key)
+        stream.serving = stream.params
         self.streams[stream.id] = stream
         self._by_key[stream.stream_key] = stream
         self._by_playback[stream.playback_id] = stream
@@ -207,9 +244,7 @@ class StreamManager:
         """
         params = validate_params({**stream.params, **patch})
         if hot_only:
-            needs = reload_fields(
-                DiffusionParams.model_validate(stream.params), DiffusionParams.model_validate(params)
-            )
+            needs = needs_reload(stream.params, params)
             if needs:
                 raise ApiError(
                     409,
@@ -228,11 +263,56 @@ class StreamManager:
             self.store.save(stream)
         channel = self.hub.channels.get(stream.channel)
         if channel is not None:
-            self.hub.set_params(channel, params, replace=True)
+            # a running engine reloads for this change: follow it (joined before the params go out)
+            reloads = (
+                channel.worker is not None
+                and channel.engine_state in (EngineState.READY, EngineState.RELOADING)
+                and bool(needs_reload(stream.serving, params))
+            )
+            watcher = LocalViewer(self.hub, stream.channel) if reloads else None
+            version = self.hub.set_params(channel, worker_params(params, channel.params), replace=True)
+            self._stop_following(stream)
+            if watcher is None:
+                stream.serving = params  # hot, or loaded afresh by a worker that has no engine yet
+            else:
+                task = asyncio.create_task(self._follow(stream, version, params, watcher))
+                self._reloads[stream.id] = (task, watcher)
         if rtmp_changed:
             for listener in self._listeners:
                 await listener.stream_changed(stream)
         return stream
+
+    async def _follow(
+        self, stream: Stream, version: int, wanted: dict[str, Any], watcher: LocalViewer
+    ) -> None:
+        """Wait for the reload of ``version``; when it fails, go back to the params that serve."""
+        try:
+            outcome = await watch_reload(watcher.events(), version)
+        finally:
+            watcher.close()
+            if self._reloads.get(stream.id, (None, None))[1] is watcher:
+                del self._reloads[stream.id]
+        if outcome is None or stream.ended.is_set():
+            return
+        ok, error = outcome
+        if ok:
+            stream.serving = wanted
+            return
+        serving = serving_after_failure(stream.serving, wanted)
+        stream.reload_failure = failure(version, error, stream.serving, wanted)
+        stream.params = stream.serving = serving
+        if self.store is not None:
+            self.store.save(stream)
+        channel = self.hub.channels.get(stream.channel)
+        if channel is not None:  # the channel's params too: a worker that takes it over loads what served
+            self.hub.set_params(channel, worker_params(serving, channel.params), replace=True)
+
+    def _stop_following(self, stream: Stream) -> None:
+        following = self._reloads.pop(stream.id, None)
+        if following is not None:
+            task, watcher = following
+            watcher.close()  # its events end: the task returns
+            task.cancel()
 
     async def delete(self, stream: Stream) -> None:
         """Gone everywhere: the stored record, the outputs and sessions, the channel and its worker."""
@@ -247,6 +327,7 @@ class StreamManager:
 
     async def _stop(self, stream: Stream) -> None:
         stream.ended.set()
+        self._stop_following(stream)
         self.streams.pop(stream.id, None)
         self._by_key.pop(stream.stream_key, None)
         self._by_playback.pop(stream.playback_id, None)
@@ -255,8 +336,13 @@ class StreamManager:
         self.hub.close_channel(stream.channel)
 
     def status(
-        self, stream: Stream, base_url: str, outputs: dict[str, dict[str, Any]] | None = None
+        self,
+        stream: Stream,
+        base_url: str,
+        outputs: dict[str, dict[str, Any]] | None = None,
+        min_input_fps: float = DEGRADED_INPUT_FPS,
     ) -> dict[str, Any]:
+        """Daydream's status ``data``, and ours; input under ``min_input_fps`` is DEGRADED_INPUT."""
         outputs = outputs or {}
         channel = self.hub.channels.get(stream.channel)
         stats = channel.stats() if channel else {}
@@ -265,7 +351,7 @@ class StreamManager:
         return {
             "stream_id": stream.id,
             "pipeline": stream.pipeline,
-            "state": stream_state(engine_state, fps_in, fps_out),
+            "state": stream_state(engine_state, fps_in, fps_out, min_input_fps),
             "detail": engine_state,
             "inference_status": {
                 "start_time": _ms(stream.created),
@@ -279,6 +365,7 @@ class StreamManager:
                 "last_restart_time": _ms(channel.last_restart_time) if channel else None,
                 "last_error": stats.get("last_error"),
                 "last_error_time": _ms(channel.last_error_time) if channel else None,
+                "last_reload_error": stream.reload_failure.to_json() if stream.reload_failure else None,
             },
             "gateway_status": {
                 "whep_url": stream.urls(base_url)["output_stream_url"],
@@ -298,14 +385,22 @@ class StreamManager:
         }
 
 
-def stream_state(engine_state: EngineState | str, fps_in: float, fps_out: float) -> str:
-    """Daydream's states from what the relay knows. Clients wait for ONLINE."""
+def stream_state(
+    engine_state: EngineState | str, fps_in: float, fps_out: float, min_input_fps: float = DEGRADED_INPUT_FPS
+) -> str:
+    """Daydream's states from what the relay knows. Clients wait for ONLINE.
+
+    Input arriving, but slower than ``min_input_fps``, is DEGRADED_INPUT (the
+    stream is back ONLINE as soon as the rate recovers); ``0`` never says so.
+    """
     if engine_state == EngineState.ERROR:
         return "ERROR"
     if engine_state in (EngineState.WAITING_FOR_WORKER, EngineState.LOADING):
         return "LOADING"
     if fps_in <= 0:
         return "OFFLINE"
+    if fps_in < min_input_fps:
+        return "DEGRADED_INPUT"
     if fps_out < fps_in * 0.5:
         return "DEGRADED_INFERENCE"
     return "ONLINE"

@@ -13,6 +13,7 @@ from api.streams import style_image
 from api.streams.auth import require_api_key
 from api.streams.manager import Stream, StreamManager, validate_params
 from api.streams.schemas import CreateStream, UpdateStream
+from media.fit import PARAM
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -36,7 +37,7 @@ async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
     settings = services(request).settings
     given = await style_image.resolve(body.given_params(), settings.style_image_allow_private)
-    params = validate_params({**settings.default_params, **given})
+    params = validate_params({**settings.default_params, PARAM: settings.fit, **given})
     stream = await streams.create(
         body.pipeline or body.pipeline_id or "streamdiffusion", params, body.name or "", body.output_rtmp_url
     )
@@ -84,7 +85,8 @@ async def stream_status(stream_id: str, request: Request) -> dict[str, Any]:
     running = services(request)
     outputs = running.outputs.state(stream)
     outputs["whep"] = running.webrtc.playback_state(stream)
-    return {"success": True, "error": None, "data": streams.status(stream, base_url(request), outputs)}
+    data = streams.status(stream, base_url(request), outputs, running.settings.degraded_input_fps)
+    return {"success": True, "error": None, "data": data}
 
 
 @v1.delete("/streams/{stream_id}")

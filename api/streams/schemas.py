@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from media.fit import FitMode
 from worker.engines.diffusion.params import DiffusionParams
 
 #: ``pipeline`` values clients send; all run the StreamDiffusion engine.
@@ -21,17 +22,27 @@ PIPELINE_IDS = {
 }
 
 
+class StreamParams(DiffusionParams):
+    """A stream's params: the engine's, plus how input of another aspect ratio reaches the stream's size.
+
+    ``fit`` (crop or pad, :mod:`media.fit`) is ours; left out, the server's
+    ``pipeline.fit`` applies. Hot: the next frame uses it.
+    """
+
+    fit: FitMode | None = None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class CreateStream(_Body):
     pipeline: str | None = None
-    params: DiffusionParams | None = None
+    params: StreamParams | None = None
     name: str | None = Field(default=None, max_length=256)
     output_rtmp_url: str | None = Field(default=None, pattern=r"^rtmps?://")
     pipeline_id: str | None = None
-    pipeline_params: DiffusionParams | None = None
+    pipeline_params: StreamParams | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> CreateStream:

@@ -16,6 +16,7 @@ from contextlib import closing
 from pathlib import Path
 
 from api.streams.manager import Stream
+from api.streams.reloads import ReloadFailure
 
 FILE_NAME = "streams.sqlite3"
 
@@ -33,6 +34,8 @@ MIGRATIONS: tuple[str, ...] = (
         created REAL NOT NULL
     )
     """,
+    # 2: the last change whose reload failed (JSON), shown in the stream's status
+    "ALTER TABLE streams ADD COLUMN reload_failure TEXT",
 )
 
 
@@ -71,8 +74,8 @@ class StreamStore:
         """Every stored stream, oldest first."""
         with closing(
             self._db.execute(
-                "SELECT id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created "
-                "FROM streams ORDER BY created"
+                "SELECT id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created, "
+                "reload_failure FROM streams ORDER BY created"
             )
         ) as rows:
             for row in rows.fetchall():
@@ -85,14 +88,16 @@ class StreamStore:
                     name=row[5],
                     output_rtmp_url=row[6],
                     created=row[7],
+                    reload_failure=ReloadFailure.from_json(json.loads(row[8])) if row[8] else None,
                 )
 
     def save(self, stream: Stream) -> None:
         self._db.execute(
             "INSERT INTO streams "
-            "(id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pipeline = excluded.pipeline, "
-            "params = excluded.params, name = excluded.name, output_rtmp_url = excluded.output_rtmp_url",
+            "(id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created, reload_failure) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pipeline = excluded.pipeline, "
+            "params = excluded.params, name = excluded.name, output_rtmp_url = excluded.output_rtmp_url, "
+            "reload_failure = excluded.reload_failure",
             (
                 stream.id,
                 stream.stream_key,
@@ -102,6 +107,7 @@ class StreamStore:
                 stream.name,
                 stream.output_rtmp_url,
                 stream.created,
+                json.dumps(stream.reload_failure.to_json()) if stream.reload_failure else None,
             ),
         )
 

@@ -13,12 +13,15 @@ import asyncio
 import logging
 import time
 
+import av
 from aiortc.mediastreams import MediaStreamError
 
 from api.streams.manager import Stream
 from api.webrtc.sessions import Session, SessionRegistry, WebRTCSettings, close_all
 from api.webrtc.signaling import BadOffer, accept_offer, answer, peer_connection
-from api.webrtc.tracks import LatestFrame, discard, frame_to_jpeg
+from api.webrtc.tracks import LatestFrame, discard
+from media.codec import encode_image
+from media.fit import FitMode, plan
 from relay.hub import Hub
 from relay.local import LocalSession
 from wire.messages import Receive, Role
@@ -76,13 +79,24 @@ async def _ingest(
             if not first_frame.is_set():
                 session.first_frame_at = time.monotonic()
                 first_frame.set()
-            width, height = stream.width, stream.height  # read per frame: a PATCH may resize
-            payload = await asyncio.to_thread(frame_to_jpeg, frame, width, height)
+            size = (stream.width, stream.height)  # read per frame: a PATCH may resize or change the fit
+            payload = await asyncio.to_thread(fitted_jpeg, frame, size, stream.fit)
             publisher.publish(payload)  # the hub reads its format and size
     except MediaStreamError:
         session.close_soon("publisher's video ended")
     finally:
         await frames.close()
+
+
+def fitted_jpeg(frame: av.VideoFrame, size: tuple[int, int], fit: FitMode) -> bytes:
+    """``frame`` at the stream's ``size`` (cropped or padded, :mod:`media.fit`) as a JPEG.
+
+    One swscale call converts YUV to RGB and scales; the crop or the bars are
+    array slicing. Runs in a thread.
+    """
+    how = plan((frame.width, frame.height), size, fit)
+    rgb = frame.to_ndarray(format="rgb24", width=how.scaled[0], height=how.scaled[1])
+    return encode_image(how.place(rgb))
 
 
 async def _watchdog(session: Session, first_frame: asyncio.Event, timeout: float) -> None:

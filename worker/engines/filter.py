@@ -3,6 +3,8 @@
 Every parameter is hot. ``effect`` picks the look; without it, words in the
 ``prompt`` do ("a pencil sketch of..." gives ``sketch``), so the same
 Daydream params that drive the diffusion engine give a visible change here.
+With ``width`` and ``height`` the output has that size; input of another
+aspect ratio is cropped or padded (``fit``, :mod:`media.fit`), never stretched.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from media.fit import FitMode, fit_rgb, mode_of
 from worker.engines.base import Engine, EngineError
 
 
@@ -116,6 +119,7 @@ class FilterEngine(Engine):
         self.effect = effect_for(self.params)
         self.strength = _strength(self.params)
         self._size = _size(self.params)
+        self.fit = _fit(self.params)
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -123,16 +127,16 @@ class FilterEngine(Engine):
 
     def update(self, params: Mapping[str, Any]) -> set[str]:
         merged = {**self.params, **params}
-        effect, strength, size = effect_for(merged), _strength(merged), _size(merged)
-        self.params, self.effect, self.strength, self._size = merged, effect, strength, size
+        effect, strength, size, fit = effect_for(merged), _strength(merged), _size(merged), _fit(merged)
+        self.params, self.effect, self.strength, self._size, self.fit = merged, effect, strength, size, fit
         return set()
 
     def process(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self._one(frame) for frame in frames]
 
     def _one(self, rgb: np.ndarray) -> np.ndarray:
-        if self._size is not None and (rgb.shape[1], rgb.shape[0]) != self._size:
-            rgb = cv2.resize(rgb, self._size, interpolation=cv2.INTER_AREA)
+        if self._size is not None:  # another aspect ratio is cropped or padded, never stretched
+            rgb = fit_rgb(rgb, self._size, self.fit)
         out = EFFECTS[self.effect](rgb)
         if self.strength < 1.0:
             out = cv2.addWeighted(out, self.strength, rgb, 1.0 - self.strength, 0)
@@ -151,6 +155,13 @@ def _strength(params: Mapping[str, Any]) -> float:
     if not 0.0 <= value <= 1.0:
         raise EngineError(f"strength must be in 0..1, not {value}")
     return value
+
+
+def _fit(params: Mapping[str, Any]) -> FitMode:
+    try:
+        return mode_of(params)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def _size(params: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 import torch
 
+from media.fit import DEFAULT_FIT, FitMode, fit_rgb
 
-def resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``frame`` at ``size`` = ``(width, height)``; area filter when shrinking, linear when growing."""
-    height, width = frame.shape[:2]
-    if (width, height) == size:
-        return frame
-    shrinking = width * height > size[0] * size[1]
-    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+def resize(frame: np.ndarray, size: tuple[int, int], fit: FitMode = DEFAULT_FIT) -> np.ndarray:
+    """``frame`` at ``size`` = ``(width, height)``: another aspect ratio is cropped or padded
+    (``fit``, :mod:`media.fit`), never stretched; area filter when shrinking, linear when growing."""
+    return fit_rgb(frame, size, fit)
 
 
 def frames_to_tensor(
