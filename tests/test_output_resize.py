@@ -21,13 +21,16 @@ import cv2
 import numpy as np
 import pytest
 
+from api.server.services import services
 from media import hls
 from media.codec import encode_image
 from producers.echo import run_echo_worker
 from relay import Relay
 from relay.client import connect
+from tests.api_fixtures import api, worker  # noqa: F401  (fixtures)
 from tests.helpers import input_frame
 from tests.nginx_rtmp import NginxRtmp
+from tests.test_api import wait_until_ready
 from tests.test_rtmp_hls import LIMIT, output, rtmp_server  # noqa: F401  (fixture)
 
 FIRST, SECOND = (320, 240), (256, 384)  # 4:3, then 2:3: a stretch between them is plain to see
@@ -44,29 +47,33 @@ def disc_picture(size: tuple[int, int], seed: int) -> np.ndarray:
     return rgb
 
 
-def disc_box(rgb: np.ndarray) -> tuple[int, int]:
-    """Width and height of the bright disc's bounding box."""
-    ys, xs = np.nonzero(rgb.mean(axis=2) > 150)
+def disc_box(rgb: np.ndarray, inverted: bool = False) -> tuple[int, int]:
+    """Width and height of the disc's bounding box (bright, or dark in an inverted picture)."""
+    gray = rgb.mean(axis=2)
+    ys, xs = np.nonzero(gray < 105 if inverted else gray > 150)
     ys, xs = ys[ys > 10], xs[ys > 10]  # not the corner mark
     return int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
-def assert_round_disc(rgb: np.ndarray, size: tuple[int, int]) -> None:
-    """``rgb`` is ``size`` and its disc is as wide as tall, with the diameter it was drawn with."""
+def assert_round_disc(
+    rgb: np.ndarray, size: tuple[int, int], diameter: float | None = None, inverted: bool = False
+) -> None:
+    """``rgb`` is ``size`` and its disc is as wide as tall, ``diameter`` across (default: as drawn
+    for ``size``)."""
     assert (rgb.shape[1], rgb.shape[0]) == size
-    width, height = disc_box(rgb)
-    diameter = 2 * (min(size) // 4) + 1
-    assert abs(width - height) <= 4 and abs(width - diameter) <= 4, (width, height, diameter)
+    width, height = disc_box(rgb, inverted)
+    diameter = diameter or 2 * (min(size) // 4) + 1
+    assert abs(width - height) <= 4 and abs(width - diameter) <= 6, (width, height, diameter)
 
 
 class Producer:
     """Sends disc pictures at about 30 fps, at ``self.size`` (change it to resize the stream)."""
 
-    def __init__(self, relay: Relay, channel: str) -> None:
-        self.relay, self.channel, self.size = relay, channel, FIRST
+    def __init__(self, url: str, channel: str, size: tuple[int, int] = FIRST, token: str | None = None):
+        self.url, self.channel, self.size, self.token = url, channel, size, token
 
     async def run(self) -> None:
-        ws, _ = await connect(self.relay.url, "producer", self.channel, receive="none")
+        ws, _ = await connect(self.url, "producer", self.channel, self.token, receive="none")
         try:
             for seq in range(100_000):
                 size = self.size
@@ -82,7 +89,7 @@ async def echoing(relay: Relay, channel: str) -> AsyncIterator[Producer]:
     ready, stop = asyncio.Event(), asyncio.Event()
     worker = asyncio.create_task(run_echo_worker(relay.url, ready=ready, stop=stop))
     await asyncio.wait_for(ready.wait(), LIMIT)
-    producer = Producer(relay, channel)
+    producer = Producer(relay.url, channel)
     task = asyncio.create_task(producer.run())
     try:
         yield producer
@@ -204,3 +211,45 @@ def _segments_after_break(text: str) -> int:
 
 def _segment_numbers(text: str) -> list[int]:
     return [int(line[len(hls.SEGMENT_PREFIX) : -3]) for line in text.splitlines() if line.endswith(".ts")]
+
+
+@pytest.mark.network_service
+async def test_a_patched_stream_size_reaches_rtmp_and_hls(api, worker, rtmp_server: NginxRtmp) -> None:
+    """PATCH 512x512 -> 640x384 with the filter worker (photo negative): both outputs follow, the
+    square input cropped to the new shape, the disc round (it was squeezed into 512x512 before)."""
+    url = rtmp_server.url("live", "patched")
+    stream = (
+        await api.post(
+            "/v1/streams",
+            json={"pipeline": "streamdiffusion", "output_rtmp_url": url, "params": {"prompt": "negative"}},
+        )
+    ).json()
+    sid = stream["id"]
+    await asyncio.wait_for(wait_until_ready(api, sid), 15)
+    running = services(api.app)
+    producer = Producer(running.relay_url, sid, size=(512, 512), token=stream["stream_key"])
+    feeder = asyncio.create_task(producer.run())
+    try:
+        assert (await api.get(stream["hls_url"], timeout=30)).status_code == 200  # starts HLS
+        rtmp, hls_out = running.outputs.rtmp[sid], running.outputs.hls[sid]
+        for out in (rtmp, hls_out):
+            assert await out.wait_for(lambda o: o.size == (512, 512), LIMIT), out.state()
+        patched = await api.patch(f"/v1/streams/{sid}", json={"params": {"width": 640, "height": 384}})
+        assert patched.status_code == 200
+        for out in (rtmp, hls_out):
+            assert await out.wait_for(lambda o: o.size == (640, 384), LIMIT), out.state()
+        player = Player(url, (640, 384), wanted=3, options=LIVE)
+        player.start()
+        await player.finish()
+        assert player.error is None and set(player.sizes) == {(640, 384)}, (player.error, player.sizes)
+        assert player.last is not None
+        assert_round_disc(player.last, (640, 384), diameter=257 * 1.25, inverted=True)
+        playlist = hls_out.hls_dir / hls.PLAYLIST
+        text = await _wait_for_playlist(playlist, lambda text: _segments_after_break(text) >= 1)
+        new_segment = text.rsplit("#EXT-X-DISCONTINUITY", 1)[1].split()[-1]
+        with av.open(str(playlist.parent / new_segment)) as container:
+            frame = next(container.decode(video=0))
+        assert_round_disc(frame.to_ndarray(format="rgb24"), (640, 384), diameter=257 * 1.25, inverted=True)
+    finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
