@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a channel without input this long gives its worker slot back until input returns "
         f"(default {defaults.idle_release_s:g}; 0: never)",
     )
+    p.add_argument(
+        "--nats",
+        default=defaults.nats,
+        metavar="URL",
+        help="NATS server URL(s), comma-separated: share channels, workers and viewers with the relay "
+        "nodes there (needs nats-py: pip install -e .[cluster]; default: a relay on its own)",
+    )
+    p.add_argument(
+        "--node-name",
+        default=defaults.node_name,
+        metavar="NAME",
+        help="this node's name in the cluster (default: a random one)",
+    )
     p.add_argument("--insecure", action="store_true", help="allow listening beyond loopback with no tokens")
     add_logging_arguments(p)
     return p
@@ -179,6 +192,8 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
         control_burst=args.control_burst,
         anonymous_share=args.anonymous_share,
         idle_release_s=args.idle_release,
+        nats=args.nats,
+        node_name=args.node_name,
     )
 
 

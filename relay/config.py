@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 
 DEFAULT_PORT = 8765
@@ -66,6 +67,15 @@ class RelayConfig:
     #: seconds without input after which a channel gives its worker slot back (its params
     #: and its viewers stay; the next input frame asks for a worker again); 0: never.
     idle_release_s: float = 60.0
+    #: NATS server URLs (comma-separated): join the relay nodes there, sharing channels,
+    #: workers and viewers (:mod:`relay.cluster`; needs nats-py). Empty: a relay on its own.
+    nats: str = ""
+    #: this node's name in the cluster (letters, digits, - and _); empty: a random one
+    node_name: str = ""
+    #: seconds between a cluster node's heartbeats, and without one before it counts as gone
+    #: (its workers' channels then go to other workers)
+    cluster_heartbeat_s: float = 0.25
+    cluster_dead_after_s: float = 1.0
 
     @property
     def websocket_max_size(self) -> int:
@@ -115,6 +125,10 @@ class RelayConfig:
                 f"max_params_bytes {self.max_params_bytes} is too large "
                 f"(at most {PEER_MAX_SIZE // 4 - _ENVELOPE})"
             )
+        if self.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.node_name):
+            raise ValueError("node_name: 1-64 letters, digits, - or _")
+        if not 0 < self.cluster_heartbeat_s * 2 <= self.cluster_dead_after_s:
+            raise ValueError("cluster_dead_after_s must be at least twice cluster_heartbeat_s (> 0)")
         if self.idle_release_s < 0:
             raise ValueError("idle_release_s must be >= 0 (0: never)")
         if not 0 <= self.anonymous_share <= 1:

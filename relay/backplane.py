@@ -1,0 +1,28 @@
+"""What the hub tells a backplane: the few events other relay nodes must hear about.
+
+A relay on its own has none (``Hub.backplane`` is None and nothing here is
+called). With ``--nats`` the hub gets a :class:`relay.cluster.NatsBackplane`,
+which does the I/O and calls the hub back (``route_remote``,
+``serve_remote``...). Every method here is called from the hub's own code
+paths, synchronously: it must only queue work, never wait.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from wire.messages import Report
+
+if TYPE_CHECKING:
+    from relay.hub import Delivery
+
+
+class Backplane(Protocol):
+    def share(self, delivery: Delivery) -> None:
+        """A local producer's input or a local worker's output, routed here: for the other nodes."""
+
+    def report(self, report: Report) -> None:
+        """A local worker's report (already applied here): for the channel's other nodes."""
+
+    def changed(self) -> None:
+        """Peers, channels or assignments changed: heartbeat and subscriptions are due."""

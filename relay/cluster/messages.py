@@ -1,0 +1,119 @@
+"""What relay nodes say to each other over NATS: subjects and messages, no I/O.
+
+Frames travel as the bytes peers sent (the wire format, header and image),
+on core NATS subjects, so nothing is stored and a slow subscriber loses
+frames, never delays them:
+
+- ``sd.ch.<channel>.in``: input frames from the producers of each node;
+- ``sd.ch.<channel>.out``: output frames from the worker serving the channel;
+- ``sd.ch.<channel>.ctl``: the worker's reports (JSON, the ``report`` message);
+- ``sd.node.hb``: every node's heartbeat (its workers, what they serve);
+- ``sd.node.<node>``: requests to one node (assign, release, params).
+
+Channel names may hold dots, which NATS reads as token separators: they
+become ``~`` (never in a channel name), so each name is one token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from wire.frames import FrameKind
+from wire.messages import Channel, Message
+
+PREFIX = "sd"
+HEARTBEAT_SUBJECT = f"{PREFIX}.node.hb"
+
+
+def channel_subject(channel: str, what: Literal["in", "out", "ctl"]) -> str:
+    return f"{PREFIX}.ch.{channel.replace('.', '~')}.{what}"
+
+
+def frame_subject(channel: str, kind: FrameKind) -> str:
+    return channel_subject(channel, "in" if kind is FrameKind.INPUT else "out")
+
+
+def node_subject(node: str) -> str:
+    return f"{PREFIX}.node.{node}"
+
+
+class WorkerInfo(Message):
+    """One of a node's own workers, as its heartbeat describes it."""
+
+    id: str
+    capacity: int
+    pinned: list[str] = Field(default_factory=list)
+    name: str = ""
+    engine: str = ""
+    #: the channels it serves, each with the node that gave it the channel
+    channels: dict[str, str] = Field(default_factory=dict)
+
+    def free_for(self, node: str) -> int:
+        """Slots ``node`` may count on: its capacity less what other nodes gave it.
+
+        What ``node`` gave it itself it already counts (in the worker's
+        ``assigned`` there), even before this heartbeat shows it.
+        """
+        return self.capacity - sum(1 for home in self.channels.values() if home != node)
+
+
+class Heartbeat(Message):
+    """A node is alive (sent every ``cluster_heartbeat_s``, and at once on changes); ``bye``: leaving."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    node: str
+    workers: list[WorkerInfo] = Field(default_factory=list)
+    bye: bool = False
+
+
+class AssignWorker(Message):
+    """To a worker's node: give ``channel`` to ``worker`` (a request: the reply says if it did)."""
+
+    type: Literal["assign"] = "assign"
+    home: str
+    channel: Channel
+    worker: str
+    params: dict[str, Any]
+    version: int
+
+
+class ReleaseWorker(Message):
+    """To a worker's node: ``home`` no longer needs ``channel`` served."""
+
+    type: Literal["release"] = "release"
+    home: str
+    channel: Channel
+
+
+class UpdateParams(Message):
+    """To a worker's node: the channel's full params, as its home holds them."""
+
+    type: Literal["params"] = "params"
+    home: str
+    channel: Channel
+    params: dict[str, Any]
+    version: int
+
+
+class Reply(Message):
+    """The answer to :class:`AssignWorker`."""
+
+    type: Literal["reply"] = "reply"
+    ok: bool
+    reason: str = ""
+
+
+NodeRequest = AssignWorker | ReleaseWorker | UpdateParams
+NodeMessage = Heartbeat | NodeRequest | Reply
+_node_message: TypeAdapter[NodeMessage] = TypeAdapter(Annotated[NodeMessage, Field(discriminator="type")])
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(data: bytes) -> NodeMessage:
+    """A node's message; raises ``pydantic.ValidationError`` for anything else."""
+    return _node_message.validate_json(data)

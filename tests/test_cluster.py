@@ -1,0 +1,345 @@
+"""Relay nodes joined over NATS: real nats-server processes (a three-server cluster with routes)
+and three relays in process, each on its own server, with real WebSocket peers on loopback.
+
+Without nats-server (``apt-get install nats-server``, or ``.ci/install-system-deps``)
+or nats-py (``pip install -e .[cluster]``) the tests that need them skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+from relay import Relay, RelayConfig
+from relay.__main__ import build_parser, relay_config_from_args
+from relay.client import connect
+from relay.cluster.messages import Heartbeat, WorkerInfo, channel_subject, decode, encode
+from relay.cluster.view import ClusterView
+from tests.helpers import TIMEOUT, EchoWorker, input_frame, jpeg, recv_frame, recv_json
+from tests.nginx_rtmp import free_port
+from wire.frames import Frame, FrameKind
+
+INSTALL = "apt-get install -y nats-server (or run .ci/install-system-deps)"
+NODES = "abc"
+
+
+# -- a NATS cluster ------------------------------------------------------------
+
+
+@dataclass
+class NatsServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    monitor: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def routes(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/routez", timeout=1) as reply:
+            return int(json.load(reply)["num_routes"])
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def _nats_server() -> str:
+    found = shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if Path(p).is_file()), None
+    )
+    if found is None:
+        pytest.skip(f"nats-server is not installed: {INSTALL}")
+    return found
+
+
+def _config(port: int, monitor: int, cluster: int, routes: list[int]) -> str:
+    # no_advertise: clients keep to the server they were given (a node whose server dies is cut
+    # off, which one test wants); max_payload: room for the relay's largest frames
+    listed = ", ".join(f"nats://127.0.0.1:{route}" for route in routes)
+    return f"""listen: 127.0.0.1:{port}
+http: 127.0.0.1:{monitor}
+max_payload: 16MB
+cluster {{
+  name: sd-tests
+  listen: 127.0.0.1:{cluster}
+  no_advertise: true
+  routes: [{listed}]
+}}
+"""
+
+
+@contextlib.contextmanager
+def nats_cluster(directory: Path, size: int) -> Iterator[list[NatsServer]]:
+    """``size`` nats-servers routed to each other; ready (every route up) when the block starts."""
+    binary = _nats_server()
+    directory.mkdir(parents=True, exist_ok=True)
+    ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
+    servers: list[NatsServer] = []
+    try:
+        for i, (port, monitor, cluster) in enumerate(ports):
+            conf = directory / f"nats{i}.conf"
+            conf.write_text(
+                _config(port, monitor, cluster, [c for j, (_, _, c) in enumerate(ports) if j != i])
+            )
+            with (directory / f"nats{i}.log").open("wb") as log:
+                process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+            servers.append(NatsServer(process, port, monitor))
+        deadline = time.monotonic() + TIMEOUT
+        for server in servers:
+            while True:  # polling a condition, with a deadline
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    if server.routes() == size - 1:
+                        break
+                assert server.process.poll() is None, f"nats-server exited: see {directory}"
+                assert time.monotonic() < deadline, f"the NATS cluster did not form: see {directory}"
+                time.sleep(0.02)
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition`` (checked each 10 ms) for at most TIMEOUT seconds."""
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+@pytest.fixture
+def nats_servers(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
+    with nats_cluster(tmp_path / "nats", len(NODES)) as servers:
+        yield servers
+
+
+@pytest.fixture
+async def nodes(nats_servers: list[NatsServer]) -> AsyncIterator[list[Relay]]:
+    """Relay nodes a, b and c, each on its own NATS server, every one seeing the two others."""
+    relays = [
+        Relay(RelayConfig(port=0, nats=server.url, node_name=name, idle_release_s=0))
+        for server, name in zip(nats_servers, NODES, strict=True)
+    ]
+    try:
+        for relay in relays:
+            await relay.start()
+        await until(
+            lambda: all(r.backplane is not None and len(r.backplane.view.nodes) == 2 for r in relays),
+            "the nodes never all heard each other",
+        )
+        yield relays
+    finally:
+        for relay in relays:
+            await relay.close()
+
+
+# -- peers -------------------------------------------------------------------------
+
+
+class Viewer:
+    """A viewer's frames as they arrive, read by a task of its own."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[Frame] = []
+        self._arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def join(cls, relay: Relay, channel: str) -> Viewer:
+        ws, _ = await connect(relay.url, "viewer", channel)
+        return cls(ws)
+
+    async def _read(self) -> None:
+        while True:
+            self.frames.append(await recv_frame(self.ws))
+            self._arrived.set()
+
+    async def reached(self, seq: int) -> None:
+        """Until a frame numbered ``seq`` or later has arrived (TimeoutError from the caller's timeout)."""
+        while not (self.frames and self.frames[-1].seq >= seq):
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def after(self, seq: int) -> list[Frame]:
+        return [f for f in self.frames if f.seq > seq]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.ws.close()
+
+
+async def stream(
+    producer: ClientConnection, channel: str, viewers: list[Viewer], count: int, start: int
+) -> dict[int, bytes]:
+    """Send frames numbered from ``start`` until each viewer got ``count`` of them.
+
+    Each frame goes after the previous one reached the first viewer, or half
+    a second went by: the first frames of a fresh route may be lost (NATS
+    subscriptions take a moment to reach every server), the later ones flow.
+    Returns what was sent, by sequence number.
+    """
+    sent: dict[int, bytes] = {}
+    seq = start
+    while not all(len(v.after(start - 1)) >= count for v in viewers):
+        assert seq - start < 200, f"frames never reached every viewer ({[len(v.frames) for v in viewers]})"
+        sent[seq] = jpeg(seed=seq % 64)
+        await producer.send(input_frame(seq, sent[seq], channel))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await viewers[0].reached(seq)
+        seq += 1
+    return sent
+
+
+def check_results(viewer: Viewer, sent: dict[int, bytes], channel: str) -> None:
+    """Every frame a viewer got is the worker's echo of one the producer sent: same number, same image,
+    in order."""
+    seqs = [f.seq for f in viewer.frames]
+    assert seqs == sorted(set(seqs)), f"out of order or repeated: {seqs}"
+    for frame in viewer.frames:
+        assert (frame.kind, frame.channel) == (FrameKind.OUTPUT, channel)
+        assert frame.payload == sent[frame.seq], f"frame {frame.seq} is not what was sent as {frame.seq}"
+
+
+@contextlib.asynccontextmanager
+async def serving(relay: Relay) -> AsyncIterator[EchoWorker]:
+    worker = await EchoWorker(relay.url).start()
+    task = asyncio.create_task(worker.serve())
+    try:
+        yield worker
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await worker.close()
+
+
+# -- three nodes, one stream ---------------------------------------------------------
+
+
+@pytest.mark.network_service
+async def test_a_stream_spans_three_nodes_with_sequence_numbers_kept(nodes):
+    """Producer on a, worker on b, viewers on a and c."""
+    a, b, c = nodes
+    async with serving(b) as worker:
+        await until(lambda: any(w.id == worker.session for w in a.hub.workers), "a never saw b's worker")
+        viewer_a, viewer_c = await Viewer.join(a, "cam"), await Viewer.join(c, "cam")
+        producer, _ = await connect(a.url, "producer", "cam", receive="none")
+        assert await asyncio.wait_for(worker.assigned.get(), TIMEOUT) == "cam"
+        status = await recv_json(producer, "status", state="assigned")
+        assert status["worker"] == worker.session  # a's hub gave the channel to b's worker
+        sent = await stream(producer, "cam", [viewer_a, viewer_c], 5, start=100)
+        for viewer in (viewer_a, viewer_c):
+            check_results(viewer, sent, "cam")
+        assert set(worker.received) <= set(sent)
+        assert b.hub.channels["cam"].remote and not a.hub.channels["cam"].remote
+        # params set on a reach the worker on b
+        await producer.send(json.dumps({"type": "params", "params": {"prompt": "a fox"}}))
+        assert (await recv_json(producer, "params_ack"))["version"] == 1
+        await until(lambda: b.hub.channels["cam"].params == {"prompt": "a fox"}, "params never reached b")
+        for viewer in (viewer_a, viewer_c):
+            await viewer.close()
+        await producer.close()
+        # the producer gone, a releases the channel and b gives its worker slot back
+        await until(lambda: "cam" not in b.hub.channels, "b still serves a channel nobody wants")
+        assert not worker.assigned.qsize()
+
+
+@pytest.mark.network_service
+async def test_a_worker_leaving_hands_its_channel_to_a_worker_on_another_node(nodes):
+    a, b, c = nodes
+    async with serving(b) as first:
+        viewer_a, viewer_c = await Viewer.join(a, "cam"), await Viewer.join(c, "cam")
+        producer, _ = await connect(a.url, "producer", "cam", receive="none")
+        assert await asyncio.wait_for(first.assigned.get(), TIMEOUT) == "cam"
+        sent = await stream(producer, "cam", [viewer_a, viewer_c], 3, start=0)
+        async with serving(c) as second:  # idle until the first leaves
+            await until(lambda: any(w.id == second.session for w in a.hub.workers), "a never saw c's worker")
+            await first.close()
+            assert await asyncio.wait_for(second.assigned.get(), TIMEOUT) == "cam"
+            last = max(sent)
+            sent |= await stream(producer, "cam", [viewer_a, viewer_c], 3, start=last + 1)
+            assert second.received and min(second.received) > max(first.received)
+            for viewer in (viewer_a, viewer_c):
+                check_results(viewer, sent, "cam")
+                assert {f.seq for f in viewer.after(last)} <= set(second.received)
+            for viewer in (viewer_a, viewer_c):
+                await viewer.close()
+            await producer.close()
+
+
+@pytest.mark.network_service
+async def test_a_node_cut_off_from_nats_has_its_channels_reassigned(nats_servers, nodes):
+    """b's NATS server dies: the others count b gone and move its channel; b gives it back."""
+    a, b, c = nodes
+    async with serving(b) as first:
+        viewer_a, viewer_c = await Viewer.join(a, "cam"), await Viewer.join(c, "cam")
+        producer, _ = await connect(a.url, "producer", "cam", receive="none")
+        assert await asyncio.wait_for(first.assigned.get(), TIMEOUT) == "cam"
+        sent = await stream(producer, "cam", [viewer_a, viewer_c], 3, start=0)
+        async with serving(c) as second:
+            await until(lambda: any(w.id == second.session for w in a.hub.workers), "a never saw c's worker")
+            nats_servers[1].kill()
+            assert await asyncio.wait_for(second.assigned.get(), TIMEOUT) == "cam"
+            await until(lambda: "cam" not in b.hub.channels, "b kept serving a channel of a node it lost")
+            last = max(sent)
+            sent |= await stream(producer, "cam", [viewer_a, viewer_c], 3, start=last + 1)
+            for viewer in (viewer_a, viewer_c):
+                check_results(viewer, sent, "cam")
+                assert {f.seq for f in viewer.after(last)} <= set(second.received)
+            for viewer in (viewer_a, viewer_c):
+                await viewer.close()
+            await producer.close()
+
+
+# -- no NATS needed -------------------------------------------------------------------
+
+
+def test_the_relay_command_takes_a_nats_url_and_a_node_name():
+    args = build_parser().parse_args(["--nats", "nats://10.0.0.5:4222", "--node-name", "gpu-1"])
+    config = relay_config_from_args(args)
+    assert (config.nats, config.node_name) == ("nats://10.0.0.5:4222", "gpu-1")
+    assert RelayConfig().nats == ""  # a relay on its own by default
+    with pytest.raises(ValueError, match="node_name"):
+        RelayConfig(node_name="a.b").check()  # a NATS subject token: no dots
+
+
+def test_channel_names_with_dots_are_one_subject_token():
+    assert channel_subject("cam.1", "in") == "sd.ch.cam~1.in"
+    assert channel_subject("cam.1", "out") != channel_subject("cam", "1.out")
+
+
+def test_a_node_counts_the_worker_slots_other_nodes_took():
+    info = WorkerInfo(id="w", capacity=3, channels={"x": "a", "y": "b", "z": "b"})
+    assert (info.free_for("a"), info.free_for("b"), info.free_for("c")) == (1, 2, 0)
+    heartbeat = Heartbeat(node="b", workers=[info])
+    assert decode(encode(heartbeat)) == heartbeat
+
+
+def test_a_silent_node_is_gone_after_dead_after():
+    view = ClusterView("a", dead_after=1.0)
+    assert view.heard(Heartbeat(node="b"), now=10.0)
+    assert not view.heard(Heartbeat(node="b"), now=10.5)
+    assert view.expire(now=11.2) == [] and view.alive("b")
+    assert view.expire(now=11.5) == ["b"] and not view.alive("b")
+    view.heard(Heartbeat(node="c"), now=12.0)
+    view.heard(Heartbeat(node="c", bye=True), now=12.1)
+    assert not view.alive("c")
