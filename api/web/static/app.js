@@ -317,7 +317,7 @@ async function watch() {
   } else if (mode === "whep") {
     const pc = new RTCPeerConnection();
     pc.addTransceiver("video", { direction: "recvonly" });
-    pc.ontrack = (event) => { $("output-video").srcObject = new MediaStream([event.track]); };
+    pc.ontrack = (event) => { playing($("output-video"), new MediaStream([event.track])); };
     state.pcOut = pc;
     state.whepSession = await negotiate(pc, state.stream.output_stream_url);
   }
@@ -332,6 +332,13 @@ async function watch() {
     estimate: "estimated from WebRTC stats: half the round trip each way + server latency p50 "
       + "+ the player's jitter buffer and decode time; encode and camera delays not included",
   }[state.g2gKind] || "MJPEG playback carries no timing the page can read";
+}
+
+// Played from the Start click, not by the autoplay attribute alone: Chromium pauses muted autoplay
+// videos scrolled out of view (a phone, scrolled to the controls), which would stop the output.
+function playing(video, stream) {
+  video.srcObject = stream;
+  video.play().catch(() => {});
 }
 
 function visibleOutput() {
@@ -632,7 +639,7 @@ async function start() {
     state.charts.fps.clear();
     state.charts.latency.clear();
     state.media = await openSource();
-    $("input").srcObject = state.media;
+    playing($("input"), state.media);
     if ($("transport").value === "whip") await sendWhip(state.media.getVideoTracks()[0]);
     else sendWebSocket($("input"));
     await watch();
