@@ -68,11 +68,12 @@ async def test_a_failed_reload_keeps_the_serving_params_and_says_why(tiny, tmp_p
             sid = created.json()["id"]
             await asyncio.wait_for(wait_until_ready(client, sid), 120)
             missing = str(tmp_path / "no-such-model")
+            before = (await client.get(f"/v1/streams/{sid}/status")).json()["data"]["params_version"]
             patched = await client.patch(
                 f"/v1/streams/{sid}", json={"params": {"model_id": missing, "prompt": "a cat"}}
             )
             assert patched.status_code == 200 and patched.json()["params"]["model_id"] == missing  # as asked
-            version = (await client.get(f"/v1/streams/{sid}/status")).json()["data"]["params_version"]
+            version = before + 1  # the PATCH's (the failure may be back before a status is read)
 
             status = await failure_reported(client, sid)
             failure = status["inference_status"]["last_reload_error"]
