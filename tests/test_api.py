@@ -114,8 +114,30 @@ async def test_stream_without_worker_reports_loading_and_never_hangs(api):
     status = (await api.get(f"/v1/streams/{stream['id']}/status")).json()
     assert status["success"] is True and status["error"] is None
     data = status["data"]
-    assert (data["state"], data["detail"]) == ("LOADING", "waiting_for_worker")
+    assert (data["state"], data["detail"]) == ("LOADING", "waiting for a worker: none is connected")
+    assert data["queue"] == {"position": 1, "in_use": 0, "slots": 0}
     assert data["stream_id"] == stream["id"] and data["worker"] is None
+
+
+async def test_a_stream_waiting_for_a_slot_says_so_and_is_served_when_one_frees(api):
+    from worker.runtime import Worker, WorkerOptions
+
+    worker = Worker(WorkerOptions(relay_url=services(api.app).relay_url, engine="filter", capacity=2))
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.connected.wait(), 10)
+        first, _second, third = [await create(api) for _ in range(3)]
+        data = (await api.get(f"/v1/streams/{third['id']}/status")).json()["data"]
+        assert data["state"] == "LOADING"
+        assert data["detail"] == "waiting for a slot: 2 of 2 in use (1st in the queue)"
+        assert data["queue"] == {"position": 1, "in_use": 2, "slots": 2}
+        assert (await api.get(f"/v1/streams/{first['id']}/status")).json()["data"]["queue"] is None
+        assert (await api.delete(f"/v1/streams/{first['id']}")).status_code == 200
+        data = (await api.get(f"/v1/streams/{third['id']}/status")).json()["data"]
+        assert data["queue"] is None and data["worker"] is not None  # served as the slot freed
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def run_frames(api, stream_id: str, count: int, size=(512, 512)):

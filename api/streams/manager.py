@@ -1,8 +1,10 @@
 """Streams: a relay channel held open with its params, plus its public ids and URLs.
 
 A stream's channel name is its id. Creating one asks the hub for a worker;
-with none free the stream waits (state LOADING, detail
-``waiting_for_worker``) and never blocks a request. Params are stored as
+with none free the stream waits (state LOADING, detail ``waiting for a
+slot: 4 of 4 in use (1st in the queue)``, ``queue`` its place) and never
+blocks a request; a stream without input for ``relay.idle_release_s``
+gives its slot back (OFFLINE, detail ``idle: ...``) until input returns. Params are stored as
 the full effective set and validated with the engine's own model, so the
 API and the worker agree on every default and range. A change that needs a
 reload is followed to its end (:mod:`api.streams.reloads`): when the new
@@ -25,7 +27,7 @@ from api.streams import ids
 from api.streams.reloads import ReloadFailure, failure, needs_reload, serving_after_failure, watch_reload
 from api.streams.schemas import StreamParams
 from media.fit import DEFAULT_FIT, PARAM, FitMode, fit_mode
-from relay.hub import Hub
+from relay.hub import Channel, Hub
 from relay.local import LocalViewer
 from wire.errors import ErrorCode, ProtocolError
 from wire.relay_messages import EngineState
@@ -352,7 +354,8 @@ class StreamManager:
             "stream_id": stream.id,
             "pipeline": stream.pipeline,
             "state": stream_state(engine_state, fps_in, fps_out, min_input_fps),
-            "detail": engine_state,
+            "detail": _detail(channel, engine_state),
+            "queue": _queue(channel),
             "inference_status": {
                 "start_time": _ms(stream.created),
                 "last_params_update_time": _ms(channel.last_params_time) if channel else None,
@@ -383,6 +386,23 @@ class StreamManager:
             "gpu_memory_mb": stats.get("worker_stats", {}).get("gpu_memory_mb"),
             "worker_stats": stats.get("worker_stats", {}),
         }
+
+
+def _detail(channel: Channel | None, engine_state: str) -> str:
+    """Why the stream is where it is, for people: the queue's words while it waits for a slot."""
+    if channel is not None and channel.worker is None and channel.announced is not None:
+        return channel.announced.detail  # "waiting for a slot: 4 of 4 in use (2nd in the queue)"
+    if engine_state == EngineState.IDLE:
+        return "idle: no input for a while, so its worker slot was given back; input brings it back"
+    return engine_state
+
+
+def _queue(channel: Channel | None) -> dict[str, int | None] | None:
+    """While waiting for a slot: its place in the queue (1: next) and the slots in use."""
+    if channel is None or channel.worker is not None or channel.announced is None:
+        return None
+    status = channel.announced
+    return {"position": status.position, "in_use": status.in_use, "slots": status.slots}
 
 
 def stream_state(
