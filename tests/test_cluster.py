@@ -12,6 +12,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -220,8 +221,9 @@ def check_results(viewer: Viewer, sent: dict[int, bytes], channel: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(relay: Relay) -> AsyncIterator[EchoWorker]:
-    worker = await EchoWorker(relay.url).start()
+async def serving(relay: Relay | str) -> AsyncIterator[EchoWorker]:
+    """An echo worker on ``relay`` (or a relay's URL), serving until the block ends."""
+    worker = await EchoWorker(relay if isinstance(relay, str) else relay.url).start()
     task = asyncio.create_task(worker.serve())
     try:
         yield worker
@@ -308,6 +310,32 @@ async def test_a_node_cut_off_from_nats_has_its_channels_reassigned(nats_servers
             for viewer in (viewer_a, viewer_c):
                 await viewer.close()
             await producer.close()
+
+
+@pytest.mark.network_service
+async def test_python_m_relay_with_nats_joins_the_cluster_and_lends_its_workers(nats_servers, nodes):
+    a = nodes[0]
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "relay", "--port", "0", "--nats", nats_servers[2].url, "--node-name", "cli"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), TIMEOUT)
+        assert line.startswith(b"relay listening on ws://"), line
+        assert a.backplane is not None
+        await until(lambda: "cli" in a.backplane.view.nodes, "a never heard the new node")
+        async with serving(line.split()[-1].decode()) as worker:
+            await until(lambda: any(w.id == worker.session for w in a.hub.workers), "its worker never showed")
+            producer, _ = await connect(a.url, "producer", "cam", receive="none")
+            assert await asyncio.wait_for(worker.assigned.get(), TIMEOUT) == "cam"
+            await producer.close()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+    await until(lambda: "cli" not in a.backplane.view.nodes, "the node stopped but a still counts it")
 
 
 # -- no NATS needed -------------------------------------------------------------------

@@ -194,7 +194,13 @@ class NatsBackplane:
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A task of ours ended: none should, but by :meth:`close` or its proxy leaving; say why."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("node %s: cluster task failed: the node may fall out of step", self.node, exc_info=exc)
 
     async def _publish(self, subject: str, data: bytes) -> None:
         if not self.nc.is_connected:
