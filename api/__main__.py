@@ -24,10 +24,9 @@ from api.server.config import ENV_PREFIX, Config, ConfigError, example_yaml, loa
 from api.server.http import uvicorn_server
 from api.server.keyfile import default_data_dir, load_or_create_api_key
 from api.server.services import services
-from api.server.settings import ServerSettings
-from api.server.workers import resolve_engine
 from common.listen import PortInUse, listen
 from common.logs import add_logging_arguments, setup_logging
+from worker.engines import default_engine_name
 
 log = logging.getLogger("embedded")
 
@@ -144,36 +143,34 @@ def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, t
     )
 
 
-def resolve_api_key(settings: ServerSettings) -> tuple[str, str]:
+def resolve_api_key(config: Config) -> tuple[str, str]:
     """The key to show and where it comes from; generates and keeps one when none is configured."""
-    if settings.api_keys:
+    if config.server.api_keys:
         return "$API_KEY", "as configured"
-    assert settings.data_dir is not None
-    key, path = load_or_create_api_key(Path(settings.data_dir))
-    settings.api_keys = frozenset({key})
+    assert config.server.data_dir is not None
+    key, path = load_or_create_api_key(Path(config.server.data_dir))
+    config.server.api_keys = [key]
     return key, f"kept in {path}"
 
 
-async def serve(settings: ServerSettings) -> None:
-    http_sock = _listen_or_exit(settings.host, settings.port, "HTTP", "--port", "server.port")
-    relay_sock = _listen_or_exit(
-        settings.relay.host, settings.relay.port, "relay", "--relay-port", "relay.port"
-    )
-    settings.data_dir = settings.data_dir or str(default_data_dir())
-    api_key, key_source = resolve_api_key(settings)
-    if settings.workers and settings.engine == "auto" and resolve_engine("auto") == "filter":
+async def serve(config: Config) -> None:
+    http_sock = _listen_or_exit(config.server.host, config.server.port, "HTTP", "--port", "server.port")
+    relay_sock = _listen_or_exit(config.relay.host, config.relay.port, "relay", "--relay-port", "relay.port")
+    config.server.data_dir = config.server.data_dir or str(default_data_dir())
+    api_key, key_source = resolve_api_key(config)
+    if config.workers.count and config.workers.engine == "auto" and default_engine_name() == "filter":
         log.info(
             "no CUDA GPU with diffusers found: local workers use engine 'filter' (OpenCV effects on the CPU)"
         )
-    app = create_app(settings, relay_socket=relay_sock)
+    app = create_app(config, relay_socket=relay_sock)
     server = uvicorn_server(app)
-    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    shown_host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::", "") else config.server.host
     http_url = f"http://{shown_host}:{http_sock.getsockname()[1]}"
 
     async def announce() -> None:
         await app.state.ready.wait()
         print(
-            instructions(http_url, services(app).relay_url, api_key, key_source, bool(settings.relay.tokens)),
+            instructions(http_url, services(app).relay_url, api_key, key_source, bool(config.relay.tokens)),
             flush=True,
         )
 
@@ -211,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         config = load_config(args.config, overrides_from_args(args))
-        settings = config.server_settings()
-        settings.relay.check()
+        config.relay_config().check()
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -221,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     setup_logging(config.logging.level)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+        asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

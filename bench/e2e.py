@@ -71,12 +71,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from api.server.app import create_app
+from api.server.config import Config
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from bench.benchutil import child_env, machine, natural_image, pct_ms
 from media.codec import decode_image, encode_image
-from relay import RelayConfig
 from relay.hub import Hub
 from relay.local import LocalViewer
 from wire.frames import decode_frame
@@ -524,7 +523,7 @@ async def bench_ws(
 
 
 async def run(args: argparse.Namespace, params: dict) -> tuple[list[Result], dict]:
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    app = create_app(Config(server={"port": 0, "api_keys": [KEY]}, relay={"port": 0}, workers={"count": 0}))
     if args.aiortc_jitter:
         restore_aiortc_jitter_buffer()
     results: list[Result] = []
@@ -544,7 +543,7 @@ async def run(args: argparse.Namespace, params: dict) -> tuple[list[Result], dic
         if args.model:
             command += ["--model", args.model]
         # the embedded relay's token (configured, or generated at start) reaches the worker by environment
-        token = next(iter(services(app).relay.config.tokens))
+        token = services(app).relay_token
         worker = await asyncio.create_subprocess_exec(
             *command, cwd=ROOT, env={**child_env(), "RELAY_TOKEN": token}
         )

@@ -12,23 +12,6 @@ from wire.errors import ProtocolError
 from wire.messages import Role, decode_control, encode_control
 from wire.relay_messages import Error, Welcome, decode_relay_message
 
-#: tokens of relays running in this process (the API's generated one), by URL: see :func:`remember_token`
-_process_tokens: dict[str, str] = {}
-
-
-def remember_token(url: str, token: str) -> None:
-    """Let :func:`connect` calls in this process present ``token`` to the relay at ``url`` by themselves.
-
-    For the API's own relay, whose token is generated at start and known to no
-    one else: in-process clients (tests, embedded tools) need not be handed it.
-    Child processes get it through their environment, never their command line.
-    """
-    _process_tokens[url.rstrip("/")] = token
-
-
-def forget_token(url: str) -> None:
-    _process_tokens.pop(url.rstrip("/"), None)
-
 
 class RelayRefused(ConnectionError):
     """The relay answered the hello with an error (bad token, limits, bad role...)."""
@@ -57,15 +40,13 @@ async def connect(
     defaults to :data:`~relay.config.PEER_MAX_SIZE`, which a relay's limits
     are checked against: nothing it forwards can exceed it. The token goes
     in the hello and in an ``Authorization`` header (so that an address
-    crowded with anonymous sockets does not lock out the relay's own clients);
-    none given: the one :func:`remember_token` holds for ``url``, if any.
+    crowded with anonymous sockets does not lock out the relay's own clients).
     Returns the socket and the welcome's fields. Raises :class:`RelayRefused`
     when the relay says no (or answers something other than a welcome), and
     ``ProtocolError`` for a hello the relay would refuse, before connecting.
     """
     role = role.value if isinstance(role, Role) else role
     message = {"type": "hello", "role": role, "channel": channel, **hello}
-    token = token or _process_tokens.get(url.rstrip("/"))
     if token:
         message["token"] = token
     decode_control(message)  # fail here, not at the relay, on a bad hello

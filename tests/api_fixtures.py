@@ -17,10 +17,8 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
-from relay import RelayConfig
 from relay.local import LocalProducer
-from tests.helpers import jpeg
+from tests.helpers import jpeg, server_config
 from worker.runtime import Worker, WorkerOptions
 
 KEY = "k"
@@ -34,9 +32,7 @@ async def api() -> AsyncIterator[httpx.AsyncClient]:
     Tests feed frames one round trip at a time, slower than a camera: no DEGRADED_INPUT for that
     (tests/test_stream_state.py tests it).
     """
-    settings = ServerSettings(
-        port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
-    )
+    settings = server_config(KEY, server={"degraded_input_fps": 0})
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
@@ -46,7 +42,14 @@ async def api() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def worker(api: httpx.AsyncClient) -> AsyncIterator[Worker]:
     """An in-process filter worker on the app's relay (invert for prompt "negative")."""
-    worker = Worker(WorkerOptions(relay_url=services(api.app).relay_url, engine="filter", capacity=4))
+    worker = Worker(
+        WorkerOptions(
+            relay_url=services(api.app).relay_url,
+            token=services(api.app).relay_token,
+            engine="filter",
+            capacity=4,
+        )
+    )
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.connected.wait(), 10)
     yield worker

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 from websockets.asyncio.client import ClientConnection
 
+from api.server.config import Config
 from media.codec import encode_image
 from relay.client import connect
 from wire.frames import Frame, FrameKind, ImageFormat, decode_frame, encode_frame
@@ -134,6 +135,23 @@ class EchoWorker:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
+
+
+# -- the server in process --------------------------------------------------------
+
+
+def server_config(key: str | None, **sections: dict[str, Any]) -> Config:
+    """An in-process test server's configuration: any free ports, no local workers, API key ``key``
+    (None: one is generated); ``sections`` add options by section, e.g. ``server={"max_queue_size": 2}``,
+    ``relay={"max_channels": 1}``."""
+    values: dict[str, dict[str, Any]] = {
+        "server": {"port": 0, "api_keys": [key] if key else []},
+        "relay": {"port": 0},
+        "workers": {"count": 0},
+    }
+    for name, options in sections.items():
+        values[name] = {**values.get(name, {}), **options}
+    return Config(**values)
 
 
 # -- the server command as a process ---------------------------------------------

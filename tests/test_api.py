@@ -122,7 +122,14 @@ async def test_stream_without_worker_reports_loading_and_never_hangs(api):
 async def test_a_stream_waiting_for_a_slot_says_so_and_is_served_when_one_frees(api):
     from worker.runtime import Worker, WorkerOptions
 
-    worker = Worker(WorkerOptions(relay_url=services(api.app).relay_url, engine="filter", capacity=2))
+    worker = Worker(
+        WorkerOptions(
+            relay_url=services(api.app).relay_url,
+            token=services(api.app).relay_token,
+            engine="filter",
+            capacity=2,
+        )
+    )
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.connected.wait(), 10)

@@ -13,9 +13,8 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
-from relay import RelayConfig
 from tests.api_fixtures import feeding
+from tests.helpers import server_config
 from tests.test_api import AUTH, KEY, api, create, wait_until_ready, worker  # noqa: F401  (fixtures)
 from tests.test_rtmp_hls import decode, rtmp_server  # noqa: F401  (fixture)
 
@@ -100,23 +99,23 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
 
     from api.server.app import create_app
     from api.server.http import running
-    from api.server.settings import ServerSettings
-    from relay import RelayConfig
+    from tests.helpers import server_config
     from tests.test_api import AUTH, KEY
     from worker.runtime import Worker, WorkerOptions
 
-    settings = ServerSettings(
-        port=0,
-        relay=RelayConfig(port=0),
-        workers=0,
-        api_keys=frozenset({KEY}),
-        mediamtx_publish_url=rtmp_server.url("live", "").rstrip("/"),
-        mediamtx_whep_url="http://mediamtx.example:8889",
+    settings = server_config(
+        KEY,
+        mediamtx={
+            "publish_url": rtmp_server.url("live", "").rstrip("/"),
+            "whep_url": "http://mediamtx.example:8889",
+        },
     )
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         client.app = app
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
+        worker = Worker(
+            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
+        )
         task = asyncio.create_task(worker.run())
         stream = await create(client, width=SIZE, height=SIZE)
         playback = stream["output_playback_id"]
@@ -149,13 +148,9 @@ async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Pa
     ``hls_dir`` stays (it is the operator's), emptied of the stream directories.
     """
     configured_base = tmp_path / "hls" if configured else None
-    settings = ServerSettings(
-        port=0,
-        relay=RelayConfig(port=0),
-        workers=0,
-        api_keys=frozenset({KEY}),
-        hls_dir=str(configured_base) if configured_base else None,
-        hls_first_playlist_wait_s=0,
+    settings = server_config(
+        KEY,
+        server={"hls_dir": str(configured_base) if configured_base else None, "hls_first_playlist_wait_s": 0},
     )  # no input here: the 503 at once
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
@@ -186,25 +181,26 @@ async def test_rtmp_output_resumes_after_a_restart(rtmp_server, tmp_path: Path):
     from worker.runtime import Worker, WorkerOptions
 
     url = rtmp_server.url("live", "restarted")
-    settings = {
-        "port": 0,
-        "relay": RelayConfig(port=0),
-        "workers": 0,
-        "api_keys": frozenset({KEY}),
-        "data_dir": str(tmp_path / "data"),
-    }
+    kept = {"data_dir": str(tmp_path / "data")}
     body = {
         "pipeline": "streamdiffusion",
         "output_rtmp_url": url,
         "params": {"prompt": "photo negative", "width": SIZE, "height": SIZE},
     }
-    first = create_app(ServerSettings(**settings))
+    first = create_app(server_config(KEY, server=kept))
     async with running(first) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
         stream = (await client.post("/v1/streams", json=body)).json()
-    second = create_app(ServerSettings(**settings))
+    second = create_app(server_config(KEY, server=kept))
     async with running(second) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
         assert stream["id"] in services(second).outputs.rtmp  # started again from the stored record
-        worker = Worker(WorkerOptions(relay_url=services(second).relay_url, engine="filter", capacity=2))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(second).relay_url,
+                token=services(second).relay_token,
+                engine="filter",
+                capacity=2,
+            )
+        )
         task = asyncio.create_task(worker.run())
         client.app = second  # type: ignore[attr-defined]  (what feeding() reads)
         try:

@@ -148,12 +148,17 @@ def test_print_config_ends_quietly_when_the_reader_leaves():
     assert result.stderr == ""
 
 
-def test_model_and_acceleration_reach_the_local_workers():
-    args = api_parser().parse_args(["--model", "my/model", "--acceleration", "none"])
+def test_model_and_acceleration_reach_the_local_workers(monkeypatch):
+    from worker.__main__ import parse_args
+    from worker.launch import LAUNCH_ENV
 
-    worker_args = load_config(None, overrides_from_args(args)).server_settings().worker_args
-    options, _ = __import__("worker.__main__", fromlist=["parse_args"]).parse_args(worker_args)
+    args = api_parser().parse_args(["--model", "my/model", "--acceleration", "none"])
+    launched = load_config(None, overrides_from_args(args)).launch_options("ws://127.0.0.1:9")
+    monkeypatch.setenv(LAUNCH_ENV, launched.environment()[LAUNCH_ENV])  # what the server's children get
+    options, _ = parse_args([])
     assert options.params["model_id"] == "my/model" and options.params["acceleration"] == "none"
+    assert options.relay_url == "ws://127.0.0.1:9" and options.quality == 85
+    assert parse_args(["--quality", "40"])[0].quality == 40  # a flag typed to the worker still wins
 
 
 async def test_relay_token_reaches_workers_by_environment_never_argv(tmp_path):
@@ -164,7 +169,9 @@ async def test_relay_token_reaches_workers_by_environment_never_argv(tmp_path):
         environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
         assert b"s3cret-token" not in b" ".join(argv)
         assert b"RELAY_TOKEN=s3cret-token" in environ
-        assert b"--model" in argv  # the server's model settings do travel on argv
+        assert argv[1:3] == [b"-m", b"worker"] and b"--model" not in argv  # options: typed, by environment
+        (options,) = [e for e in environ if e.startswith(b"STREAMDIFFUSION_WORKER_OPTIONS=")]
+        assert b'"model":"stabilityai/sd-turbo"' in options
     finally:
         assert await stop_server(process) == 0
 
@@ -206,9 +213,7 @@ def test_capacity_comes_from_the_hardware_unless_given():
     assert options.capacity == auto_capacity("filter") == min(16, 2 * (os.cpu_count() or 1))
     assert parse_args(["--engine", "filter", "--capacity", "3"])[0].capacity == 3
     assert auto_capacity("diffusion") == 1  # no CUDA device here
-    worker_args = (
-        load_config(None, overrides_from_args(api_parser().parse_args([]))).server_settings().worker_args
-    )
-    assert "--capacity" not in worker_args  # the local workers decide from their hardware
+    config = load_config(None, overrides_from_args(api_parser().parse_args([])))
+    assert config.launch_options("ws://x").capacity is None  # the local workers decide from their hardware
     args = api_parser().parse_args(["--capacity", "5"])
-    assert load_config(None, overrides_from_args(args)).server_settings().worker_args.count("5") == 1
+    assert load_config(None, overrides_from_args(args)).launch_options("ws://x").capacity == 5

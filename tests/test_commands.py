@@ -66,17 +66,16 @@ async def test_shutdown_tells_websocket_clients_in_their_protocol():
 
     from api.server.app import create_app
     from api.server.http import running
-    from api.server.settings import ServerSettings
-    from relay import RelayConfig
+    from tests.helpers import server_config
 
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0))
+    app = create_app(server_config(key=None))
     async with running(app) as url:
         base = url.replace("http://", "ws://")
         seed000 = await websockets.connect(base + "/ws")
         assert orjson.loads(await seed000.recv())["type"] == "status"
         seed001 = await websockets.connect(base + "/api/ws/alice")
         assert orjson.loads(await seed001.recv()) == {"status": "connected"}
-        relay_client, _ = await connect(services(app).relay_url, "viewer", "x")
+        relay_client, _ = await connect(services(app).relay_url, "viewer", "x", services(app).relay_token)
         while len(app.state.farewells) < 2:  # both sessions set up server-side
             await asyncio.sleep(0.01)
     goodbyes = []

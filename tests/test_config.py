@@ -58,10 +58,26 @@ def test_config_path_from_environment(config_file, monkeypatch):
 
 
 def test_settings_carry_defaults_for_streams(config_file):
-    settings = load_config(config_file).server_settings()
-    assert settings.default_params["model_id"] == "file/model"
-    assert settings.default_params["width"] == 768
-    assert settings.api_keys == frozenset({"from-file"}) and settings.port == 9000
+    config = load_config(config_file)
+    assert config.default_stream_params()["model_id"] == "file/model"
+    assert config.default_stream_params()["width"] == 768
+    assert config.server.api_keys == ["from-file"] and config.server.port == 9000
+
+
+def test_the_relay_section_is_the_embedded_relays_config():
+    config = load_config(
+        None,
+        {"relay": {"port": 0, "tokens": ["a"], "hello_timeout_s": 3, "idle_release_s": 0, "origins": []}},
+    )
+    relay = config.relay_config()
+    assert (relay.port, relay.tokens, relay.hello_timeout, relay.idle_release_s) == (
+        0,
+        frozenset({"a"}),
+        3,
+        0,
+    )
+    for name in type(config.relay).model_fields:  # every option reaches the relay, none by hand
+        assert hasattr(relay, name.removesuffix("_s") if name == "hello_timeout_s" else name), name
 
 
 @pytest.mark.parametrize(

@@ -81,21 +81,20 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
 
     from api.server.app import create_app
     from api.server.http import running
-    from api.server.settings import ServerSettings
-    from relay import RelayConfig
     from relay.local import LocalProducer, LocalViewer
     from tests.api_fixtures import AUTH, KEY
+    from tests.helpers import server_config
     from tests.test_api import wait_until_ready
     from worker.runtime import Worker, WorkerOptions
 
-    app = create_app(
-        ServerSettings(
-            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
-        )
-    )
+    app = create_app(server_config(KEY, server={"degraded_input_fps": 0}))
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as api:
         api.app = app
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="diffusion"))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(app).relay_url, token=services(app).relay_token, engine="diffusion"
+            )
+        )
         task = asyncio.create_task(worker.run())
         params = {
             "model_id": str(tiny.sd),

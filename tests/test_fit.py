@@ -20,13 +20,12 @@ from api.server.app import create_app
 from api.server.config import ConfigError, load_config
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.webrtc.ingest import fitted_jpeg
 from media.codec import decode_image, encode_image
 from media.fit import fit_mode, fit_rgb, plan
-from relay import RelayConfig
 from relay.local import LocalProducer, LocalViewer
 from tests.api_fixtures import AUTH, KEY, api, create_stream, worker  # noqa: F401  (fixtures)
+from tests.helpers import server_config
 from tests.test_api import wait_until_ready
 from worker.engines.diffusion.images import resize
 from worker.runtime import Worker, WorkerOptions
@@ -137,13 +136,13 @@ async def test_the_filter_engine_crops_by_default_and_pads_when_a_stream_asks(ap
 
 
 async def test_the_server_default_applies_to_streams_that_do_not_say():
-    settings = ServerSettings(
-        port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), fit="pad"
-    )
+    settings = server_config(KEY, pipeline={"fit": "pad"})
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
+        worker = Worker(
+            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
+        )
         task = asyncio.create_task(worker.run())
         try:
             stream = await create_stream(client)
@@ -155,7 +154,7 @@ async def test_the_server_default_applies_to_streams_that_do_not_say():
 
 
 def test_the_config_file_sets_the_default():
-    assert load_config(None, {"pipeline": {"fit": "pad"}}).server_settings().fit == "pad"
-    assert load_config(None, {}).server_settings().fit == "crop"
+    assert load_config(None, {"pipeline": {"fit": "pad"}}).pipeline.fit == "pad"
+    assert load_config(None, {}).pipeline.fit == "crop"
     with pytest.raises(ConfigError, match=r"pipeline\.fit"):
         load_config(None, {"pipeline": {"fit": "stretch"}})

@@ -26,13 +26,13 @@ from websockets.exceptions import InvalidStatus
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.server.workers import LocalWorkers
 from relay import Relay, RelayConfig
 from relay.client import RelayRefused, connect
 from relay.config import TOKEN_ENV
 from tests.api_fixtures import AUTH, KEY, eventually
-from tests.helpers import EchoWorker, input_frame, jpeg, recv_frame, recv_json
+from tests.helpers import EchoWorker, input_frame, jpeg, recv_frame, recv_json, server_config
+from worker.launch import LAUNCH_ENV, LaunchOptions
 from worker.runtime import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_limits_that_would_overflow_a_client_are_refused_at_start():
 @pytest.fixture
 async def server():
     """(app, base URL) of an API with no relay token configured and no worker processes."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    app = create_app(server_config(KEY))
     async with running(app) as url:
         yield app, url
 
@@ -178,14 +178,20 @@ async def test_the_generated_relay_token_reaches_workers_and_outputs_by_environm
 
     monkeypatch.setattr(LocalWorkers, "_spawn", staticmethod(spawn))
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=1, api_keys=frozenset({KEY})))
+    app = create_app(server_config(KEY, workers={"count": 1}))
     async with running(app):
         (token,) = services(app).relay.config.tokens
         assert len(token) >= 32
         ((command, env),) = spawned
-        assert env[TOKEN_ENV] == token and not any(token in arg for arg in command)
+        assert env[TOKEN_ENV] == token == services(app).relay_token and not any(
+            token in arg for arg in command
+        )
         assert services(app).outputs.token == token  # RTMP/HLS processes: Options.environment, not argv
-        assert not app.state.settings.relay.tokens  # nothing configured was changed
+        assert not app.state.config.relay.tokens  # nothing configured was changed
+        # the worker's options are typed, in its environment too: the command line is just the module
+        assert command[1:] == ["-m", "worker"]
+        launched = LaunchOptions.model_validate_json(env[LAUNCH_ENV])
+        assert (launched.relay, launched.engine) == (services(app).relay_url, "auto")
 
 
 async def test_browser_origins_are_refused_unless_allowed():
@@ -347,11 +353,7 @@ async def test_an_unknown_protocol_version_is_refused(relay):
 
 
 async def test_a_full_channel_table_is_a_503_not_a_500():
-    app = create_app(
-        ServerSettings(
-            port=0, relay=RelayConfig(port=0, max_channels=1), workers=0, api_keys=frozenset({KEY})
-        )
-    )
+    app = create_app(server_config(KEY, relay={"max_channels": 1}))
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         body = {"pipeline": "streamdiffusion", "params": {"prompt": "a fox"}}
         assert (await client.post("/v1/streams", json=body)).status_code == 201
@@ -364,7 +366,11 @@ async def test_a_full_channel_table_is_a_503_not_a_500():
 
 async def test_idle_seed_sockets_cannot_keep_a_stream_from_its_worker(server):
     app, url = server
-    worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=2))
+    worker = Worker(
+        WorkerOptions(
+            relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter", capacity=2
+        )
+    )
     task = asyncio.create_task(worker.run())
     seeds = []
     try:

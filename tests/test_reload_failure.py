@@ -17,12 +17,10 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.streams.store import StreamStore
-from relay import RelayConfig
 from relay.local import LocalProducer, LocalViewer
 from tests.api_fixtures import AUTH, KEY
-from tests.helpers import jpeg
+from tests.helpers import jpeg, server_config
 from tests.test_api import wait_until_ready
 from worker.runtime import Worker, WorkerOptions
 
@@ -41,18 +39,15 @@ async def failure_reported(client: httpx.AsyncClient, stream_id: str, timeout: f
 
 
 async def test_a_failed_reload_keeps_the_serving_params_and_says_why(tiny, tmp_path: Path):
-    settings = ServerSettings(
-        port=0,
-        relay=RelayConfig(port=0),
-        workers=0,
-        api_keys=frozenset({KEY}),
-        data_dir=str(tmp_path / "data"),
-        degraded_input_fps=0,
-    )
+    settings = server_config(KEY, server={"data_dir": str(tmp_path / "data"), "degraded_input_fps": 0})
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
         client.app = app  # type: ignore[attr-defined]
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="diffusion"))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(app).relay_url, token=services(app).relay_token, engine="diffusion"
+            )
+        )
         task = asyncio.create_task(worker.run())
         try:
             params = {
@@ -100,7 +95,7 @@ async def test_a_failed_reload_keeps_the_serving_params_and_says_why(tiny, tmp_p
             assert after["inference_status"]["restart_count"] == restarts
 
             # the store has what serves and the failure
-            store = StreamStore.in_directory(settings.data_dir)
+            store = StreamStore.in_directory(settings.server.data_dir)
             try:
                 (stored,) = list(store.load())
             finally:

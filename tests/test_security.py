@@ -12,9 +12,8 @@ import websockets
 
 from api.server.app import create_app
 from api.server.http import running
-from api.server.settings import ServerSettings
-from relay import RelayConfig
 from tests.api_fixtures import KEY, api, create_stream, worker  # noqa: F401
+from tests.helpers import server_config
 from tests.test_webrtc import PatternTrack, publish
 
 
@@ -80,16 +79,7 @@ async def test_prompts_are_bounded_and_errors_name_the_field_sent(api):
 @pytest.fixture
 async def guarded():
     """A server with a 0.5 s header deadline and at most 3 connections per client address."""
-    app = create_app(
-        ServerSettings(
-            port=0,
-            relay=RelayConfig(port=0),
-            workers=0,
-            api_keys=frozenset({KEY}),
-            header_timeout_s=0.5,
-            max_connections_per_client=3,
-        )
-    )
+    app = create_app(server_config(KEY, server={"header_timeout_s": 0.5, "max_connections_per_client": 3}))
     async with running(app) as url:
         yield url
 

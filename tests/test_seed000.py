@@ -18,10 +18,8 @@ from websockets.exceptions import ConnectionClosed
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from media.codec import decode_image
-from relay import RelayConfig
-from tests.helpers import jpeg, noise_png
+from tests.helpers import jpeg, noise_png, server_config
 from worker.runtime import Worker, WorkerOptions
 
 TIMEOUT = 15.0
@@ -31,9 +29,16 @@ SIZE = 512
 @pytest.fixture
 async def server():
     """(ws URL, app) with an in-process filter worker on the app's relay."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
+    app = create_app(server_config("k"))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=4))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(app).relay_url,
+                token=services(app).relay_token,
+                engine="filter",
+                capacity=4,
+            )
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
         try:
@@ -184,7 +189,7 @@ async def test_sessions_are_independent(server):
 
 
 async def test_frames_without_a_worker_get_an_error():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
+    app = create_app(server_config("k"))
     async with running(app) as url, client(url.replace("http://", "ws://") + "/ws") as ws:
         status = await recv_json(ws)
         assert status["data"]["engine_state"] == "waiting_for_worker"
@@ -196,11 +201,7 @@ async def test_frames_without_a_worker_get_an_error():
 
 
 async def test_an_oversized_frame_gets_an_error_naming_the_limit_then_a_close():
-    app = create_app(
-        ServerSettings(
-            port=0, relay=RelayConfig(port=0, max_frame_bytes=64 * 1024), workers=0, api_keys=frozenset({"k"})
-        )
-    )
+    app = create_app(server_config("k", relay={"max_frame_bytes": 64 * 1024}))
     async with running(app) as url, client(url.replace("http://", "ws://") + "/ws") as ws:
         await recv_json(ws)  # connected
         await ws.send(b"\xff" * (64 * 1024 + 1))

@@ -23,10 +23,8 @@ from api.seeds.settings001 import Seed001Options
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from media.codec import decode_image
-from relay import RelayConfig
-from tests.helpers import jpeg
+from tests.helpers import jpeg, server_config
 from worker.runtime import Worker, WorkerOptions
 
 TIMEOUT = 15.0
@@ -51,13 +49,16 @@ class Server:
 
 @pytest.fixture
 async def server():
-    app = create_app(
-        ServerSettings(
-            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"}), max_queue_size=MAX_QUEUE
-        )
-    )
+    app = create_app(server_config("k", server={"max_queue_size": MAX_QUEUE}))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=4))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(app).relay_url,
+                token=services(app).relay_token,
+                engine="filter",
+                capacity=4,
+            )
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
         try:
@@ -289,7 +290,7 @@ async def test_video_mode_needs_no_image(server):
 
 
 async def test_wait_while_no_worker_is_free_then_send_frame():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
+    app = create_app(server_config("k"))
     async with (
         running(app) as url,
         connect(url.replace("http://", "ws://") + "/api/ws/early", compression=None) as ws,
@@ -300,7 +301,9 @@ async def test_wait_while_no_worker_is_free_then_send_frame():
             "message": "waiting for a worker: none is connected",
             "queue_position": 1,
         }
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
+        worker = Worker(
+            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
+        )
         task = asyncio.create_task(worker.run())
         try:
             assert await recv_json(ws) == SEND_FRAME  # a worker took the session
@@ -355,9 +358,16 @@ async def test_session_timeout(server):
 async def test_several_users_are_served_at_once_and_the_next_one_waits_with_its_place():
     """4 worker slots, half for anonymous sessions: two users at once, the third hears its place
     in the queue and gets ``send_frame`` when a slot frees."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({"k"})))
+    app = create_app(server_config("k"))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter", capacity=4))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(app).relay_url,
+                token=services(app).relay_token,
+                engine="filter",
+                capacity=4,
+            )
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
         server = Server(app, url, None)

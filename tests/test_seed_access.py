@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import orjson
@@ -12,17 +13,14 @@ import websockets
 
 from api.server.app import create_app
 from api.server.http import running
-from api.server.settings import ServerSettings
-from relay import RelayConfig
+from tests.helpers import server_config
 
 KEY = "seed-key"
 
 
 @asynccontextmanager
-async def server(**settings: object) -> AsyncIterator[str]:
-    app = create_app(
-        ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), **settings)
-    )
+async def server(**settings: Any) -> AsyncIterator[str]:
+    app = create_app(server_config(KEY, server=settings))
     async with running(app) as url:
         yield url
 

@@ -14,12 +14,10 @@ from api.server.app import create_app
 from api.server.config import load_config
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.streams.manager import stream_state
-from relay import RelayConfig
 from relay.local import LocalProducer
 from tests.api_fixtures import AUTH, KEY, create_stream
-from tests.helpers import jpeg
+from tests.helpers import jpeg, server_config
 from tests.test_api import wait_until_ready
 from worker.runtime import Worker, WorkerOptions
 
@@ -58,12 +56,14 @@ async def state_becomes(client: httpx.AsyncClient, stream_id: str, wanted: str, 
 
 
 async def test_slow_input_is_degraded_and_recovers():
-    settings = ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}))
-    assert settings.degraded_input_fps == 15  # Daydream's runner's threshold
+    settings = server_config(KEY)
+    assert settings.server.degraded_input_fps == 15  # Daydream's runner's threshold
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
+        worker = Worker(
+            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
+        )
         task = asyncio.create_task(worker.run())
         try:
             stream = await create_stream(client, width=SIZE, height=SIZE)
@@ -97,5 +97,5 @@ def test_the_threshold_is_configurable_and_zero_turns_it_off():
 
 def test_the_config_file_sets_it():
     config = load_config(None, {"server": {"degraded_input_fps": 5}})
-    assert config.server_settings().degraded_input_fps == 5
-    assert load_config(None, {}).server_settings().degraded_input_fps == 15
+    assert config.server.degraded_input_fps == 5
+    assert load_config(None, {}).server.degraded_input_fps == 15

@@ -16,11 +16,9 @@ from api.server.app import create_app
 from api.server.errors import ApiError
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.streams import style_image
-from relay import RelayConfig
 from tests.api_fixtures import AUTH, KEY, api  # noqa: F401  (fixture)
-from tests.helpers import jpeg
+from tests.helpers import jpeg, server_config
 
 
 @pytest.fixture
@@ -72,13 +70,7 @@ async def test_data_url_is_accepted_as_is(api):
 
 
 async def test_fetched_image_becomes_a_data_url(files):
-    settings = ServerSettings(
-        port=0,
-        relay=RelayConfig(port=0),
-        workers=0,
-        api_keys=frozenset({KEY}),
-        style_image_allow_private=True,
-    )
+    settings = server_config(KEY, server={"style_image_allow_private": True})
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         response = await client.post("/v1/streams", json=body(f"{files}/style.jpg"))

@@ -14,9 +14,7 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
-from relay import RelayConfig
-from tests.helpers import ARTIFACTS, CHROMIUM
+from tests.helpers import ARTIFACTS, CHROMIUM, server_config
 from tests.helpers import CHROMIUM_ARGS as ARGS
 from worker.runtime import Worker, WorkerOptions
 
@@ -30,13 +28,11 @@ if not shutil.which(CHROMIUM):
 
 @pytest.fixture
 async def server():
-    app = create_app(
-        ServerSettings(
-            port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY}), degraded_input_fps=0
-        )
-    )
+    app = create_app(server_config(KEY, server={"degraded_input_fps": 0}))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="filter"))
+        worker = Worker(
+            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), 10)
         yield url, app

@@ -20,8 +20,7 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
-from relay import RelayConfig
+from tests.helpers import server_config
 from tests.test_web_controls import TIMEOUT, shot, start
 from tests.test_web_page import KEY, page, playwright_api, server  # noqa: F401
 from worker.runtime import Worker, WorkerOptions
@@ -70,9 +69,13 @@ async def test_waiting_for_a_slot_is_said_with_the_slots_in_use_then_the_stream_
 @pytest.fixture
 async def diffusion_server():
     """A server whose only worker runs the diffusion engine (on the CPU here)."""
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    app = create_app(server_config(KEY))
     async with running(app) as url:
-        worker = Worker(WorkerOptions(relay_url=services(app).relay_url, engine="diffusion"))
+        worker = Worker(
+            WorkerOptions(
+                relay_url=services(app).relay_url, token=services(app).relay_token, engine="diffusion"
+            )
+        )
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.connected.wait(), 30)
         yield url, app

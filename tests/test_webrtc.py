@@ -29,7 +29,6 @@ from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.webrtc import WebRTCSettings
 from api.webrtc.fanout import MAX_BACKLOG, PacketTrack, SharedEncoder, VideoEncoder
 from api.webrtc.signaling import link_header
@@ -37,7 +36,7 @@ from relay import RelayConfig
 from relay.hub import Hub
 from relay.local import LocalProducer
 from tests.api_fixtures import AUTH, KEY, api, create_stream, eventually, worker  # noqa: F401
-from tests.helpers import EchoWorker, jpeg
+from tests.helpers import EchoWorker, jpeg, server_config
 
 SDP = {"Content-Type": "application/sdp"}
 BACKGROUND = (200, 60, 30)
@@ -274,7 +273,7 @@ async def test_an_undecodable_output_frame_is_skipped_not_fatal(api, caplog):
     """A worker's bad frame (a JPEG header with no image data) must not end playback for every viewer."""
     hub = services(api.app).relay.hub
     stream = await create_stream(api)
-    echo = await EchoWorker(services(api.app).relay_url).start()
+    echo = await EchoWorker(services(api.app).relay_url, services(api.app).relay_token).start()
     serving = asyncio.create_task(echo.serve())
     shared = SharedEncoder(hub, stream["id"], "video/VP8", 500_000, on_idle=lambda encoder: None)
     track = PacketTrack()
@@ -395,7 +394,7 @@ async def test_session_without_video_is_closed(api):
 
 
 async def test_shutdown_closes_sessions():
-    app = create_app(ServerSettings(port=0, relay=RelayConfig(port=0), workers=0, api_keys=frozenset({KEY})))
+    app = create_app(server_config(KEY))
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         stream = await create_stream(client)
         pc, _transceiver, _response = await play(client, stream["output_stream_url"])

@@ -330,7 +330,12 @@ async def engine_state(api, stream_id: str, state: str) -> None:
 async def test_a_patch_brings_a_stream_out_of_error(api):
     """Through the API: the status shows ERROR with the failed attempt and the next try; a PATCH
     with params that load reaches the worker and the stream serves."""
-    worker = Worker(WorkerOptions(relay_url=services(api.app).relay_url, engine="picky"), factory=PickyEngine)
+    worker = Worker(
+        WorkerOptions(
+            relay_url=services(api.app).relay_url, token=services(api.app).relay_token, engine="picky"
+        ),
+        factory=PickyEngine,
+    )
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.connected.wait(), 10)
     stream = await create_stream(api, prompt="a broken lamp")

@@ -24,6 +24,7 @@ from relay.config import TOKEN_ENV, token_from_environment
 from wire.frames import ImageFormat
 from worker.capacity import auto_capacity
 from worker.engines import ENGINES, default_engine_name
+from worker.launch import LaunchOptions
 from worker.runtime import WorkerOptions, run_forever
 
 log = logging.getLogger("worker")
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, str | None]:
     p = build_parser()
+    launched = LaunchOptions.from_environment()  # a server's local worker: its options, typed
+    if launched is not None:
+        p.set_defaults(**launched.model_dump(exclude_none=True))
     args = p.parse_args(argv)
     try:
         params = orjson.loads(args.params)

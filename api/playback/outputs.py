@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from api.server.config import Config
 from api.server.errors import error_response, not_found
 from api.server.services import services
-from api.server.settings import ServerSettings
 from api.streams.manager import Stream, StreamListener
 from media.hls import PLAYLIST, hls_dir_for, hls_response, remove_dir
 from media.output_process import OutputProcess
@@ -197,18 +197,13 @@ async def hls_file(playback_id: str, filename: str, request: Request) -> Respons
     return response
 
 
-def outputs_for(settings: ServerSettings, relay_url: str) -> Outputs:
-    """The outputs ``settings`` ask for: where HLS goes, and the MediaMTX republisher if configured."""
-    base = Path(settings.hls_dir) if settings.hls_dir else None
+def outputs_for(config: Config, relay_url: str, relay_token: str | None) -> Outputs:
+    """The outputs ``config`` asks for: where HLS goes, and the MediaMTX republisher if configured."""
+    base = Path(config.server.hls_dir) if config.server.hls_dir else None
+    mediamtx = config.mediamtx
     republish = (
-        Republisher(settings.mediamtx_publish_url, settings.mediamtx_whep_url)
-        if settings.mediamtx_publish_url and settings.mediamtx_whep_url
+        Republisher(mediamtx.publish_url, mediamtx.whep_url)
+        if mediamtx.publish_url and mediamtx.whep_url
         else None
     )
-    return Outputs(
-        relay_url,
-        next(iter(settings.relay.tokens), None),
-        base,
-        republish,
-        settings.hls_first_playlist_wait_s,
-    )
+    return Outputs(relay_url, relay_token, base, republish, config.server.hls_first_playlist_wait_s)

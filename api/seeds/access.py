@@ -32,8 +32,8 @@ def effective_mode(configured: str, host: str) -> Literal["off", "open", "keyed"
 
 def _allowed(connection: HTTPConnection) -> tuple[bool, str]:
     """Whether ``connection`` may use a seed endpoint, and what to tell it if not."""
-    settings = services(connection).settings
-    mode = effective_mode(settings.seed_endpoints, settings.host)
+    server = services(connection).config.server
+    mode = effective_mode(server.seed_endpoints, server.host)
     if mode == "open":
         return True, ""
     if mode == "off":

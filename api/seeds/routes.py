@@ -33,7 +33,7 @@ router.include_router(ws001.router)
 @router.get("/api/settings", dependencies=[Depends(require_seed_access)])
 async def seed001_settings(request: Request) -> JSONResponse:
     running = services(request)
-    return JSONResponse(settings_body(running, initial_params(running.settings.default_params)))
+    return JSONResponse(settings_body(running, initial_params(running.config.default_stream_params())))
 
 
 @router.get("/api/queue", dependencies=[Depends(require_seed_access)])
@@ -53,7 +53,7 @@ async def seed001_stream(
     if session is None:
         return JSONResponse({"detail": "User not found"}, status_code=404)
     # the worker's own JPEGs pass through untouched when they already have that quality
-    reencode = None if quality == running.settings.jpeg_quality else quality
+    reencode = None if quality == running.config.performance.jpeg_quality else quality
     stream = mjpeg_stream(running.hub, session.channel.name, reencode, max_fps)
     session.streams.add(stream)
     return MjpegResponse(stream)

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from worker.engines.diffusion.params import DiffusionParams
 
 if TYPE_CHECKING:
+    from api.server.config import Config
     from api.server.services import Services
-    from api.server.settings import ServerSettings
 
 InputMode = Literal["image", "video"]
 
@@ -63,13 +63,12 @@ class Seed001Options:
     image_wait_s: float = 5.0
 
 
-def seed001_options(settings: ServerSettings) -> Seed001Options:
-    """Defaults plus what the server's settings say (pipeline name and mode, session timeout)."""
-    mode = settings.pipeline_mode
+def seed001_options(config: Config) -> Seed001Options:
+    """Defaults plus what the server's configuration says (pipeline name and mode, session timeout)."""
     return Seed001Options(
-        name=settings.pipeline_name,
-        input_mode=mode if mode in ("image", "video") else "image",
-        timeout_s=float(settings.session_timeout_s),
+        name=config.pipeline.name,
+        input_mode=config.pipeline.mode,
+        timeout_s=float(config.server.session_timeout_s),
     )
 
 
@@ -106,7 +105,7 @@ def settings_body(running: Services, defaults: dict[str, Any]) -> dict[str, Any]
     return {
         "info": info_schema(opts),
         "input_params": input_params_schema(defaults),
-        "max_queue_size": int(running.settings.max_queue_size),
+        "max_queue_size": int(running.config.server.max_queue_size),
         "page_content": opts.page_content,
     }
 

@@ -66,7 +66,7 @@ async def seed000_socket(websocket: WebSocket) -> None:
     out = Outgoing(websocket)
     running = services(websocket)
     try:
-        session = SessionChannel(running.hub, "ws000", initial_params(running.settings.default_params))
+        session = SessionChannel(running.hub, "ws000", initial_params(running.config.default_stream_params()))
     except (ParamsError, ProtocolError) as exc:
         await out.json(error("unavailable", f"cannot open a session: {exc}"))
         await out.close(1013, "try again later")

@@ -289,7 +289,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
     running = services(websocket)
     opts, reg = running.seeds.options, running.seeds.sessions
     mode = mode or opts.input_mode
-    max_queue = int(running.settings.max_queue_size)
+    max_queue = int(running.config.server.max_queue_size)
     refusal, code = None, 1008  # policy violation, unless the server is just busy
     if mode not in tuple(Mode):
         refusal = f"unknown mode {mode!r}: use image or video"
@@ -302,7 +302,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
     if refusal is None:
         try:
             params = initial_params(
-                running.settings.default_params, mode="img2img" if mode == Mode.IMAGE else "txt2img"
+                running.config.default_stream_params(), mode="img2img" if mode == Mode.IMAGE else "txt2img"
             )
             channel = SessionChannel(running.hub, "ws001", params)
         except ParamsError as exc:  # the server's own default_params are invalid

@@ -24,11 +24,11 @@ from api.seeds.routes import router as seeds_router
 from api.seeds.settings001 import seed001_options
 from api.seeds.state import SeedState
 from api.server import errors, metrics
+from api.server.config import Config
 from api.server.farewell import Farewells
 from api.server.health import VERSION
 from api.server.limits import BodyLimit
 from api.server.services import Services
-from api.server.settings import ServerSettings
 from api.server.workers import LocalWorkers
 from api.streams import ids
 from api.streams.manager import StreamManager
@@ -36,24 +36,23 @@ from api.streams.routes import router, v1
 from api.streams.store import StreamStore
 from api.web import page
 from relay import Relay
-from relay.client import forget_token, remember_token
 
 log = logging.getLogger("api")
 
 
-def create_app(settings: ServerSettings | None = None, relay_socket: socket.socket | None = None) -> FastAPI:
-    """The app for ``settings``; ``relay_socket``: the relay's listening socket, bound by the caller.
+def create_app(config: Config | None = None, relay_socket: socket.socket | None = None) -> FastAPI:
+    """The app for ``config``; ``relay_socket``: the relay's listening socket, bound by the caller.
 
     ``app.state.ready`` is set once the lifespan has started every service.
     """
-    settings = settings or ServerSettings()
-    if not settings.api_keys:
-        settings.api_keys = frozenset({ids.api_key()})
+    config = config or Config()
+    if not config.server.api_keys:
+        config.server.api_keys = [ids.api_key()]
     farewells = Farewells()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with start_services(settings, relay_socket, farewells) as running:
+        async with start_services(config, relay_socket, farewells) as running:
             app.state.services = running
             app.state.ready.set()
             try:
@@ -62,11 +61,11 @@ def create_app(settings: ServerSettings | None = None, relay_socket: socket.sock
                 app.state.ready.clear()
 
     app = FastAPI(title="StreamDiffusion server", version=VERSION, lifespan=lifespan)
-    app.state.settings = settings
+    app.state.config = config
     app.state.farewells = farewells
     app.state.ready = asyncio.Event()
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes)
     for routes in (
         metrics.router,
         router,
@@ -84,16 +83,16 @@ def create_app(settings: ServerSettings | None = None, relay_socket: socket.sock
 
 @contextlib.asynccontextmanager
 async def start_services(
-    settings: ServerSettings, relay_socket: socket.socket | None, farewells: Farewells
+    config: Config, relay_socket: socket.socket | None, farewells: Farewells
 ) -> AsyncIterator[Services]:
     """Start order: relay, streams and what follows them (outputs, WebRTC), metrics, the streams
-    kept in ``settings.data_dir`` (none without one), local workers.
+    kept in ``server.data_dir`` (none without one), local workers.
 
     Stopped in reverse: streams first (their outputs and sessions end with
     them; their records stay), then the workers, then the relay, which tells
     its clients.
     """
-    relay_config = settings.relay
+    relay_config = config.relay_config()
     if not relay_config.tokens:  # a token of this run's own, so that /v1 channels still need one (or the key)
         relay_config = dataclasses.replace(
             relay_config,
@@ -103,38 +102,38 @@ async def start_services(
     relay_token = next(iter(relay_config.tokens))  # to workers and outputs by environment, never argv
     relay = Relay(relay_config, sock=relay_socket)
     await relay.start()
-    host = "127.0.0.1" if settings.relay.host in ("0.0.0.0", "::", "") else settings.relay.host
+    host = "127.0.0.1" if relay_config.host in ("0.0.0.0", "::", "") else relay_config.host
     relay_url = f"ws://{host}:{relay.port}"
-    remember_token(relay_url, relay_token)  # in-process clients (tests) present it by themselves
-    store = StreamStore.in_directory(settings.data_dir) if settings.data_dir else None
+    data_dir = config.server.data_dir
+    store = StreamStore.in_directory(data_dir) if data_dir else None
     streams = StreamManager(relay.hub, store)
-    stream_outputs = outputs.outputs_for(dataclasses.replace(settings, relay=relay_config), relay_url)
+    stream_outputs = outputs.outputs_for(config, relay_url, relay_token)
     streams.subscribe(stream_outputs)
-    webrtc_state = webrtc.webrtc_state(settings)
+    webrtc_state = webrtc.webrtc_state(config)
     streams.subscribe(webrtc_state.registry)
-    workers = LocalWorkers(settings.workers, settings.engine, settings.worker_args)
+    workers = LocalWorkers(config.workers.count, config.workers.args)
     running = Services(
-        settings=settings,
+        config=config,
         relay=relay,
         relay_url=relay_url,
+        relay_token=relay_token,
         streams=streams,
         outputs=stream_outputs,
         webrtc=webrtc_state,
         metrics=metrics.Metrics(relay.hub, webrtc_state),
         workers=workers,
         farewells=farewells,
-        seeds=SeedState(seed001_options(settings)),
+        seeds=SeedState(seed001_options(config)),
     )
     try:
         restored = await streams.restore()
         if restored:
             log.info("restored %d streams from %s", restored, store.path if store else "")
-        await workers.start(relay_url, relay_token)
+        await workers.start(config.launch_options(relay_url), relay_token)
         yield running
     finally:
         await streams.stop_all()
         await workers.stop()
         await relay.close()
-        forget_token(relay_url)
         if store is not None:
             store.close()

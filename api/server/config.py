@@ -27,8 +27,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from api.server.settings import ServerSettings
 from relay.config import RelayConfig
+from worker.launch import LaunchOptions
 
 ENV_PREFIX = "STREAMDIFFUSION_"
 CONFIG_ENV = "STREAMDIFFUSION_CONFIG"
@@ -157,6 +157,18 @@ class RelaySection(_Section):
         "anonymous channels (seed clients, tokenless relay clients) may hold; "
         "the rest waits for /v1 streams (1: no reserve)",
     )
+    idle_release_s: float = Field(
+        60.0,
+        ge=0,
+        description="a channel (a stream, a session) without input this many seconds gives its worker "
+        "slot back until input returns (0: never)",
+    )
+    nats: str = Field(
+        "",
+        description="NATS server URLs (comma-separated) to join other nodes' relays as one cluster "
+        "(docs/cluster.md; needs the cluster extra); empty: this node alone",
+    )
+    node_name: str = Field("", description="this node's name in the cluster; empty: generated")
 
 
 class MediaMTXSection(_Section):
@@ -182,7 +194,9 @@ class WorkersSection(_Section):
         "(default: from the hardware, 2 per core for filter, GPU memory / 4 GiB "
         "for diffusion)",
     )
-    args: list[str] = Field(default_factory=list, description="extra arguments for each worker")
+    args: list[str] = Field(
+        default_factory=list, description="extra command-line flags for each worker, as you would type them"
+    )
 
 
 class ModelSection(_Section):
@@ -259,65 +273,23 @@ class Config(BaseSettings):
             "similar_image_filter_max_skip_frame": self.performance.similar_image_filter_max_skip_frame,
         }
 
-    def server_settings(self) -> ServerSettings:
-        worker_args = list(self.workers.args)
-        if self.workers.capacity is not None:
-            worker_args += ["--capacity", str(self.workers.capacity)]
-        worker_args += [
-            "--quality",
-            str(self.performance.jpeg_quality),
-            "--model",
-            self.model.model_id,
-            "--acceleration",
-            self.model.acceleration,
-        ]
-        return ServerSettings(
-            host=self.server.host,
-            port=self.server.port,
-            public_url=self.server.public_url,
-            api_keys=frozenset(self.server.api_keys),
-            relay=RelayConfig(
-                host=self.relay.host,
-                port=self.relay.port,
-                tokens=frozenset(self.relay.tokens),
-                max_frame_bytes=self.relay.max_frame_bytes,
-                max_width=self.relay.max_width,
-                max_height=self.relay.max_height,
-                max_channels=self.relay.max_channels,
-                max_params_bytes=self.relay.max_params_bytes,
-                insecure=self.relay.insecure,
-                open_channels=self.relay.open_channels,
-                origins=frozenset(self.relay.origins),
-                hello_timeout=self.relay.hello_timeout_s,
-                max_connections_per_ip=self.relay.max_connections_per_ip,
-                control_rate=self.relay.control_rate,
-                control_burst=self.relay.control_burst,
-                anonymous_share=self.relay.anonymous_share,
-            ),
-            workers=self.workers.count,
+    def relay_config(self) -> RelayConfig:
+        """The embedded relay's settings: the relay section under :class:`RelayConfig`'s names."""
+        fields = self.relay.model_dump()
+        fields["hello_timeout"] = fields.pop("hello_timeout_s")
+        for name in ("tokens", "origins"):
+            fields[name] = frozenset(fields[name])
+        return RelayConfig(**fields)
+
+    def launch_options(self, relay_url: str) -> LaunchOptions:
+        """What each local worker gets (typed, through its environment: never on its command line)."""
+        return LaunchOptions(
+            relay=relay_url,
             engine=self.workers.engine,
-            worker_args=worker_args,
-            max_queue_size=self.server.max_queue_size,
-            seed_endpoints=self.server.seed_endpoints,
-            jpeg_quality=self.performance.jpeg_quality,
-            pipeline_mode=self.pipeline.mode,
-            pipeline_name=self.pipeline.name,
-            session_timeout_s=self.server.session_timeout_s,
-            hls_dir=self.server.hls_dir,
-            data_dir=self.server.data_dir,
-            max_body_bytes=self.server.max_body_bytes,
-            hls_first_playlist_wait_s=self.server.hls_first_playlist_wait_s,
-            header_timeout_s=self.server.header_timeout_s,
-            max_connections_per_client=self.server.max_connections_per_client,
-            ice_servers=list(self.server.ice_servers),
-            whep_shared_encoder=self.server.whep_shared_encoder,
-            whep_bitrate=self.server.whep_bitrate,
-            style_image_allow_private=self.server.style_image_allow_private,
-            mediamtx_publish_url=self.mediamtx.publish_url,
-            mediamtx_whep_url=self.mediamtx.whep_url,
-            default_params=self.default_stream_params(),
-            fit=self.pipeline.fit,
-            degraded_input_fps=self.server.degraded_input_fps,
+            capacity=self.workers.capacity,
+            model=self.model.model_id,
+            acceleration=self.model.acceleration,
+            quality=self.performance.jpeg_quality,
         )
 
 

@@ -33,15 +33,15 @@ class GracefulServer(uvicorn.Server):
 
 
 def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
-    settings = app.state.settings
+    server = app.state.config.server
     config = uvicorn.Config(
         app,
         log_level=log_level,
         lifespan="on",
-        http=guarded_h11(settings.header_timeout_s, settings.max_connections_per_client),
+        http=guarded_h11(server.header_timeout_s, server.max_connections_per_client),
         # above the frame limit, so an oversize frame reaches the app and gets an error
         # message naming the limit; beyond this the transport closes with 1009
-        ws_max_size=settings.relay.websocket_max_size,
+        ws_max_size=app.state.config.relay_config().websocket_max_size,
         ws_per_message_deflate=False,  # deflate costs ~40x on JPEG frames
         access_log=False,
         # endless responses (MJPEG) would otherwise hold shutdown forever

@@ -16,9 +16,9 @@ from starlette.requests import HTTPConnection
 if TYPE_CHECKING:
     from api.playback.outputs import Outputs
     from api.seeds.state import SeedState
+    from api.server.config import Config
     from api.server.farewell import Farewells
     from api.server.metrics import Metrics
-    from api.server.settings import ServerSettings
     from api.server.workers import LocalWorkers
     from api.streams.manager import StreamManager
     from api.webrtc.sessions import WebRTCState
@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Services:
-    settings: ServerSettings
+    config: Config
     relay: Relay
     #: where the relay listens, as clients on this machine reach it
     relay_url: str
+    #: the relay token this server's own clients present (configured, or generated at start)
+    relay_token: str
     streams: StreamManager
     outputs: Outputs
     webrtc: WebRTCState

@@ -15,7 +15,7 @@ import time
 
 from common.lifeline import child_environment
 from relay.config import TOKEN_ENV
-from worker.engines import default_engine_name
+from worker.launch import LAUNCH_ENV, LaunchOptions
 
 log = logging.getLogger("api.workers")
 
@@ -25,20 +25,19 @@ RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 5.0)
 HEALTHY_AFTER_S = 30.0
 
 
-def worker_command(relay_url: str, engine: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "worker", "--relay", relay_url, "--engine", engine, *extra]
+def worker_command(extra: list[str]) -> list[str]:
+    """``python -m worker`` and the user's own extra flags (``workers.args``); nothing else."""
+    return [sys.executable, "-m", "worker", *extra]
 
 
-def worker_environment(token: str | None) -> dict[str, str]:
-    """This process's environment with the relay token, which never goes on a command line (``ps``)."""
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+def worker_environment(options: LaunchOptions, token: str | None) -> dict[str, str]:
+    """This process's environment with the worker's options and the relay token: neither goes on a
+    command line (``ps``)."""
+    env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, LAUNCH_ENV)}
+    env.update(options.environment())
     if token:
         env[TOKEN_ENV] = token
     return env
-
-
-def resolve_engine(engine: str) -> str:
-    return default_engine_name() if engine == "auto" else engine
 
 
 class LocalWorkers:
@@ -49,15 +48,15 @@ class LocalWorkers:
     (:mod:`common.lifeline`), so a killed server leaves no orphan behind.
     """
 
-    def __init__(self, count: int, engine: str, extra: list[str] | None = None) -> None:
-        self.count, self.engine, self.extra = count, resolve_engine(engine), extra or []
+    def __init__(self, count: int, extra: list[str] | None = None) -> None:
+        self.count, self.extra = count, extra or []
         self.processes: list[asyncio.subprocess.Process] = []
         self.restarts = 0
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
 
-    async def start(self, relay_url: str, token: str | None) -> None:
-        command, env = worker_command(relay_url, self.engine, self.extra), worker_environment(token)
+    async def start(self, options: LaunchOptions, token: str | None) -> None:
+        command, env = worker_command(self.extra), worker_environment(options, token)
         for slot in range(self.count):
             self.processes.append(await self._spawn(command, env))
             self._supervisors.append(asyncio.create_task(self._supervise(slot, command, env)))

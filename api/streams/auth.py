@@ -18,7 +18,7 @@ def bearer_token(connection: HTTPConnection) -> str | None:
 
 
 def is_api_key(connection: HTTPConnection, token: str) -> bool:
-    keys: frozenset[str] = services(connection).settings.api_keys
+    keys: list[str] = services(connection).config.server.api_keys
     return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
 
 

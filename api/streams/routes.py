@@ -24,7 +24,7 @@ def manager(request: Request) -> StreamManager:
 
 
 def base_url(request: Request) -> str:
-    return services(request).settings.public_url or str(request.base_url).rstrip("/")
+    return services(request).config.server.public_url or str(request.base_url).rstrip("/")
 
 
 @router.get("/health")
@@ -35,9 +35,9 @@ async def health(request: Request) -> dict[str, Any]:
 @v1.post("/streams", status_code=201)
 async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
-    settings = services(request).settings
-    given = await style_image.resolve(body.given_params(), settings.style_image_allow_private)
-    params = validate_params({**settings.default_params, PARAM: settings.fit, **given})
+    config = services(request).config
+    given = await style_image.resolve(body.given_params(), config.server.style_image_allow_private)
+    params = validate_params({**config.default_stream_params(), PARAM: config.pipeline.fit, **given})
     stream = await streams.create(
         body.pipeline or body.pipeline_id or "streamdiffusion", params, body.name or "", body.output_rtmp_url
     )
@@ -60,7 +60,7 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
     """Merge params; hot fields apply on the next frame, others reload while the old pipeline serves."""
     streams = manager(request)
     stream = streams.get(stream_id)
-    patch = await style_image.resolve(body.params, services(request).settings.style_image_allow_private)
+    patch = await style_image.resolve(body.params, services(request).config.server.style_image_allow_private)
     await streams.update(stream, patch, name=body.name, output_rtmp_url=body.output_rtmp_url)
     return stream.to_json(base_url(request))
 
@@ -73,7 +73,7 @@ async def update_params(
     streams = manager(request)
     stream = streams.get(stream_id)
     patch = body["params"] if set(body) == {"params"} and isinstance(body["params"], dict) else body
-    patch = await style_image.resolve(patch, services(request).settings.style_image_allow_private)
+    patch = await style_image.resolve(patch, services(request).config.server.style_image_allow_private)
     await streams.update(stream, patch, hot_only=True)
     return {"success": True, "data": stream.to_json(base_url(request))}
 
@@ -85,7 +85,7 @@ async def stream_status(stream_id: str, request: Request) -> dict[str, Any]:
     running = services(request)
     outputs = running.outputs.state(stream)
     outputs["whep"] = running.webrtc.playback_state(stream)
-    data = streams.status(stream, base_url(request), outputs, running.settings.degraded_input_fps)
+    data = streams.status(stream, base_url(request), outputs, running.config.server.degraded_input_fps)
     return {"success": True, "error": None, "data": data}
 
 

@@ -97,7 +97,7 @@ async def favicon() -> FileResponse:
 
 @router.get("/web/params-schema", include_in_schema=False)
 async def schema(request: Request) -> dict[str, Any]:
-    return params_schema(services(request).settings.default_params)
+    return params_schema(services(request).config.default_stream_params())
 
 
 def install(app: FastAPI) -> None:

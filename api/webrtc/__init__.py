@@ -8,7 +8,7 @@ sessions.
 
 from __future__ import annotations
 
-from api.server.settings import ServerSettings
+from api.server.config import Config
 from api.webrtc.jitter import complete_frames_on_marker
 from api.webrtc.routes import router
 from api.webrtc.sessions import SessionRegistry, WebRTCSettings, WebRTCState
@@ -16,13 +16,14 @@ from api.webrtc.sessions import SessionRegistry, WebRTCSettings, WebRTCState
 __all__ = ["SessionRegistry", "WebRTCSettings", "WebRTCState", "router", "webrtc_state"]
 
 
-def webrtc_state(settings: ServerSettings) -> WebRTCState:
-    """WHIP/WHEP state for ``settings``: ICE servers, shared WHEP encoders and their bitrate."""
+def webrtc_state(config: Config) -> WebRTCState:
+    """WHIP/WHEP state for ``config``: ICE servers, shared WHEP encoders and their bitrate."""
     complete_frames_on_marker()  # one frame interval less delay on every WHIP session
+    server = config.server
     return WebRTCState(
         WebRTCSettings(
-            ice_servers=tuple(settings.ice_servers),
-            shared_encoding=settings.whep_shared_encoder,
-            output_bitrate=settings.whep_bitrate,
+            ice_servers=tuple(server.ice_servers),
+            shared_encoding=server.whep_shared_encoder,
+            output_bitrate=server.whep_bitrate,
         )
     )

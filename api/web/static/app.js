@@ -422,8 +422,11 @@ function renderMessages() {
   const add = (kind, text, name) => items.push({ kind, text, name });
   if (data) {
     const info = data.inference_status || {};
-    switch (data.detail) {
-      case "waiting_for_worker": add("info", queueText(data), "queue"); break;
+    // waiting for a slot: the status's detail says it in words ("waiting for a slot: 2 of 2 in use")
+    const detail = data.queue && typeof data.detail === "string" ? "waiting_for_worker"
+      : String(data.detail || "").startsWith("idle") ? "idle" : data.detail;
+    switch (detail) {
+      case "waiting_for_worker": add("info", data.queue ? data.detail : queueText(data), "queue"); break;
       case "loading": add("info", "loading the pipeline on " + (data.worker || "a worker") + "…", "loading"); break;
       case "reloading": add("info", "reloading: the old pipeline is still serving until the new one is ready", "reloading"); break;
       case "idle": add("info", "idle: no input for a while, so the worker slot was given back; input brings it back", "idle"); break;
