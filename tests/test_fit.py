@@ -158,3 +158,12 @@ def test_the_config_file_sets_the_default():
     assert load_config(None, {}).pipeline.fit == "crop"
     with pytest.raises(ConfigError, match=r"pipeline\.fit"):
         load_config(None, {"pipeline": {"fit": "stretch"}})
+
+
+@pytest.mark.diffusion
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+def test_the_diffusion_engine_fits_as_its_params_say(tiny, mode):
+    from tests.test_diffusion_engine import engine
+
+    fitted = engine(tiny, skip_diffusion=True, width=STREAM[0], height=STREAM[1], fit=mode)
+    check(fitted.process([source_picture()])[0], mode)

@@ -382,6 +382,8 @@ class ChannelPipeline:
                     f"reload for params version {update.version} failed, "
                     f"keeping version {self._version}: {exc}",
                     reload_failed=True,
+                    version=update.version,
+                    kept_version=self._version,
                 )
                 return
             with self._lock:

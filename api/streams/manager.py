@@ -121,15 +121,8 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
     return valid
 
 
-def worker_params(params: dict[str, Any], sent: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the channel's worker gets: ``fit`` only when it is not the default, or was ``sent`` before.
-
-    The diffusion engine's params model does not know ``fit`` yet (it crops,
-    the default); the filter engine takes both modes. Engines merge params, so
-    a mode sent once must be sent again to go back to the default.
-    """
-    if params.get(PARAM, DEFAULT_FIT) == DEFAULT_FIT and PARAM not in (sent or {}):
-        return {k: v for k, v in params.items() if k != PARAM}
+def worker_params(params: dict[str, Any]) -> dict[str, Any]:
+    """What the channel's worker gets: the params with ``fit`` always said (both engines take it)."""
     return {**params, PARAM: params.get(PARAM, DEFAULT_FIT)}
 
 
@@ -272,7 +265,7 @@ class StreamManager:
                 and bool(needs_reload(stream.serving, params))
             )
             watcher = LocalViewer(self.hub, stream.channel) if reloads else None
-            version = self.hub.set_params(channel, worker_params(params, channel.params), replace=True)
+            version = self.hub.set_params(channel, worker_params(params), replace=True)
             self._stop_following(stream)
             if watcher is None:
                 stream.serving = params  # hot, or loaded afresh by a worker that has no engine yet
@@ -307,7 +300,7 @@ class StreamManager:
             self.store.save(stream)
         channel = self.hub.channels.get(stream.channel)
         if channel is not None:  # the channel's params too: a worker that takes it over loads what served
-            self.hub.set_params(channel, worker_params(serving, channel.params), replace=True)
+            self.hub.set_params(channel, worker_params(serving), replace=True)
 
     def _stop_following(self, stream: Stream) -> None:
         following = self._reloads.pop(stream.id, None)

@@ -86,15 +86,19 @@ async def watch_reload(events: Events, version: int) -> tuple[bool, str] | None:
             continue
         if isinstance(event, Closed):
             return None
-        if isinstance(event, Status) and event.state is ChannelState.WAITING_FOR_WORKER:
-            return None
+        if isinstance(event, Status) and event.state is not ChannelState.ASSIGNED:
+            return None  # waiting for a worker, or idle: the next worker loads the params afresh
         if not isinstance(event, Report):
             continue
         if event.event is ReportEvent.RELOADING:
             ours = event.data.get("version") == version
         elif ours and event.event is ReportEvent.READY:
             return True, ""
-        elif ours and event.event is ReportEvent.ERROR and event.data.get("reload_failed"):
+        elif (
+            event.event is ReportEvent.ERROR
+            and event.data.get("reload_failed")
+            and event.data.get("version", version if ours else None) == version  # older workers: no version
+        ):
             return False, event.message or "the reload failed"
     return None
 

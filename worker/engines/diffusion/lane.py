@@ -123,7 +123,7 @@ class Lane:
         model, config = self.model, self.config
         image_pre, image_post, _, _ = self.chains
         size = model.output_size
-        frames = image_pre([resize(f, size) for f in frames], self.previous)
+        frames = image_pre([resize(f, size, config.fit) for f in frames], self.previous)
         if config.skip_diffusion:
             self.previous = image_post(frames, self.previous)
             return list(self.previous)

@@ -147,6 +147,8 @@ class DiffusionParams(_Strict):
     mode: Literal["img2img", "txt2img"] = "img2img"
     use_tiny_vae: bool = True
     vae_id: str | None = None
+    #: input of another aspect ratio than width x height: crop its centre or pad it (media.fit); hot
+    fit: Literal["crop", "pad"] = "crop"
 
     @field_validator("t_index_list")
     @classmethod
