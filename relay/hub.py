@@ -25,6 +25,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -136,6 +137,9 @@ class Peer:
     #: and its frames, never unasked ``status`` or ``report`` messages
     quiet: bool = False
     assigned: list[str] = field(default_factory=list)  # workers only
+    #: channels just released from this worker: its frames and reports for them, already on
+    #: their way when the release went out, are dropped quietly (not answered with an error)
+    released: deque[str] = field(default_factory=lambda: deque(maxlen=16))
     legacy_seq: itertools.count[int] = field(default_factory=itertools.count)
     last_input_seq: dict[str, int] = field(default_factory=dict)
     _wanted: frozenset[FrameKind] = field(init=False, repr=False)
@@ -470,6 +474,8 @@ class Hub:
                 self.backplane.share(delivery)
         elif peer.role is Role.WORKER:
             if frame.channel not in peer.assigned:
+                if frame.channel in peer.released:
+                    return  # sent before the worker heard its release
                 raise ProtocolError(
                     f"channel {frame.channel!r} is not assigned to this worker", ErrorCode.UNKNOWN_CHANNEL
                 )
@@ -673,6 +679,12 @@ class Hub:
 
     def on_report(self, peer: Peer, report: Report) -> None:
         """A worker's report moves its channel's engine state; all but stats reach the channel's peers."""
+        if (
+            peer.role is Role.WORKER
+            and report.channel in peer.released
+            and report.channel not in peer.assigned
+        ):
+            return  # sent before the worker heard its release
         if peer.role is not Role.WORKER or report.channel not in peer.assigned:
             raise ProtocolError("reports come from the channel's worker", ErrorCode.NOT_ALLOWED)
         if (size := len(report.message) + _json_size(report.data)) > self.config.max_params_bytes:
@@ -805,6 +817,8 @@ class Hub:
         channel.assigned_time = time.time()
         channel.engine_state = EngineState.LOADING
         worker.assigned.append(channel.name)
+        if channel.name in worker.released:
+            worker.released.remove(channel.name)
         worker.send(Assign(channel=channel.name, params=channel.params, version=channel.params_version))
         log.info("channel %s assigned to worker %s", channel.name, worker.id)
         self._tell_channel(
@@ -824,6 +838,7 @@ class Hub:
         channel.engine_state = EngineState.WAITING_FOR_WORKER
         if channel.name in worker.assigned:
             worker.assigned.remove(channel.name)
+        worker.released.append(channel.name)
         worker.send(Release(channel=channel.name))
         self._assign_waiting()
         self._changed()

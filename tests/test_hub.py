@@ -641,3 +641,19 @@ async def test_idle_release_can_be_turned_off():
     await joined(h, worker, producer)
     assert h.release_idle(now=time.time() + 10**6) == []
     assert h.channels["cam"].worker is worker
+
+
+async def test_a_workers_late_frames_and_reports_for_a_released_channel_are_dropped_quietly():
+    """The worker sent them before it heard the release: no error back, nothing routed; a channel
+    it never had is still an error."""
+    h = hub()
+    worker, producer, viewer = peer(Role.WORKER), peer(Role.PRODUCER), peer(Role.VIEWER)
+    await joined(h, worker, producer, viewer)
+    h.leave(producer)  # the channel goes: its worker is released
+    assert (await pending(worker))[0] == [Release(channel="cam")]
+    route(h, worker, frame(0, kind=FrameKind.OUTPUT))
+    h.on_report(worker, Report(channel="cam", event=ReportEvent.STATS, data={"fps": 1}))
+    assert await pending(worker) == ([], [])
+    with pytest.raises(ProtocolError) as never:
+        route(h, worker, frame(0, channel="other", kind=FrameKind.OUTPUT))
+    assert never.value.code is ErrorCode.UNKNOWN_CHANNEL

@@ -5,7 +5,7 @@ Two directions, both built so that a slow consumer never builds a backlog:
 * ingest: :class:`LatestFrame` reads a received track as fast as aiortc
   decodes it and keeps only the newest frame (aiortc's own receive queue is
   unbounded, so latency would grow whenever conversion is slower than the
-  decoder); :func:`frame_to_jpeg` turns one into the stream's input JPEG.
+  decoder); :func:`api.webrtc.ingest.fitted_jpeg` turns one into the stream's input JPEG.
 * playback: :class:`OutputTrack` hands aiortc the newest output frame of a
   channel, time-stamped from a monotonic clock and never sleep-paced (the
   stock ``VideoStreamTrack.next_timestamp`` assumes and enforces 30 fps).
@@ -24,7 +24,7 @@ from aiortc import MediaStreamTrack, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from common.slots import AsyncSlot, Closed
-from media.codec import DEFAULT_QUALITY, decode_image, encode_image
+from media.codec import decode_image
 from relay.local import LocalViewer
 from wire.frames import Frame
 
@@ -80,21 +80,6 @@ async def discard(track: MediaStreamTrack) -> None:
     with contextlib.suppress(MediaStreamError):
         while True:
             await track.recv()
-
-
-def frame_to_jpeg(frame: av.VideoFrame, width: int, height: int, quality: int = DEFAULT_QUALITY) -> bytes:
-    """Scale ``frame`` to cover ``width`` x ``height``, crop the centre, encode JPEG.
-
-    Covering (rather than stretching) keeps faces and objects in proportion
-    when a 16:9 camera feeds a square model; one swscale call does the YUV
-    to RGB conversion and the scaling together. Runs in a thread.
-    """
-    scale = max(width / frame.width, height / frame.height)
-    scaled_w = max(width, round(frame.width * scale))
-    scaled_h = max(height, round(frame.height * scale))
-    rgb = frame.to_ndarray(format="rgb24", width=scaled_w, height=scaled_h)
-    x, y = (scaled_w - width) // 2, (scaled_h - height) // 2
-    return encode_image(rgb[y : y + height, x : x + width], quality=quality)
 
 
 class MonotonicPts:
