@@ -207,12 +207,14 @@ async def test_a_configured_api_key_is_not_printed(tmp_path):
 
 def test_capacity_comes_from_the_hardware_unless_given():
     from worker.__main__ import parse_args
-    from worker.capacity import auto_capacity
+    from worker.capacity import auto_capacity, diffusion_capacity
 
     options, _ = parse_args(["--engine", "filter"])
     assert options.capacity == auto_capacity("filter") == min(16, 2 * (os.cpu_count() or 1))
     assert parse_args(["--engine", "filter", "--capacity", "3"])[0].capacity == 3
     assert auto_capacity("diffusion") == 1  # no CUDA device here
+    # one shared model, then streams on it: a 24 GiB card holds the most a batch should take
+    assert [diffusion_capacity(g * 2**30) for g in (0, 4, 6, 8, 24, 80)] == [1, 1, 4, 8, 8, 8]
     config = load_config(None, overrides_from_args(api_parser().parse_args([])))
     assert config.launch_options("ws://x").capacity is None  # the local workers decide from their hardware
     args = api_parser().parse_args(["--capacity", "5"])

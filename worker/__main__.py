@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_capacity,
         default=None,
         help="channels served at once (default: from the hardware, 2 per core for filter, "
-        "GPU memory / 4 GiB for diffusion)",
+        "for diffusion what GPU memory holds of one shared model plus 0.5 GiB a channel, at most 8)",
     )
     p.add_argument(
         "--channel", action="append", default=[], help="serve only these channels (repeatable); default any"

@@ -191,8 +191,8 @@ class WorkersSection(_Section):
         None,
         ge=1,
         description="channels each local worker serves at once "
-        "(default: from the hardware, 2 per core for filter, GPU memory / 4 GiB "
-        "for diffusion)",
+        "(default: from the hardware, 2 per core for filter; for diffusion what GPU memory holds "
+        "of one shared model plus 0.5 GiB a channel, at most 8)",
     )
     args: list[str] = Field(
         default_factory=list, description="extra command-line flags for each worker, as you would type them"
