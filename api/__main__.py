@@ -24,6 +24,7 @@ from api.server.config import ENV_PREFIX, Config, ConfigError, example_yaml, loa
 from api.server.http import uvicorn_server
 from api.server.keyfile import default_data_dir, load_or_create_api_key
 from api.server.services import services
+from api.streams.manager import check_named_streams
 from common.listen import PortInUse, listen
 from common.logs import add_logging_arguments, setup_logging
 from worker.engines import default_engine_name
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, overrides_from_args(args))
         config.relay_config().check()
+        check_named_streams(config)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -129,6 +129,9 @@ async def start_services(
         restored = await streams.restore()
         if restored:
             log.info("restored %d streams from %s", restored, store.path if store else "")
+        for named in config.server.named_streams:
+            params = {**config.stream_defaults(), **named.params}
+            await streams.ensure_named(named.name, named.stream_key, params)
         await workers.start(config.launch_options(relay_url), relay_token)
         yield running
     finally:

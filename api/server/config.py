@@ -42,6 +42,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NamedStream(_Section):
+    """A stream the configuration names, with a stream key the operator chose (for OBS settings
+    that never change); created at start if the data dir does not hold it yet."""
+
+    name: str = Field(min_length=1, max_length=128, description="the stream's name")
+    stream_key: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{20,128}$",
+        description="its stream key: 20-128 letters, digits, _ or -; keep it as secret as a password",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="its params (the defaults fill the rest)"
+    )
+
+
 class ServerSection(_Section):
     host: str = Field("127.0.0.1", description="HTTP address; loopback only unless changed")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0: any free port)")
@@ -101,6 +115,11 @@ class ServerSection(_Section):
         ge=0,
         description="a stream whose input arrives slower than this many frames per second is "
         "DEGRADED_INPUT, as Daydream's runner says under 15 (0: never)",
+    )
+    named_streams: list[NamedStream] = Field(
+        default_factory=list,
+        description="streams with stream keys you choose (name, stream_key, params), created at start "
+        "if missing: stable OBS settings",
     )
 
 
@@ -272,6 +291,10 @@ class Config(BaseSettings):
             "similar_image_filter_threshold": self.performance.similar_image_filter_threshold,
             "similar_image_filter_max_skip_frame": self.performance.similar_image_filter_max_skip_frame,
         }
+
+    def stream_defaults(self) -> dict[str, Any]:
+        """What a new /v1 stream's params start from: the defaults and the server's ``fit``."""
+        return {**self.default_stream_params(), "fit": self.pipeline.fit}
 
     def relay_config(self) -> RelayConfig:
         """The embedded relay's settings: the relay section under :class:`RelayConfig`'s names."""

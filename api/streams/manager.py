@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from api.server.config import Config, ConfigError
 from api.server.errors import ApiError, client_location, describe_validation, not_found
 from api.streams import ids
 from api.streams.reloads import ReloadFailure, failure, needs_reload, serving_after_failure, watch_reload
@@ -121,6 +122,16 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
     return valid
 
 
+def check_named_streams(config: Config) -> None:
+    """Refuse, before the server starts, named streams whose params a stream would refuse."""
+    for index, named in enumerate(config.server.named_streams):
+        try:
+            validate_params({**config.stream_defaults(), **named.params})
+        except ApiError as exc:
+            where = f"server.named_streams[{index}] ({named.name!r})"
+            raise ConfigError(f"{where}: {exc.message}") from None
+
+
 def worker_params(params: dict[str, Any]) -> dict[str, Any]:
     """What the channel's worker gets: the params with ``fit`` always said (both engines take it)."""
     return {**params, PARAM: params.get(PARAM, DEFAULT_FIT)}
@@ -167,11 +178,17 @@ class StreamManager:
         self._listeners.append(listener)
 
     async def create(
-        self, pipeline: str, params: dict[str, Any], name: str = "", output_rtmp_url: str | None = None
+        self,
+        pipeline: str,
+        params: dict[str, Any],
+        name: str = "",
+        output_rtmp_url: str | None = None,
+        stream_key: str | None = None,
     ) -> Stream:
+        """A new stream; ``stream_key``: one the operator chose (a named stream), else a random one."""
         stream = Stream(
             id=ids.stream_id(),
-            stream_key=ids.stream_key(),
+            stream_key=stream_key or ids.stream_key(),
             playback_id=ids.playback_id(),
             pipeline="streamdiffusion" if pipeline.startswith("pip_") else pipeline,
             params=params,
@@ -195,6 +212,13 @@ class StreamManager:
                 {"Retry-After": "10"},
             ) from None
         return stream
+
+    async def ensure_named(self, name: str, stream_key: str, params: dict[str, Any]) -> Stream:
+        """The stream a configuration names by its key: the one kept (restored) or a new one."""
+        existing = self.by_stream_key(stream_key)
+        if existing is not None:
+            return existing
+        return await self.create("streamdiffusion", validate_params(params), name, stream_key=stream_key)
 
     async def restore(self) -> int:
         """Start every stream the store holds (at server start); returns how many."""

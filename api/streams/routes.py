@@ -13,7 +13,6 @@ from api.streams import style_image
 from api.streams.auth import require_api_key
 from api.streams.manager import Stream, StreamManager, validate_params
 from api.streams.schemas import CreateStream, UpdateStream
-from media.fit import PARAM
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -37,7 +36,7 @@ async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
     config = services(request).config
     given = await style_image.resolve(body.given_params(), config.server.style_image_allow_private)
-    params = validate_params({**config.default_stream_params(), PARAM: config.pipeline.fit, **given})
+    params = validate_params({**config.stream_defaults(), **given})
     stream = await streams.create(
         body.pipeline or body.pipeline_id or "streamdiffusion", params, body.name or "", body.output_rtmp_url
     )
