@@ -232,6 +232,8 @@ class Channel:
     output_params_version: int = 0
     #: the last waiting ``status`` its peers were told (None while served)
     announced: Status | None = None
+    #: the worker's latest ``progress`` report while it loads (None once ready or failed)
+    progress: dict[str, Any] | None = None
     #: gave its worker back after ``idle_release_s`` without input; the next input ends it
     idle: bool = False
     #: when it last got a worker (time.time()): a fresh channel is not idle yet
@@ -271,6 +273,7 @@ class Channel:
             "worker_stats": self.worker_stats,
             "last_error": self.last_error,
             "restart_count": self.restart_count,
+            "progress": self.progress,
         }
 
 
@@ -702,7 +705,10 @@ class Hub:
             case ReportEvent.STATS:
                 channel.worker_stats = report.data
                 return
+            case ReportEvent.PROGRESS:
+                channel.progress = report.data
             case ReportEvent.ERROR:
+                channel.progress = None
                 channel.last_error, channel.last_error_time = report.message, time.time()
                 if channel.engine_state is EngineState.LOADING:
                     channel.engine_state = EngineState.ERROR
@@ -714,6 +720,7 @@ class Hub:
                 channel.last_restart_time = time.time()
             case ReportEvent.READY:
                 channel.engine_state, channel.engine_info = EngineState.READY, report.data
+                channel.progress = None
         self._tell_channel(channel, report)
 
     def stats(self, channels: list[str] | None = None) -> StatsReply:

@@ -67,6 +67,9 @@ class ReportEvent(enum.StrEnum):
     RELOADING = "reloading"
     READY = "ready"
     STATS = "stats"
+    #: a slow load's progress: ``data`` has ``stage``, and when known ``done``, ``total``, ``unit``
+    #: (steps or bytes), ``fraction`` and ``eta_s``
+    PROGRESS = "progress"
 
 
 class Message(BaseModel):

@@ -338,6 +338,7 @@ class ChannelPipeline:
 
     def _build(self, params: Mapping[str, Any]) -> Engine:
         engine = self._factory(params)
+        engine.on_progress = LoadProgress(self.events.report)
         try:
             engine.load()
         except BaseException:
@@ -400,6 +401,38 @@ class ChannelPipeline:
         self.times.errors += 1
         log.warning("channel %s: %s", self.channel, message)
         self.events.report(ReportEvent.ERROR, message, data)
+
+
+class LoadProgress:
+    """An engine's load progress as ``progress`` reports: each new stage at once, updates within a
+    stage at most every :attr:`interval` seconds, with the fraction done and an ETA when known."""
+
+    interval = 0.25
+
+    def __init__(
+        self,
+        report: Callable[[ReportEvent, str, dict[str, Any]], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._report, self._clock = report, clock
+        self._stage = ""
+        self._stage_started = self._last_sent = 0.0
+
+    def __call__(self, stage: str, done: float | None, total: float | None, unit: str) -> None:
+        now = self._clock()
+        if stage != self._stage:
+            self._stage, self._stage_started = stage, now
+        elif now - self._last_sent < self.interval and not (done is not None and done == total):
+            return
+        self._last_sent = now
+        data: dict[str, Any] = {"stage": stage, "done": done, "total": total, "unit": unit}
+        if done is not None and total:
+            fraction = min(1.0, done / total)
+            data["fraction"] = round(fraction, 4)
+            elapsed = now - self._stage_started
+            if 0 < fraction < 1 and elapsed > 0:
+                data["eta_s"] = round(elapsed * (1 - fraction) / fraction, 1)
+        self._report(ReportEvent.PROGRESS, stage, data)
 
 
 def _close_quietly(engine: Engine) -> None:

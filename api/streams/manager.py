@@ -401,6 +401,8 @@ class StreamManager:
             "output_params_version": stats.get("output_params_version", 0),
             "drops": stats.get("drops", {}),
             "gpu_memory_mb": stats.get("worker_stats", {}).get("gpu_memory_mb"),
+            #: while the worker loads: stage, done/total (steps or bytes), fraction, eta_s
+            "progress": stats.get("progress"),
             "worker_stats": stats.get("worker_stats", {}),
         }
 

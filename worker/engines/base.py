@@ -27,6 +27,10 @@ class EngineError(RuntimeError):
     """An engine cannot be built or run with the given parameters."""
 
 
+#: what an engine calls while it loads: ``(stage, done, total, unit)``; done/total may be None
+ProgressCallback = Callable[[str, float | None, float | None, str], None]
+
+
 class Engine(abc.ABC):
     """Base class for engines. Frames are ``HxWx3`` uint8 RGB arrays."""
 
@@ -34,6 +38,15 @@ class Engine(abc.ABC):
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         self.params: dict[str, Any] = dict(params or {})
+        #: set by the runtime before ``load``: where a slow load says how far it is
+        self.on_progress: ProgressCallback | None = None
+
+    def progress(
+        self, stage: str, done: float | None = None, total: float | None = None, unit: str = "steps"
+    ) -> None:
+        """Say how far ``load`` is ("loading unet", 3 of 7 steps; or bytes of a download)."""
+        if self.on_progress is not None:
+            self.on_progress(stage, done, total, unit)
 
     @property
     def batch_size(self) -> int:
