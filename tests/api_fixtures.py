@@ -1,4 +1,5 @@
-"""Shared pieces for API tests over real HTTP: a served app, a filter worker, stream creation, MJPEG parsing.
+"""Shared pieces for API tests over real HTTP: a served app, an in-process worker on its relay, stream
+creation, MJPEG parsing.
 
 Import the fixtures into a test module (``from tests.api_fixtures import api, worker``).
 """
@@ -19,6 +20,7 @@ from api.server.http import running
 from api.server.services import services
 from relay.local import LocalProducer
 from tests.helpers import jpeg, server_config
+from worker.pipeline import EngineFactory
 from worker.runtime import Worker, WorkerOptions
 
 KEY = "k"
@@ -39,22 +41,46 @@ async def api() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@contextlib.asynccontextmanager
+async def serving_worker(
+    app: Any,
+    engine: str = "filter",
+    capacity: int = 1,
+    timeout: float = 10,
+    factory: EngineFactory | None = None,
+) -> AsyncIterator[Worker]:
+    """An in-process worker on ``app``'s relay with the app's relay token while the block runs.
+
+    It is connected (within ``timeout`` seconds) before the block runs, and cancelled and awaited
+    after it, even when the block fails. ``factory`` makes its engines instead of ``engine``'s.
+    """
+    options = WorkerOptions(
+        relay_url=services(app).relay_url,
+        token=services(app).relay_token,
+        engine=engine,
+        capacity=capacity,
+    )
+    worker = Worker(options, factory=factory)
+    task = asyncio.create_task(worker.run())
+    connected = asyncio.create_task(worker.connected.wait())
+    try:
+        await asyncio.wait({task, connected}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not worker.connected.is_set():
+            if task.done():
+                task.result()  # the worker's own error, if it failed to connect
+            raise AssertionError(f"the worker did not connect to the relay in {timeout} s")
+        yield worker
+    finally:
+        connected.cancel()
+        task.cancel()
+        await asyncio.gather(task, connected, return_exceptions=True)
+
+
 @pytest.fixture
 async def worker(api: httpx.AsyncClient) -> AsyncIterator[Worker]:
     """An in-process filter worker on the app's relay (invert for prompt "negative")."""
-    worker = Worker(
-        WorkerOptions(
-            relay_url=services(api.app).relay_url,
-            token=services(api.app).relay_token,
-            engine="filter",
-            capacity=4,
-        )
-    )
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.connected.wait(), 10)
-    yield worker
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with serving_worker(api.app, capacity=4) as worker:  # type: ignore[attr-defined]
+        yield worker
 
 
 async def create_stream(api: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
@@ -95,17 +121,21 @@ async def multipart_parts(response: httpx.Response, boundary: str = "frame") -> 
 
 
 @contextlib.asynccontextmanager
-async def feeding(api: httpx.AsyncClient, stream_id: str, size: int = 384) -> AsyncIterator[None]:
-    """Publish changing ``size`` x ``size`` frames into the stream at about 30 fps until the block ends."""
+async def feeding(
+    api: httpx.AsyncClient, stream_id: str, size: int = 384, fps: list[float] | None = None
+) -> AsyncIterator[None]:
+    """Publish changing ``size`` x ``size`` frames into the stream until the block ends, at ``fps[0]``
+    per second (30 without ``fps``; change ``fps[0]`` while it runs to change the rate)."""
     producer = LocalProducer(services(api.app).hub, stream_id)  # type: ignore[attr-defined]
     frames = [jpeg(size, size, seed=i) for i in range(30)]
+    rate = fps if fps is not None else [30.0]
 
     async def run() -> None:
         i = 0
         while True:
             producer.publish(frames[i % len(frames)], size, size)
             i += 1
-            await asyncio.sleep(1 / 30)  # the camera's frame rate, not a synchronisation
+            await asyncio.sleep(1 / rate[0])  # the camera's frame rate, not a synchronisation
 
     task = asyncio.create_task(run())
     try:

@@ -13,7 +13,7 @@ from api.server.services import services
 from api.streams.ids import ALPHABET
 from media.codec import decode_image
 from relay.local import LocalProducer, LocalViewer
-from tests.api_fixtures import AUTH, KEY, api, worker  # noqa: F401  (fixtures)
+from tests.api_fixtures import AUTH, KEY, api, serving_worker, worker  # noqa: F401  (fixtures)
 from tests.helpers import jpeg
 
 ID_CHARS = f"[{ALPHABET}]"
@@ -120,19 +120,7 @@ async def test_stream_without_worker_reports_loading_and_never_hangs(api):
 
 
 async def test_a_stream_waiting_for_a_slot_says_so_and_is_served_when_one_frees(api):
-    from worker.runtime import Worker, WorkerOptions
-
-    worker = Worker(
-        WorkerOptions(
-            relay_url=services(api.app).relay_url,
-            token=services(api.app).relay_token,
-            engine="filter",
-            capacity=2,
-        )
-    )
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(worker.connected.wait(), 10)
+    async with serving_worker(api.app, capacity=2):
         first, _second, third = [await create(api) for _ in range(3)]
         data = (await api.get(f"/v1/streams/{third['id']}/status")).json()["data"]
         assert data["state"] == "LOADING"
@@ -142,9 +130,6 @@ async def test_a_stream_waiting_for_a_slot_says_so_and_is_served_when_one_frees(
         assert (await api.delete(f"/v1/streams/{first['id']}")).status_code == 200
         data = (await api.get(f"/v1/streams/{third['id']}/status")).json()["data"]
         assert data["queue"] is None and data["worker"] is not None  # served as the slot freed
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def run_frames(api, stream_id: str, count: int, size=(512, 512)):

@@ -13,7 +13,7 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from tests.api_fixtures import feeding
+from tests.api_fixtures import feeding, serving_worker
 from tests.helpers import server_config
 from tests.test_api import AUTH, KEY, api, create, wait_until_ready, worker  # noqa: F401  (fixtures)
 from tests.test_rtmp_hls import decode, rtmp_server  # noqa: F401  (fixture)
@@ -95,14 +95,6 @@ async def test_hls_playlist_plays_back_with_pyav(api, worker):
 @pytest.mark.network_service
 async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_url(rtmp_server):
     """nginx-rtmp stands in for MediaMTX's RTMP listener (MediaMTX itself cannot be fetched here)."""
-    import httpx
-
-    from api.server.app import create_app
-    from api.server.http import running
-    from tests.helpers import server_config
-    from tests.test_api import AUTH, KEY
-    from worker.runtime import Worker, WorkerOptions
-
     settings = server_config(
         KEY,
         mediamtx={
@@ -113,27 +105,22 @@ async def test_mediamtx_republishing_pushes_every_stream_and_returns_its_whep_ur
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         client.app = app
-        worker = Worker(
-            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
-        )
-        task = asyncio.create_task(worker.run())
-        stream = await create(client, width=SIZE, height=SIZE)
-        playback = stream["output_playback_id"]
-        assert stream["output_stream_url"] == f"http://mediamtx.example:8889/{playback}/whep"
-        await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
-        async with feeding(client, stream["id"]):
+        async with serving_worker(app):
+            stream = await create(client, width=SIZE, height=SIZE)
+            playback = stream["output_playback_id"]
+            assert stream["output_stream_url"] == f"http://mediamtx.example:8889/{playback}/whep"
+            await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
+            async with feeding(client, stream["id"]):
 
-            async def publishing():
-                status = (await client.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
-                assert status["gateway_status"]["whep_url"] == stream["output_stream_url"]
-                return status["gateway_status"]["outputs"]["republish"]["publishing"]
+                async def publishing():
+                    status = (await client.get(f"/v1/streams/{stream['id']}/status")).json()["data"]
+                    assert status["gateway_status"]["whep_url"] == stream["output_stream_url"]
+                    return status["gateway_status"]["outputs"]["republish"]["publishing"]
 
-            await poll(publishing)
-            live = {"analyzeduration": "1000000", "fflags": "nobuffer"}
-            frames = await asyncio.to_thread(decode, rtmp_server.url("live", playback), 5, live)
+                await poll(publishing)
+                live = {"analyzeduration": "1000000", "fflags": "nobuffer"}
+                frames = await asyncio.to_thread(decode, rtmp_server.url("live", playback), 5, live)
         assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def temp_hls_bases() -> list[Path]:
@@ -178,8 +165,6 @@ async def test_hls_directories_go_with_their_streams_and_the_server(tmp_path: Pa
 @pytest.mark.network_service
 async def test_rtmp_output_resumes_after_a_restart(rtmp_server, tmp_path: Path):
     """A stream's RTMP push comes back by itself when the server restarts with the same data dir."""
-    from worker.runtime import Worker, WorkerOptions
-
     url = rtmp_server.url("live", "restarted")
     kept = {"data_dir": str(tmp_path / "data")}
     body = {
@@ -193,17 +178,8 @@ async def test_rtmp_output_resumes_after_a_restart(rtmp_server, tmp_path: Path):
     second = create_app(server_config(KEY, server=kept))
     async with running(second) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
         assert stream["id"] in services(second).outputs.rtmp  # started again from the stored record
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(second).relay_url,
-                token=services(second).relay_token,
-                engine="filter",
-                capacity=2,
-            )
-        )
-        task = asyncio.create_task(worker.run())
         client.app = second  # type: ignore[attr-defined]  (what feeding() reads)
-        try:
+        async with serving_worker(second, capacity=2):
             await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
             async with feeding(client, stream["id"]):
 
@@ -215,7 +191,4 @@ async def test_rtmp_output_resumes_after_a_restart(rtmp_server, tmp_path: Path):
                 frames = await asyncio.to_thread(
                     decode, url, 5, {"analyzeduration": "1000000", "fflags": "nobuffer"}
                 )
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
     assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}

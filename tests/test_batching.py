@@ -28,18 +28,6 @@ SIZE = 384
 TOLERANCE = 2
 
 
-def base(tiny: TinyModels, **params: Any) -> dict[str, Any]:
-    return {
-        "model_id": str(tiny.sd),
-        "vae_id": str(tiny.tiny_vae),
-        "use_lcm_lora": False,
-        "width": SIZE,
-        "height": SIZE,
-        "t_index_list": [10, 30],
-        **params,
-    }
-
-
 def frame(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
 
@@ -113,11 +101,15 @@ def step_together(chans: Sequence[DiffusionChannel], inputs: Sequence[np.ndarray
 def four_channels(tiny: TinyModels) -> list[dict[str, Any]]:
     """Four channels on one model with their own prompts, seeds, schedules, guidance and layouts."""
     return [
-        base(tiny, prompt="a red fox", seed=1),
-        base(tiny, prompt="a blue car", seed=2, t_index_list=[20], cfg_type="full", guidance_scale=1.5),
-        base(tiny, prompt="a castle", seed=3, t_index_list=[5, 25, 40], guidance_scale=2.0, delta=0.5),
-        base(
-            tiny,
+        tiny.fast_params(SIZE, prompt="a red fox", seed=1),
+        tiny.fast_params(
+            SIZE, prompt="a blue car", seed=2, t_index_list=[20], cfg_type="full", guidance_scale=1.5
+        ),
+        tiny.fast_params(
+            SIZE, prompt="a castle", seed=3, t_index_list=[5, 25, 40], guidance_scale=2.0, delta=0.5
+        ),
+        tiny.fast_params(
+            SIZE,
             prompt="waves",
             seed=4,
             cfg_type="initialize",
@@ -152,7 +144,7 @@ def test_a_channel_in_a_batch_of_four_gives_what_it_gives_alone(
 def test_a_hot_change_in_one_channel_leaves_the_others_alone(
     tiny: TinyModels, pool: SharedPool[SharedDiffusion]
 ) -> None:
-    params = [base(tiny, prompt="a red fox"), base(tiny, prompt="a blue car", seed=5)]
+    params = [tiny.fast_params(SIZE, prompt="a red fox"), tiny.fast_params(SIZE, prompt="a blue car", seed=5)]
     inputs = [frame(i) for i in range(4)]
     untouched = alone(params[1], inputs)
     unchanged = alone(params[0], inputs)
@@ -172,9 +164,11 @@ def test_controlnet_settings_are_per_channel_in_a_batch(
 ) -> None:
     controlnet = {"model_id": str(tiny.controlnet), "preprocessor": "canny"}
     params = [
-        base(tiny, controlnets=[controlnet]),
-        base(tiny, controlnets=[{**controlnet, "preprocessor": "blur", "conditioning_scale": 0.5}]),
-        base(tiny, controlnets=[{**controlnet, "conditioning_scale": 0.0}], prompt="no control"),
+        tiny.fast_params(SIZE, controlnets=[controlnet]),
+        tiny.fast_params(
+            SIZE, controlnets=[{**controlnet, "preprocessor": "blur", "conditioning_scale": 0.5}]
+        ),
+        tiny.fast_params(SIZE, controlnets=[{**controlnet, "conditioning_scale": 0.0}], prompt="no control"),
     ]
     inputs = [frame(i) for i in range(2)]
     expected = [alone(p, inputs) for p in params]
@@ -194,12 +188,14 @@ def test_channels_that_cannot_share_a_batch_get_their_own_model(
     chans = channels(
         pool,
         [
-            base(tiny, prompt="one"),
-            base(tiny, prompt="two", t_index_list=[20], guidance_scale=1.2, cfg_type="full"),
-            base(tiny, width=448),  # another latent shape
-            base(tiny, lora_dict={str(tiny.lora): 1.0}),  # other weights
-            base(tiny, model_id=str(tiny.sdxl)),  # another model
-            base(tiny, ip_adapter={"model_id": str(tiny.ip_adapter)}),  # an IP-Adapter: never shared
+            tiny.fast_params(SIZE, prompt="one"),
+            tiny.fast_params(SIZE, prompt="two", t_index_list=[20], guidance_scale=1.2, cfg_type="full"),
+            tiny.fast_params(SIZE, width=448),  # another latent shape
+            tiny.fast_params(SIZE, lora_dict={str(tiny.lora): 1.0}),  # other weights
+            tiny.fast_params(SIZE, model_id=str(tiny.sdxl)),  # another model
+            tiny.fast_params(
+                SIZE, ip_adapter={"model_id": str(tiny.ip_adapter)}
+            ),  # an IP-Adapter: never shared
         ],
     )
     shared = [c.shared for c in chans]
@@ -214,7 +210,7 @@ def test_channels_that_cannot_share_a_batch_get_their_own_model(
 def test_a_reload_that_still_fits_the_model_is_a_new_lane_not_a_new_model(
     tiny: TinyModels, pool: SharedPool[SharedDiffusion]
 ) -> None:
-    (first,) = channels(pool, [base(tiny)])
+    (first,) = channels(pool, [tiny.fast_params(SIZE)])
     assert first.update({"enable_similar_image_filter": True}) == {"enable_similar_image_filter"}
     (second,) = channels(pool, [{**first.params, "enable_similar_image_filter": True}])
     assert second.shared is first.shared and len(pool) == 1
@@ -231,7 +227,9 @@ def test_a_stream_that_stops_is_not_waited_for_and_a_fast_one_cannot_starve_a_sl
     Every slow frame goes into the step right after it was submitted, and steps run without the
     silent channel.
     """
-    fast, slow, silent = channels(pool, [base(tiny, seed=s, t_index_list=[20]) for s in (1, 2, 3)])
+    fast, slow, silent = channels(
+        pool, [tiny.fast_params(SIZE, seed=s, t_index_list=[20]) for s in (1, 2, 3)]
+    )
     shared = fast.shared
     assert shared is not None and shared.lanes == 3
     image = [frame(0)]
@@ -278,7 +276,8 @@ def test_adding_and_removing_channels_mid_stream_never_mixes_frames(tiny: TinyMo
     """
     prompts = {"a": "a red fox", "b": "a blue car", "c": "a castle"}
     params = {
-        name: base(tiny, prompt=text, t_index_list=[20], cfg_type="none") for name, text in prompts.items()
+        name: tiny.fast_params(SIZE, prompt=text, t_index_list=[20], cfg_type="none")
+        for name, text in prompts.items()
     }
     seeds = {name: [100 * n + i for i in range(6)] for n, name in enumerate(prompts)}
     expected = {name: alone(params[name], [frame(s) for s in seeds[name]]) for name in prompts}

@@ -27,20 +27,9 @@ pytestmark = pytest.mark.diffusion
 SIZE = 384
 
 
-def fast_defaults(tiny: TinyModels) -> dict[str, Any]:
-    return {
-        "model_id": str(tiny.sd),
-        "vae_id": str(tiny.tiny_vae),
-        "use_lcm_lora": False,
-        "width": SIZE,
-        "height": SIZE,
-        "t_index_list": [10, 30],
-    }
-
-
 def engine(tiny: TinyModels, **params: Any) -> DiffusionEngine:
     """A loaded engine on the tiny SD model with fast defaults; ``params`` override them."""
-    result = DiffusionEngine({**fast_defaults(tiny), **params})
+    result = DiffusionEngine(tiny.fast_params(SIZE, **params))
     result.load()
     return result
 
@@ -626,7 +615,7 @@ SLOW_FLOAT16 = {"controlnet-ip-adapter", "sdxl", "depth-controlnet", "hed-contro
 )
 def test_float16_runs_and_matches_float32(tiny: TinyModels, case: str) -> None:
     """CUDA runs the engine in float16; run that dtype here so a dtype mix-up fails on a CPU too."""
-    params = {**fast_defaults(tiny), **FLOAT16_CASES[case](tiny)}
+    params = tiny.fast_params(SIZE, **FLOAT16_CASES[case](tiny))
     outputs = {}
     for dtype in (torch.float32, torch.float16):
         eng = DiffusionEngine(params, dtype=dtype)

@@ -24,14 +24,8 @@ SIZE = 384
 
 @pytest.mark.slow
 async def test_worker_process_runs_the_tiny_diffusion_model(relay, tiny):
-    defaults = {
-        "vae_id": str(tiny.tiny_vae),
-        "use_lcm_lora": False,
-        "width": SIZE,
-        "height": SIZE,
-        "t_index_list": [10, 30],
-        "prompt": "a red fox",
-    }
+    defaults = tiny.fast_params(SIZE, prompt="a red fox")
+    del defaults["model_id"]  # --model sets it
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -82,53 +76,38 @@ async def test_reload_patch_keeps_the_stream_serving_until_the_new_pipeline_is_r
     from api.server.app import create_app
     from api.server.http import running
     from relay.local import LocalProducer, LocalViewer
-    from tests.api_fixtures import AUTH, KEY
+    from tests.api_fixtures import AUTH, KEY, serving_worker
     from tests.helpers import server_config
     from tests.test_api import wait_until_ready
-    from worker.runtime import Worker, WorkerOptions
 
     app = create_app(server_config(KEY, server={"degraded_input_fps": 0}))
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as api:
         api.app = app
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(app).relay_url, token=services(app).relay_token, engine="diffusion"
-            )
-        )
-        task = asyncio.create_task(worker.run())
-        params = {
-            "model_id": str(tiny.sd),
-            "vae_id": str(tiny.tiny_vae),
-            "use_lcm_lora": False,
-            "width": SIZE,
-            "height": SIZE,
-            "t_index_list": [10, 30],
-        }
-        response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
-        sid = response.json()["id"]
-        await asyncio.wait_for(wait_until_ready(api, sid), 60)
-        hub = services(app).relay.hub
-        producer, viewer = LocalProducer(hub, sid), LocalViewer(hub, sid)
-        image = jpeg(SIZE, SIZE, seed=3)
+        async with serving_worker(app, engine="diffusion"):
+            params = tiny.fast_params(SIZE)
+            response = await api.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
+            sid = response.json()["id"]
+            await asyncio.wait_for(wait_until_ready(api, sid), 60)
+            hub = services(app).relay.hub
+            producer, viewer = LocalProducer(hub, sid), LocalViewer(hub, sid)
+            image = jpeg(SIZE, SIZE, seed=3)
 
-        async def one() -> tuple[int, int]:
-            producer.publish(image, SIZE, SIZE)
-            frame = await viewer.next_frame(30)  # every frame gets an answer: the stream never stops
-            return frame.width, frame.params_version
+            async def one() -> tuple[int, int]:
+                producer.publish(image, SIZE, SIZE)
+                frame = await viewer.next_frame(30)  # every frame gets an answer: the stream never stops
+                return frame.width, frame.params_version
 
-        assert (await one())[0] == SIZE
-        response = await api.patch(f"/v1/streams/{sid}", json={"params": {"width": 448}})
-        assert response.status_code == 200 and response.json()["params"]["width"] == 448
-        assert response.json()["params"]["model_id"] == str(tiny.sd)  # merged, not replaced
-        sizes = []
-        while not sizes or sizes[-1] != 448:
-            width, _version = await one()
-            sizes.append(width)
-            assert len(sizes) < 500, "the reload never finished"
-        assert sizes[0] == SIZE, "the old pipeline should serve while the new one loads"
-        status = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
-        assert status["inference_status"]["restart_count"] == 1 and status["state"] == "ONLINE"
-        producer.close()
-        viewer.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+            assert (await one())[0] == SIZE
+            response = await api.patch(f"/v1/streams/{sid}", json={"params": {"width": 448}})
+            assert response.status_code == 200 and response.json()["params"]["width"] == 448
+            assert response.json()["params"]["model_id"] == str(tiny.sd)  # merged, not replaced
+            sizes = []
+            while not sizes or sizes[-1] != 448:
+                width, _version = await one()
+                sizes.append(width)
+                assert len(sizes) < 500, "the reload never finished"
+            assert sizes[0] == SIZE, "the old pipeline should serve while the new one loads"
+            status = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
+            assert status["inference_status"]["restart_count"] == 1 and status["state"] == "ONLINE"
+            producer.close()
+            viewer.close()

@@ -24,11 +24,10 @@ from api.webrtc.ingest import fitted_jpeg
 from media.codec import decode_image, encode_image
 from media.fit import fit_mode, fit_rgb, plan
 from relay.local import LocalProducer, LocalViewer
-from tests.api_fixtures import AUTH, KEY, api, create_stream, worker  # noqa: F401  (fixtures)
+from tests.api_fixtures import AUTH, KEY, api, create_stream, serving_worker, worker  # noqa: F401  (fixtures)
 from tests.helpers import server_config
 from tests.test_api import wait_until_ready
 from worker.engines.diffusion.images import resize
-from worker.runtime import Worker, WorkerOptions
 
 SOURCE = (640, 480)
 STREAM = (512, 512)
@@ -140,17 +139,10 @@ async def test_the_server_default_applies_to_streams_that_do_not_say():
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
-        worker = Worker(
-            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
-        )
-        task = asyncio.create_task(worker.run())
-        try:
+        async with serving_worker(app):
             stream = await create_stream(client)
             assert stream["params"]["fit"] == "pad"
             check(await fitted_output(client, stream["id"]), "pad", inverted=True)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 def test_the_config_file_sets_the_default():

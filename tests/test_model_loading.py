@@ -177,17 +177,6 @@ def load_error(model_id: str) -> str:
     return message
 
 
-def params(model_id: str, tiny: TinyModels) -> dict[str, Any]:
-    return {
-        "model_id": model_id,
-        "vae_id": str(tiny.tiny_vae),
-        "use_lcm_lora": False,
-        "width": SIZE,
-        "height": SIZE,
-        "t_index_list": [10, 30],
-    }
-
-
 def retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
@@ -246,9 +235,9 @@ def test_a_cached_model_loads_with_the_hub_unreachable(
 ) -> None:
     use_hub(monkeypatch, refused_endpoint(), hub_cache)
     frame = [np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)]
-    cached = DiffusionEngine(params(REPO, tiny))
+    cached = DiffusionEngine(tiny.fast_params(SIZE, model_id=REPO))
     cached.load()
-    local = DiffusionEngine(params(str(tiny.sd), tiny))
+    local = DiffusionEngine(tiny.fast_params(SIZE, model_id=str(tiny.sd)))
     local.load()
     assert np.array_equal(cached.process(frame)[0], local.process(frame)[0])  # the same weights
     warnings = [
@@ -307,7 +296,7 @@ def test_a_reachable_hub_downloads_the_model_into_the_cache(tiny: TinyModels, tm
 def test_the_engine_warns_once_per_load_that_the_cpu_is_slow(
     tiny: TinyModels, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = DiffusionEngine(params(str(tiny.sd), tiny), device=torch.device("cpu"))
+    engine = DiffusionEngine(tiny.fast_params(SIZE, model_id=str(tiny.sd)), device=torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="worker.engines.diffusion.model"):
         engine.load()
         engine.process([np.zeros((SIZE, SIZE, 3), np.uint8)])

@@ -30,10 +30,9 @@ from api.server.workers import LocalWorkers
 from relay import Relay, RelayConfig
 from relay.client import RelayRefused, connect
 from relay.config import TOKEN_ENV
-from tests.api_fixtures import AUTH, KEY, eventually
+from tests.api_fixtures import AUTH, KEY, eventually, serving_worker
 from tests.helpers import EchoWorker, input_frame, jpeg, recv_frame, recv_json, server_config
 from worker.launch import LAUNCH_ENV, LaunchOptions
-from worker.runtime import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -366,37 +365,29 @@ async def test_a_full_channel_table_is_a_503_not_a_500():
 
 async def test_idle_seed_sockets_cannot_keep_a_stream_from_its_worker(server):
     app, url = server
-    worker = Worker(
-        WorkerOptions(
-            relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter", capacity=2
-        )
-    )
-    task = asyncio.create_task(worker.run())
-    seeds = []
-    try:
-        await asyncio.wait_for(worker.connected.wait(), 10)
-        ws_url = url.replace("http://", "ws://") + "/ws"
-        for _ in range(4):  # seed 000 clients that connect and then do nothing
-            seeds.append(await websockets.connect(ws_url, compression=None))
-        hub = services(app).relay.hub
-        await eventually(
-            lambda: sum(name.startswith("ws000-") for name in hub.channels) == 4, 10, "four seed channels"
-        )
-        stream = await create_stream(url)
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
+    async with serving_worker(app, capacity=2):
+        seeds = []
+        try:
+            ws_url = url.replace("http://", "ws://") + "/ws"
+            for _ in range(4):  # seed 000 clients that connect and then do nothing
+                seeds.append(await websockets.connect(ws_url, compression=None))
+            hub = services(app).relay.hub
+            await eventually(
+                lambda: sum(name.startswith("ws000-") for name in hub.channels) == 4, 10, "four seed channels"
+            )
+            stream = await create_stream(url)
+            async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
 
-            async def state() -> str:
-                status = await client.get(f"/v1/streams/{stream['id']}/status")
-                return status.json()["data"]["state"]
+                async def state() -> str:
+                    status = await client.get(f"/v1/streams/{stream['id']}/status")
+                    return status.json()["data"]["state"]
 
-            deadline = time.monotonic() + 15
-            while (current := await state()) == "LOADING":
-                assert time.monotonic() < deadline, "the stream never got a worker"
-                await asyncio.sleep(0.05)
-        assert current in ("OFFLINE", "ONLINE")
-        assert hub.channels[stream["id"]].worker is not None
-    finally:
-        for ws in seeds:
-            await ws.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+                deadline = time.monotonic() + 15
+                while (current := await state()) == "LOADING":
+                    assert time.monotonic() < deadline, "the stream never got a worker"
+                    await asyncio.sleep(0.05)
+            assert current in ("OFFLINE", "ONLINE")
+            assert hub.channels[stream["id"]].worker is not None
+        finally:
+            for ws in seeds:
+                await ws.close()

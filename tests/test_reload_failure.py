@@ -19,10 +19,9 @@ from api.server.http import running
 from api.server.services import services
 from api.streams.store import StreamStore
 from relay.local import LocalProducer, LocalViewer
-from tests.api_fixtures import AUTH, KEY
+from tests.api_fixtures import AUTH, KEY, serving_worker
 from tests.helpers import jpeg, server_config
 from tests.test_api import wait_until_ready
-from worker.runtime import Worker, WorkerOptions
 
 pytestmark = pytest.mark.diffusion
 SIZE = 384
@@ -43,22 +42,8 @@ async def test_a_failed_reload_keeps_the_serving_params_and_says_why(tiny, tmp_p
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
         client.app = app  # type: ignore[attr-defined]
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(app).relay_url, token=services(app).relay_token, engine="diffusion"
-            )
-        )
-        task = asyncio.create_task(worker.run())
-        try:
-            params = {
-                "model_id": str(tiny.sd),
-                "vae_id": str(tiny.tiny_vae),
-                "use_lcm_lora": False,
-                "width": SIZE,
-                "height": SIZE,
-                "t_index_list": [10, 30],
-                "prompt": "a fox",
-            }
+        async with serving_worker(app, engine="diffusion"):
+            params = tiny.fast_params(SIZE, prompt="a fox")
             created = await client.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": params})
             sid = created.json()["id"]
             await asyncio.wait_for(wait_until_ready(client, sid), 120)
@@ -102,6 +87,3 @@ async def test_a_failed_reload_keeps_the_serving_params_and_says_why(tiny, tmp_p
                 store.close()
             assert stored.params["model_id"] == str(tiny.sd) and stored.params["prompt"] == "a dog"
             assert stored.reload_failure is not None and stored.reload_failure.version == version
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)

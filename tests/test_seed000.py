@@ -19,8 +19,8 @@ from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
 from media.codec import decode_image
+from tests.api_fixtures import serving_worker
 from tests.helpers import jpeg, noise_png, server_config
-from worker.runtime import Worker, WorkerOptions
 
 TIMEOUT = 15.0
 SIZE = 512
@@ -30,22 +30,8 @@ SIZE = 512
 async def server():
     """(ws URL, app) with an in-process filter worker on the app's relay."""
     app = create_app(server_config("k"))
-    async with running(app) as url:
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(app).relay_url,
-                token=services(app).relay_token,
-                engine="filter",
-                capacity=4,
-            )
-        )
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
-        try:
-            yield url.replace("http://", "ws://") + "/ws", app
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async with running(app) as url, serving_worker(app, capacity=4, timeout=TIMEOUT):
+        yield url.replace("http://", "ws://") + "/ws", app
 
 
 def client(url: str):

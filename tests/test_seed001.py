@@ -24,8 +24,8 @@ from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
 from media.codec import decode_image
+from tests.api_fixtures import serving_worker
 from tests.helpers import jpeg, server_config
-from worker.runtime import Worker, WorkerOptions
 
 TIMEOUT = 15.0
 SIZE = 512
@@ -50,23 +50,12 @@ class Server:
 @pytest.fixture
 async def server():
     app = create_app(server_config("k", server={"max_queue_size": MAX_QUEUE}))
-    async with running(app) as url:
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(app).relay_url,
-                token=services(app).relay_token,
-                engine="filter",
-                capacity=4,
-            )
-        )
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
-        try:
-            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
-                yield Server(app, url, http)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async with (
+        running(app) as url,
+        serving_worker(app, capacity=4, timeout=TIMEOUT),
+        httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http,
+    ):
+        yield Server(app, url, http)
 
 
 async def recv_json(ws: ClientConnection) -> dict:
@@ -301,17 +290,10 @@ async def test_wait_while_no_worker_is_free_then_send_frame():
             "message": "waiting for a worker: none is connected",
             "queue_position": 1,
         }
-        worker = Worker(
-            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
-        )
-        task = asyncio.create_task(worker.run())
-        try:
+        async with serving_worker(app, timeout=TIMEOUT):
             assert await recv_json(ws) == SEND_FRAME  # a worker took the session
             await send_bundle(ws, {"prompt": "negative"}, jpeg(SIZE, SIZE))
             assert await recv_json(ws) == SEND_FRAME
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_queue_limit_and_duplicate_users(server):
@@ -359,36 +341,22 @@ async def test_several_users_are_served_at_once_and_the_next_one_waits_with_its_
     """4 worker slots, half for anonymous sessions: two users at once, the third hears its place
     in the queue and gets ``send_frame`` when a slot frees."""
     app = create_app(server_config("k"))
-    async with running(app) as url:
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(app).relay_url,
-                token=services(app).relay_token,
-                engine="filter",
-                capacity=4,
-            )
-        )
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait_for(worker.connected.wait(), TIMEOUT)
+    async with running(app) as url, serving_worker(app, capacity=4, timeout=TIMEOUT):
         server = Server(app, url, None)
-        try:
-            async with server.ws("ann") as ann, server.ws("bob") as bob:
-                for ws in (ann, bob):
-                    await start(ws)
-                    await send_bundle(ws, {"prompt": "x"}, jpeg(SIZE, SIZE))
-                for ws in (ann, bob):
-                    assert await recv_json(ws) == SEND_FRAME  # each one's frame came back
-                async with server.ws("cyd") as cyd:
-                    assert await recv_json(cyd) == {"status": "connected"}
-                    assert await recv_json(cyd) == {
-                        "status": "wait",
-                        "message": "waiting for a slot: 2 of 2 in use (1st in the queue)",
-                        "queue_position": 1,
-                    }
-                    await ann.close()
-                    assert await recv_json(cyd) == SEND_FRAME
-                    await send_bundle(cyd, {"prompt": "x"}, jpeg(SIZE, SIZE))
-                    assert await recv_json(cyd) == SEND_FRAME
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        async with server.ws("ann") as ann, server.ws("bob") as bob:
+            for ws in (ann, bob):
+                await start(ws)
+                await send_bundle(ws, {"prompt": "x"}, jpeg(SIZE, SIZE))
+            for ws in (ann, bob):
+                assert await recv_json(ws) == SEND_FRAME  # each one's frame came back
+            async with server.ws("cyd") as cyd:
+                assert await recv_json(cyd) == {"status": "connected"}
+                assert await recv_json(cyd) == {
+                    "status": "wait",
+                    "message": "waiting for a slot: 2 of 2 in use (1st in the queue)",
+                    "queue_position": 1,
+                }
+                await ann.close()
+                assert await recv_json(cyd) == SEND_FRAME
+                await send_bundle(cyd, {"prompt": "x"}, jpeg(SIZE, SIZE))
+                assert await recv_json(cyd) == SEND_FRAME

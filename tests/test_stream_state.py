@@ -4,44 +4,19 @@ its input recovers; a real filter worker serves it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 
 from api.server.app import create_app
 from api.server.config import load_config
 from api.server.http import running
-from api.server.services import services
 from api.streams.manager import stream_state
-from relay.local import LocalProducer
-from tests.api_fixtures import AUTH, KEY, create_stream
-from tests.helpers import jpeg, server_config
+from tests.api_fixtures import AUTH, KEY, create_stream, feeding, serving_worker
+from tests.helpers import server_config
 from tests.test_api import wait_until_ready
-from worker.runtime import Worker, WorkerOptions
 
 SIZE = 384
-
-
-@contextlib.asynccontextmanager
-async def feeding(client: httpx.AsyncClient, stream_id: str, fps: list[float]) -> AsyncIterator[None]:
-    """Publish frames at ``fps[0]`` per second (change it to change the rate) until the block ends."""
-    producer = LocalProducer(services(client.app).hub, stream_id)  # type: ignore[attr-defined]
-    frames = [jpeg(SIZE, SIZE, seed=i) for i in range(10)]
-
-    async def run() -> None:
-        for i in range(1_000_000):
-            producer.publish(frames[i % len(frames)], SIZE, SIZE)
-            await asyncio.sleep(1 / fps[0])  # the camera's frame rate, not a synchronisation
-
-    task = asyncio.create_task(run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        producer.close()
 
 
 async def state_becomes(client: httpx.AsyncClient, stream_id: str, wanted: str, timeout: float = 20) -> dict:
@@ -61,18 +36,14 @@ async def test_slow_input_is_degraded_and_recovers():
     app = create_app(settings)
     async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
         client.app = app  # type: ignore[attr-defined]
-        worker = Worker(
-            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
-        )
-        task = asyncio.create_task(worker.run())
-        try:
+        async with serving_worker(app):
             stream = await create_stream(client, width=SIZE, height=SIZE)
             await asyncio.wait_for(wait_until_ready(client, stream["id"]), 15)
             assert (await state_becomes(client, stream["id"], "OFFLINE"))["inference_status"][
                 "input_fps"
             ] == 0
             rate = [5.0]
-            async with feeding(client, stream["id"], rate):
+            async with feeding(client, stream["id"], SIZE, rate):
                 slow = await state_becomes(client, stream["id"], "DEGRADED_INPUT")
                 assert 0 < slow["inference_status"]["input_fps"] < 15
                 rate[0] = 30.0
@@ -81,9 +52,6 @@ async def test_slow_input_is_degraded_and_recovers():
                 rate[0] = 5.0
                 await state_becomes(client, stream["id"], "DEGRADED_INPUT")
             await state_becomes(client, stream["id"], "OFFLINE")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 def test_the_threshold_is_configurable_and_zero_turns_it_off():

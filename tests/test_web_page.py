@@ -6,7 +6,6 @@ drives it. Screenshots go to ``artifacts/`` (kept by CI as test artifacts).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 import pytest
@@ -14,9 +13,9 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
+from tests.api_fixtures import serving_worker
 from tests.helpers import ARTIFACTS, CHROMIUM, server_config
 from tests.helpers import CHROMIUM_ARGS as ARGS
-from worker.runtime import Worker, WorkerOptions
 
 KEY = "page-test-key"
 
@@ -29,15 +28,8 @@ if not shutil.which(CHROMIUM):
 @pytest.fixture
 async def server():
     app = create_app(server_config(KEY, server={"degraded_input_fps": 0}))
-    async with running(app) as url:
-        worker = Worker(
-            WorkerOptions(relay_url=services(app).relay_url, token=services(app).relay_token, engine="filter")
-        )
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait_for(worker.connected.wait(), 10)
+    async with running(app) as url, serving_worker(app):
         yield url, app
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ Screenshots go to ``artifacts/``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -20,10 +19,10 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
+from tests.api_fixtures import serving_worker
 from tests.helpers import server_config
 from tests.test_web_controls import TIMEOUT, shot, start
 from tests.test_web_page import KEY, page, playwright_api, server  # noqa: F401
-from worker.runtime import Worker, WorkerOptions
 
 pytestmark = pytest.mark.browser
 MISSING_MODEL = "nobody/not-a-cached-model"
@@ -70,17 +69,8 @@ async def test_waiting_for_a_slot_is_said_with_the_slots_in_use_then_the_stream_
 async def diffusion_server():
     """A server whose only worker runs the diffusion engine (on the CPU here)."""
     app = create_app(server_config(KEY))
-    async with running(app) as url:
-        worker = Worker(
-            WorkerOptions(
-                relay_url=services(app).relay_url, token=services(app).relay_token, engine="diffusion"
-            )
-        )
-        task = asyncio.create_task(worker.run())
-        await asyncio.wait_for(worker.connected.wait(), 30)
+    async with running(app) as url, serving_worker(app, engine="diffusion", timeout=30):
         yield url, app
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_model_the_worker_cannot_load_shows_its_error(diffusion_server, page):

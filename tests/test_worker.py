@@ -16,7 +16,7 @@ from api.server.services import services
 from media.codec import decode_image
 from relay.client import connect
 from relay.local import LocalProducer, LocalViewer
-from tests.api_fixtures import api, create_stream  # noqa: F401  (fixtures)
+from tests.api_fixtures import api, create_stream, serving_worker  # noqa: F401  (fixtures)
 from tests.helpers import input_frame, jpeg, picture, recv_frame, recv_json
 from worker.engines import Engine, EngineError, create_engine
 from worker.pipeline import ChannelPipeline, Events, PipelineOptions, load_retry_delay
@@ -330,29 +330,20 @@ async def engine_state(api, stream_id: str, state: str) -> None:
 async def test_a_patch_brings_a_stream_out_of_error(api):
     """Through the API: the status shows ERROR with the failed attempt and the next try; a PATCH
     with params that load reaches the worker and the stream serves."""
-    worker = Worker(
-        WorkerOptions(
-            relay_url=services(api.app).relay_url, token=services(api.app).relay_token, engine="picky"
-        ),
-        factory=PickyEngine,
-    )
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.connected.wait(), 10)
-    stream = await create_stream(api, prompt="a broken lamp")
-    sid = stream["id"]
-    await asyncio.wait_for(engine_state(api, sid, "error"), 10)
-    data = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
-    assert data["state"] == "ERROR"
-    assert re.search(r"attempt 1.*broken prompt.*retrying in 2 s", data["inference_status"]["last_error"])
-    response = await api.patch(f"/v1/streams/{sid}", json={"params": {"prompt": "a lamp"}})
-    assert response.status_code == 200
-    await asyncio.wait_for(engine_state(api, sid, "ready"), 10)
-    hub = services(api.app).relay.hub
-    with LocalProducer(hub, sid) as producer, LocalViewer(hub, sid) as viewer:
-        producer.publish(jpeg(64, 48, seed=3))
-        out = await viewer.next_frame(10)
-    assert out.params_version == hub.channels[sid].params_version
-    data = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
-    assert data["state"] != "ERROR" and data["detail"] == "ready"
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with serving_worker(api.app, engine="picky", factory=PickyEngine):
+        stream = await create_stream(api, prompt="a broken lamp")
+        sid = stream["id"]
+        await asyncio.wait_for(engine_state(api, sid, "error"), 10)
+        data = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
+        assert data["state"] == "ERROR"
+        assert re.search(r"attempt 1.*broken prompt.*retrying in 2 s", data["inference_status"]["last_error"])
+        response = await api.patch(f"/v1/streams/{sid}", json={"params": {"prompt": "a lamp"}})
+        assert response.status_code == 200
+        await asyncio.wait_for(engine_state(api, sid, "ready"), 10)
+        hub = services(api.app).relay.hub
+        with LocalProducer(hub, sid) as producer, LocalViewer(hub, sid) as viewer:
+            producer.publish(jpeg(64, 48, seed=3))
+            out = await viewer.next_frame(10)
+        assert out.params_version == hub.channels[sid].params_version
+        data = (await api.get(f"/v1/streams/{sid}/status")).json()["data"]
+        assert data["state"] != "ERROR" and data["detail"] == "ready"

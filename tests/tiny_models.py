@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -55,6 +56,19 @@ class TinyModels:
     depth: Path  # a Depth Anything model (stands in for depth-anything/Depth-Anything-V2-Small-hf)
     hed: Path  # a directory with ControlNetHED.pth (stands in for lllyasviel/Annotators)
     pose: Path  # a ViTPose model (stands in for usyd-community/vitpose-base-simple)
+
+    def fast_params(self, size: int = 384, **params: Any) -> dict[str, Any]:
+        """Stream params quick on a CPU: ``sd`` with the tiny VAE, no LCM LoRA, two steps,
+        ``size`` x ``size``; ``params`` override them."""
+        return {
+            "model_id": str(self.sd),
+            "vae_id": str(self.tiny_vae),
+            "use_lcm_lora": False,
+            "width": size,
+            "height": size,
+            "t_index_list": [10, 30],
+            **params,
+        }
 
 
 def build_tiny_models(root: Path) -> TinyModels:
