@@ -4,7 +4,8 @@ A relay on its own has none (``Hub.backplane`` is None and nothing here is
 called). With ``--nats`` the hub gets a :class:`relay.cluster.NatsBackplane`,
 which does the I/O and calls the hub back (``route_remote``,
 ``serve_remote``...). Every method here is called from the hub's own code
-paths, synchronously: it must only queue work, never wait.
+paths, synchronously: it must only queue work, never wait; :meth:`status`
+is read by the API (``/health``, ``/metrics``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from wire.messages import Report
 
 if TYPE_CHECKING:
+    from relay.cluster.view import ClusterStatus
     from relay.hub import Delivery
 
 
@@ -26,3 +28,6 @@ class Backplane(Protocol):
 
     def changed(self) -> None:
         """Peers, channels or assignments changed: heartbeat and subscriptions are due."""
+
+    def status(self) -> ClusterStatus:
+        """What this node sees of the cluster (read by ``/health`` and ``/metrics``; changes nothing)."""

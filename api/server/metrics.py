@@ -1,5 +1,6 @@
 """Prometheus ``/metrics`` (with the API key, as stream ids label its series): per-stream fps,
-latency histogram, drops, GPU memory, workers, WebRTC sessions.
+latency histogram, drops, GPU memory, workers, WebRTC sessions, and with NATS the relay nodes
+this one hears and their workers' slots.
 
 Gauges and counters are read from the hub at scrape time (a custom
 collector, so nothing is updated on the frame path); the latency histogram
@@ -21,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from api.server.services import services
 from api.streams.auth import require_api_key
 from api.webrtc.sessions import WebRTCState
+from relay.cluster.view import ClusterStatus
 from relay.hub import Hub
 
 router = APIRouter()
@@ -68,6 +70,43 @@ class HubCollector:
         channels = GaugeMetricFamily("sd_channels", "Relay channels open")
         channels.add_metric([], len(self.hub.channels))
         yield from (fps_in, fps_out, frames_in, frames_out, drops, gpu, workers, capacity, channels)
+        if self.hub.backplane is not None:
+            yield from cluster_metrics(self.hub.backplane.status())
+
+
+def cluster_metrics(status: ClusterStatus) -> Iterator[Metric]:
+    """The nodes this one hears over NATS (it included), and each other node's workers as its
+    heartbeat lists them."""
+    connected = GaugeMetricFamily("sd_cluster_connected", "1 while this node's NATS connection is up")
+    connected.add_metric([], 1 if status.connected else 0)
+    nodes = GaugeMetricFamily(
+        "sd_cluster_nodes", "Relay nodes this node sees alive over NATS, itself included"
+    )
+    nodes.add_metric([], 1 + len(status.nodes))
+    age = GaugeMetricFamily(
+        "sd_cluster_node_heartbeat_age_seconds", "Seconds since the node's last heartbeat", labels=["node"]
+    )
+    workers = GaugeMetricFamily(
+        "sd_cluster_node_workers", "Workers of another node, as its heartbeat lists them", labels=["node"]
+    )
+    capacity = GaugeMetricFamily(
+        "sd_cluster_node_worker_capacity",
+        "Channels another node's workers can serve, and in use (for any node), as its heartbeat says",
+        labels=["node", "state"],
+    )
+    for node in status.nodes:
+        age.add_metric([node.name], node.heartbeat_age_s)
+        workers.add_metric([node.name], node.workers)
+        capacity.add_metric([node.name, "total"], node.capacity)
+        capacity.add_metric([node.name, "used"], node.used)
+    dropped = CounterMetricFamily(
+        "sd_cluster_frames_not_shared",
+        "Frames for the other nodes not published: replaced by newer ones, or over NATS max_payload",
+        labels=["why"],
+    )
+    dropped.add_metric(["replaced"], status.dropped)
+    dropped.add_metric(["too_large"], status.too_large)
+    yield from (connected, nodes, age, workers, capacity, dropped)
 
 
 class WebRTCCollector:

@@ -50,7 +50,7 @@ from relay.cluster.messages import (
     frame_subject,
     node_subject,
 )
-from relay.cluster.view import ClusterView
+from relay.cluster.view import ClusterStatus, ClusterView
 from relay.config import RelayConfig
 from relay.hub import Delivery, Hub, Peer
 from relay.outbox import Outbox
@@ -188,6 +188,16 @@ class NatsBackplane:
 
     def changed(self) -> None:
         self._dirty.set()
+
+    def status(self) -> ClusterStatus:
+        return ClusterStatus(
+            node=self.node,
+            connected=self.nc.is_connected,
+            nodes=self.view.seen(time.monotonic()),
+            worker_nodes=dict(self._proxy_node),
+            dropped=self.dropped,
+            too_large=self.too_large,
+        )
 
     # -- outgoing ------------------------------------------------------------
 

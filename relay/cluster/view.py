@@ -12,6 +12,34 @@ from dataclasses import dataclass, field
 from relay.cluster.messages import Heartbeat, WorkerInfo
 
 
+@dataclass(frozen=True)
+class NodeSeen:
+    """Another node as this one sees it: no channel names (``/health`` shows it to anyone)."""
+
+    name: str
+    #: seconds since its last heartbeat (a node is gone after ``dead_after``)
+    heartbeat_age_s: float
+    workers: int
+    #: its workers' slots, and those serving a channel (for any node), as its heartbeat says
+    capacity: int
+    used: int
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What a node sees of its cluster, for ``/health`` and ``/metrics``."""
+
+    node: str
+    #: its NATS connection is up (while it is down, the other nodes age, then are gone)
+    connected: bool
+    nodes: list[NodeSeen]
+    #: the other nodes' workers in this node's hub (proxy workers), by id: their node
+    worker_nodes: dict[str, str]
+    #: frames replaced unsent on their way to NATS (newest-frame-wins), and over its max_payload
+    dropped: int = 0
+    too_large: int = 0
+
+
 @dataclass
 class ClusterView:
     node: str
@@ -41,3 +69,16 @@ class ClusterView:
     def workers(self, node: str) -> list[WorkerInfo]:
         entry = self.nodes.get(node)
         return entry[0].workers if entry else []
+
+    def seen(self, now: float) -> list[NodeSeen]:
+        """The other nodes alive, by name, with what their last heartbeat said of their workers."""
+        return [
+            NodeSeen(
+                name=node,
+                heartbeat_age_s=max(0.0, now - heard),
+                workers=len(heartbeat.workers),
+                capacity=sum(w.capacity for w in heartbeat.workers),
+                used=sum(len(w.channels) for w in heartbeat.workers),
+            )
+            for node, (heartbeat, heard) in sorted(self.nodes.items())
+        ]
