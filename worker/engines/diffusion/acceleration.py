@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.controlnets.controlnet import ControlNetModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,8 @@ class Accelerated:
 
 
 def accelerate(
-    unet: torch.nn.Module,
-    controlnets: Sequence[torch.nn.Module],
+    unet: UNet2DConditionModel,
+    controlnets: Sequence[ControlNetModel],
     mode: str,
     device: torch.device,
     cache_key: str,
@@ -99,8 +101,8 @@ def heartbeat(what: str, every_s: float = 10.0) -> Iterator[None]:
 
 
 def _sdpa(
-    unet: torch.nn.Module, controlnets: Sequence[torch.nn.Module], device: torch.device
-) -> torch.nn.Module:
+    unet: UNet2DConditionModel, controlnets: Sequence[ControlNetModel], device: torch.device
+) -> UNet2DConditionModel:
     """Fused SDPA attention everywhere; channels-last convolutions on CUDA."""
     for model in (unet, *controlnets):
         processors = model.attn_processors
@@ -112,11 +114,13 @@ def _sdpa(
             }
         )
         if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+            # torch's Module.to overloads omit memory_format (Module.to takes it), and diffusers' own
+            # `to`, wrapped in functools.wraps, is not bound as a method to mypy (see loading.module_to)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     return unet
 
 
-def _compile(unet: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
+def _compile(unet: UNet2DConditionModel, device: torch.device) -> Callable[..., Any]:
     """``torch.compile``; on CUDA with CUDA graphs ("reduce-overhead") to cut launch overhead."""
     if device.type != "cuda":
         log.info("acceleration compile: torch.compile (default mode; CUDA graphs need CUDA)")
@@ -131,14 +135,15 @@ def _compile(unet: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
     return run
 
 
-def _tensorrt(unet: torch.nn.Module, dtype: torch.dtype, cache_key: str) -> Callable[..., Any]:
+def _tensorrt(unet: UNet2DConditionModel, dtype: torch.dtype, cache_key: str) -> Callable[..., Any]:
     """Torch-TensorRT as a ``torch.compile`` backend, engines cached on disk per model/size/batch."""
     import torch_tensorrt  # noqa: F401 - registers the "tensorrt" backend
 
     cache = engine_cache_dir(cache_key)
     cache.mkdir(parents=True, exist_ok=True)
     log.info("acceleration tensorrt: engines cached in %s (the first build takes minutes)", cache)
-    options = {
+    # a backend's own options, passed through as they are: torch's annotation covers inductor's only
+    options: dict[str, Any] = {
         "enabled_precisions": {dtype},
         "immutable_weights": False,
         "cache_built_engines": True,

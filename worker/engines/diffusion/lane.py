@@ -55,7 +55,7 @@ class Lane:
     def __init__(self, model: DiffusionModel, config: DiffusionParams) -> None:
         self.model = model
         self.config = config
-        models = model.models
+        models = model.loaded.models
         stream_config = StreamConfig(
             latent_shape=model.latent_shape,
             frame_buffer_size=config.frame_buffer_size,
@@ -97,11 +97,11 @@ class Lane:
             )
             stream.set_noise(noise)
         if changed(*GUIDANCE_FIELDS):
-            cond = model.prompts.blend(
+            cond = model.loaded.prompts.blend(
                 config.weighted_prompts(), config.prompt_interpolation_method, config.normalize_prompt_weights
             )
             needs_uncond = config.guidance_scale > 1.0 and config.cfg_type in ("initialize", "full")
-            uncond = model.prompts.encode(config.negative_prompt) if needs_uncond else None
+            uncond = model.loaded.prompts.encode(config.negative_prompt) if needs_uncond else None
             stream.set_guidance(cond, uncond, config.cfg_type, config.guidance_scale, config.delta)
         if changed(*PROCESSING_FIELDS):
             self.chains = chains(config)
@@ -110,7 +110,7 @@ class Lane:
                 unit.params = params
                 unit.preprocess = self._preprocessor(params)
         if config.ip_adapter is not None and changed(*STYLE_FIELDS):
-            pipe = model.models.pipe
+            pipe = model.loaded.models.pipe
             # the model's own setting, not the lane's: why an IP-Adapter model serves one channel only
             pipe.set_ip_adapter_scale(config.ip_adapter.scale if config.ip_adapter.enabled else 0.0)
             self.image_embeds = ip_adapter.style_embeds(

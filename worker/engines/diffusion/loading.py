@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, DiffusionPipeline, LCMScheduler
+
+# From the defining modules: to a type checker, diffusers' top-level names are the placeholder
+# classes it exports when torch is missing (no base class, no methods).
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
+from diffusers.models.controlnets.controlnet import ControlNetModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_lcm import LCMScheduler
 from huggingface_hub import HfApi, constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -29,6 +36,7 @@ from worker.engines.diffusion.params import DiffusionParams
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 ModelKind = Literal["turbo", "lcm", "base"]
 
 PRESETS: dict[str, ModelKind] = {
@@ -58,7 +66,7 @@ class LoadedModels:
     """Everything the engine runs, on its device."""
 
     pipe: Any  # a StableDiffusionPipeline or StableDiffusionXLPipeline
-    vae: torch.nn.Module
+    vae: AutoencoderKL | AutoencoderTiny
     scheduler: LCMScheduler
     kind: ModelKind
     is_xl: bool
@@ -87,13 +95,25 @@ def load_models(params: DiffusionParams, device: torch.device, dtype: torch.dtyp
     kind = model_kind(params.model_id)
     _apply_loras(pipe, params, kind, is_xl)
     pipe.to(device)
-    vae = _load_vae(params, pipe, is_xl, dtype).to(device)
+    vae = module_to(_load_vae(params, pipe, is_xl, dtype), device)
     controlnets = [
-        pretrained(ControlNetModel.from_pretrained, c.model_id, "ControlNet", dtype=dtype).to(device)
+        module_to(pretrained(ControlNetModel.from_pretrained, c.model_id, "ControlNet", dtype=dtype), device)
         for c in params.enabled_controlnets()
     ]
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     return LoadedModels(pipe, vae, scheduler, kind, is_xl, controlnets)
+
+
+def module_to(model: ModuleT, target: torch.device | torch.dtype) -> ModuleT:
+    """``model.to(device)`` or ``model.to(dtype=dtype)``, checked against torch's ``Module.to``.
+
+    The model's own ``to`` runs (diffusers' ``ModelMixin.to`` among them); diffusers decorates that
+    one with ``functools.wraps``, which typeshed types as a callable that does not bind ``self``, so
+    mypy rejects calling it on a diffusers model directly.
+    """
+    if isinstance(target, torch.dtype):
+        return model.to(dtype=target)
+    return model.to(target)
 
 
 def pretrained(load: Callable[..., T], source: str, what: str, **kwargs: Any) -> T:
@@ -159,7 +179,9 @@ def _apply_loras(pipe: Any, params: DiffusionParams, kind: ModelKind, is_xl: boo
     pipe.unload_lora_weights()
 
 
-def _load_vae(params: DiffusionParams, pipe: Any, is_xl: bool, dtype: torch.dtype) -> torch.nn.Module:
+def _load_vae(
+    params: DiffusionParams, pipe: Any, is_xl: bool, dtype: torch.dtype
+) -> AutoencoderKL | AutoencoderTiny:
     if params.use_tiny_vae:
         vae_id = params.vae_id or TINY_VAES[is_xl]
         return pretrained(AutoencoderTiny.from_pretrained, vae_id, "tiny VAE", dtype=dtype)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from worker.engines.base import EngineError
 from worker.engines.diffusion import ip_adapter
 from worker.engines.diffusion.acceleration import COMPILED, Accelerated, accelerate
 from worker.engines.diffusion.loading import LoadedModels, load_models
@@ -63,18 +65,42 @@ def share_key(config: DiffusionParams, device: torch.device, dtype: torch.dtype)
     )
 
 
+@dataclass
+class Loaded:
+    """What :meth:`DiffusionModel.load` sets up: the models, the accelerated UNet and what runs them."""
+
+    models: LoadedModels
+    accelerated: Accelerated
+    predictor: UNetPredictor
+    codec: LatentCodec
+    prompts: PromptEncoder
+
+
 class DiffusionModel:
     """Loaded weights and caches for ``config``'s shareable part (see :func:`share_key`)."""
 
     def __init__(self, config: DiffusionParams, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.device, self.dtype = device, dtype
-        self.models: LoadedModels | None = None
-        self.accelerated: Accelerated | None = None
-        self.predictor: UNetPredictor | None = None
-        self.codec: LatentCodec | None = None
-        self.prompts: PromptEncoder | None = None
+        self._loaded: Loaded | None = None
         self.neural = NeuralPreprocessors(device, dtype)
+
+    @property
+    def loaded(self) -> Loaded:
+        """The loaded models and what runs them; an error before :meth:`load` and after :meth:`close`."""
+        if self._loaded is None:
+            raise EngineError("the diffusion model is not loaded")
+        return self._loaded
+
+    @property
+    def models(self) -> LoadedModels | None:
+        """The loaded models, None when not loaded."""
+        return self._loaded.models if self._loaded is not None else None
+
+    @property
+    def accelerated(self) -> Accelerated | None:
+        """The UNet's acceleration in effect, None when not loaded."""
+        return self._loaded.accelerated if self._loaded is not None else None
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -82,7 +108,7 @@ class DiffusionModel:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        pipe = self.models.pipe
+        pipe = self.loaded.models.pipe
         scale = pipe.vae_scale_factor
         return (pipe.unet.config.in_channels, self.config.height // scale, self.config.width // scale)
 
@@ -95,15 +121,25 @@ class DiffusionModel:
         models = load_models(config, self.device, self.dtype)
         if config.ip_adapter is not None:
             ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
-        self.models = models
-        self.accelerated = self.accelerate(config.acceleration)
-        self.predictor = UNetPredictor(self.accelerated.unet, models.controlnets)
-        self.codec = LatentCodec(models.vae, self.dtype)
-        self.prompts = PromptEncoder(models.pipe, self.output_size)
+        accelerated = self._accelerate(models, config.acceleration)
+        self._loaded = Loaded(
+            models=models,
+            accelerated=accelerated,
+            predictor=UNetPredictor(accelerated.unet, models.controlnets),
+            codec=LatentCodec(models.vae, self.dtype),
+            prompts=PromptEncoder(models.pipe, self.output_size),
+        )
 
     def accelerate(self, mode: str) -> Accelerated:
-        """``mode`` applied to the UNet; the predictor is pointed at the result when it exists."""
-        config, models = self.config, self.models
+        """``mode`` applied to the loaded UNet; the predictor runs the result from now on."""
+        loaded = self.loaded
+        accelerated = self._accelerate(loaded.models, mode)
+        loaded.accelerated = accelerated
+        loaded.predictor.unet = accelerated.unet
+        return accelerated
+
+    def _accelerate(self, models: LoadedModels, mode: str) -> Accelerated:
+        config = self.config
         cache_key = "|".join(
             [
                 config.model_id,
@@ -112,24 +148,20 @@ class DiffusionModel:
                 str(config.lora_dict),
             ]
         )
-        accelerated = accelerate(models.pipe.unet, models.controlnets, mode, self.device, cache_key)
-        self.accelerated = accelerated
-        if self.predictor is not None:
-            self.predictor.unet = accelerated.unet
-        return accelerated
+        return accelerate(models.pipe.unet, models.controlnets, mode, self.device, cache_key)
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "acceleration": self.accelerated.mode if self.accelerated else None,
+            "acceleration": self._loaded.accelerated.mode if self._loaded is not None else None,
         }
-        if self.models is not None:
-            info |= {"model_kind": self.models.kind, "sdxl": self.models.is_xl}
+        if self._loaded is not None:
+            info |= {"model_kind": self._loaded.models.kind, "sdxl": self._loaded.models.is_xl}
         return info
 
     def close(self) -> None:
-        self.models = self.accelerated = self.predictor = self.codec = self.prompts = None
+        self._loaded = None
         self.neural = NeuralPreprocessors(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

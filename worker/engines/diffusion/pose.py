@@ -12,7 +12,7 @@ coloured limbs as ellipses and coloured joints on black.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -92,7 +92,7 @@ def openpose_points(coco: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
 
 def draw_skeleton(height: int, width: int, points: np.ndarray, visible: np.ndarray) -> np.ndarray:
     """OpenPose's body drawing: limbs as 60%-opaque ellipses, then joints as dots, on black."""
-    canvas = np.zeros((height, width, 3), np.uint8)
+    canvas: np.ndarray = np.zeros((height, width, 3), np.uint8)
     stick = max(2, round(4 * max(height, width) / 512))
     for index, (a, b) in enumerate(LIMBS):
         if not (visible[a] and visible[b]):
@@ -100,8 +100,10 @@ def draw_skeleton(height: int, width: int, points: np.ndarray, visible: np.ndarr
         (xa, ya), (xb, yb) = points[a], points[b]
         length = float(np.hypot(xa - xb, ya - yb))
         angle = float(np.degrees(np.arctan2(ya - yb, xa - xb)))
-        polygon = cv2.ellipse2Poly(
-            (int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1
+        polygon = np.asarray(  # already an (n, 2) array; OpenCV's stubs say a sequence of points
+            cv2.ellipse2Poly(
+                (int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1
+            )
         )
         limb = canvas.copy()
         cv2.fillConvexPoly(limb, polygon, COLOURS[index])
@@ -119,7 +121,7 @@ class PoseEstimator:
         self.model = load_network(
             VitPoseForPoseEstimation.from_pretrained, model_id, "pose model", device, dtype
         )
-        size = self.model.config.backbone_config.image_size
+        size: int | Sequence[int] = self.model.config.backbone_config.image_size
         self.input_height, self.input_width = (size, size) if isinstance(size, int) else size
         self._device, self._dtype = device, dtype
         self._normalize = ImageNetNormalize(device, dtype)

@@ -13,13 +13,15 @@ per denoising step, doubled for CFG), so row ``r`` belongs to frame
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models.controlnets.controlnet import ControlNetModel
 
+from worker.engines.base import EngineError
 from worker.engines.diffusion.params import ControlNetParams
 from worker.engines.diffusion.stream import Conditioning, UNetCall
 
@@ -45,7 +47,7 @@ class LaneInputs:
 class UNetPredictor:
     """Runs the UNet and the loaded ControlNets on the concatenated rows of several calls."""
 
-    def __init__(self, unet: Callable[..., Any], controlnets: Sequence[torch.nn.Module]) -> None:
+    def __init__(self, unet: Callable[..., Any], controlnets: Sequence[ControlNetModel]) -> None:
         self.unet = unet
         self.controlnets = list(controlnets)
 
@@ -54,10 +56,12 @@ class UNetPredictor:
         latents = torch.cat([call.latents for call, _ in calls]) if len(calls) > 1 else calls[0][0].latents
         timesteps = torch.cat([call.timesteps for call, _ in calls])
         cond = Conditioning.concat([call.cond for call, _ in calls])
-        added = cond.added_cond_kwargs()
-        embeds = [inputs.image_embeds for _, inputs in calls]
-        if any(e is not None for e in embeds):
-            rows = [e.repeat(len(call.latents), 1, 1) for e, (call, _) in zip(embeds, calls, strict=True)]
+        added: Mapping[str, torch.Tensor | list[torch.Tensor]] | None = cond.added_cond_kwargs()
+        embeds = [(e, len(call.latents)) for call, inputs in calls if (e := inputs.image_embeds) is not None]
+        if embeds:
+            if len(embeds) != len(calls):
+                raise EngineError("calls with and without an IP-Adapter style image cannot be batched")
+            rows = [e.repeat(n, 1, 1) for e, n in embeds]
             added = {**(added or {}), "image_embeds": [torch.cat(rows)]}
         residuals = self._control_residuals(calls, latents, timesteps, cond)
         eps = self.unet(

@@ -69,7 +69,8 @@ def soft_edge(frame: np.ndarray, sigma: float = 1.5) -> np.ndarray:
     """Soft edges (an HED stand-in): blurred Sobel gradient magnitude, normalized."""
     gray = cv2.GaussianBlur(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0), sigma)
     magnitude = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
-    edges = cv2.normalize(cv2.GaussianBlur(magnitude, (0, 0), sigma), None, 0, 255, cv2.NORM_MINMAX)
+    blurred = cv2.GaussianBlur(magnitude, (0, 0), sigma)
+    edges = cv2.normalize(blurred, np.empty_like(blurred), 0, 255, cv2.NORM_MINMAX)
     return np.repeat(edges.astype(np.uint8)[:, :, None], 3, axis=2)
 
 

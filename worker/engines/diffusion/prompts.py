@@ -44,8 +44,8 @@ class PromptEncoder:
         conds = [self.encode(text) for text, _ in prompts]
         weights = normalize_weights([w for _, w in prompts], normalize)
         embeds = blend([c.embeds for c in conds], weights, method)
-        pooled = None if conds[0].pooled is None else blend([c.pooled for c in conds], weights, method)
-        return Conditioning(embeds, pooled, conds[0].time_ids)
+        pooled = [c.pooled for c in conds if c.pooled is not None]  # all of them (SDXL) or none
+        return Conditioning(embeds, blend(pooled, weights, method) if pooled else None, conds[0].time_ids)
 
     @torch.inference_mode()
     def _encode(self, text: str) -> Conditioning:

@@ -50,12 +50,12 @@ class _Task(Generic[T]):
     def __init__(self, fn: Callable[[], T]) -> None:
         self._fn = fn
         self._finished = threading.Event()
-        self._result: T | None = None
+        self._result: tuple[T] | None = None  # (what fn returned,): T itself may be None
         self._error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self._result = self._fn()
+            self._result = (self._fn(),)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
             self._error = exc
         finally:
@@ -69,7 +69,9 @@ class _Task(Generic[T]):
         self._finished.wait()
         if self._error is not None:
             raise self._error
-        return self._result  # type: ignore[return-value]
+        if self._result is None:  # finished, so run() returned or something failed it
+            raise RuntimeError("task finished without a result")
+        return self._result[0]
 
 
 class SharedDiffusion:

@@ -71,7 +71,7 @@ def _denoise(model: DiffusionModel, active: list[_Active]) -> list[list[np.ndarr
     img2img = [item for item in active if item.lane.config.mode == "img2img"]
     encoded: dict[int, torch.Tensor] = {}
     if img2img:
-        latents = model.codec.encode(_cat([item.images for item in img2img]))
+        latents = model.loaded.codec.encode(_cat([item.images for item in img2img]))
         sizes = [len(item.images) for item in img2img]
         encoded = {item.index: part for item, part in zip(img2img, latents.split(sizes), strict=True)}
     denoisings = [
@@ -80,11 +80,11 @@ def _denoise(model: DiffusionModel, active: list[_Active]) -> list[list[np.ndarr
     inputs = [item.lane.inputs() for item in active]
 
     def predict(calls: list[tuple[int, UNetCall]]) -> list[torch.Tensor]:
-        return model.predictor.predict([(call, inputs[lane]) for lane, call in calls])
+        return model.loaded.predictor.predict([(call, inputs[lane]) for lane, call in calls])
 
     x0s = drive_together(denoisings, predict)
     x0s = [item.lane.finish_latents(x0) for item, x0 in zip(active, x0s, strict=True)]
-    frames = tensor_to_frames(model.codec.decode(_cat(x0s)))
+    frames = tensor_to_frames(model.loaded.codec.decode(_cat(x0s)))
     out, start = [], 0
     for x0 in x0s:
         out.append(frames[start : start + len(x0)])
@@ -103,7 +103,7 @@ def warm_up(model: DiffusionModel, lane: Lane) -> None:
     """
     config = lane.config
     grey = [np.full((config.height, config.width, 3), 127, np.uint8)] * config.frame_buffer_size
-    mode = model.accelerated.mode
+    mode = model.loaded.accelerated.mode
 
     def once() -> None:
         (result,) = run_step(model, [(lane, grey)])

@@ -29,7 +29,7 @@ from worker.engines.base import EngineError
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Text conditioning for a batch: embeddings, plus SDXL's pooled embeds and time ids."""
+    """Text conditioning for a batch: embeddings, plus SDXL's pooled embeds and time ids (both or neither)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -40,26 +40,44 @@ class Conditioning:
         """The rows of several conditionings, in order (streams batched together)."""
         if len(conds) == 1:
             return conds[0]
-        parts = zip(*(c._parts() for c in conds), strict=True)
-        return Conditioning(*(None if p[0] is None else torch.cat(list(p)) for p in parts))
+        return Conditioning(
+            torch.cat([c.embeds for c in conds]),
+            _cat_rows([c.pooled for c in conds]),
+            _cat_rows([c.time_ids for c in conds]),
+        )
 
     def repeat(self, n: int) -> Conditioning:
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat(n, *[1] * (t.dim() - 1))
+
         return Conditioning(
-            *(None if t is None else t.repeat(n, *[1] * (t.dim() - 1)) for t in self._parts())
+            rows(self.embeds),
+            None if self.pooled is None else rows(self.pooled),
+            None if self.time_ids is None else rows(self.time_ids),
         )
 
     def cat(self, other: Conditioning) -> Conditioning:
-        pairs = zip(self._parts(), other._parts(), strict=True)
-        return Conditioning(*(None if a is None else torch.cat([a, b]) for a, b in pairs))
+        return Conditioning(
+            torch.cat([self.embeds, other.embeds]),
+            _cat_rows([self.pooled, other.pooled]),
+            _cat_rows([self.time_ids, other.time_ids]),
+        )
 
     def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
         """The UNet's ``added_cond_kwargs`` (SDXL only)."""
-        if self.pooled is None:
+        if self.pooled is None or self.time_ids is None:
             return None
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
-    def _parts(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.embeds, self.pooled, self.time_ids)
+
+def _cat_rows(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """One optional field of several conditionings, rows concatenated; None when they lack it."""
+    tensors = [t for t in parts if t is not None]
+    if not tensors:
+        return None
+    if len(tensors) != len(parts):
+        raise EngineError("conditionings with and without SDXL's pooled embeds cannot be batched")
+    return torch.cat(tensors)
 
 
 class NoisePredictor(Protocol):
@@ -211,6 +229,24 @@ class StreamDenoiser:
         return self._num_steps
 
     @property
+    def _noise(self) -> torch.Tensor:
+        if self.init_noise is None:
+            raise EngineError("the stream needs set_noise before use")
+        return self.init_noise
+
+    @property
+    def _positive(self) -> Conditioning:
+        if self._cond is None:
+            raise EngineError("the stream needs set_guidance before use")
+        return self._cond
+
+    @property
+    def _negative(self) -> Conditioning:
+        if self._uncond is None:  # set_guidance asks for it whenever cfg_type runs the negative prompt
+            raise EngineError(f"cfg_type {self._cfg_type!r} needs negative-prompt conditioning")
+        return self._uncond
+
+    @property
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of the noise ``set_noise`` wants: one latent per step and buffered frame."""
         return (self._num_steps * self._fbs, *self.config.latent_shape)
@@ -297,7 +333,7 @@ class StreamDenoiser:
 
     def _batched(self, x_t: torch.Tensor) -> Denoising:
         fbs, n = self._fbs, self._num_steps
-        noise = self.init_noise
+        noise = self._noise
         if self._stock_noise is None:
             self._stock_noise = torch.zeros_like(noise)
         if n > 1:
@@ -310,7 +346,7 @@ class StreamDenoiser:
         )
         x0 = self._x0(eps, x_t, self._alpha, self._beta, self._c_skip, self._c_out)
         if self._cfg_type in ("self", "initialize"):
-            self._stock_noise = self._next_stock_noise(eps)
+            self._stock_noise = self._next_stock_noise(eps, self._stock_noise)
         if n == 1:
             return x0
         renoised = self._alpha[fbs:] * x0[:-fbs]
@@ -319,15 +355,13 @@ class StreamDenoiser:
         self._buffer = renoised
         return x0[-fbs:]
 
-    def _next_stock_noise(self, eps: torch.Tensor) -> torch.Tensor:
+    def _next_stock_noise(self, eps: torch.Tensor, stock_noise: torch.Tensor) -> torch.Tensor:
         """RCFG's residual noise for the next frame: the seed noise plus this step's correction."""
-        fbs = self._fbs
-        delta_x = self._x0(
-            eps, self._beta * self._stock_noise, self._alpha, self._beta, self._c_skip, self._c_out
-        )
+        fbs, noise = self._fbs, self._noise
+        delta_x = self._x0(eps, self._beta * stock_noise, self._alpha, self._beta, self._c_skip, self._c_out)
         ones = torch.ones_like(self._alpha[:fbs])
         delta_x = delta_x * torch.cat([self._alpha[fbs:], ones]) / torch.cat([self._beta[fbs:], ones])
-        return torch.cat([self.init_noise[fbs:], self.init_noise[:fbs]]) + delta_x
+        return torch.cat([noise[fbs:], noise[:fbs]]) + delta_x
 
     def _sequential(self, x_t: torch.Tensor) -> Denoising:
         """One UNet call per step (``use_denoising_batch=False``): no buffer, same schedule."""
@@ -394,22 +428,22 @@ class StreamDenoiser:
         """Conditioning rows matching the batch layout ``_guided_eps`` builds (cached)."""
         if self._batch_cond is None:
             rows = self._num_steps * self._fbs
-            cond = self._cond.repeat(rows)
+            cond = self._positive.repeat(rows)
             if self._cfg_type == "full":
-                cond = self._uncond.repeat(rows).cat(cond)
+                cond = self._negative.repeat(rows).cat(cond)
             elif self._cfg_type == "initialize":
-                cond = self._uncond.repeat(self._fbs).cat(cond)
+                cond = self._negative.repeat(self._fbs).cat(cond)
             self._batch_cond = cond
         return self._batch_cond
 
     def _sequential_cond(self, first: bool) -> Conditioning:
-        cond = self._cond.repeat(self._fbs)
+        cond = self._positive.repeat(self._fbs)
         if self._cfg_type == "full" or (self._cfg_type == "initialize" and first):
-            cond = self._uncond.repeat(self._fbs).cat(cond)
+            cond = self._negative.repeat(self._fbs).cat(cond)
         return cond
 
     def _noise_block(self, step: int) -> torch.Tensor:
-        return self.init_noise[step * self._fbs : (step + 1) * self._fbs]
+        return self._noise[step * self._fbs : (step + 1) * self._fbs]
 
     def _per_row(self, values: torch.Tensor, rows: int) -> torch.Tensor:
         """One value per step, repeated for each frame that step holds, on the model's device."""

@@ -6,13 +6,16 @@ Both take and give images in [-1, 1]; latents are in the UNet's (scaled) space.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderTiny
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
+
+from worker.engines.diffusion.loading import module_to
 
 
 class LatentCodec:
     """Wraps a diffusers VAE; the full VAE's mean is used, so encoding is deterministic."""
 
-    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, vae: AutoencoderKL | AutoencoderTiny, dtype: torch.dtype) -> None:
         self.vae = vae
         self.is_tiny = isinstance(vae, AutoencoderTiny)
         # SDXL's full VAE overflows in fp16 (config.force_upcast); run it in fp32 then.
@@ -21,8 +24,8 @@ class LatentCodec:
         )
         self._model_dtype = dtype
         if vae.dtype != self._dtype:
-            vae.to(dtype=self._dtype)
-        self._scale = vae.config.scaling_factor
+            module_to(vae, self._dtype)
+        self._scale: float = vae.config["scaling_factor"]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self._dtype)
