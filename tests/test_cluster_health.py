@@ -24,7 +24,7 @@ from relay.cluster.messages import Heartbeat, WorkerInfo
 from relay.cluster.view import ClusterView, NodeSeen
 from tests.api_fixtures import AUTH, KEY, api  # noqa: F401  (a fixture)
 from tests.helpers import EchoWorker, server_config
-from tests.test_cluster import NatsServer, nats_cluster, until
+from tests.test_cluster import NatsServer, Viewer, check_results, nats_cluster, stream, until
 
 CHANNEL = "secret-cam"  # /health is for anyone: it must never show up there
 
@@ -139,6 +139,42 @@ async def test_a_node_cut_off_from_nats_says_so_and_the_other_stops_listing_it(n
         assert values[("sd_cluster_connected", ())] == 0
 
 
+@pytest.mark.network_service
+async def test_frames_no_other_node_wants_are_not_published_and_metrics_count_them(nats_servers):
+    """Producer, worker and a viewer on a: its frames stay there until a viewer on b wants the output."""
+    async with api_node(nats_servers[0], "a") as a, api_node(nats_servers[1], "b") as b:
+        await until(lambda: seen(a) != [] and seen(b) != [], "a and b never met")
+        node_a, node_b = services(a.app), services(b.app)  # type: ignore[attr-defined]
+        backplane = node_a.hub.backplane
+        assert backplane is not None
+        async with echo_worker(a):
+            producer, _ = await connect(node_a.relay_url, "producer", CHANNEL, token=node_a.relay_token)
+            viewer_a = Viewer(
+                (await connect(node_a.relay_url, "viewer", CHANNEL, token=node_a.relay_token))[0]
+            )
+            sent = await stream(producer, CHANNEL, [viewer_a], 3, start=0)
+            counters = node_a.hub.channels[CHANNEL]
+            routed = counters.frames_in.total + counters.frames_out.total
+            assert routed >= 6 and backplane.status().unwanted == routed  # every input and output
+            values = metric_values((await a.get("/metrics")).text)
+            assert values[("sd_cluster_frames_not_shared_total", (("why", "unwanted"),))] == routed
+
+            # a viewer on b: b's heartbeat says it wants the channel's output, and a publishes it
+            viewer_b = Viewer(
+                (await connect(node_b.relay_url, "viewer", CHANNEL, token=node_b.relay_token))[0]
+            )
+            wanted = "sd.ch." + CHANNEL + ".out"
+            await until(lambda: backplane.view.wanted(wanted), "a never heard that b wants the output")
+            inputs, before = counters.frames_in.total, backplane.status().unwanted
+            sent |= await stream(producer, CHANNEL, [viewer_b], 3, start=max(sent) + 1)
+            check_results(viewer_b, sent, CHANNEL)
+            # its input still stays on a (b has no worker for it): only those count as unwanted
+            assert backplane.status().unwanted - before == counters.frames_in.total - inputs
+            for viewer in (viewer_a, viewer_b):
+                await viewer.close()
+            await producer.close()
+
+
 async def test_without_nats_health_has_no_cluster_and_metrics_no_cluster_series(api):
     health = (await api.get("/health")).json()
     assert "cluster" in health and health["cluster"] is None
@@ -164,3 +200,16 @@ def test_a_node_seen_is_summed_from_its_last_heartbeat():
     ]
     view.heard(Heartbeat(node="c", bye=True), now=10.6)
     assert [n.name for n in view.seen(now=10.7)] == ["b"]
+
+
+def test_a_subject_is_wanted_while_another_node_says_so_or_does_not_say():
+    view = ClusterView("a", dead_after=1.0)
+    assert not view.wanted("sd.ch.cam.out")  # alone: nobody wants anything
+    view.heard(Heartbeat(node="b", wants=["sd.ch.cam.out"]), now=1.0)
+    assert view.wanted("sd.ch.cam.out") and not view.wanted("sd.ch.cam.in")
+    view.heard(Heartbeat(node="c"), now=1.0)  # a node that does not say what it wants: everything
+    assert view.wanted("sd.ch.cam.in")
+    assert view.expire(now=2.5) == ["b", "c"] and not view.wanted("sd.ch.cam.out")
+    view.heard(Heartbeat(node="b", wants=["sd.ch.cam.in"]), now=3.0)
+    view.heard(Heartbeat(node="b", wants=[]), now=3.1)  # its last heartbeat counts
+    assert not view.wanted("sd.ch.cam.in")

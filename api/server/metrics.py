@@ -101,11 +101,13 @@ def cluster_metrics(status: ClusterStatus) -> Iterator[Metric]:
         capacity.add_metric([node.name, "used"], node.used)
     dropped = CounterMetricFamily(
         "sd_cluster_frames_not_shared",
-        "Frames for the other nodes not published: replaced by newer ones, or over NATS max_payload",
+        "Frames not published to NATS: no other node wanted them, replaced by newer ones, or over "
+        "NATS max_payload",
         labels=["why"],
     )
     dropped.add_metric(["replaced"], status.dropped)
     dropped.add_metric(["too_large"], status.too_large)
+    dropped.add_metric(["unwanted"], status.unwanted)
     yield from (connected, nodes, age, workers, capacity, dropped)
 
 

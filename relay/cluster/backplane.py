@@ -100,9 +100,11 @@ class NatsBackplane:
         self._dirty = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned_size = False
-        #: frames replaced unsent on their way to NATS (newest-frame-wins), and frames over max_payload
+        #: frames replaced unsent on their way to NATS (newest-frame-wins), frames over max_payload,
+        #: and frames not published because no other node wanted them
         self.dropped = 0
         self.too_large = 0
+        self.unwanted = 0
 
     @classmethod
     async def connect(cls, hub: Hub, config: RelayConfig) -> NatsBackplane:
@@ -179,6 +181,9 @@ class NatsBackplane:
 
     def share(self, delivery: Delivery) -> None:
         frame = delivery.frame
+        if not self.view.wanted(frame_subject(frame.channel, frame.kind)):
+            self.unwanted += 1  # no other node subscribes to it, as their heartbeats say
+            return
         if self._out.put_frame((frame.channel, frame.kind), delivery) is not None:
             self.dropped += 1
         self.hub.backlog = True  # our sender task needs a turn of the loop before the next frame
@@ -197,6 +202,7 @@ class NatsBackplane:
             worker_nodes=dict(self._proxy_node),
             dropped=self.dropped,
             too_large=self.too_large,
+            unwanted=self.unwanted,
         )
 
     # -- outgoing ------------------------------------------------------------
@@ -263,7 +269,9 @@ class NatsBackplane:
             for w in self.hub.workers
             if w.id not in self._proxies
         ]
-        await self._publish(HEARTBEAT_SUBJECT, encode(Heartbeat(node=self.node, workers=workers)))
+        wants = sorted(s for s in self._subscriptions if not s.endswith(".ctl"))
+        heartbeat = Heartbeat(node=self.node, workers=workers, wants=wants)
+        await self._publish(HEARTBEAT_SUBJECT, encode(heartbeat))
 
     async def _sync_subscriptions(self) -> None:
         """Subscribe to the subjects of the channels this node has receivers for, and only those."""

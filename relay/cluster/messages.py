@@ -65,6 +65,10 @@ class Heartbeat(Message):
     type: Literal["heartbeat"] = "heartbeat"
     node: str
     workers: list[WorkerInfo] = Field(default_factory=list)
+    #: the frame subjects (``sd.ch.<channel>.in`` / ``.out``) it subscribes to: the other nodes
+    #: publish a channel's frames only while some node wants them; None (a node that does not
+    #: say): every frame
+    wants: list[str] | None = None
     bye: bool = False
 
 

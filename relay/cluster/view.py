@@ -35,9 +35,11 @@ class ClusterStatus:
     nodes: list[NodeSeen]
     #: the other nodes' workers in this node's hub (proxy workers), by id: their node
     worker_nodes: dict[str, str]
-    #: frames replaced unsent on their way to NATS (newest-frame-wins), and over its max_payload
+    #: frames replaced unsent on their way to NATS (newest-frame-wins), over its max_payload,
+    #: and not published as no other node wanted them
     dropped: int = 0
     too_large: int = 0
+    unwanted: int = 0
 
 
 @dataclass
@@ -46,22 +48,40 @@ class ClusterView:
     dead_after: float
     #: the other nodes: their last heartbeat and when it came (monotonic seconds)
     nodes: dict[str, tuple[Heartbeat, float]] = field(default_factory=dict)
+    #: the frame subjects some other node subscribes to; None: a node that does not say (all)
+    _wanted: set[str] | None = field(default_factory=set, repr=False)
 
     def heard(self, heartbeat: Heartbeat, now: float) -> bool:
         """Record a heartbeat; True when its node is news (new, or back after it was dropped)."""
         new = heartbeat.node not in self.nodes
         if heartbeat.bye:
             self.nodes.pop(heartbeat.node, None)
-            return False
-        self.nodes[heartbeat.node] = (heartbeat, now)
-        return new
+        else:
+            self.nodes[heartbeat.node] = (heartbeat, now)
+        self._count_wanted()
+        return new and not heartbeat.bye
 
     def expire(self, now: float) -> list[str]:
         """Drop and return the nodes unheard for ``dead_after`` seconds."""
         dead = [node for node, (_, seen) in self.nodes.items() if now - seen >= self.dead_after]
         for node in dead:
             del self.nodes[node]
+        if dead:
+            self._count_wanted()
         return dead
+
+    def wanted(self, subject: str) -> bool:
+        """Some other node subscribes to ``subject`` (as its last heartbeat said), or may."""
+        return self._wanted is None or subject in self._wanted
+
+    def _count_wanted(self) -> None:
+        wanted: set[str] = set()
+        for heartbeat, _ in self.nodes.values():
+            if heartbeat.wants is None:
+                self._wanted = None
+                return
+            wanted.update(heartbeat.wants)
+        self._wanted = wanted
 
     def alive(self, node: str) -> bool:
         return node == self.node or node in self.nodes
