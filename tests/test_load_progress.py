@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 
 from api.server.services import services
 from tests.api_fixtures import api, create_stream, eventually, serving_worker  # noqa: F401  (fixture)
@@ -69,3 +70,19 @@ def test_progress_reports_each_stage_at_once_and_its_steps_at_most_every_quarter
     assert middle[0]["fraction"] == 0.25 and abs(middle[0]["eta_s"] - 0.75) < 0.1  # a quarter in 0.25 s
     assert (complete["done"], complete["fraction"]) == (1000, 1.0)  # a stage's end is always said
     assert (warming["stage"], warming["done"], warming["total"]) == ("warming up", None, None)
+
+
+@pytest.mark.diffusion
+def test_the_diffusion_engine_says_its_load_stages(tiny):
+    from worker.engines.diffusion import DiffusionEngine
+
+    stages: list[tuple[str, float | None, float | None]] = []
+    engine = DiffusionEngine(tiny.fast_params())
+    engine.on_progress = lambda stage, done, total, unit: stages.append((stage, done, total))
+    engine.load()
+    engine.close()
+    names = [stage for stage, _, _ in stages]
+    assert names[0].startswith("loading ") and names[-1] == "warming up"
+    assert any(name.startswith("accelerating the UNet") for name in names)
+    assert [done for _, done, _ in stages] == sorted(done for _, done, _ in stages)  # forward only
+    assert {total for _, _, total in stages} == {4}

@@ -131,7 +131,7 @@ class DiffusionChannel(SubmittingEngine):
     def _build(self) -> SharedDiffusion:
         shared = SharedDiffusion(self._config, self._device, self._dtype)
         try:
-            shared.load()
+            shared.load(self.on_progress)
         except BaseException:
             shared.close()  # what a half-done load holds (GPU memory) must not pile up over retries
             raise

@@ -21,7 +21,7 @@ import torch
 from worker.engines.base import Engine, EngineError
 from worker.engines.diffusion.acceleration import COMPILED
 from worker.engines.diffusion.lane import Lane, check
-from worker.engines.diffusion.model import DiffusionModel, pick_device
+from worker.engines.diffusion.model import LOAD_STEPS, DiffusionModel, pick_device
 from worker.engines.diffusion.params import DiffusionParams, parse_params, reload_fields
 from worker.engines.diffusion.step import run_step, warm_up
 from worker.engines.diffusion.stream import unet_batch_sizes
@@ -63,8 +63,9 @@ class DiffusionEngine(Engine):
         return (self._config.width, self._config.height)
 
     def load(self) -> None:
-        self._model.load()
+        self._model.load(self.on_progress)
         self._lane = Lane(self._model, self._config)
+        self.progress("warming up", LOAD_STEPS - 1, LOAD_STEPS)
         warm_up(self._model, self._lane)
 
     def update(self, params: Mapping[str, Any]) -> set[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from worker.engines.base import EngineError
+from worker.engines.base import EngineError, ProgressCallback
 from worker.engines.diffusion import ip_adapter
 from worker.engines.diffusion.acceleration import COMPILED, Accelerated, accelerate
 from worker.engines.diffusion.loading import LoadedModels, load_models
@@ -25,6 +25,9 @@ from worker.engines.diffusion.params import DiffusionParams
 from worker.engines.diffusion.predictor import UNetPredictor
 from worker.engines.diffusion.prompts import PromptEncoder
 from worker.engines.diffusion.vae import LatentCodec
+
+#: steps of a load, each said as it starts: models, IP-Adapter, acceleration, warm-up
+LOAD_STEPS = 4
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +115,22 @@ class DiffusionModel:
         scale = pipe.vae_scale_factor
         return (pipe.unet.config.in_channels, self.config.height // scale, self.config.width // scale)
 
-    def load(self) -> None:
-        """Load every model, apply the acceleration (compiled modes compile on first use)."""
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        """Load every model, apply the acceleration (compiled modes compile on first use).
+
+        ``progress`` hears each stage as it starts (steps of :data:`LOAD_STEPS`, warming up last).
+        """
         config = self.config
+        say = progress or (lambda stage, done, total, unit: None)
         if self.device.type != "cuda":  # said once per load: a user sees why frames take seconds
             where = "the CPU" if self.device.type == "cpu" else str(self.device)
             log.warning("no CUDA device: the diffusion engine runs on %s, expect seconds per frame", where)
+        say(f"loading {config.model_id}", 0, LOAD_STEPS, "steps")
         models = load_models(config, self.device, self.dtype)
         if config.ip_adapter is not None:
+            say("loading the IP-Adapter", 1, LOAD_STEPS, "steps")
             ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
+        say(f"accelerating the UNet ({config.acceleration})", 2, LOAD_STEPS, "steps")
         accelerated = self._accelerate(models, config.acceleration)
         self._loaded = Loaded(
             models=models,

@@ -25,9 +25,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from worker.engines.base import Done, EngineError
+from worker.engines.base import Done, EngineError, ProgressCallback
 from worker.engines.diffusion.lane import Lane
-from worker.engines.diffusion.model import DiffusionModel
+from worker.engines.diffusion.model import LOAD_STEPS, DiffusionModel
 from worker.engines.diffusion.params import DiffusionParams
 from worker.engines.diffusion.step import run_step, warm_up
 
@@ -95,9 +95,11 @@ class SharedDiffusion:
         """Channels on this model now."""
         return len(self._lanes)
 
-    def load(self) -> None:
+    def load(self, progress: ProgressCallback | None = None) -> None:
         """Load the model, warm it up with the first channel's params, start the step thread."""
-        self.model.load()
+        self.model.load(progress)
+        if progress is not None:
+            progress("warming up", LOAD_STEPS - 1, LOAD_STEPS, "steps")
         warm_up(self.model, Lane(self.model, self.model.config))
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
