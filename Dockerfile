@@ -12,9 +12,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 WORKDIR /app
 RUN python3 -m venv /venv
 ENV PATH=/venv/bin:$PATH
-COPY requirements.txt requirements-diffusion.txt ./
-# torch first and pinned: the CUDA build of the same version the tests use on CPU
-RUN pip install torch==2.13.0 && pip install -r requirements.txt -r requirements-diffusion.txt
+COPY requirements.txt requirements-diffusion.txt requirements-cluster.txt ./
+# torch first and pinned: the CUDA build of the same version the tests use on CPU; nats-py (small,
+# pure Python) so that one image serves alone or as a cluster node (relay.nats)
+RUN pip install torch==2.13.0 \
+    && pip install -r requirements.txt -r requirements-diffusion.txt -r requirements-cluster.txt
 COPY . .
 RUN pip install --no-deps .
 
