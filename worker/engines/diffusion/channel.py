@@ -20,7 +20,7 @@ import torch
 
 from worker.engines.base import Done, EngineError, SubmittingEngine
 from worker.engines.diffusion.engine import recompiling_fields
-from worker.engines.diffusion.lane import Lane, check
+from worker.engines.diffusion.lane import Lane, check, describe
 from worker.engines.diffusion.model import pick_device, share_key
 from worker.engines.diffusion.params import parse_params, reload_fields
 from worker.engines.diffusion.shared import SharedDiffusion
@@ -103,18 +103,7 @@ class DiffusionChannel(SubmittingEngine):
         self._shared.submit(self._lane, frames, done)
 
     def info(self) -> dict[str, Any]:
-        config = self._config
-        info: dict[str, Any] = {
-            "engine": self.name,
-            "model_id": config.model_id,
-            "mode": config.mode,
-            "size": list(self.output_size),
-            "batch_size": self.batch_size,
-            "vae": "tiny" if config.use_tiny_vae else "full",
-            "controlnets": [c.model_id for c in config.enabled_controlnets()],
-            "frames_skipped": self._lane.skipped if self._lane else 0,
-            "shareable": self._key is not None,
-        }
+        info = describe(self.name, self._config, self._lane) | {"shareable": self._key is not None}
         if self._shared is not None:
             info |= self._shared.model.info() | self._shared.info()
         return info

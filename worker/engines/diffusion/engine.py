@@ -20,7 +20,7 @@ import torch
 
 from worker.engines.base import Engine, EngineError
 from worker.engines.diffusion.acceleration import COMPILED
-from worker.engines.diffusion.lane import Lane, check
+from worker.engines.diffusion.lane import Lane, check, describe
 from worker.engines.diffusion.model import LOAD_STEPS, DiffusionModel, pick_device
 from worker.engines.diffusion.params import DiffusionParams, parse_params, reload_fields
 from worker.engines.diffusion.step import run_step, warm_up
@@ -92,18 +92,7 @@ class DiffusionEngine(Engine):
         return result
 
     def info(self) -> dict[str, Any]:
-        config = self._config
-        return {
-            "engine": self.name,
-            "model_id": config.model_id,
-            "mode": config.mode,
-            "size": list(self.output_size),
-            "batch_size": self.batch_size,
-            "vae": "tiny" if config.use_tiny_vae else "full",
-            "controlnets": [c.model_id for c in config.enabled_controlnets()],
-            "frames_skipped": self._lane.skipped if self._lane else 0,
-            **self._model.info(),
-        }
+        return describe(self.name, self._config, self._lane) | self._model.info()
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,3 +198,17 @@ def chains(config: DiffusionParams) -> tuple[ImageChain, ImageChain, LatentChain
         LatentChain(config.latent_preprocessing, "latent_preprocessing"),
         LatentChain(config.latent_postprocessing, "latent_postprocessing"),
     )
+
+
+def describe(engine: str, config: DiffusionParams, lane: Lane | None) -> dict[str, Any]:
+    """What a channel's diffusion engine runs, for its ``ready`` report and stats."""
+    return {
+        "engine": engine,
+        "model_id": config.model_id,
+        "mode": config.mode,
+        "size": [config.width, config.height],
+        "batch_size": config.frame_buffer_size,
+        "vae": "tiny" if config.use_tiny_vae else "full",
+        "controlnets": [c.model_id for c in config.enabled_controlnets()],
+        "frames_skipped": lane.skipped if lane else 0,
+    }
