@@ -100,12 +100,14 @@ class SessionChannel:
             self._sent_at.pop(next(iter(self._sent_at)))
         return seq
 
-    def events(self) -> SessionEvents:
+    def events(self, told: Status | None = None) -> SessionEvents:
         """The hub's messages and the results, in order, until :data:`relay.local.CLOSED`.
 
+        A ``status`` equal to the last one is left out (the hub repeats the queue news it
+        sent when the channel opened); ``told``: the one the client got already, at connect.
         Cancel-safe like :class:`relay.local.Events`; use one iterator per session.
         """
-        return SessionEvents(self)
+        return SessionEvents(self, told)
 
     def result(self, frame: Frame) -> Result:
         """``frame`` with its round trip, forgetting the send times of it and older frames."""
@@ -124,15 +126,21 @@ class SessionChannel:
 class SessionEvents:
     """The session's events with each delivered frame turned into a :class:`Result`."""
 
-    def __init__(self, channel: SessionChannel) -> None:
+    def __init__(self, channel: SessionChannel, told: Status | None) -> None:
         self._channel = channel
         self._events = channel.session.events()
+        self._status = told
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> SessionEvent:
-        event = await anext(self._events)
-        if isinstance(event, Delivery):
-            return self._channel.result(event.frame)
-        return event
+        while True:
+            event = await anext(self._events)
+            if isinstance(event, Delivery):
+                return self._channel.result(event.frame)
+            if isinstance(event, Status):
+                if event == self._status:
+                    continue  # news the client has
+                self._status = event
+            return event

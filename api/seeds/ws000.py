@@ -72,6 +72,7 @@ async def seed000_socket(websocket: WebSocket) -> None:
         await out.close(1013, "try again later")
         return
     try:
+        queue = session.queue_status  # said in the connect status: the session's events leave it out
         await out.json(
             {
                 "type": "status",
@@ -81,13 +82,13 @@ async def seed000_socket(websocket: WebSocket) -> None:
                     "session_id": session.name,
                     "engine_state": session.engine_state,
                     "settings": session.params,
-                    **_queue_fields(session.queue_status),
+                    **_queue_fields(queue),
                 },
             }
         )
         goodbye = {"type": "status", "data": {"status": "shutdown", "message": SHUTDOWN_TEXT}}
         with running.farewells.registered(lambda: out.json(goodbye)):
-            await first_done(_read(websocket, out, session), _pump(out, session))
+            await first_done(_read(websocket, out, session), _pump(out, session, queue))
     finally:
         session.close()
         await out.close()
@@ -159,22 +160,22 @@ def _queue_fields(status: Status | None) -> dict[str, Any]:
     return {"queue_position": status.position, "slots_in_use": status.in_use, "slots": status.slots}
 
 
-async def _pump(out: Outgoing, session: SessionChannel) -> None:
-    """Forward results (metadata, then bytes), engine errors and a waiting session's queue news."""
-    told = session.queue_status  # in the connect status already; the hub's news repeats it
+async def _pump(out: Outgoing, session: SessionChannel, told: Status | None) -> None:
+    """Forward results (metadata, then bytes), engine errors and a waiting session's queue news
+    (``told``: what the connect status said of the queue)."""
     waited = told is not None
-    async for event in session.events():
+    async for event in session.events(told):
         match event:
             case Result():
                 await out.json_then_bytes(_processed(event), event.frame.payload)
             case Report(event=ReportEvent.ERROR):
                 await out.json(error("engine_error", event.message))
-            case Status(state=ChannelState.WAITING_FOR_WORKER) if event != told:
-                waited, told = True, event
+            case Status(state=ChannelState.WAITING_FOR_WORKER):
+                waited = True
                 data = {"status": "waiting", "message": event.detail, **_queue_fields(event)}
                 await out.json({"type": "status", "data": data})
             case Status(state=ChannelState.ASSIGNED) if waited:
-                waited, told = False, None
+                waited = False
                 data = {"status": "ready", "message": "a worker is serving this session: send frames"}
                 await out.json({"type": "status", "data": data})
             case Closed():

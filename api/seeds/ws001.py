@@ -119,8 +119,8 @@ class Session:
         self.awaiting: int | None = None  # seq whose result releases the next send_frame
         self.published_at = 0.0
         self.waiting = not channel.has_worker
-        #: the last queue news the client got (the hub's own news repeats what it said at connect)
-        self.told = channel.queue_status
+        #: the queue news the client gets at connect (its events leave out the hub's repeat of it)
+        self.told_at_connect = channel.queue_status
         self._bundle_error: str | None = None
         self._bundle_params: dict[str, Any] | None = None
         self._image_timer: asyncio.TimerHandle | None = None
@@ -219,7 +219,7 @@ class Session:
 
     async def pump(self) -> None:
         """Turn hub news into statuses: results release ``send_frame``; workers come and go."""
-        events = self.channel.events()
+        events = self.channel.events(told=self.told_at_connect)
         while not self.out.closed:
             try:
                 event = await asyncio.wait_for(anext(events), self._stall_timeout())
@@ -251,13 +251,11 @@ class Session:
     async def _on_control(self, message: RelayMessage) -> bool:
         """Handle one hub message; False ends the session."""
         match message:
-            case Status(state=ChannelState.WAITING_FOR_WORKER):
+            case Status(state=ChannelState.WAITING_FOR_WORKER):  # again as its place changes
                 self.waiting, self.awaiting = True, None
-                if message != self.told:  # again as its place in the queue changes
-                    self.told = message
-                    await self.out.json(wait(message))
+                await self.out.json(wait(message))
             case Status(state=ChannelState.ASSIGNED) if self.waiting or self.awaiting is not None:
-                self.waiting, self.told = False, None
+                self.waiting = False
                 await self._release()  # a new worker has no frame of ours: send one
             case Report(event=ReportEvent.ERROR):
                 if self.channel.engine_state is EngineState.ERROR:
@@ -316,7 +314,7 @@ async def seed001_socket(websocket: WebSocket, user_id: str, mode: str | None = 
     session = reg[user_id] = Session(user_id, Mode(mode), out, channel, opts)
     try:
         await out.json(CONNECTED)
-        await out.json(wait(channel.queue_status) if session.waiting else SEND_FRAME)
+        await out.json(wait(session.told_at_connect) if session.waiting else SEND_FRAME)
         tasks = [session.read(websocket), session.pump()]
         if opts.timeout_s > 0:
             tasks.append(session.timer())
