@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,19 @@ class EchoWorker:
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[EchoWorker]:
+        """Started and echoing every frame until the block ends; then stopped and closed."""
+        await self.start()
+        task = asyncio.create_task(self.serve())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a relay closing first
+                await task
+            await self.close()
 
 
 # -- the server in process --------------------------------------------------------

@@ -220,18 +220,9 @@ def check_results(viewer: Viewer, sent: dict[int, bytes], channel: str) -> None:
         assert frame.payload == sent[frame.seq], f"frame {frame.seq} is not what was sent as {frame.seq}"
 
 
-@contextlib.asynccontextmanager
-async def serving(relay: Relay | str) -> AsyncIterator[EchoWorker]:
+def serving(relay: Relay | str) -> contextlib.AbstractAsyncContextManager[EchoWorker]:
     """An echo worker on ``relay`` (or a relay's URL), serving until the block ends."""
-    worker = await EchoWorker(relay if isinstance(relay, str) else relay.url).start()
-    task = asyncio.create_task(worker.serve())
-    try:
-        yield worker
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await worker.close()
+    return EchoWorker(relay if isinstance(relay, str) else relay.url).serving()
 
 
 # -- three nodes, one stream ---------------------------------------------------------

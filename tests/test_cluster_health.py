@@ -61,18 +61,9 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
-@contextlib.asynccontextmanager
-async def echo_worker(client: httpx.AsyncClient) -> AsyncIterator[EchoWorker]:
+def echo_worker(client: httpx.AsyncClient) -> contextlib.AbstractAsyncContextManager[EchoWorker]:
     running_services = services(client.app)  # type: ignore[attr-defined]
-    worker = await EchoWorker(running_services.relay_url, token=running_services.relay_token).start()
-    task = asyncio.create_task(worker.serve())
-    try:
-        yield worker
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await worker.close()
+    return EchoWorker(running_services.relay_url, token=running_services.relay_token).serving()
 
 
 @pytest.mark.network_service
