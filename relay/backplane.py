@@ -16,7 +16,7 @@ from wire.messages import Report
 
 if TYPE_CHECKING:
     from relay.cluster.view import ClusterStatus
-    from relay.hub import Delivery
+    from relay.hub import Channel, Delivery
 
 
 class Backplane(Protocol):
@@ -25,6 +25,12 @@ class Backplane(Protocol):
 
     def report(self, report: Report) -> None:
         """A local worker's report (already applied here): for the channel's other nodes."""
+
+    def owner(self, channel: Channel) -> str | None:
+        """The other node that gives ``channel`` its worker, or None when this one does."""
+
+    def forward_params(self, channel: Channel) -> None:
+        """A channel another node owns got new params here (its producers'): for that node."""
 
     def changed(self) -> None:
         """Peers, channels or assignments changed: heartbeat and subscriptions are due."""

@@ -241,6 +241,10 @@ class Channel:
     #: a cluster node's worker serves it here for another node, which decides its worker:
     #: this hub neither queues, assigns nor releases it on its own (:mod:`relay.cluster`)
     remote: bool = False
+    #: the cluster node that gives it its worker when another node does (its producers or API
+    #: hold it too, and the cluster's rule picked that node): this hub neither queues nor assigns
+    #: it, and sends its producers' params there (:mod:`relay.cluster`)
+    owner: str | None = None
 
     @property
     def wants_worker(self) -> bool:
@@ -408,6 +412,7 @@ class Hub:
         if channel.worker is None:
             self._assign(channel)
         self._announce_queue()
+        self._changed()
         return channel
 
     def seed_channel(self, name: str) -> str:
@@ -580,7 +585,8 @@ class Hub:
             self._announce_queue()
         worker = channel.worker
         if worker is None:
-            channel.drops["no_worker"] += 1
+            if channel.owner is None:  # else the owner's worker gets it through the backplane
+                channel.drops["no_worker"] += 1
         else:
             channel.latency.started(delivery.frame.seq)
             worker.last_input_seq[channel.name] = delivery.frame.seq
@@ -655,6 +661,8 @@ class Hub:
             channel.worker.send(
                 ChannelParams(channel=channel.name, params=channel.params, version=channel.params_version)
             )
+        elif channel.owner is not None and self.backplane is not None:
+            self.backplane.forward_params(channel)  # the worker is the owner node's to tell
         return channel.params_version
 
     def on_params(self, peer: Peer, message: Params) -> int:
@@ -775,7 +783,11 @@ class Hub:
 
     def queue(self) -> list[Channel]:
         """The channels waiting for a worker, in the order they will get one."""
-        waiting = [c for c in self.channels.values() if c.worker is None and c.wants_worker and not c.remote]
+        waiting = [
+            c
+            for c in self.channels.values()
+            if c.worker is None and c.wants_worker and not c.remote and c.owner is None
+        ]
         return sorted(waiting, key=lambda c: c.priority)  # stable: oldest first within a rank
 
     def _announce_queue(self) -> None:
@@ -808,6 +820,10 @@ class Hub:
     def _assign(self, channel: Channel) -> None:
         if channel.remote:
             return  # another node gives it its worker
+        if self.backplane is not None:
+            channel.owner = self.backplane.owner(channel)
+            if channel.owner is not None:
+                return
         candidates = [
             w
             for w in self.workers
@@ -929,6 +945,23 @@ class Hub:
         """Another node's worker has room again (its heartbeat said so): serve the waiting channels."""
         self._assign_waiting()
         self._announce_queue()
+
+    def set_owner(self, channel: Channel, owner: str | None) -> None:
+        """The cluster picked ``owner`` (None: this node) to give ``channel`` its worker."""
+        if owner == channel.owner or channel.remote:
+            return
+        channel.owner = owner
+        if owner is None:
+            log.info("channel %s: this node gives it a worker now", channel.name)
+            if channel.worker is None:
+                self._assign(channel)
+        else:
+            log.info("channel %s: node %s gives it a worker", channel.name, owner)
+            self._release(channel)
+            channel.announced = None
+            self._tell_channel(channel, Status(channel=channel.name, state=ChannelState.ASSIGNED))
+        self._announce_queue()
+        self._changed()
 
     def unassign(self, worker: Peer, name: str) -> None:
         """``worker`` (another node's) will not serve channel ``name`` after all: find another."""

@@ -108,6 +108,8 @@ class EchoWorker:
         self.url, self.token, self.max_queue = url, token, max_queue
         self.received: list[int] = []
         self.assigned: asyncio.Queue[str] = asyncio.Queue()
+        #: the ``params`` messages it was sent: (channel, params)
+        self.params: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.ws: ClientConnection | None = None
         self.session = ""
 
@@ -126,6 +128,8 @@ class EchoWorker:
                 data = orjson.loads(message)
                 if data.get("type") == "assign":
                     self.assigned.put_nowait(data["channel"])
+                elif data.get("type") == "params":
+                    self.params.put_nowait((data["channel"], data["params"]))
                 continue
             frame = decode_frame(message)
             self.received.append(frame.seq)

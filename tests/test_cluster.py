@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection
 from relay import Relay, RelayConfig
 from relay.__main__ import build_parser, relay_config_from_args
 from relay.client import connect
-from relay.cluster.messages import Heartbeat, WorkerInfo, channel_subject, decode, encode
+from relay.cluster.messages import Claim, Heartbeat, WorkerInfo, channel_subject, decode, encode, owner
 from relay.cluster.view import ClusterView
 from tests.helpers import TIMEOUT, EchoWorker, input_frame, jpeg, recv_frame, recv_json
 from tests.nginx_rtmp import free_port
@@ -279,6 +279,68 @@ async def test_a_worker_leaving_hands_its_channel_to_a_worker_on_another_node(no
             await producer.close()
 
 
+def serving_nodes(nodes: list[Relay], channel: str) -> list[str]:
+    """The nodes whose own workers hold ``channel``: one, once the owner is settled."""
+    return [
+        relay.hub.config.node_name
+        for relay in nodes
+        for worker in relay.hub.workers
+        if channel in worker.assigned
+        and relay.backplane is not None
+        and worker.id not in relay.backplane.status().worker_nodes
+    ]
+
+
+@pytest.mark.network_service
+async def test_producers_on_two_nodes_get_one_worker_and_the_other_node_takes_over(nodes):
+    """Producers of one channel on a and b: the channel's owner (one rule on every node) gives it
+    its one worker; the other node sends its producers' frames and params there; the owner's
+    producers leaving, the other node serves the channel.
+    """
+    a, b, c = nodes
+    claims = {"a": Claim(producers=True), "b": Claim(producers=True)}
+    owner_name = owner("cam", claims)
+    first, other = (a, b) if owner_name == "a" else (b, a)
+    async with serving(a) as worker_a, serving(b) as worker_b:
+        await until(lambda: len(a.hub.workers) == len(b.hub.workers) == 2, "a and b never saw both workers")
+        viewer = await Viewer.join(c, "cam")
+        producer_other, _ = await connect(other.url, "producer", "cam", receive="none")
+        await until(lambda: serving_nodes(nodes, "cam") != [], "the first producer's channel got no worker")
+        # the owner's producer comes second: the owner takes the channel over from the other node
+        producer_owner, _ = await connect(first.url, "producer", "cam", receive="none")
+        await until(
+            lambda: other.hub.channels["cam"].owner == owner_name and first.hub.channels["cam"].owner is None,
+            "the nodes never agreed on the channel's owner",
+        )
+        await until(lambda: len(serving_nodes(nodes, "cam")) == 1, "the channel kept two workers")
+        assert other.hub.channels["cam"].worker is None and first.hub.channels["cam"].worker is not None
+
+        sent = await stream(producer_other, "cam", [viewer], 3, start=0)
+        sent |= await stream(producer_owner, "cam", [viewer], 3, start=1000)
+        check_results(viewer, sent, "cam")
+        assert {f.seq for f in viewer.frames} & set(range(1000)), "the other node's frames were not served"
+
+        # params from the other node's producer reach the worker, through the owner
+        serving_worker = worker_a if first.hub.channels["cam"].worker.id == worker_a.session else worker_b
+        await producer_other.send(json.dumps({"type": "params", "params": {"prompt": "from the other node"}}))
+        async with asyncio.timeout(TIMEOUT):
+            while (params := await serving_worker.params.get())[1].get("prompt") != "from the other node":
+                pass
+        assert params[0] == "cam"
+
+        await producer_owner.close()
+        await until(
+            lambda: other.hub.channels["cam"].owner is None and other.hub.channels["cam"].worker is not None,
+            "the other node never took the channel over",
+        )
+        await until(lambda: len(serving_nodes(nodes, "cam")) == 1, "the channel kept two workers")
+        last = max(sent)
+        sent |= await stream(producer_other, "cam", [viewer], 3, start=last + 1)
+        check_results(viewer, sent, "cam")
+        await viewer.close()
+        await producer_other.close()
+
+
 @pytest.mark.network_service
 async def test_a_node_cut_off_from_nats_has_its_channels_reassigned(nats_servers, nodes):
     """b's NATS server dies: the others count b gone and move its channel; b gives it back."""
@@ -362,3 +424,14 @@ def test_a_silent_node_is_gone_after_dead_after():
     view.heard(Heartbeat(node="c"), now=12.0)
     view.heard(Heartbeat(node="c", bye=True), now=12.1)
     assert not view.alive("c")
+
+
+def test_a_channels_owner_is_a_node_of_its_producers_first_and_moves_only_with_its_own_node():
+    held, fed = Claim(producers=False), Claim(producers=True)
+    assert owner("cam", {"a": held, "b": fed, "c": held}) == "b"
+    assert owner("cam", {"a": held, "b": held}) == owner("cam", {"b": held, "a": held})
+    channels = [f"ch{i}" for i in range(200)]
+    three = {ch: owner(ch, {"a": held, "b": held, "c": held}) for ch in channels}
+    assert set(three.values()) == {"a", "b", "c"}, "rendezvous hashing spreads channels over the nodes"
+    two = {ch: owner(ch, {"a": held, "b": held}) for ch in channels}
+    assert all(two[ch] == three[ch] for ch in channels if three[ch] != "c"), "only c's channels moved"

@@ -15,8 +15,15 @@ How a stream spans nodes (subjects in :mod:`relay.cluster.messages`):
   channel, its home, gives it a worker as it always did, local or proxy:
   the ``assign`` to a proxy becomes a request to the worker's node, which
   alone decides whether its worker still has room (two homes racing for a
-  last slot: one is refused and looks further). So each channel has one
-  worker cluster-wide, decided by one node, without a shared store;
+  last slot: one is refused and looks further);
+- producers (or the API) may hold a channel on several nodes: each lists it
+  as a claim in its heartbeat, and one rule on every node
+  (:func:`relay.cluster.messages.owner`: nodes with producers first, then
+  rendezvous hashing) picks the one that gives it a worker; the others send
+  their producers' frames and params there and show the owner's engine state.
+  So each channel has one worker cluster-wide, decided by one node, without
+  a shared store (two nodes that assigned one before hearing each other:
+  the one that is not the owner releases its worker);
 - a worker leaving shows in its node's next heartbeat (sent at once); a node
   unheard for ``cluster_dead_after_s`` is gone. Either way the homes drop the
   proxies, and the hub reassigns their channels as when a local worker
@@ -39,6 +46,7 @@ from pydantic import ValidationError
 from relay.cluster.messages import (
     HEARTBEAT_SUBJECT,
     AssignWorker,
+    Claim,
     Heartbeat,
     ReleaseWorker,
     Reply,
@@ -52,7 +60,7 @@ from relay.cluster.messages import (
 )
 from relay.cluster.view import ClusterStatus, ClusterView
 from relay.config import RelayConfig
-from relay.hub import Delivery, Hub, Peer
+from relay.hub import Channel, Delivery, Hub, Peer
 from relay.outbox import Outbox
 from wire.errors import ProtocolError
 from wire.frames import FrameKind, decode_frame
@@ -191,6 +199,17 @@ class NatsBackplane:
     def report(self, report: Report) -> None:
         self._out.put_control(report)
 
+    def owner(self, channel: Channel) -> str | None:
+        node, _ = self.view.owner(channel.name, self._claim(channel))
+        return None if node == self.node else node
+
+    def forward_params(self, channel: Channel) -> None:
+        if channel.owner is not None:
+            update = UpdateParams(
+                home=self.node, channel=channel.name, params=channel.params, version=channel.params_version
+            )
+            self._spawn(self._publish(node_subject(channel.owner), encode(update)))
+
     def changed(self) -> None:
         self._dirty.set()
 
@@ -252,6 +271,7 @@ class NatsBackplane:
             for node in self.view.expire(time.monotonic()):
                 log.warning("node %s unheard for %.1f s: gone", node, self.config.cluster_dead_after_s)
                 self._node_gone(node)
+            self._settle_owners()
             self._drop_orphans()
             await self._sync_subscriptions()
             await self._heartbeat()
@@ -270,7 +290,8 @@ class NatsBackplane:
             if w.id not in self._proxies
         ]
         wants = sorted(s for s in self._subscriptions if not s.endswith(".ctl"))
-        heartbeat = Heartbeat(node=self.node, workers=workers, wants=wants)
+        homes = {name: claim for name, c in self.hub.channels.items() if (claim := self._claim(c))}
+        heartbeat = Heartbeat(node=self.node, workers=workers, wants=wants, homes=homes)
         await self._publish(HEARTBEAT_SUBJECT, encode(heartbeat))
 
     async def _sync_subscriptions(self) -> None:
@@ -328,10 +349,12 @@ class NatsBackplane:
             self.view.heard(heartbeat, time.monotonic())
             log.info("node %s left the cluster", heartbeat.node)
             self._node_gone(heartbeat.node)
+            self._settle_owners()
             return
         if self.view.heard(heartbeat, time.monotonic()):
             log.info("node %s joined the cluster", heartbeat.node)
         self._sync_proxies(heartbeat)
+        self._settle_owners()
 
     async def _on_request(self, msg: Msg) -> None:
         """Another node's request about one of our workers."""
@@ -350,6 +373,10 @@ class NatsBackplane:
                 self.hub.unserve_remote(request.channel)
             case UpdateParams() if self._served.get(request.channel) == request.home:
                 self.hub.remote_params(request.channel, request.params, request.version)
+            case UpdateParams():  # a node whose producers changed the params of a channel we own
+                channel = self.hub.channels.get(request.channel)
+                if channel is not None and channel.owner is None and not channel.remote:
+                    self.hub.set_params(channel, request.params, replace=True)
 
     def _serve(self, request: AssignWorker) -> tuple[bool, str]:
         worker = next((w for w in self.hub.workers if w.id == request.worker), None)
@@ -361,6 +388,34 @@ class NatsBackplane:
             return False, "the worker has no room for it"
         self._served[request.channel] = request.home
         return True, ""
+
+    # -- channel owners: one node gives each channel its worker -----------------
+
+    def _claim(self, channel: Channel) -> Claim | None:
+        """This node's claim to give ``channel`` a worker: while it wants one, and not for another node."""
+        if channel.remote or not channel.wants_worker:
+            return None
+        return Claim(
+            producers=bool(channel.producers),
+            state=channel.engine_state,
+            worker=channel.worker.id if channel.worker else None,
+        )
+
+    def _settle_owners(self) -> None:
+        """Follow the owner of each channel this node would serve, as the claims now heard decide.
+
+        Two nodes may both have given a channel a worker before they heard
+        each other (producers joining both at once): the one that is not the
+        owner releases its worker here.
+        """
+        for channel in list(self.hub.channels.values()):
+            claim = self._claim(channel)
+            if claim is None:
+                continue
+            node, theirs = self.view.owner(channel.name, claim)
+            self.hub.set_owner(channel, None if node == self.node else node)
+            if channel.owner is not None and theirs is not None:
+                channel.engine_state = theirs.state  # what the owner's worker said last
 
     # -- proxies: the other nodes' workers, in our hub -------------------------
 

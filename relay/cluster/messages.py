@@ -16,12 +16,14 @@ become ``~`` (never in a channel name), so each name is one token.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
 from wire.frames import FrameKind
 from wire.messages import Channel, Message
+from wire.relay_messages import EngineState
 
 PREFIX = "sd"
 HEARTBEAT_SUBJECT = f"{PREFIX}.node.hb"
@@ -59,6 +61,33 @@ class WorkerInfo(Message):
         return self.capacity - sum(1 for home in self.channels.values() if home != node)
 
 
+class Claim(Message):
+    """A channel a node would give a worker to, as its heartbeat says (see :func:`owner`)."""
+
+    #: its own producers feed it (else the API holds it open): such nodes come first
+    producers: bool
+    #: the engine state there (what the other nodes show while this one serves it)
+    state: EngineState = EngineState.WAITING_FOR_WORKER
+    #: the worker serving it for this node, if any
+    worker: str | None = None
+
+
+def owner(channel: str, claims: dict[str, Claim]) -> str:
+    """The node that gives ``channel`` its worker: one answer on every node that sees the same claims.
+
+    Nodes whose producers feed the channel come before nodes that only hold it
+    open (the worker's input is then local to its home: its idle timer sees
+    it); among equals, rendezvous hashing spreads channels over nodes and moves
+    only the channels of a node that comes or goes.
+    """
+
+    def rank(node: str) -> tuple[bool, bytes]:
+        digest = hashlib.blake2b(f"{node}\0{channel}".encode(), digest_size=8).digest()
+        return claims[node].producers, digest
+
+    return max(claims, key=rank)
+
+
 class Heartbeat(Message):
     """A node is alive (sent every ``cluster_heartbeat_s``, and at once on changes); ``bye``: leaving."""
 
@@ -69,6 +98,9 @@ class Heartbeat(Message):
     #: publish a channel's frames only while some node wants them; None (a node that does not
     #: say): every frame
     wants: list[str] | None = None
+    #: the channels it would give a worker to (its producers or API hold them): one node, their
+    #: :func:`owner`, does
+    homes: dict[str, Claim] = Field(default_factory=dict)
     bye: bool = False
 
 
@@ -92,7 +124,9 @@ class ReleaseWorker(Message):
 
 
 class UpdateParams(Message):
-    """To a worker's node: the channel's full params, as its home holds them."""
+    """The channel's full params: from its home to its worker's node, or from a node whose producers
+    changed them to the channel's owner.
+    """
 
     type: Literal["params"] = "params"
     home: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay.cluster.messages import Heartbeat, WorkerInfo
+from relay.cluster.messages import Claim, Heartbeat, WorkerInfo, owner
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,19 @@ class ClusterView:
                 return
             wanted.update(heartbeat.wants)
         self._wanted = wanted
+
+    def owner(self, channel: str, mine: Claim | None) -> tuple[str, Claim | None]:
+        """The node that gives ``channel`` its worker, and its claim; ``mine``: this node's, if any.
+
+        With no claim anywhere (a node that only serves it) the answer is this node.
+        """
+        claims = {node: hb.homes[channel] for node, (hb, _) in self.nodes.items() if channel in hb.homes}
+        if mine is not None:
+            claims[self.node] = mine
+        if not claims:
+            return self.node, None
+        node = owner(channel, claims)
+        return node, claims[node]
 
     def alive(self, node: str) -> bool:
         return node == self.node or node in self.nodes
