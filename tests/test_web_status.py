@@ -133,7 +133,7 @@ async def test_progress_reloading_and_a_failed_reload_as_the_status_would_say_th
     }
     await page.wait_for_selector("#progress-box:not([hidden])")
     text = await page.inner_text("#progress-text")
-    assert text == "downloading weights · 100 MB of 400 MB · about 12 s left"
+    assert text == "downloading weights · 25% (100 of 400 MB) · about 12 s left"
     assert await page.evaluate("document.querySelector('#progress').value") == 0.25
     assert "loading the pipeline" in await message(page, "loading")
 

@@ -5,6 +5,7 @@
 
 import { Chart } from "./charts.js";
 import { ParamsForm } from "./form.js";
+import { progressFraction, progressText } from "./progress.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -403,17 +404,10 @@ function showProgress(progress) {
   const box = $("progress-box");
   box.hidden = !progress;
   if (!progress) return;
-  const done = progress.bytes ?? progress.bytes_done ?? progress.downloaded_bytes;
-  const total = progress.total ?? progress.total_bytes ?? progress.bytes_total;
-  const fraction = progress.fraction ?? (done !== undefined && total ? done / total : null);
+  const fraction = progressFraction(progress);
   const bar = $("progress");
-  if (fraction === null || fraction === undefined) bar.removeAttribute("value"); else bar.value = fraction;
-  const mb = (b) => `${(b / 2 ** 20).toFixed(0)} MB`;
-  const parts = [progress.stage || progress.message];
-  if (done !== undefined) parts.push(total ? `${mb(done)} of ${mb(total)}` : mb(done));
-  const eta = progress.eta_s ?? progress.eta;
-  if (eta !== undefined && eta !== null) parts.push(`about ${Math.ceil(eta)} s left`);
-  $("progress-text").textContent = parts.filter(Boolean).join(" · ");
+  if (fraction === null) bar.removeAttribute("value"); else bar.value = fraction;
+  $("progress-text").textContent = progressText(progress);
 }
 
 function renderMessages() {

@@ -1,10 +1,11 @@
 """Load a pipeline, VAE, LoRAs and ControlNets with diffusers' ``from_pretrained``.
 
 Hub ids download once into the Hugging Face cache (huggingface_hub prints
-progress bars). One short request first tells whether the hub answers and
-has the id; without it, or with ``HF_HUB_OFFLINE`` set, only local
-directories and the cache are used, and anything missing becomes one
-``EngineError`` that names it, says why, and lists what the cache holds.
+progress bars; with a ``prefetch``, :mod:`.download` first fetches what
+the load needs and says its bytes). One short request first tells whether
+the hub answers and has the id; without it, or with ``HF_HUB_OFFLINE`` set,
+only local directories and the cache are used, and anything missing becomes
+one ``EngineError`` that names it, says why, and lists what the cache holds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -60,6 +61,10 @@ PROBE_DEADLINE_S = 4.0  # the whole of it, DNS and huggingface_hub's first-call 
 REMEMBER_S = 60.0  # how long a hub's answer (or silence) is reused instead of asking again
 CACHED_SHOWN = 12  # cached model ids an error message lists
 
+#: downloads a hub id before it loads (:func:`.download.prefetch` with the load's progress), given the
+#: repo id and the load's keyword arguments (pipeline components passed there need none of their files)
+Prefetch = Callable[[str, Collection[str]], None]
+
 
 @dataclass
 class LoadedModels:
@@ -83,9 +88,14 @@ def model_kind(model_id: str) -> ModelKind:
     return "lcm" if "lcm" in name else "base"
 
 
-def load_models(params: DiffusionParams, device: torch.device, dtype: torch.dtype) -> LoadedModels:
-    """Load every model ``params`` asks for, apply LoRAs, move all to ``device``."""
-    pipe = _load_pipeline(params.model_id, dtype)
+def load_models(
+    params: DiffusionParams, device: torch.device, dtype: torch.dtype, prefetch: Prefetch | None = None
+) -> LoadedModels:
+    """Load every model ``params`` asks for, apply LoRAs, move all to ``device``.
+
+    ``prefetch`` downloads the pipeline, VAE and ControlNets from the hub first (LoRAs load as before).
+    """
+    pipe = _load_pipeline(params.model_id, dtype, prefetch)
     is_xl = getattr(pipe, "text_encoder_2", None) is not None
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
@@ -95,10 +105,9 @@ def load_models(params: DiffusionParams, device: torch.device, dtype: torch.dtyp
     kind = model_kind(params.model_id)
     _apply_loras(pipe, params, kind, is_xl)
     pipe.to(device)
-    vae = module_to(_load_vae(params, pipe, is_xl, dtype), device)
+    vae = module_to(_load_vae(params, pipe, is_xl, dtype, prefetch), device)
     controlnets = [
-        module_to(pretrained(ControlNetModel.from_pretrained, c.model_id, "ControlNet", dtype=dtype), device)
-        for c in params.enabled_controlnets()
+        module_to(_load_controlnet(c.model_id, dtype, prefetch), device) for c in params.enabled_controlnets()
     ]
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     return LoadedModels(pipe, vae, scheduler, kind, is_xl, controlnets)
@@ -116,13 +125,16 @@ def module_to(model: ModuleT, target: torch.device | torch.dtype) -> ModuleT:
     return model.to(target)
 
 
-def pretrained(load: Callable[..., T], source: str, what: str, **kwargs: Any) -> T:
+def pretrained(
+    load: Callable[..., T], source: str, what: str, *, prefetch: Prefetch | None = None, **kwargs: Any
+) -> T:
     """``load(source, local_files_only=..., **kwargs)`` from a local directory, the hub or its cache.
 
     A hub id is first checked with one bounded request (``probe_hub``), so a
     hub that cannot be reached or a model that does not exist is one clear
     ``EngineError`` within seconds instead of minutes of retries; a cached
-    copy still loads without the hub.
+    copy still loads without the hub. A hub that answers gets ``prefetch``
+    first (never offline, never for a local directory).
     """
     started = time.monotonic()
     if os.path.isdir(source):
@@ -135,23 +147,27 @@ def pretrained(load: Callable[..., T], source: str, what: str, **kwargs: Any) ->
                 f"directory: {_reason(exc)}"
             ) from exc
     else:
-        result = _from_hub(load, source, what, kwargs)
+        result = _from_hub(load, source, what, kwargs, prefetch)
     log.info("loaded %s %s in %.1f s", what, source, time.monotonic() - started)
     return result
 
 
-def _load_pipeline(model_id: str, dtype: torch.dtype) -> Any:
+def _load_pipeline(model_id: str, dtype: torch.dtype, prefetch: Prefetch | None) -> Any:
     config = pretrained(DiffusionPipeline.load_config, model_id, "model")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if "safety_checker" in config:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
-    pipe = pretrained(DiffusionPipeline.from_pretrained, model_id, "model", **kwargs)
+    pipe = pretrained(DiffusionPipeline.from_pretrained, model_id, "model", prefetch=prefetch, **kwargs)
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise EngineError(
             f"model {model_id!r} is a {type(pipe).__name__}, not a Stable Diffusion (XL) pipeline"
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_controlnet(model_id: str, dtype: torch.dtype, prefetch: Prefetch | None) -> ControlNetModel:
+    return pretrained(ControlNetModel.from_pretrained, model_id, "ControlNet", prefetch=prefetch, dtype=dtype)
 
 
 def _apply_loras(pipe: Any, params: DiffusionParams, kind: ModelKind, is_xl: bool) -> None:
@@ -180,13 +196,13 @@ def _apply_loras(pipe: Any, params: DiffusionParams, kind: ModelKind, is_xl: boo
 
 
 def _load_vae(
-    params: DiffusionParams, pipe: Any, is_xl: bool, dtype: torch.dtype
+    params: DiffusionParams, pipe: Any, is_xl: bool, dtype: torch.dtype, prefetch: Prefetch | None
 ) -> AutoencoderKL | AutoencoderTiny:
     if params.use_tiny_vae:
         vae_id = params.vae_id or TINY_VAES[is_xl]
-        return pretrained(AutoencoderTiny.from_pretrained, vae_id, "tiny VAE", dtype=dtype)
+        return pretrained(AutoencoderTiny.from_pretrained, vae_id, "tiny VAE", prefetch=prefetch, dtype=dtype)
     if params.vae_id:
-        return pretrained(AutoencoderKL.from_pretrained, params.vae_id, "VAE", dtype=dtype)
+        return pretrained(AutoencoderKL.from_pretrained, params.vae_id, "VAE", prefetch=prefetch, dtype=dtype)
     return pipe.vae
 
 
@@ -234,7 +250,9 @@ _answers: dict[
 _warned: dict[str, float] = {}  # warning -> when it was logged
 
 
-def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str, Any]) -> T:
+def _from_hub(
+    load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str, Any], prefetch: Prefetch | None = None
+) -> T:
     """Download (or update) from a hub that answers, else load the cached copy, else explain why neither
     works.
     """
@@ -255,6 +273,8 @@ def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str,
         answer = probe_hub(repo_id)
         if answer.state == "found":
             log.info("loading %s %s from %s (downloads what the cache lacks)", what, repo_id, endpoint)
+            if prefetch is not None:
+                _prefetch(prefetch, repo_id, what, kwargs)
             try:
                 return load(repo_id, local_files_only=False, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure: the cached copy may still load
@@ -275,6 +295,14 @@ def _from_hub(load: Callable[..., T], repo_id: str, what: str, kwargs: dict[str,
     if not _offline():
         _warn_once(f"{name}: {problem}; loaded the copy in the local cache")
     return result
+
+
+def _prefetch(prefetch: Prefetch, repo_id: str, what: str, kwargs: dict[str, Any]) -> None:
+    """``prefetch``; a failure is logged, and the load that follows downloads (or explains) it."""
+    try:
+        prefetch(repo_id, list(kwargs))
+    except Exception as exc:  # noqa: BLE001 - the load retries the download and reports its own failure
+        log.warning("downloading %s %s ahead of loading it failed (%s)", what, repo_id, _reason(exc))
 
 
 def _ask_hub(endpoint: str, repo_id: str, timeout: float) -> HubAnswer:

@@ -10,14 +10,14 @@ says which params must match for that.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from worker.engines.base import EngineError, ProgressCallback
-from worker.engines.diffusion import ip_adapter
+from worker.engines.diffusion import download, ip_adapter
 from worker.engines.diffusion.acceleration import COMPILED, Accelerated, accelerate
 from worker.engines.diffusion.loading import LoadedModels, load_models
 from worker.engines.diffusion.neural import NeuralPreprocessors
@@ -118,15 +118,23 @@ class DiffusionModel:
     def load(self, progress: ProgressCallback | None = None) -> None:
         """Load every model, apply the acceleration (compiled modes compile on first use).
 
-        ``progress`` hears each stage as it starts (steps of :data:`LOAD_STEPS`, warming up last).
+        ``progress`` hears each stage as it starts (steps of :data:`LOAD_STEPS`, warming up last), and
+        the bytes of a hub model being downloaded (a ``downloading <id>`` stage, see :mod:`.download`).
         """
         config = self.config
         say = progress or (lambda stage, done, total, unit: None)
         if self.device.type != "cuda":  # said once per load: a user sees why frames take seconds
             where = "the CPU" if self.device.type == "cpu" else str(self.device)
             log.warning("no CUDA device: the diffusion engine runs on %s, expect seconds per frame", where)
-        say(f"loading {config.model_id}", 0, LOAD_STEPS, "steps")
-        models = load_models(config, self.device, self.dtype)
+        loading = (f"loading {config.model_id}", 0, LOAD_STEPS, "steps")
+        say(*loading)
+
+        def fetch(repo_id: str, passed: Collection[str]) -> None:
+            """A hub model not cached yet downloads as a stage in bytes; then the load goes on."""
+            if download.prefetch(repo_id, say, skip=passed):
+                say(*loading)
+
+        models = load_models(config, self.device, self.dtype, fetch if progress is not None else None)
         if config.ip_adapter is not None:
             say("loading the IP-Adapter", 1, LOAD_STEPS, "steps")
             ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
