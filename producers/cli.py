@@ -127,7 +127,8 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
         dest="relay",
         default=DEFAULT_RELAY,
         metavar="URL",
-        help=f"relay URL (default {DEFAULT_RELAY})",
+        help=f"relay URL (default {DEFAULT_RELAY}); several, comma-separated (nodes of one cluster): "
+        "tried in turn, and the next one after a lost connection",
     )
     p.add_argument("--channel", type=_channel, default="default", help="channel name (default: default)")
     p.add_argument(

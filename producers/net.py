@@ -5,7 +5,9 @@
 restarts), waiting 0.25, 0.5, 1, 2, 2... seconds between tries (never more
 than :data:`common.backoff.RETRY_MAX`) for at most a window of seconds; a refusal (wrong
 token, bad settings) is final at once. The producer and the viewer use it at
-start and after a lost connection (``--reconnect SECONDS``).
+start and after a lost connection (``--reconnect SECONDS``). :class:`Relays`
+spreads those tries over the nodes of a cluster (``--relay URL,URL``), so a
+client whose node dies continues on another.
 """
 
 from __future__ import annotations
@@ -90,6 +92,45 @@ async def open_legacy(
         raise ConnectError(_unreachable(url, exc)) from None
     except (TimeoutError, OSError, InvalidHandshake) as exc:
         raise ConnectError(_unreachable(url, exc), retryable=True) from None
+
+
+class Relays:
+    """The relay URLs a client may use (comma-separated: nodes of one cluster), and the one in use.
+
+    Each try goes through them in turn from the one in use; after a lost
+    connection the next one comes first (its node may be the one that died).
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.urls = [url.strip() for url in spec.split(",") if url.strip()] or [spec]
+        self._current = 0
+
+    @property
+    def current(self) -> str:
+        return self.urls[self._current]
+
+    def lost(self) -> None:
+        """The connection to :attr:`current` ended: start the next tries with the next URL."""
+        self._current = (self._current + 1) % len(self.urls)
+
+    async def open(self, open_url: Callable[[str, float], Awaitable[T]], timeout: float) -> T:
+        """``open_url(url, timeout)`` on each URL in turn until one opens; raises the last retryable
+        error when none does, and a final one at once.
+        """
+        error: ConnectError | None = None
+        for step in range(len(self.urls)):
+            index = (self._current + step) % len(self.urls)
+            try:
+                opened = await open_url(self.urls[index], timeout)
+            except ConnectError as exc:
+                if not exc.retryable:
+                    raise
+                error = exc
+                continue
+            self._current = index
+            return opened
+        assert error is not None
+        raise error
 
 
 async def retrying(

@@ -39,7 +39,15 @@ from websockets.exceptions import ConnectionClosed
 
 from media.codec import DEFAULT_QUALITY, encode_image, resize_rgb
 from producers.meter import Rate, every_second, percentiles_ms
-from producers.net import DEFAULT_RECONNECT, DEFAULT_RELAY, ConnectError, open_legacy, open_relay, retrying
+from producers.net import (
+    DEFAULT_RECONNECT,
+    DEFAULT_RELAY,
+    ConnectError,
+    Relays,
+    open_legacy,
+    open_relay,
+    retrying,
+)
 from producers.sources import Source
 from wire.errors import ErrorCode, ProtocolError, UnknownMessageType
 from wire.frames import Frame, FrameKind, ImageFormat, decode_frame, encode_frame
@@ -206,6 +214,7 @@ class _Producer:
     ) -> None:
         self.source = source
         self.opts = options
+        self.relays = Relays(options.relay)
         self.stop = stop
         self.on_result = on_result
         self.report = ProducerReport()
@@ -240,7 +249,7 @@ class _Producer:
         self.deadline = self.started + o.duration if o.duration is not None else None
         ws = await retrying(self._open, o.reconnect, self.stop)
         if ws is None:
-            raise ConnectError(f"stopped before the relay at {o.relay} answered")
+            raise ConnectError(f"stopped before the relay at {self.relays.current} answered")
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture")
         try:
             async with every_second(self._progress_line if o.progress else None):
@@ -256,12 +265,15 @@ class _Producer:
         return self._finish()
 
     async def _open(self, timeout: float) -> ClientConnection:
+        return await self.relays.open(self._open_url, timeout)
+
+    async def _open_url(self, url: str, timeout: float) -> ClientConnection:
         o = self.opts
         receive = Receive.OUTPUT if o.receive else Receive.NONE
         if o.legacy:
-            return await open_legacy(o.relay, o.channel, o.token, receive, timeout=timeout)
+            return await open_legacy(url, o.channel, o.token, receive, timeout=timeout)
         ws, _welcome = await open_relay(
-            o.relay, Role.PRODUCER, o.channel, o.token, timeout=timeout, receive=receive, name=o.name
+            url, Role.PRODUCER, o.channel, o.token, timeout=timeout, receive=receive, name=o.name
         )
         return ws
 
@@ -301,7 +313,8 @@ class _Producer:
         if window <= 0 or self._done():
             r.closed = lost
             return None
-        log.warning("%s; reconnecting to %s (trying for up to %.1f s)", lost, o.relay, window)
+        self.relays.lost()
+        log.warning("%s; reconnecting to %s (trying for up to %.1f s)", lost, self.relays.current, window)
         try:
             ws = await retrying(self._open, window, self.stop)
         except ConnectError as exc:
@@ -311,7 +324,7 @@ class _Producer:
             r.closed = f"{lost}; stopped while reconnecting"
             return None
         r.reconnects += 1
-        log.warning("reconnected to %s; sending on channel %s again", o.relay, o.channel)
+        log.warning("reconnected to %s; sending on channel %s again", self.relays.current, o.channel)
         return ws
 
     async def _send_loop(self, ws: ClientConnection, pool: ThreadPoolExecutor) -> bool:

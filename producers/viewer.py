@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from common.percentiles import percentiles_ms
 from media.codec import decode_image, resize_rgb
 from producers.meter import Rate, every_second
-from producers.net import DEFAULT_RECONNECT, DEFAULT_RELAY, ConnectError, open_relay, retrying
+from producers.net import DEFAULT_RECONNECT, DEFAULT_RELAY, ConnectError, Relays, open_relay, retrying
 from wire.errors import ProtocolError
 from wire.frames import Frame, ImageFormat, decode_frame
 from wire.messages import Role
@@ -379,24 +379,28 @@ async def run_viewer(
         raise ViewerError(f"receive must be output, input or both, not {o.receive!r}")
     _check_outputs(o)
     window = Window(f"{o.channel} - stream viewer") if o.show else None
+    relays = Relays(o.relay)
     try:
-        ws = await retrying(lambda timeout: _open(o, timeout), o.reconnect, stop)
+        ws = await retrying(lambda timeout: _open(o, relays, timeout), o.reconnect, stop)
         if ws is None:
-            raise ConnectError(f"stopped before the relay at {o.relay} answered")
+            raise ConnectError(f"stopped before the relay at {relays.current} answered")
     except BaseException:
         if window is not None:
             window.close()
         raise
     if ready is not None:
         ready.set()
-    return await _Viewer(o, ws, on_frame, window).run(stop)
+    return await _Viewer(o, relays, ws, on_frame, window).run(stop)
 
 
-async def _open(o: ViewerOptions, timeout: float) -> ClientConnection:
-    ws, _welcome = await open_relay(
-        o.relay, Role.VIEWER.value, o.channel, o.token, timeout=timeout, receive=o.receive, name=o.name
-    )
-    return ws
+async def _open(o: ViewerOptions, relays: Relays, timeout: float) -> ClientConnection:
+    async def open_url(url: str, timeout: float) -> ClientConnection:
+        ws, _welcome = await open_relay(
+            url, Role.VIEWER.value, o.channel, o.token, timeout=timeout, receive=o.receive, name=o.name
+        )
+        return ws
+
+    return await relays.open(open_url, timeout)
 
 
 def _check_outputs(o: ViewerOptions) -> None:
@@ -419,11 +423,13 @@ class _Viewer:
     def __init__(
         self,
         options: ViewerOptions,
+        relays: Relays,
         ws: ClientConnection,
         on_frame: Callable[[Frame], None] | None,
         window: Window | None,
     ) -> None:
         self.opts = options
+        self.relays = relays
         self.ws = ws
         self.on_frame = on_frame
         self.window = window
@@ -489,9 +495,12 @@ class _Viewer:
         if o.reconnect <= 0:
             self.report.closed = lost
             return False
-        log.warning("%s; reconnecting to %s (trying for up to %.1f s)", lost, o.relay, o.reconnect)
+        self.relays.lost()
+        log.warning(
+            "%s; reconnecting to %s (trying for up to %.1f s)", lost, self.relays.current, o.reconnect
+        )
         try:
-            ws = await retrying(lambda timeout: _open(o, timeout), o.reconnect, self.finish)
+            ws = await retrying(lambda timeout: _open(o, self.relays, timeout), o.reconnect, self.finish)
         except ConnectError as exc:
             self.report.closed = f"{lost}; {exc}"
             return False
@@ -500,7 +509,7 @@ class _Viewer:
             return False
         self.ws = ws
         self.report.reconnects += 1
-        log.warning("reconnected to %s; receiving channel %s again", o.relay, o.channel)
+        log.warning("reconnected to %s; receiving channel %s again", self.relays.current, o.channel)
         return True
 
     async def _receive(self, pool: ThreadPoolExecutor) -> str | None:

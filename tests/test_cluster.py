@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,8 +28,10 @@ from relay.__main__ import build_parser, relay_config_from_args
 from relay.client import connect
 from relay.cluster.messages import Claim, Heartbeat, WorkerInfo, channel_subject, decode, encode, owner
 from relay.cluster.view import ClusterView
+from relay.local import LocalViewer
 from tests.helpers import TIMEOUT, EchoWorker, input_frame, jpeg, recv_frame, recv_json
 from tests.nginx_rtmp import free_port
+from tests.test_reconnect import Command
 from wire.frames import Frame, FrameKind
 
 INSTALL = "apt-get install -y nats-server (or run .ci/install-system-deps)"
@@ -43,6 +46,19 @@ class NatsServer:
     process: subprocess.Popen[bytes]
     port: int
     monitor: int
+    command: list[str]
+    log: Path
+
+    @classmethod
+    def launch(cls, command: list[str], port: int, monitor: int, log: Path) -> NatsServer:
+        with log.open("ab") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        return cls(process, port, monitor, command, log)
+
+    def restart(self) -> None:
+        """Start it again, on the same ports and configuration, after :meth:`kill`."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
 
     @property
     def url(self) -> str:
@@ -96,9 +112,8 @@ def nats_cluster(directory: Path, size: int) -> Iterator[list[NatsServer]]:
             conf.write_text(
                 _config(port, monitor, cluster, [c for j, (_, _, c) in enumerate(ports) if j != i])
             )
-            with (directory / f"nats{i}.log").open("wb") as log:
-                process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-            servers.append(NatsServer(process, port, monitor))
+            command = [binary, "-c", str(conf)]
+            servers.append(NatsServer.launch(command, port, monitor, directory / f"nats{i}.log"))
         deadline = time.monotonic() + TIMEOUT
         for server in servers:
             while True:  # polling a condition, with a deadline
@@ -366,6 +381,32 @@ async def test_a_node_cut_off_from_nats_has_its_channels_reassigned(nats_servers
 
 
 @pytest.mark.network_service
+async def test_a_partitioned_nodes_streams_recover_when_it_returns(nats_servers, nodes):
+    """a (producer and viewer) loses its NATS server: its stream waits, b lets the channel go; the
+    server back, a rejoins and b's worker serves the stream again.
+    """
+    a, b, _ = nodes
+    async with serving(b) as worker:
+        viewer = await Viewer.join(a, "cam")
+        producer, _ = await connect(a.url, "producer", "cam", receive="none")
+        assert await asyncio.wait_for(worker.assigned.get(), TIMEOUT) == "cam"
+        sent = await stream(producer, "cam", [viewer], 3, start=0)
+
+        nats_servers[0].kill()
+        await until(lambda: a.hub.channels["cam"].worker is None, "a kept a worker it cannot reach")
+        await until(lambda: "cam" not in b.hub.channels, "b kept serving a node it lost")
+        nats_servers[0].restart()
+        await until(lambda: "a" in b.backplane.view.nodes, "a never rejoined")  # type: ignore[union-attr]
+        assert await asyncio.wait_for(worker.assigned.get(), TIMEOUT) == "cam"
+        last = max(sent)
+        sent |= await stream(producer, "cam", [viewer], 3, start=last + 1)
+        check_results(viewer, sent, "cam")
+        assert {f.seq for f in viewer.after(last)} <= set(worker.received)
+        await viewer.close()
+        await producer.close()
+
+
+@pytest.mark.network_service
 async def test_python_m_relay_with_nats_joins_the_cluster_and_lends_its_workers(nats_servers, nodes):
     a = nodes[0]
     process = await asyncio.create_subprocess_exec(
@@ -389,6 +430,62 @@ async def test_python_m_relay_with_nats_joins_the_cluster_and_lends_its_workers(
             process.terminate()
         assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
     await until(lambda: "cli" not in a.backplane.view.nodes, "the node stopped but a still counts it")
+
+
+@pytest.mark.network_service
+async def test_a_node_killed_its_producer_moves_to_another_node_and_its_stream_resumes(nats_servers, nodes):
+    """The producer command, given two nodes' URLs, on node "doomed" (``python -m relay --nats``);
+    b's worker serves, c's viewer watches. SIGKILL to doomed: the producer reconnects to a, a gives
+    the channel b's worker, and results reach the viewer again.
+    """
+    a, b, c = nodes
+    port = free_port()
+    doomed = await Command.start(
+        *("-m", "relay", "--port", str(port), "--nats", nats_servers[0].url, "--node-name", "doomed")
+    )
+    producer: Command | None = None
+    try:
+        await doomed.line(rf"relay listening on ws://127\.0\.0\.1:{port}", stream="out")
+        assert b.backplane is not None
+        await until(lambda: "doomed" in b.backplane.view.nodes, "b never heard the new node")  # type: ignore[union-attr]
+        async with serving(b) as worker:
+            viewer = await Viewer.join(c, "cam")
+            producer = await Command.start(
+                *("-m", "producers", "pattern", "--channel", "cam", "--fps", "30", "--size", "64x64"),
+                *("--relay", f"ws://127.0.0.1:{port},{a.url}", "--json"),
+            )
+            assert await asyncio.wait_for(worker.assigned.get(), TIMEOUT) == "cam"
+            async with asyncio.timeout(TIMEOUT):
+                await viewer.reached(10)
+            inputs_at_a = LocalViewer(a.hub, "cam", receive="input")
+            killed = time.monotonic()
+            await doomed.kill()
+            # the producer's first frame through a: every result from it on came that way
+            first = (await inputs_at_a.next_frame(TIMEOUT)).seq
+            inputs_at_a.close()
+            async with asyncio.timeout(TIMEOUT):
+                await viewer.reached(first)
+            resumed = time.monotonic() - killed
+            print(f"results resumed {resumed * 1000:.0f} ms after the node was killed")
+            # (b's worker still serving doomed's channel takes a's frames at once); doomed counted
+            # gone, a owns the channel and gives it a worker, and results keep coming
+            await until(
+                lambda: a.hub.channels["cam"].owner is None and a.hub.channels["cam"].worker is not None,
+                "a never took the channel over",
+            )
+            owned = time.monotonic() - killed
+            print(f"a owned the channel {owned * 1000:.0f} ms after the node was killed")
+            async with asyncio.timeout(TIMEOUT):
+                await viewer.reached(viewer.frames[-1].seq + 10)
+            await producer.line(rf"reconnected to {a.url}")
+            assert all(f.channel == "cam" and f.kind is FrameKind.OUTPUT for f in viewer.frames)
+            await viewer.close()
+            assert await producer.finish(signal.SIGINT) == 0
+            assert json.loads(producer.out[-1])["reconnects"] == 1
+    finally:
+        await doomed.kill()
+        if producer is not None:
+            await producer.kill()
 
 
 # -- no NATS needed -------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from common.backoff import retry_delays
-from producers.net import ConnectError, retrying
+from producers.net import ConnectError, Relays, retrying
 from relay.client import connect
 from tests.helpers import recv_frame
 from wire.frames import FrameKind
@@ -406,3 +406,29 @@ async def test_the_worker_announces_itself_again_after_the_relay_restarts():
             assert len(workers) == 1 and workers[0]["channels"] == ["cam"]
             await producer.close()
     assert waits.delays and max(waits.delays) <= 2.0
+
+
+async def test_relays_are_tried_in_turn_and_the_next_one_comes_first_after_a_lost_connection():
+    relays = Relays("ws://a:1, ws://b:2,ws://c:3")
+    tried: list[str] = []
+    down = {"ws://a:1"}
+
+    async def open_url(url: str, timeout: float) -> str:
+        tried.append(url)
+        if url in down:
+            raise ConnectError(f"cannot connect to {url}", retryable=True)
+        if url == "ws://refusing:4":
+            raise ConnectError("the relay refused the producer")
+        return url
+
+    assert await relays.open(open_url, 1.0) == "ws://b:2" and relays.current == "ws://b:2"
+    relays.lost()  # b went away: c first
+    assert await relays.open(open_url, 1.0) == "ws://c:3"
+    down |= {"ws://b:2", "ws://c:3"}
+    tried.clear()
+    with pytest.raises(ConnectError, match="ws://b:2") as failed:
+        await relays.open(open_url, 1.0)
+    assert tried == ["ws://c:3", "ws://a:1", "ws://b:2"] and failed.value.retryable
+    with pytest.raises(ConnectError, match="refused"):  # a refusal is final at once
+        await Relays("ws://refusing:4,ws://b:2").open(open_url, 1.0)
+    assert Relays("ws://only:5").urls == ["ws://only:5"]
