@@ -245,6 +245,8 @@ class Channel:
     #: hold it too, and the cluster's rule picked that node): this hub neither queues nor assigns
     #: it, and sends its producers' params there (:mod:`relay.cluster`)
     owner: str | None = None
+    #: while ``owner`` serves it: its rates and worker there, shown instead of this node's
+    owner_stats: dict[str, Any] | None = None
 
     @property
     def wants_worker(self) -> bool:
@@ -278,6 +280,7 @@ class Channel:
             "last_error": self.last_error,
             "restart_count": self.restart_count,
             "progress": self.progress,
+            **(self.owner_stats or {}),
         }
 
 
@@ -661,8 +664,9 @@ class Hub:
             channel.worker.send(
                 ChannelParams(channel=channel.name, params=channel.params, version=channel.params_version)
             )
-        elif channel.owner is not None and self.backplane is not None:
-            self.backplane.forward_params(channel)  # the worker is the owner node's to tell
+        elif channel.owner is not None and not channel.held and self.backplane is not None:
+            # the worker is the owner node's to tell (a held channel's API shares its params itself)
+            self.backplane.forward_params(channel)
         return channel.params_version
 
     def on_params(self, peer: Peer, message: Params) -> int:
@@ -730,6 +734,7 @@ class Hub:
                 channel.engine_state, channel.engine_info = EngineState.READY, report.data
                 channel.progress = None
         self._tell_channel(channel, report)
+        self._changed()  # the other nodes of the channel show its state from our heartbeat
 
     def stats(self, channels: list[str] | None = None) -> StatsReply:
         names = self.channels if channels is None else [c for c in channels if c in self.channels]

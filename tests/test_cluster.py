@@ -65,8 +65,15 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def routes(self) -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/routez", timeout=1) as reply:
-            return int(json.load(reply)["num_routes"])
+        return int(self._monitor("routez")["num_routes"])
+
+    def jetstream_leader(self) -> str | None:
+        """The JetStream meta leader this server knows of (None until the cluster elected one)."""
+        return self._monitor("jsz").get("meta_cluster", {}).get("leader")
+
+    def _monitor(self, endpoint: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}/{endpoint}", timeout=1) as reply:
+            return json.load(reply)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -83,11 +90,13 @@ def _nats_server() -> str:
     return found
 
 
-def _config(port: int, monitor: int, cluster: int, routes: list[int]) -> str:
+def _config(port: int, monitor: int, cluster: int, routes: list[int], store: Path | None) -> str:
     # no_advertise: clients keep to the server they were given (a node whose server dies is cut
-    # off, which one test wants); max_payload: room for the relay's largest frames
+    # off, which one test wants); max_payload: room for the relay's largest frames; store:
+    # JetStream's directory (the streams registry's key-value bucket), None: no JetStream
     listed = ", ".join(f"nats://127.0.0.1:{route}" for route in routes)
-    return f"""listen: 127.0.0.1:{port}
+    jetstream = f'server_name: s{port}\njetstream {{ store_dir: "{store}" }}\n' if store else ""
+    return f"""{jetstream}listen: 127.0.0.1:{port}
 http: 127.0.0.1:{monitor}
 max_payload: 16MB
 cluster {{
@@ -100,8 +109,10 @@ cluster {{
 
 
 @contextlib.contextmanager
-def nats_cluster(directory: Path, size: int) -> Iterator[list[NatsServer]]:
-    """``size`` nats-servers routed to each other; ready (every route up) when the block starts."""
+def nats_cluster(directory: Path, size: int, jetstream: bool = False) -> Iterator[list[NatsServer]]:
+    """``size`` nats-servers routed to each other; ready (every route up, and with ``jetstream`` a
+    JetStream leader elected) when the block starts.
+    """
     binary = _nats_server()
     directory.mkdir(parents=True, exist_ok=True)
     ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
@@ -110,7 +121,13 @@ def nats_cluster(directory: Path, size: int) -> Iterator[list[NatsServer]]:
         for i, (port, monitor, cluster) in enumerate(ports):
             conf = directory / f"nats{i}.conf"
             conf.write_text(
-                _config(port, monitor, cluster, [c for j, (_, _, c) in enumerate(ports) if j != i])
+                _config(
+                    port,
+                    monitor,
+                    cluster,
+                    [c for j, (_, _, c) in enumerate(ports) if j != i],
+                    directory / f"jetstream{i}" if jetstream else None,
+                )
             )
             command = [binary, "-c", str(conf)]
             servers.append(NatsServer.launch(command, port, monitor, directory / f"nats{i}.log"))
@@ -118,7 +135,7 @@ def nats_cluster(directory: Path, size: int) -> Iterator[list[NatsServer]]:
         for server in servers:
             while True:  # polling a condition, with a deadline
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    if server.routes() == size - 1:
+                    if server.routes() == size - 1 and (not jetstream or server.jetstream_leader()):
                         break
                 assert server.process.poll() is None, f"nats-server exited: see {directory}"
                 assert time.monotonic() < deadline, f"the NATS cluster did not form: see {directory}"

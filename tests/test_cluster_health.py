@@ -32,7 +32,7 @@ CHANNEL = "secret-cam"  # /health is for anyone: it must never show up there
 @pytest.fixture
 def nats_servers(tmp_path: Path) -> Iterator[list[NatsServer]]:
     pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
-    with nats_cluster(tmp_path / "nats", 2) as servers:
+    with nats_cluster(tmp_path / "nats", 2, jetstream=True) as servers:  # the API nodes' streams
         yield servers
 
 

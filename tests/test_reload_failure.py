@@ -82,7 +82,7 @@ async def test_a_failed_reload_keeps_the_serving_params_and_says_why(tiny, tmp_p
             # the store has what serves and the failure
             store = StreamStore.in_directory(settings.server.data_dir)
             try:
-                (stored,) = list(store.load())
+                (stored,) = await store.load()
             finally:
                 store.close()
             assert stored.params["model_id"] == str(tiny.sd) and stored.params["prompt"] == "a dog"

@@ -59,7 +59,9 @@ class Outputs(StreamListener):
     directory, made on the first HLS request and removed with the last HLS
     output, so a server that stops (or never serves HLS) leaves none behind.
     A stream's own directory goes when the stream closes; a configured base
-    is never removed (it may hold other things).
+    is never removed (it may hold other things). In a cluster every node
+    knows every stream, but a stream's pushes (RTMP, republishing) run only
+    on ``node``, the node that created it; HLS runs wherever it is asked for.
     """
 
     def __init__(
@@ -69,7 +71,9 @@ class Outputs(StreamListener):
         hls_base: Path | None,
         republish: Republisher | None = None,
         first_playlist_wait_s: float = 15.0,
+        node: str = "",
     ) -> None:
+        self.node = node
         self.relay_url, self.token, self.hls_base = relay_url, token, hls_base
         #: how long a first playlist request waits for the first segment before a 503 (players with
         #: default settings retry a 503 once, about a second later, and ignore Retry-After)
@@ -80,10 +84,15 @@ class Outputs(StreamListener):
         self.external: dict[str, OutputProcess] = {}
         self._temp_base: Path | None = None
 
+    def _pushes_here(self, stream: Stream) -> bool:
+        return not stream.node or stream.node == self.node
+
     async def stream_created(self, stream: Stream) -> None:
         await self.stream_changed(stream)
         if self.republish is not None:
             stream.external_whep_url = self.republish.whep_url(stream.playback_id)
+            if not self._pushes_here(stream):
+                return
             output = OutputProcess(
                 self.relay_url,
                 stream.channel,
@@ -98,7 +107,7 @@ class Outputs(StreamListener):
         current = self.rtmp.pop(stream.id, None)
         if current is not None:
             await current.stop()
-        if stream.output_rtmp_url:
+        if stream.output_rtmp_url and self._pushes_here(stream):
             output = OutputProcess(
                 self.relay_url, stream.channel, rtmp_url=stream.output_rtmp_url, token=self.token
             )
@@ -197,8 +206,10 @@ async def hls_file(playback_id: str, filename: str, request: Request) -> Respons
     return response
 
 
-def outputs_for(config: Config, relay_url: str, relay_token: str | None) -> Outputs:
-    """The outputs ``config`` asks for: where HLS goes, and the MediaMTX republisher if configured."""
+def outputs_for(config: Config, relay_url: str, relay_token: str | None, node: str = "") -> Outputs:
+    """The outputs ``config`` asks for: where HLS goes, and the MediaMTX republisher if configured;
+    ``node``: this node's name in a cluster.
+    """
     base = Path(config.server.hls_dir) if config.server.hls_dir else None
     mediamtx = config.mediamtx
     republish = (
@@ -206,4 +217,4 @@ def outputs_for(config: Config, relay_url: str, relay_token: str | None) -> Outp
         if mediamtx.publish_url and mediamtx.whep_url
         else None
     )
-    return Outputs(relay_url, relay_token, base, republish, config.server.hls_first_playlist_wait_s)
+    return Outputs(relay_url, relay_token, base, republish, config.server.hls_first_playlist_wait_s, node)

@@ -104,10 +104,18 @@ async def start_services(
     await relay.start()
     host = "127.0.0.1" if relay_config.host in ("0.0.0.0", "::", "") else relay_config.host
     relay_url = f"ws://{host}:{relay.port}"
-    data_dir = config.server.data_dir
-    store = StreamStore.in_directory(data_dir) if data_dir else None
-    streams = StreamManager(relay.hub, store)
-    stream_outputs = outputs.outputs_for(config, relay_url, relay_token)
+    node, local_store, shared = "", None, None
+    if relay.backplane is not None:  # a cluster: the streams are the cluster's, in NATS
+        from api.streams.shared import SharedStreams  # nats-py: the cluster extra
+
+        node = relay.backplane.node
+        shared = await SharedStreams.open(
+            relay.backplane.nc, config.server.cluster_streams_bucket, config.server.cluster_streams_replicas
+        )
+    elif config.server.data_dir:
+        local_store = StreamStore.in_directory(config.server.data_dir)
+    streams = StreamManager(relay.hub, shared or local_store, node)
+    stream_outputs = outputs.outputs_for(config, relay_url, relay_token, node)
     streams.subscribe(stream_outputs)
     webrtc_state = webrtc.webrtc_state(config)
     streams.subscribe(webrtc_state.registry)
@@ -125,18 +133,25 @@ async def start_services(
         farewells=farewells,
         seeds=SeedState(seed001_options(config)),
     )
+    following: asyncio.Task[None] | None = None
     try:
         restored = await streams.restore()
         if restored:
-            log.info("restored %d streams from %s", restored, store.path if store else "")
+            where = local_store.path if local_store else f"bucket {config.server.cluster_streams_bucket}"
+            log.info("restored %d streams from %s", restored, where)
+        if shared is not None:
+            following = asyncio.create_task(streams.follow(shared.changes()))
         for named in config.server.named_streams:
             params = {**config.stream_defaults(), **named.params}
             await streams.ensure_named(named.name, named.stream_key, params)
         await workers.start(config.launch_options(relay_url), relay_token)
         yield running
     finally:
+        if following is not None:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
         await streams.stop_all()
         await workers.stop()
         await relay.close()
-        if store is not None:
-            store.close()
+        if local_store is not None:
+            local_store.close()

@@ -96,6 +96,19 @@ class ServerSection(_Section):
         "API key (default: $XDG_DATA_HOME/streamdiffusion-server, "
         "else ~/.local/share/streamdiffusion-server)",
     )
+    cluster_streams_bucket: str = Field(
+        "sd_streams",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="with relay.nats: the NATS JetStream key-value bucket where every node keeps the "
+        "cluster's streams (instead of data_dir), so any node serves any stream",
+    )
+    cluster_streams_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="copies of that bucket JetStream keeps (3 on a 3-server NATS cluster survives the "
+        "loss of one server; at most the number of servers)",
+    )
     style_image_allow_private: bool = Field(
         False, description="fetch style image URLs from private addresses too (closed networks only)"
     )

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
@@ -34,7 +35,7 @@ from wire.errors import ErrorCode, ProtocolError
 from wire.relay_messages import EngineState
 
 if TYPE_CHECKING:
-    from api.streams.store import StreamStore
+    from api.streams.shared import Removed
 
 
 #: input frames per second under which a stream is DEGRADED_INPUT: Daydream's runner uses 15
@@ -55,6 +56,8 @@ class Stream:
     external_whep_url: str | None = None
     #: the last change whose new pipeline failed to load (kept in the store)
     reload_failure: ReloadFailure | None = None
+    #: in a cluster, the node that created it: its outputs (RTMP push, republishing) run there
+    node: str = ""
     #: the params the worker runs: ``params`` except while a reload is under way
     serving: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: set when the stream stops here (deleted, or the server stops): its connections end with it
@@ -63,6 +66,21 @@ class Stream:
     @property
     def channel(self) -> str:
         return self.id
+
+    def record(self) -> dict[str, Any]:
+        """What outlives the process (JSON): the stored fields, nothing of this run's state."""
+        return {
+            "id": self.id,
+            "stream_key": self.stream_key,
+            "playback_id": self.playback_id,
+            "pipeline": self.pipeline,
+            "params": self.params,
+            "name": self.name,
+            "output_rtmp_url": self.output_rtmp_url,
+            "created": self.created,
+            "reload_failure": self.reload_failure.to_json() if self.reload_failure else None,
+            "node": self.node,
+        }
 
     @property
     def width(self) -> int:
@@ -156,17 +174,30 @@ class StreamListener:
         """
 
 
+class StreamRecords(Protocol):
+    """Where streams outlive the process: a node's SQLite file, or the cluster's shared bucket."""
+
+    async def save(self, stream: Stream) -> None: ...
+
+    async def delete(self, stream_id: str) -> None: ...
+
+    async def load(self) -> list[Stream]: ...
+
+
 class StreamManager:
     """The streams by id, key and playback id; publishes created, changed and closed to listeners.
 
     With a ``store`` every change is written through, and :meth:`restore`
     brings the streams back after a restart: same ids, keys and playback
-    ids, channels open again, outputs started again by the listeners.
+    ids, channels open again, outputs started again by the listeners. In a
+    cluster the store is shared and :meth:`follow` applies here what the
+    other nodes change; ``node`` is this node's name.
     """
 
-    def __init__(self, hub: Hub, store: StreamStore | None = None) -> None:
+    def __init__(self, hub: Hub, store: StreamRecords | None = None, node: str = "") -> None:
         self.hub = hub
         self.store = store
+        self.node = node
         self.streams: dict[str, Stream] = {}
         self._by_key: dict[str, Stream] = {}
         self._by_playback: dict[str, Stream] = {}
@@ -194,16 +225,17 @@ class StreamManager:
             params=params,
             name=name,
             output_rtmp_url=output_rtmp_url,
+            node=self.node,
         )
         if self.store is not None:
-            self.store.save(stream)
+            await self.store.save(stream)
         try:
             await self._start(stream)
         except ProtocolError as exc:
             if exc.code is not ErrorCode.TOO_MANY_CHANNELS:
                 raise
             if self.store is not None:
-                self.store.delete(stream.id)
+                await self.store.delete(stream.id)
             raise ApiError(
                 503,
                 f"the server is full: {exc}",
@@ -222,7 +254,7 @@ class StreamManager:
 
     async def restore(self) -> int:
         """Start every stream the store holds (at server start); returns how many."""
-        restored = list(self.store.load()) if self.store is not None else []
+        restored = await self.store.load() if self.store is not None else []
         for stream in restored:
             await self._start(stream)
         return len(restored)
@@ -279,27 +311,32 @@ class StreamManager:
         if output_rtmp_url is not None:
             stream.output_rtmp_url = output_rtmp_url
         if self.store is not None:
-            self.store.save(stream)
-        channel = self.hub.channels.get(stream.channel)
-        if channel is not None:
-            # a running engine reloads for this change: follow it (joined before the params go out)
-            reloads = (
-                channel.worker is not None
-                and channel.engine_state in (EngineState.READY, EngineState.RELOADING)
-                and bool(needs_reload(stream.serving, params))
-            )
-            watcher = LocalViewer(self.hub, stream.channel) if reloads else None
-            version = self.hub.set_params(channel, worker_params(params), replace=True)
-            self._stop_following(stream)
-            if watcher is None:
-                stream.serving = params  # hot, or loaded afresh by a worker that has no engine yet
-            else:
-                task = asyncio.create_task(self._follow(stream, version, params, watcher))
-                self._reloads[stream.id] = (task, watcher)
+            await self.store.save(stream)
+        self._send_params(stream, params)
         if rtmp_changed:
             for listener in self._listeners:
                 await listener.stream_changed(stream)
         return stream
+
+    def _send_params(self, stream: Stream, params: dict[str, Any]) -> None:
+        """``params`` to the stream's channel, and its reload followed where a worker serves it here."""
+        channel = self.hub.channels.get(stream.channel)
+        if channel is None:
+            return
+        # a running engine reloads for this change: follow it (joined before the params go out)
+        reloads = (
+            channel.worker is not None
+            and channel.engine_state in (EngineState.READY, EngineState.RELOADING)
+            and bool(needs_reload(stream.serving, params))
+        )
+        watcher = LocalViewer(self.hub, stream.channel) if reloads else None
+        version = self.hub.set_params(channel, worker_params(params), replace=True)
+        self._stop_following(stream)
+        if watcher is None:
+            stream.serving = params  # hot, or loaded afresh by a worker that has no engine yet
+        else:
+            task = asyncio.create_task(self._follow(stream, version, params, watcher))
+            self._reloads[stream.id] = (task, watcher)
 
     async def _follow(
         self, stream: Stream, version: int, wanted: dict[str, Any], watcher: LocalViewer
@@ -321,7 +358,7 @@ class StreamManager:
         stream.reload_failure = failure(version, error, stream.serving, wanted)
         stream.params = stream.serving = serving
         if self.store is not None:
-            self.store.save(stream)
+            await self.store.save(stream)
         channel = self.hub.channels.get(stream.channel)
         if channel is not None:  # the channel's params too: a worker that takes it over loads what served
             self.hub.set_params(channel, worker_params(serving), replace=True)
@@ -336,8 +373,53 @@ class StreamManager:
     async def delete(self, stream: Stream) -> None:
         """Gone everywhere: the stored record, the outputs and sessions, the channel and its worker."""
         if self.store is not None:
-            self.store.delete(stream.id)
+            await self.store.delete(stream.id)
         await self._stop(stream)
+
+    async def follow(self, changes: AsyncIterator[Stream | Removed | None]) -> None:
+        """Apply here the streams other nodes create, change and delete (runs until cancelled).
+
+        ``changes`` is the shared store's (:meth:`api.streams.shared.SharedStreams.changes`); this
+        node's own writes come back too and change nothing. Two streams with one
+        key (two nodes creating a named stream at once): the older one stays.
+        """
+        async for change in changes:
+            if change is None:
+                continue
+            if not isinstance(change, Stream):
+                if (gone := self.streams.get(change.stream_id)) is not None:
+                    await self._stop(gone)
+                continue
+            await self._mirror(change)
+
+    async def _mirror(self, record: Stream) -> None:
+        current = self.streams.get(record.id)
+        if current is None:
+            rival = self._by_key.get(record.stream_key)
+            if rival is not None:
+                newer = max((rival, record), key=lambda s: (s.created, s.id))
+                if self.store is not None:
+                    await self.store.delete(newer.id)
+                if newer is record:
+                    return
+                await self._stop(rival)
+            await self._start(record)
+            return
+        if current.record() == record.record():
+            return  # our own write, or news we have
+        if (current.stream_key, current.playback_id) != (record.stream_key, record.playback_id):
+            await self._stop(current)  # never happens through the API: start it afresh
+            await self._start(record)
+            return
+        rtmp_changed = record.output_rtmp_url != current.output_rtmp_url
+        current.name, current.output_rtmp_url = record.name, record.output_rtmp_url
+        current.reload_failure, current.node = record.reload_failure, record.node
+        if record.params != current.params:
+            current.params = record.params
+            self._send_params(current, record.params)
+        if rtmp_changed:
+            for listener in self._listeners:
+                await listener.stream_changed(current)
 
     async def stop_all(self) -> None:
         """At shutdown: stop every stream here, keeping the stored records for the next start."""

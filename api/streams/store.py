@@ -3,7 +3,8 @@
 Standard-library ``sqlite3``, one file in the server's data directory, WAL
 journal. Every write commits at once: these are a handful of small
 control-plane writes (create, update, delete), never per frame, so they run
-on the event loop. The schema version is SQLite's ``user_version``; each
+on the event loop (the methods are coroutines only to share the interface of
+the cluster's store, :mod:`api.streams.shared`). The schema version is SQLite's ``user_version``; each
 migration moves it up by one.
 """
 
@@ -70,8 +71,11 @@ class StreamStore:
                 self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {number}")
 
-    def load(self) -> Iterator[Stream]:
+    async def load(self) -> list[Stream]:
         """Every stored stream, oldest first."""
+        return list(self._rows())
+
+    def _rows(self) -> Iterator[Stream]:
         with closing(
             self._db.execute(
                 "SELECT id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created, "
@@ -91,7 +95,7 @@ class StreamStore:
                     reload_failure=ReloadFailure.from_json(json.loads(row[8])) if row[8] else None,
                 )
 
-    def save(self, stream: Stream) -> None:
+    async def save(self, stream: Stream) -> None:
         self._db.execute(
             "INSERT INTO streams "
             "(id, stream_key, playback_id, pipeline, params, name, output_rtmp_url, created, reload_failure) "
@@ -111,7 +115,7 @@ class StreamStore:
             ),
         )
 
-    def delete(self, stream_id: str) -> None:
+    async def delete(self, stream_id: str) -> None:
         self._db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
 
     def close(self) -> None:

@@ -399,6 +399,8 @@ class NatsBackplane:
             producers=bool(channel.producers),
             state=channel.engine_state,
             worker=channel.worker.id if channel.worker else None,
+            fps_in=round(channel.frames_in.rate(), 2),
+            fps_out=round(channel.frames_out.rate(), 2),
         )
 
     def _settle_owners(self) -> None:
@@ -416,6 +418,13 @@ class NatsBackplane:
             self.hub.set_owner(channel, None if node == self.node else node)
             if channel.owner is not None and theirs is not None:
                 channel.engine_state = theirs.state  # what the owner's worker said last
+                channel.owner_stats = {
+                    "fps_in": theirs.fps_in,
+                    "fps_out": theirs.fps_out,
+                    "worker": theirs.worker,
+                }
+            else:
+                channel.owner_stats = None
 
     # -- proxies: the other nodes' workers, in our hub -------------------------
 

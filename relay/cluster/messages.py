@@ -70,6 +70,9 @@ class Claim(Message):
     state: EngineState = EngineState.WAITING_FOR_WORKER
     #: the worker serving it for this node, if any
     worker: str | None = None
+    #: its input and output rates there (the owner's producers feed it: the other nodes show these)
+    fps_in: float = 0.0
+    fps_out: float = 0.0
 
 
 def owner(channel: str, claims: dict[str, Claim]) -> str:

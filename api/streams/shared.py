@@ -1,0 +1,104 @@
+"""The cluster's streams in a NATS JetStream key-value bucket, so every node knows every stream.
+
+With ``relay.nats`` set, each API node keeps its streams here instead of in
+its own SQLite file: a stream created on one node is answered for by all
+(``/v1/streams``, WHIP with its key, WHEP/MJPEG/HLS with its playback id).
+JetStream stores the bucket on disk, replicated over ``replicas`` NATS
+servers, so the streams outlive any node. Each node follows the bucket
+(:meth:`SharedStreams.changes`): the first changes are every stream there
+(then ``None``: caught up), then each create, update and delete as it
+happens, the node's own writes included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+# the cluster extra (nats-py): only a node with relay.nats imports this module
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, ServiceUnavailableError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from api.streams.manager import Stream
+from api.streams.records import from_record, to_record
+
+log = logging.getLogger("api.streams")
+
+PREFIX = "streams."
+
+
+@dataclass(frozen=True)
+class Removed:
+    """A stream deleted from the bucket (on any node)."""
+
+    stream_id: str
+
+
+class SharedStreams:
+    """A :class:`~api.streams.manager.StreamManager` store whose records every node shares."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, client: Client, bucket: str, replicas: int = 1) -> SharedStreams:
+        """The bucket, created on first use (file storage, the last value per stream)."""
+        js = client.jetstream()
+        try:
+            try:
+                return cls(await js.key_value(bucket))
+            except BucketNotFoundError:
+                config = KeyValueConfig(bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE)
+                return cls(await js.create_key_value(config))
+        except (ServiceUnavailableError, NatsTimeoutError):
+            raise RuntimeError(
+                "the NATS server has no JetStream, which the cluster's stream registry needs: enable it "
+                "(a 'jetstream { store_dir: ... }' block in each nats-server's config)"
+            ) from None
+
+    async def save(self, stream: Stream) -> None:
+        await self.kv.put(PREFIX + stream.id, to_record(stream))
+
+    async def delete(self, stream_id: str) -> None:
+        await self.kv.delete(PREFIX + stream_id)
+
+    async def load(self) -> list[Stream]:
+        """Every stream in the bucket, oldest first."""
+        streams = []
+        with contextlib.suppress(NoKeysError):
+            for key in await self.kv.keys():
+                if key.startswith(PREFIX):
+                    try:
+                        entry = await self.kv.get(key)
+                        streams.append(from_record(entry.value or b""))
+                    except KeyNotFoundError:
+                        continue  # deleted meanwhile
+                    except ValueError as exc:
+                        log.warning("ignoring %s in the streams bucket: %s", key, exc)
+        return sorted(streams, key=lambda s: (s.created, s.id))
+
+    async def changes(self) -> AsyncIterator[Stream | Removed | None]:
+        """Every stream now (then ``None``: caught up), then each change as it comes, for ever."""
+        watcher = await self.kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    yield None
+                    continue
+                if not entry.key.startswith(PREFIX):
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    yield Removed(entry.key.removeprefix(PREFIX))
+                    continue
+                try:
+                    yield from_record(entry.value or b"")
+                except ValueError as exc:
+                    log.warning("ignoring %s in the streams bucket: %s", entry.key, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()

@@ -1,0 +1,152 @@
+"""The cluster's stream registry (issue 15): streams kept in NATS JetStream, answered for by every node.
+
+Three nats-servers with JetStream (a real routed cluster; the bucket replicated on all three) and
+two or three API servers in process, each with its relay joined to one of them. A stream created
+on one node is read, changed and deleted on another; WHIP with its key on a node that did not
+create it reaches a worker on the node that did, and MJPEG on a third shows the result; the
+streams outlive every node; two nodes creating the same named stream at once end up with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from api.server.app import create_app
+from api.server.http import running
+from api.server.services import services
+from api.streams.manager import StreamManager
+from media.codec import decode_image
+from tests.api_fixtures import AUTH, KEY, multipart_parts, serving_worker
+from tests.helpers import server_config
+from tests.test_cluster import NatsServer, nats_cluster, until
+from tests.test_webrtc import BACKGROUND, PatternTrack, publish
+
+pytestmark = pytest.mark.network_service
+
+
+@pytest.fixture
+def nats_servers(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
+    with nats_cluster(tmp_path / "nats", 3, jetstream=True) as servers:
+        yield servers
+
+
+@contextlib.asynccontextmanager
+async def api_node(server: NatsServer, name: str, **server_section: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An API server whose relay is node ``name`` on ``server``, its streams in the shared bucket."""
+    config = server_config(
+        KEY,
+        relay={"nats": server.url, "node_name": name},
+        server={"cluster_streams_replicas": 3, **server_section},
+    )
+    app = create_app(config)
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
+
+
+def manager(client: httpx.AsyncClient) -> StreamManager:
+    return services(client.app).streams  # type: ignore[attr-defined]
+
+
+async def test_a_stream_created_on_one_node_is_read_changed_fed_and_deleted_on_the_others(nats_servers):
+    async with (
+        api_node(nats_servers[0], "a") as a,
+        api_node(nats_servers[1], "b") as b,
+        api_node(nats_servers[2], "c") as c,
+        serving_worker(a.app, capacity=2),  # type: ignore[attr-defined]
+    ):
+        created = await a.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "x"}})
+        assert created.status_code == 201, created.text
+        stream = created.json()
+        sid = stream["id"]
+        await until(lambda: sid in manager(b).streams and sid in manager(c).streams, "b or c never knew it")
+
+        # read on b: the same stream, its URLs on b
+        seen = (await b.get(f"/v1/streams/{sid}")).json()
+        for field in ("stream_key", "output_playback_id", "params", "created_at"):
+            assert seen[field] == stream[field], field
+        assert seen["whip_url"].startswith(str(b.base_url))
+        assert [s["id"] for s in (await b.get("/v1/streams")).json()["data"]] == [sid]
+
+        # changed on b: a's copy (and its channel's params) follow
+        patched = await b.patch(f"/v1/streams/{sid}", json={"params": {"prompt": "negative"}})
+        assert patched.status_code == 200, patched.text
+        await until(
+            lambda: (
+                manager(a).streams[sid].params["prompt"] == "negative"
+                and services(a.app).hub.channels[sid].params["prompt"] == "negative"
+            ),  # type: ignore[attr-defined]
+            "a never took b's change",
+        )
+
+        # fed on b by WHIP with the key (b never created it), served by a's worker, watched on c
+        whip_pc, whip = await publish(b, seen["whip_url"], PatternTrack(), "video/H264")
+        try:
+            async with c.stream("GET", f"/live/video-to-video/{stream['output_playback_id']}/mjpeg") as mjpeg:
+                assert mjpeg.status_code == 200
+                parts = multipart_parts(mjpeg)
+                inverted = 255 - np.array(BACKGROUND)
+                async with asyncio.timeout(30):
+                    while True:  # "negative" inverts: the filter ran on b's WHIP frames
+                        rgb = decode_image(await anext(parts))
+                        mean = rgb.reshape(-1, 3).mean(axis=0)
+                        if np.all(np.abs(mean - inverted) < 30):
+                            break
+            hub_b = services(b.app).hub  # type: ignore[attr-defined]
+            assert hub_b.channels[sid].producers, "the WHIP session is b's producer"
+            # c shows the state of the channel its owner (b, where the input is) has
+            assert services(c.app).hub.channels[sid].owner == "b"  # type: ignore[attr-defined]
+            async with asyncio.timeout(10):
+                while (status := (await c.get(f"/v1/streams/{sid}/status")).json()["data"])["state"] not in (
+                    "ONLINE",
+                    "DEGRADED_INFERENCE",
+                    "DEGRADED_INPUT",
+                ):
+                    await asyncio.sleep(0.05)  # polling the status, as a client does
+            assert status["engine"] or status["state"], status
+        finally:
+            await whip_pc.close()
+
+        # deleted on c: gone on every node, its key refused everywhere
+        assert (await c.delete(f"/v1/streams/{sid}")).status_code == 200
+        await until(lambda: sid not in manager(a).streams and sid not in manager(b).streams, "still known")
+        assert (await a.get(f"/v1/streams/{sid}")).status_code == 404
+        refused = await b.post(
+            "/whip",
+            content="v=0",
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {stream['stream_key']}"},
+        )
+        assert refused.status_code == 401
+        assert whip.status_code == 201
+
+
+async def test_the_streams_outlive_every_node_and_two_nodes_naming_one_stream_end_with_one(nats_servers):
+    named = {"named_streams": [{"name": "studio", "stream_key": "studio-key-0123456789abcdef"}]}
+    async with api_node(nats_servers[0], "a", **named) as a, api_node(nats_servers[1], "b", **named) as b:
+        # both started with the same named stream: each made one if the bucket had none yet
+        await until(
+            lambda: (
+                len(manager(a).streams) == len(manager(b).streams) == 1
+                and set(manager(a).streams) == set(manager(b).streams)
+            ),
+            "the nodes never agreed on one named stream",
+        )
+        (studio,) = manager(a).streams.values()
+        created = await a.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "y"}})
+        other = created.json()
+        await until(lambda: other["id"] in manager(b).streams, "b never knew the new stream")
+
+    async with api_node(nats_servers[2], "c", **named) as c:  # every node was stopped: a new one
+        listed = {s["id"]: s for s in (await c.get("/v1/streams")).json()["data"]}
+        assert set(listed) == {studio.id, other["id"]}
+        assert listed[studio.id]["stream_key"] == studio.stream_key
+        assert listed[other["id"]]["stream_key"] == other["stream_key"]
