@@ -247,6 +247,8 @@ class Channel:
     owner: str | None = None
     #: while ``owner`` serves it: its rates and worker there, shown instead of this node's
     owner_stats: dict[str, Any] | None = None
+    #: the node whose API created it (a cluster's /v1 stream): its owner while only held open
+    home: str | None = None
 
     @property
     def wants_worker(self) -> bool:
@@ -395,6 +397,7 @@ class Hub:
         *,
         key: str | None = None,
         anonymous: bool | None = None,
+        home: str | None = None,
     ) -> Channel:
         """Hold a channel open (the API's streams) so it keeps a worker with no producer.
 
@@ -403,10 +406,11 @@ class Hub:
         when there is no key) marks a channel opened for a client with no
         credential (seed sessions): it gets a worker only within
         ``anonymous_share``. A full channel table raises ``ProtocolError``
-        (``too_many_channels``).
+        (``too_many_channels``). ``home``: in a cluster, the node that created the stream, which
+        gives it its worker while no node has producers for it.
         """
         channel = self._channel(name, anonymous=key is None if anonymous is None else anonymous)
-        channel.held = True
+        channel.held, channel.home = True, home
         if key is not None and channel.key != key:
             channel.key, channel.anonymous = key, False
             self._evict_unauthorized(channel)

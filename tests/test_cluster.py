@@ -544,6 +544,13 @@ def test_a_channels_owner_is_a_node_of_its_producers_first_and_moves_only_with_i
     held, fed = Claim(producers=False), Claim(producers=True)
     assert owner("cam", {"a": held, "b": fed, "c": held}) == "b"
     assert owner("cam", {"a": held, "b": held}) == owner("cam", {"b": held, "a": held})
+    for home in "abc":  # the node that created a stream owns it while no node has its producers
+        assert owner("cam", {"a": held, "b": held, "c": held}, home=home) == home
+    assert owner("cam", {"a": held, "b": fed}, home="a") == "b"
+    view = ClusterView("b", dead_after=1.0)
+    view.heard(Heartbeat(node="a"), now=0.0)  # a's claim not heard yet: its being home is enough
+    assert view.owner("cam", held, home="a") == ("a", Claim(producers=False))
+    assert view.owner("cam", held, home="gone")[0] == "b"
     channels = [f"ch{i}" for i in range(200)]
     three = {ch: owner(ch, {"a": held, "b": held, "c": held}) for ch in channels}
     assert set(three.values()) == {"a", "b", "c"}, "rendezvous hashing spreads channels over the nodes"

@@ -261,7 +261,9 @@ class StreamManager:
 
     async def _start(self, stream: Stream) -> None:
         # keyed: relay clients need the stream key (or the relay token) to read or feed it
-        self.hub.open_channel(stream.channel, worker_params(stream.params), key=stream.stream_key)
+        self.hub.open_channel(
+            stream.channel, worker_params(stream.params), key=stream.stream_key, home=stream.node or None
+        )
         stream.serving = stream.params
         self.streams[stream.id] = stream
         self._by_key[stream.stream_key] = stream

@@ -200,7 +200,7 @@ class NatsBackplane:
         self._out.put_control(report)
 
     def owner(self, channel: Channel) -> str | None:
-        node, _ = self.view.owner(channel.name, self._claim(channel))
+        node, _ = self.view.owner(channel.name, self._claim(channel), channel.home)
         return None if node == self.node else node
 
     def forward_params(self, channel: Channel) -> None:
@@ -414,7 +414,7 @@ class NatsBackplane:
             claim = self._claim(channel)
             if claim is None:
                 continue
-            node, theirs = self.view.owner(channel.name, claim)
+            node, theirs = self.view.owner(channel.name, claim, channel.home)
             self.hub.set_owner(channel, None if node == self.node else node)
             if channel.owner is not None and theirs is not None:
                 channel.engine_state = theirs.state  # what the owner's worker said last
@@ -499,6 +499,8 @@ class NatsBackplane:
                     params=message.params,
                     version=message.version,
                 )
+                # our claim first (one connection keeps order): the worker's node sees why we ask
+                await self._heartbeat()
                 reply = await self._request(subject, encode(request))
                 if reply is not None and reply.ok:
                     self._confirmed[(proxy.id, message.channel)] = time.monotonic()

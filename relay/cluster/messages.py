@@ -75,18 +75,20 @@ class Claim(Message):
     fps_out: float = 0.0
 
 
-def owner(channel: str, claims: dict[str, Claim]) -> str:
+def owner(channel: str, claims: dict[str, Claim], home: str | None = None) -> str:
     """The node that gives ``channel`` its worker: one answer on every node that sees the same claims.
 
     Nodes whose producers feed the channel come before nodes that only hold it
     open (the worker's input is then local to its home: its idle timer sees
-    it); among equals, rendezvous hashing spreads channels over nodes and moves
-    only the channels of a node that comes or goes.
+    it), then ``home``, the node that created the stream (every node knows it
+    from the stream's record at once, before any heartbeat); among equals,
+    rendezvous hashing spreads channels over nodes and moves only the
+    channels of a node that comes or goes.
     """
 
-    def rank(node: str) -> tuple[bool, bytes]:
+    def rank(node: str) -> tuple[bool, bool, bytes]:
         digest = hashlib.blake2b(f"{node}\0{channel}".encode(), digest_size=8).digest()
-        return claims[node].producers, digest
+        return claims[node].producers, node == home, digest
 
     return max(claims, key=rank)
 

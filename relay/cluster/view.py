@@ -83,17 +83,20 @@ class ClusterView:
             wanted.update(heartbeat.wants)
         self._wanted = wanted
 
-    def owner(self, channel: str, mine: Claim | None) -> tuple[str, Claim | None]:
-        """The node that gives ``channel`` its worker, and its claim; ``mine``: this node's, if any.
+    def owner(self, channel: str, mine: Claim | None, home: str | None = None) -> tuple[str, Claim | None]:
+        """The node that gives ``channel`` its worker, and its claim; ``mine``: this node's, if any;
+        ``home``: the node that created it, a claimant while alive even before its heartbeat says so.
 
         With no claim anywhere (a node that only serves it) the answer is this node.
         """
         claims = {node: hb.homes[channel] for node, (hb, _) in self.nodes.items() if channel in hb.homes}
         if mine is not None:
             claims[self.node] = mine
+            if home in self.nodes and home not in claims:
+                claims[home] = Claim(producers=False)
         if not claims:
             return self.node, None
-        node = owner(channel, claims)
+        node = owner(channel, claims, home)
         return node, claims[node]
 
     def alive(self, node: str) -> bool:
