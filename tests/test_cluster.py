@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from websockets.asyncio.client import ClientConnection
 
 from relay import Relay, RelayConfig
@@ -556,3 +557,18 @@ def test_a_channels_owner_is_a_node_of_its_producers_first_and_moves_only_with_i
     assert set(three.values()) == {"a", "b", "c"}, "rendezvous hashing spreads channels over the nodes"
     two = {ch: owner(ch, {"a": held, "b": held}) for ch in channels}
     assert all(two[ch] == three[ch] for ch in channels if three[ch] != "c"), "only c's channels moved"
+
+
+def test_the_compose_files_nats_config_is_valid_with_jetstream_and_room_for_frames(tmp_path):
+    """docker-compose.cluster.yml cannot run here (no Docker engine): its NATS config is checked by
+    the real nats-server (``-t``), and the nodes' registry replicas fit its three servers."""
+    compose = yaml.safe_load((Path(__file__).parents[1] / "docker-compose.cluster.yml").read_text())
+    content = compose["configs"]["nats"]["content"]
+    assert "jetstream" in content and "max_payload: 16MB" in content
+    conf = tmp_path / "nats.conf"
+    conf.write_text(content.replace("${NATS_PASSWORD}", "pw").replace("/data", str(tmp_path / "js")))
+    checked = subprocess.run([_nats_server(), "-c", str(conf), "-t"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    servers = [name for name in compose["services"] if name.startswith("nats-")]
+    replicas = compose["x-node"]["environment"]["STREAMDIFFUSION_SERVER__CLUSTER_STREAMS_REPLICAS"]
+    assert int(replicas) == len(servers) == 3

@@ -150,3 +150,18 @@ async def test_the_streams_outlive_every_node_and_two_nodes_naming_one_stream_en
         assert set(listed) == {studio.id, other["id"]}
         assert listed[studio.id]["stream_key"] == studio.stream_key
         assert listed[other["id"]]["stream_key"] == other["stream_key"]
+
+
+async def test_without_jetstream_a_node_says_what_to_enable(tmp_path):
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
+    import nats
+
+    from api.streams.shared import SharedStreams
+
+    with nats_cluster(tmp_path / "nats", 1) as (server,):
+        client = await nats.connect(server.url)
+        try:
+            with pytest.raises(RuntimeError, match=r"no JetStream .* enable it \(a 'jetstream \{"):
+                await SharedStreams.open(client, "sd_streams", wait_s=0.5)
+        finally:
+            await client.close()

@@ -12,8 +12,10 @@ happens, the node's own writes included.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,6 +32,8 @@ from api.streams.records import from_record, to_record
 log = logging.getLogger("api.streams")
 
 PREFIX = "streams."
+#: how long a node waits at start for the NATS cluster's JetStream (a cluster starting with it)
+JETSTREAM_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -46,20 +50,34 @@ class SharedStreams:
         self.kv = kv
 
     @classmethod
-    async def open(cls, client: Client, bucket: str, replicas: int = 1) -> SharedStreams:
-        """The bucket, created on first use (file storage, the last value per stream)."""
+    async def open(
+        cls, client: Client, bucket: str, replicas: int = 1, wait_s: float = JETSTREAM_WAIT_S
+    ) -> SharedStreams:
+        """The bucket, created on first use (file storage, the last value per stream).
+
+        A NATS cluster starting with the nodes elects its JetStream leader
+        within seconds: until then, and for at most ``wait_s``, it tries again.
+        """
         js = client.jetstream()
-        try:
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                return cls(await js.key_value(bucket))
-            except BucketNotFoundError:
-                config = KeyValueConfig(bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE)
-                return cls(await js.create_key_value(config))
-        except (ServiceUnavailableError, NatsTimeoutError):
-            raise RuntimeError(
-                "the NATS server has no JetStream, which the cluster's stream registry needs: enable it "
-                "(a 'jetstream { store_dir: ... }' block in each nats-server's config)"
-            ) from None
+                try:
+                    return cls(await js.key_value(bucket))
+                except BucketNotFoundError:
+                    config = KeyValueConfig(
+                        bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE
+                    )
+                    return cls(await js.create_key_value(config))
+            except (ServiceUnavailableError, NatsTimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"no JetStream on the NATS server after {wait_s:g} s ({exc!r}); the cluster's "
+                        "stream registry needs it: enable it (a 'jetstream { store_dir: ... }' block in "
+                        "each nats-server's config)"
+                    ) from None
+                log.info("waiting for NATS JetStream (%s)", type(exc).__name__)
+                await asyncio.sleep(0.5)  # a retry interval while the NATS cluster elects its leader
 
     async def save(self, stream: Stream) -> None:
         await self.kv.put(PREFIX + stream.id, to_record(stream))
