@@ -375,6 +375,35 @@ async def test_producers_on_two_nodes_get_one_worker_and_the_other_node_takes_ov
 
 
 @pytest.mark.network_service
+async def test_a_worker_killed_hands_its_channel_to_a_worker_on_another_node(nodes):
+    """``python -m worker`` on b, SIGKILLed mid-stream: a moves the channel to c's worker."""
+    a, b, c = nodes
+    worker = await Command.start(
+        "-m", "worker", "--relay", b.url, "--engine", "filter", "--log-level", "info"
+    )
+    try:
+        await worker.line(r"worker \w+ connected to")
+        await until(lambda: len(a.hub.workers) == 1, "a never saw b's worker")
+        viewer = await Viewer.join(a, "cam")
+        producer, _ = await connect(a.url, "producer", "cam", receive="none")
+        await worker.line(r"serving channel cam")
+        sent = await stream(producer, "cam", [viewer], 3, start=0)
+        async with serving(c) as second:
+            await until(lambda: any(w.id == second.session for w in a.hub.workers), "a never saw c's worker")
+            await worker.kill()
+            assert await asyncio.wait_for(second.assigned.get(), TIMEOUT) == "cam"
+            last = max(sent)
+            sent |= await stream(producer, "cam", [viewer], 3, start=last + 1)
+            after = viewer.after(last)
+            assert after and {f.seq for f in after} <= set(second.received)
+            assert all(f.payload == sent[f.seq] for f in after), "c's echo worker returns each input"
+            await viewer.close()
+            await producer.close()
+    finally:
+        await worker.kill()
+
+
+@pytest.mark.network_service
 async def test_a_node_cut_off_from_nats_has_its_channels_reassigned(nats_servers, nodes):
     """b's NATS server dies: the others count b gone and move its channel; b gives it back."""
     a, b, c = nodes
