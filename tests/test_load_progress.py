@@ -83,6 +83,13 @@ def test_the_diffusion_engine_says_its_load_stages(tiny):
     engine.close()
     names = [stage for stage, _, _ in stages]
     assert names[0].startswith("loading ") and names[-1] == "warming up"
-    assert any(name.startswith("accelerating the UNet") for name in names)
+    assert any(name.startswith(("accelerating the UNet", "building the TensorRT")) for name in names)
     assert [done for _, done, _ in stages] == sorted(done for _, done, _ in stages)  # forward only
     assert {total for _, _, total in stages} == {4}
+
+
+def test_a_tensorrt_build_is_named_as_one():
+    from worker.engines.diffusion.model import acceleration_stage
+
+    assert acceleration_stage("tensorrt").startswith("building the TensorRT engine")
+    assert acceleration_stage("sdpa") == "accelerating the UNet (sdpa)"

@@ -49,7 +49,9 @@ async def test_a_download_in_bytes_shows_its_percentage_and_sizes_then_the_next_
 
     progress.clear()
     progress.update(stage="warming up", done=3, total=4, unit="steps", fraction=0.75)
-    await page.wait_for_function("document.querySelector('#progress-text').textContent === 'warming up'")
+    await page.wait_for_function(
+        "document.querySelector('#progress-text').textContent === 'warming up · step 4 of 4'"
+    )
     assert await page.evaluate("document.querySelector('#progress').value") == 0.75  # steps: no sizes
 
 

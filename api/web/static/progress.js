@@ -1,5 +1,6 @@
 // A worker's load progress in words, for the status line under the player:
-// "downloading stabilityai/sd-turbo · 43% (1.2 of 2.8 GB) · about 12 s left".
+// "downloading stabilityai/sd-turbo · 43% (1.2 of 2.8 GB) · about 12 s left",
+// "building the TensorRT engine (minutes the first time) · step 3 of 4".
 // Pure functions of the status's `progress` ({stage, done, total, unit, fraction, eta_s});
 // no DOM, so the page and a test can both call them.
 
@@ -25,11 +26,13 @@ export function byteRange(done, total) {
   return total ? `${show(done)} of ${show(total)} ${unit}` : `${show(done)} ${unit}`;
 }
 
-/** The whole line: stage, then for bytes "43% (1.2 of 2.8 GB)", then the ETA when known. */
+/** The whole line: stage, then "43% (1.2 of 2.8 GB)" for bytes or "step 3 of 4" for steps, then the ETA. */
 export function progressText(progress) {
   const parts = [progress.stage || progress.message];
   const { done, total } = progressBytes(progress);
-  if (done !== undefined) {
+  if (progress.unit === "steps" && progress.total) {
+    parts.push(`step ${Math.min((progress.done ?? 0) + 1, progress.total)} of ${progress.total}`);
+  } else if (done !== undefined) {
     const fraction = progressFraction(progress);
     const percent = fraction === null ? "" : `${Math.floor(fraction * 100)}% `;
     parts.push(total ? `${percent}(${byteRange(done, total)})` : byteRange(done, total));

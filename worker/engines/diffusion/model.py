@@ -138,7 +138,7 @@ class DiffusionModel:
         if config.ip_adapter is not None:
             say("loading the IP-Adapter", 1, LOAD_STEPS, "steps")
             ip_adapter.load_ip_adapter(models.pipe, models.is_xl, config.ip_adapter)
-        say(f"accelerating the UNet ({config.acceleration})", 2, LOAD_STEPS, "steps")
+        say(acceleration_stage(config.acceleration), 2, LOAD_STEPS, "steps")
         accelerated = self._accelerate(models, config.acceleration)
         self._loaded = Loaded(
             models=models,
@@ -183,3 +183,10 @@ class DiffusionModel:
         self.neural = NeuralPreprocessors(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def acceleration_stage(acceleration: str) -> str:
+    """What a person reads while the UNet is accelerated (a TensorRT build takes minutes)."""
+    if acceleration == "tensorrt":
+        return "building the TensorRT engine (minutes the first time)"
+    return f"accelerating the UNet ({acceleration})"
