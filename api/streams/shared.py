@@ -19,12 +19,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-# the cluster extra (nats-py): only a node with relay.nats imports this module
-from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, ServiceUnavailableError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+try:  # the cluster extra (nats-py): a node with relay.nats has it (its relay checked at start)
+    from nats.aio.client import Client
+    from nats.errors import TimeoutError as NatsTimeoutError
+    from nats.js.api import KeyValueConfig, StorageType
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, ServiceUnavailableError
+    from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+except ImportError:  # importable without it (python -m api doctor imports every module)
+    pass
 
 from api.streams.manager import Stream
 from api.streams.records import from_record, to_record
