@@ -165,3 +165,29 @@ async def test_without_jetstream_a_node_says_what_to_enable(tmp_path):
                 await SharedStreams.open(client, "sd_streams", wait_s=0.5)
         finally:
             await client.close()
+
+
+async def test_while_the_registry_is_unreachable_changes_get_a_503_and_the_streams_come_back(tmp_path):
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
+    with nats_cluster(tmp_path / "nats", 1, jetstream=True) as (server,):
+        async with api_node(server, "a", cluster_streams_replicas=1) as a:
+            body = {"pipeline": "streamdiffusion", "params": {}}
+            sid = (await a.post("/v1/streams", json=body)).json()["id"]
+            server.kill()
+            refused = await a.post("/v1/streams", json=body)
+            assert refused.status_code == 503, refused.text
+            error = refused.json()
+            assert error["code"] == "STREAMS/REGISTRY_UNAVAILABLE" and "unreachable" in error["error"]
+            assert refused.headers["retry-after"] == "5"
+            unchanged = await a.patch(f"/v1/streams/{sid}", json={"params": {"prompt": "not stored"}})
+            assert unchanged.status_code == 503
+            assert manager(a).streams[sid].params["prompt"] != "not stored", "a refused change is not applied"
+            assert [s["id"] for s in (await a.get("/v1/streams")).json()["data"]] == [sid]  # reads still work
+
+            server.restart()  # JetStream reads its store back: the registry is reachable again
+            async with asyncio.timeout(60):
+                while (again := await a.post("/v1/streams", json=body)).status_code == 503:
+                    pass  # each refused try waited for NATS: no sleep needed
+            assert again.status_code == 201, again.text
+            listed = {s["id"] for s in (await a.get("/v1/streams")).json()["data"]}
+            assert listed == {sid, again.json()["id"]}

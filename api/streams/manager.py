@@ -15,6 +15,8 @@ its status names the version that failed and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from wire.relay_messages import EngineState
 if TYPE_CHECKING:
     from api.streams.shared import Removed
 
+
+log = logging.getLogger("api.streams")
 
 #: input frames per second under which a stream is DEGRADED_INPUT: Daydream's runner uses 15
 DEGRADED_INPUT_FPS = 15.0
@@ -174,8 +178,15 @@ class StreamListener:
         """
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot take a write now (the cluster's registry is unreachable): try again later."""
+
+
 class StreamRecords(Protocol):
-    """Where streams outlive the process: a node's SQLite file, or the cluster's shared bucket."""
+    """Where streams outlive the process: a node's SQLite file, or the cluster's shared bucket.
+
+    ``save`` and ``delete`` raise :class:`StoreUnavailable` when the write did not happen.
+    """
 
     async def save(self, stream: Stream) -> None: ...
 
@@ -227,8 +238,7 @@ class StreamManager:
             output_rtmp_url=output_rtmp_url,
             node=self.node,
         )
-        if self.store is not None:
-            await self.store.save(stream)
+        await self._save(stream)
         try:
             await self._start(stream)
         except ProtocolError as exc:
@@ -306,14 +316,18 @@ class StreamManager:
                     "STREAMS/RELOAD_REQUIRED",
                     {"reload_fields": sorted(needs)},
                 )
+        before = (stream.params, stream.name, stream.output_rtmp_url)
         stream.params = params
         if name is not None:
             stream.name = name
         rtmp_changed = output_rtmp_url is not None and output_rtmp_url != stream.output_rtmp_url
         if output_rtmp_url is not None:
             stream.output_rtmp_url = output_rtmp_url
-        if self.store is not None:
-            await self.store.save(stream)
+        try:
+            await self._save(stream)
+        except ApiError:
+            stream.params, stream.name, stream.output_rtmp_url = before  # nothing changed
+            raise
         self._send_params(stream, params)
         if rtmp_changed:
             for listener in self._listeners:
@@ -360,7 +374,10 @@ class StreamManager:
         stream.reload_failure = failure(version, error, stream.serving, wanted)
         stream.params = stream.serving = serving
         if self.store is not None:
-            await self.store.save(stream)
+            try:
+                await self.store.save(stream)
+            except StoreUnavailable as exc:  # kept here; the next change writes it again
+                log.warning("stream %s: its failed reload could not be stored: %s", stream.id, exc)
         channel = self.hub.channels.get(stream.channel)
         if channel is not None:  # the channel's params too: a worker that takes it over loads what served
             self.hub.set_params(channel, worker_params(serving), replace=True)
@@ -375,8 +392,19 @@ class StreamManager:
     async def delete(self, stream: Stream) -> None:
         """Gone everywhere: the stored record, the outputs and sessions, the channel and its worker."""
         if self.store is not None:
-            await self.store.delete(stream.id)
+            try:
+                await self.store.delete(stream.id)
+            except StoreUnavailable as exc:
+                raise _unavailable(exc) from None
         await self._stop(stream)
+
+    async def _save(self, stream: Stream) -> None:
+        """Write ``stream`` through to the store; a 503 when the store cannot take it now."""
+        if self.store is not None:
+            try:
+                await self.store.save(stream)
+            except StoreUnavailable as exc:
+                raise _unavailable(exc) from None
 
     async def follow(self, changes: AsyncIterator[Stream | Removed | None]) -> None:
         """Apply here the streams other nodes create, change and delete (runs until cancelled).
@@ -401,7 +429,8 @@ class StreamManager:
             if rival is not None:
                 newer = max((rival, record), key=lambda s: (s.created, s.id))
                 if self.store is not None:
-                    await self.store.delete(newer.id)
+                    with contextlib.suppress(StoreUnavailable):  # another node deletes it then
+                        await self.store.delete(newer.id)
                 if newer is record:
                     return
                 await self._stop(rival)
@@ -489,6 +518,16 @@ class StreamManager:
             "progress": stats.get("progress"),
             "worker_stats": stats.get("worker_stats", {}),
         }
+
+
+def _unavailable(exc: StoreUnavailable) -> ApiError:
+    return ApiError(
+        503,
+        f"the stream registry is unreachable: {exc}",
+        "STREAMS/REGISTRY_UNAVAILABLE",
+        None,
+        {"Retry-After": "5"},
+    )
 
 
 def _detail(channel: Channel | None, engine_state: str) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 try:  # the cluster extra (nats-py): a node with relay.nats has it (its relay checked at start)
     from nats.aio.client import Client
+    from nats.errors import Error as NatsError
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js.api import KeyValueConfig, StorageType
     from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, ServiceUnavailableError
@@ -28,7 +29,7 @@ try:  # the cluster extra (nats-py): a node with relay.nats has it (its relay ch
 except ImportError:  # importable without it (python -m api doctor imports every module)
     pass
 
-from api.streams.manager import Stream
+from api.streams.manager import StoreUnavailable, Stream
 from api.streams.records import from_record, to_record
 
 log = logging.getLogger("api.streams")
@@ -82,10 +83,16 @@ class SharedStreams:
                 await asyncio.sleep(0.5)  # a retry interval while the NATS cluster elects its leader
 
     async def save(self, stream: Stream) -> None:
-        await self.kv.put(PREFIX + stream.id, to_record(stream))
+        try:
+            await self.kv.put(PREFIX + stream.id, to_record(stream))
+        except NatsError as exc:
+            raise StoreUnavailable(_reason(exc)) from None
 
     async def delete(self, stream_id: str) -> None:
-        await self.kv.delete(PREFIX + stream_id)
+        try:
+            await self.kv.delete(PREFIX + stream_id)
+        except NatsError as exc:
+            raise StoreUnavailable(_reason(exc)) from None
 
     async def load(self) -> list[Stream]:
         """Every stream in the bucket, oldest first."""
@@ -122,3 +129,8 @@ class SharedStreams:
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+
+
+def _reason(exc: Exception) -> str:
+    """A NATS error in words (some of nats-py's say nothing by themselves)."""
+    return f"NATS: {exc}" if str(exc).strip() else f"NATS: {type(exc).__name__}"
