@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.cluster --quick    # ~40 s: short windows
     .venv/bin/python -m bench.cluster --json     # machine-readable result on stdout
     .venv/bin/python -m bench.cluster --repeat 3 --quiet-wait 10   # on a shared machine
+    .venv/bin/python -m bench.cluster --nats-gomaxprocs 1   # nats-servers on one Go thread each
 
 Needs nats-server (``apt-get install nats-server``) and nats-py (``pip install -e .[cluster]``).
 Every relay runs in its own process (uvloop when installed), every nats-server in its own;
@@ -137,8 +138,23 @@ class Servers:
 
 
 @contextlib.contextmanager
-def servers(case: Case) -> Iterator[Servers]:
-    """``case``'s nats-servers (routed to each other) and relays, each relay on its own nats-server."""
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (unset: None) for the processes started inside the block."""
+    old = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if old is not None:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def servers(case: Case, gomaxprocs: int | None = None) -> Iterator[Servers]:
+    """``case``'s nats-servers (routed to each other) and relays, each relay on its own nats-server;
+    ``gomaxprocs``: the nats-servers' GOMAXPROCS (None: Go's default, one per core)."""
     from tests.test_cluster import nats_cluster  # the tests' NATS cluster: real, routed nats-servers
 
     ctx = mp.get_context("spawn")
@@ -146,7 +162,8 @@ def servers(case: Case) -> Iterator[Servers]:
         nats = []
         if case.nats:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-nats-")))
-            nats = stack.enter_context(nats_cluster(directory, case.relays))
+            with _environ("GOMAXPROCS", None if gomaxprocs is None else str(gomaxprocs)):
+                nats = stack.enter_context(nats_cluster(directory, case.relays))
         processes, pipes = [], []
         try:
             for i in range(case.relays):
@@ -282,7 +299,10 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
     for case in CASES:
         if args.only and case.label not in args.only:
             continue
-        with servers(case) as running_servers, asyncio.Runner(loop_factory=_client_loop) as runner:
+        with (
+            servers(case, args.nats_gomaxprocs) as running_servers,
+            asyncio.Runner(loop_factory=_client_loop) as runner,
+        ):
             for channels in args.channels:
                 for mode in args.modes:
                     tries = []
@@ -293,6 +313,8 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
                         r["waited_s"] = round(waited, 2)
                         tries.append(r)
                     r = min(tries, key=lambda t: t["other_cpu"])  # the least disturbed try
+                    per_frame = [t["server_us_per_frame"] for t in tries if t["server_us_per_frame"]]
+                    r["server_us_per_frame_range"] = [min(per_frame), max(per_frame)] if per_frame else None
                     r.update(label=case.label, channels=channels, mode=mode, tries=len(tries))
                     results.append(r)
                     report(_row(r))
@@ -352,7 +374,8 @@ def format_report(machine: dict[str, Any], out: dict[str, Any], args: argparse.N
         f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
         f"websockets {machine['websockets']}, {machine['loop']}",
         f"frames: 512x512 JPEG, {out['jpeg_bytes']} bytes; warm-up {args.warmup:g} s, window "
-        f"{args.duration_paced:g} s at 30 fps, {args.duration_max:g} s at max; best of {args.repeat}",
+        f"{args.duration_paced:g} s at 30 fps, {args.duration_max:g} s at max; best of {args.repeat}"
+        + (f"; nats-server GOMAXPROCS={args.nats_gomaxprocs}" if args.nats_gomaxprocs else ""),
         "",
         HEAD,
         "-" * len(HEAD),
@@ -421,6 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quiet-wait", type=float, default=0.0, metavar="S", help="wait up to S s for an idle machine first"
     )
+    p.add_argument(
+        "--nats-gomaxprocs",
+        type=int,
+        metavar="N",
+        help="run the nats-servers with GOMAXPROCS=N (default: Go's, one per core)",
+    )
     args = p.parse_args(argv)
     args.grace = 0.15 if args.quick else 0.3
     if args.warmup is None:
@@ -450,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
             "channels": args.channels,
             "modes": args.modes,
             "repeat": args.repeat,
+            "nats_gomaxprocs": args.nats_gomaxprocs,
         },
         runtime_s=round(time.monotonic() - started, 1),
     )
