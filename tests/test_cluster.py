@@ -444,11 +444,13 @@ async def test_a_partitioned_nodes_streams_recover_when_it_returns(nats_servers,
         nats_servers[0].kill()
         await until(lambda: a.hub.channels["cam"].worker is None, "a kept a worker it cannot reach")
         await until(lambda: "cam" not in b.hub.channels, "b kept serving a node it lost")
+        restarted = time.monotonic()
         nats_servers[0].restart()
         await until(lambda: "a" in b.backplane.view.nodes, "a never rejoined")  # type: ignore[union-attr]
         assert await asyncio.wait_for(worker.assigned.get(), TIMEOUT) == "cam"
         last = max(sent)
         sent |= await stream(producer, "cam", [viewer], 3, start=last + 1)
+        print(f"served again {(time.monotonic() - restarted) * 1000:.0f} ms after the NATS server restarted")
         check_results(viewer, sent, "cam")
         assert {f.seq for f in viewer.after(last)} <= set(worker.received)
         await viewer.close()
