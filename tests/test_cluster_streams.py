@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,15 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from api.streams.manager import StreamManager
+from api.streams.manager import Stream, StreamListener, StreamManager, validate_params
+from api.streams.shared import Removed
 from media.codec import decode_image
+from relay import RelayConfig
+from relay.hub import Hub
 from tests.api_fixtures import AUTH, KEY, multipart_parts, serving_worker
 from tests.helpers import server_config
 from tests.test_cluster import NatsServer, nats_cluster, until
 from tests.test_webrtc import BACKGROUND, PatternTrack, publish
-
-pytestmark = pytest.mark.network_service
 
 
 @pytest.fixture
@@ -57,6 +59,7 @@ def manager(client: httpx.AsyncClient) -> StreamManager:
     return services(client.app).streams  # type: ignore[attr-defined]
 
 
+@pytest.mark.network_service
 async def test_a_stream_created_on_one_node_is_read_changed_fed_and_deleted_on_the_others(nats_servers):
     async with (
         api_node(nats_servers[0], "a") as a,
@@ -129,6 +132,7 @@ async def test_a_stream_created_on_one_node_is_read_changed_fed_and_deleted_on_t
         assert whip.status_code == 201
 
 
+@pytest.mark.network_service
 async def test_the_streams_outlive_every_node_and_two_nodes_naming_one_stream_end_with_one(nats_servers):
     named = {"named_streams": [{"name": "studio", "stream_key": "studio-key-0123456789abcdef"}]}
     async with api_node(nats_servers[0], "a", **named) as a, api_node(nats_servers[1], "b", **named) as b:
@@ -152,6 +156,7 @@ async def test_the_streams_outlive_every_node_and_two_nodes_naming_one_stream_en
         assert listed[other["id"]]["stream_key"] == other["stream_key"]
 
 
+@pytest.mark.network_service
 async def test_without_jetstream_a_node_says_what_to_enable(tmp_path):
     pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
     import nats
@@ -167,6 +172,7 @@ async def test_without_jetstream_a_node_says_what_to_enable(tmp_path):
             await client.close()
 
 
+@pytest.mark.network_service
 async def test_while_the_registry_is_unreachable_changes_get_a_503_and_the_streams_come_back(tmp_path):
     pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
     with nats_cluster(tmp_path / "nats", 1, jetstream=True) as (server,):
@@ -191,3 +197,66 @@ async def test_while_the_registry_is_unreachable_changes_get_a_503_and_the_strea
             assert again.status_code == 201, again.text
             listed = {s["id"] for s in (await a.get("/v1/streams")).json()["data"]}
             assert listed == {sid, again.json()["id"]}
+
+
+# -- following the bucket, without NATS: the manager given the changes a bucket would yield ------
+
+
+class Seen(StreamListener):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    async def stream_created(self, stream: Stream) -> None:
+        self.events.append(("created", stream.id))
+
+    async def stream_changed(self, stream: Stream) -> None:
+        self.events.append(("changed", stream.id))
+
+    async def stream_closed(self, stream: Stream) -> None:
+        self.events.append(("closed", stream.id))
+
+
+def record(stream_id: str, key: str, created: float = 1.0, **fields: Any) -> Stream:
+    params = validate_params({"prompt": "x"})
+    return Stream(
+        id=stream_id,
+        stream_key=key,
+        playback_id=f"play-{stream_id}",
+        pipeline="streamdiffusion",
+        params=params,
+        created=created,
+        node="a",
+        **fields,
+    )
+
+
+async def changes(*items: Stream | Removed | None) -> AsyncIterator[Stream | Removed | None]:
+    for item in items:
+        yield item
+
+
+async def test_a_node_applies_the_buckets_changes_and_ignores_what_it_already_has():
+    hub = Hub(RelayConfig())
+    streams = StreamManager(hub, node="b")
+    seen = Seen()
+    streams.subscribe(seen)
+    first = record("str_1", "key-1")
+    changed = dataclasses.replace(first, params={**first.params, "prompt": "y"})
+    pushed = dataclasses.replace(changed, output_rtmp_url="rtmp://example/live")
+    await streams.follow(changes(first, None, first, changed, pushed, Removed("str_1"), Removed("str_9")))
+    assert seen.events == [("created", "str_1"), ("changed", "str_1"), ("closed", "str_1")]
+    assert "str_1" not in streams.streams and "str_1" not in hub.channels
+
+    await streams.follow(changes(first, changed))
+    channel = hub.channels["str_1"]
+    assert channel.params["prompt"] == "y" and channel.key == "key-1" and channel.home == "a"
+    assert streams.by_playback_id("play-str_1") is streams.streams["str_1"]
+
+
+async def test_of_two_streams_with_one_key_every_node_keeps_the_older():
+    for order in ((0, 1), (1, 0)):  # whichever a node hears first
+        streams = StreamManager(Hub(RelayConfig()), node="b")
+        rivals = [record("str_old", "same-key", created=1.0), record("str_new", "same-key", created=2.0)]
+        await streams.follow(changes(*(rivals[i] for i in order)))
+        assert list(streams.streams) == ["str_old"]
+        assert streams.by_stream_key("same-key").id == "str_old"  # type: ignore[union-attr]
