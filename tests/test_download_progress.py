@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -22,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from tests.test_commands import ROOT
 from tests.test_model_loading import FakeHub
 from tests.tiny_models import TinyModels
 from worker.engines.diffusion.download import ByteTally, plan
@@ -198,21 +195,12 @@ def test_a_hub_model_not_in_the_cache_downloads_as_a_stage_in_bytes(tiny: TinyMo
     repo = hub_repo(tiny, tmp_path)
     hub = FakeHub({REPO: repo, VAE: tiny.tiny_vae})
     params = tiny.fast_params(SIZE, model_id=REPO, vae_id=VAE)
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
-    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        env.pop(name, None)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", SCRIPT, json.dumps(params), str(tmp_path / "alone")],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-    finally:
-        hub.close()
+    done = hub.run_python(
+        ["-c", SCRIPT, json.dumps(params), str(tmp_path / "alone")],
+        {"HF_HOME": str(tmp_path / "hf-home")},
+        timeout=300,
+        unset=("HF_HUB_CACHE", "HF_HUB_DISABLE_PROGRESS_BARS"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
 

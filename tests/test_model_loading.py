@@ -66,6 +66,28 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def run_python(
+        self, args: list[str], env: dict[str, str], timeout: float, unset: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """``python *args`` in a fresh process whose huggingface_hub talks to this hub (``HF_ENDPOINT``
+        is read at import), online, with ``env`` added and ``unset`` removed; the hub closes after.
+        """
+        full = {**os.environ, **env, "HF_ENDPOINT": self.url}
+        for name in ("HF_HUB_OFFLINE", *unset):
+            full.pop(name, None)
+        try:
+            return subprocess.run(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=full,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        finally:
+            self.close()
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -271,20 +293,7 @@ def test_a_reachable_hub_downloads_the_model_into_the_cache(tiny: TinyModels, tm
         f"pipe = pretrained(DiffusionPipeline.from_pretrained, {REPO!r}, 'model')\n"
         "print(json.dumps([type(pipe).__name__, cached_models()]))\n"
     )
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")}
-    env.pop("HF_HUB_OFFLINE", None)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=100,
-            check=False,
-        )
-    finally:
-        hub.close()
+    done = hub.run_python(["-c", script], {"HF_HUB_CACHE": str(tmp_path / "cache")}, timeout=100)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == ["StableDiffusionPipeline", [REPO]]
     assert any(
