@@ -585,6 +585,11 @@ def test_a_channels_owner_is_a_node_of_its_producers_first_and_moves_only_with_i
     view.heard(Heartbeat(node="a"), now=0.0)  # a's claim not heard yet: its being home is enough
     assert view.owner("cam", held, home="a") == ("a", Claim(producers=False))
     assert view.owner("cam", held, home="gone")[0] == "b"
+    # a stream's pushes: on its creator while alive, else on one node holding it (the same everywhere)
+    assert view.pusher("cam", home="a") == "a" and view.pusher("cam", home="b") == "b"
+    assert view.pusher("cam", home="gone") == "b"  # a holds nothing: b alone
+    view.heard(Heartbeat(node="a", homes={"cam": held}), now=0.0)
+    assert view.pusher("cam", home="gone") == owner("cam", {"a": held, "b": held})
     channels = [f"ch{i}" for i in range(200)]
     three = {ch: owner(ch, {"a": held, "b": held, "c": held}) for ch in channels}
     assert set(three.values()) == {"a", "b", "c"}, "rendezvous hashing spreads channels over the nodes"

@@ -28,10 +28,14 @@ from api.streams.shared import Removed
 from media.codec import decode_image
 from relay import RelayConfig
 from relay.hub import Hub
-from tests.api_fixtures import AUTH, KEY, multipart_parts, serving_worker
+from tests.api_fixtures import AUTH, KEY, feeding, multipart_parts, serving_worker
 from tests.helpers import server_config
 from tests.test_cluster import NatsServer, nats_cluster, until
+from tests.test_rtmp_hls import decode, rtmp_server  # noqa: F401  (a fixture)
 from tests.test_webrtc import BACKGROUND, PatternTrack, publish
+
+#: reading a live RTMP stream from its start, as tests/test_api_outputs.py does
+LIVE = {"analyzeduration": "1000000", "fflags": "nobuffer"}
 
 
 @pytest.fixture
@@ -260,3 +264,31 @@ async def test_of_two_streams_with_one_key_every_node_keeps_the_older():
         await streams.follow(changes(*(rivals[i] for i in order)))
         assert list(streams.streams) == ["str_old"]
         assert streams.by_stream_key("same-key").id == "str_old"  # type: ignore[union-attr]
+
+
+@pytest.mark.network_service
+async def test_a_streams_rtmp_push_runs_on_its_node_and_moves_when_that_node_stops(nats_servers, rtmp_server):
+    """Created on a with output_rtmp_url: a pushes to nginx-rtmp, b does not; a stops: b pushes."""
+    url = rtmp_server.url("live", "moving")
+    body = {
+        "pipeline": "streamdiffusion",
+        "output_rtmp_url": url,
+        "params": {"prompt": "negative", "width": 384, "height": 384},
+    }
+    async with api_node(nats_servers[1], "b") as b, serving_worker(b.app):  # type: ignore[attr-defined]
+        pushes_b = services(b.app).outputs.rtmp  # type: ignore[attr-defined]
+        async with api_node(nats_servers[0], "a") as a:
+            created = await a.post("/v1/streams", json=body)
+            assert created.status_code == 201, created.text
+            sid = created.json()["id"]
+            pushes_a = services(a.app).outputs.rtmp  # type: ignore[attr-defined]
+            await until(lambda: sid in manager(b).streams and sid in pushes_a, "a never pushed")
+            async with feeding(b, sid):
+                frames = await asyncio.to_thread(decode, url, 3, LIVE)
+            assert {f.shape for f in frames} == {(384, 384, 3)}
+            assert sid not in pushes_b, "one node pushes a stream"
+        # a stopped (it said bye): b runs the push from the next check on
+        await until(lambda: sid in pushes_b, "b never took the push over")
+        async with feeding(b, sid):
+            frames = await asyncio.to_thread(decode, url, 3, LIVE)
+        assert {f.shape for f in frames} == {(384, 384, 3)}

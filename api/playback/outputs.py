@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ class Outputs(StreamListener):
     output, so a server that stops (or never serves HLS) leaves none behind.
     A stream's own directory goes when the stream closes; a configured base
     is never removed (it may hold other things). In a cluster every node
-    knows every stream, but a stream's pushes (RTMP, republishing) run only
-    on ``node``, the node that created it; HLS runs wherever it is asked for.
+    knows every stream, but a stream's pushes (RTMP, republishing) run on one
+    node: where ``pushes_here`` says (the node that created it while it is
+    up; :meth:`follow_pushers` moves them when that changes); HLS runs
+    wherever it is asked for.
     """
 
     def __init__(
@@ -71,9 +74,9 @@ class Outputs(StreamListener):
         hls_base: Path | None,
         republish: Republisher | None = None,
         first_playlist_wait_s: float = 15.0,
-        node: str = "",
+        pushes_here: Callable[[Stream], bool] | None = None,
     ) -> None:
-        self.node = node
+        self._pushes_here = pushes_here or (lambda stream: True)
         self.relay_url, self.token, self.hls_base = relay_url, token, hls_base
         #: how long a first playlist request waits for the first segment before a 503 (players with
         #: default settings retry a 503 once, about a second later, and ignore Retry-After)
@@ -84,23 +87,37 @@ class Outputs(StreamListener):
         self.external: dict[str, OutputProcess] = {}
         self._temp_base: Path | None = None
 
-    def _pushes_here(self, stream: Stream) -> bool:
-        return not stream.node or stream.node == self.node
-
     async def stream_created(self, stream: Stream) -> None:
         await self.stream_changed(stream)
         if self.republish is not None:
             stream.external_whep_url = self.republish.whep_url(stream.playback_id)
-            if not self._pushes_here(stream):
-                return
-            output = OutputProcess(
-                self.relay_url,
-                stream.channel,
-                token=self.token,
-                rtmp_url=self.republish.publish_url(stream.playback_id),
-            )
-            self.external[stream.id] = output
-            await output.start()
+            if self._pushes_here(stream):
+                await self._republish(stream)
+
+    async def _republish(self, stream: Stream) -> None:
+        assert self.republish is not None
+        output = OutputProcess(
+            self.relay_url,
+            stream.channel,
+            token=self.token,
+            rtmp_url=self.republish.publish_url(stream.playback_id),
+        )
+        self.external[stream.id] = output
+        await output.start()
+
+    async def follow_pushers(self, streams: Iterable[Stream]) -> None:
+        """Start the pushes that now belong here and stop those that moved away (a cluster's node
+        came or went); called periodically. Pushes already where they belong are left alone.
+        """
+        for stream in list(streams):
+            here = self._pushes_here(stream)
+            if here != (stream.id in self.rtmp) and (stream.output_rtmp_url or stream.id in self.rtmp):
+                await self.stream_changed(stream)
+            if self.republish is not None and here != (stream.id in self.external):
+                if here:
+                    await self._republish(stream)
+                else:
+                    await self.external.pop(stream.id).stop()
 
     async def stream_changed(self, stream: Stream) -> None:
         """Start, restart or stop the RTMP push to match ``stream.output_rtmp_url``."""
@@ -206,9 +223,14 @@ async def hls_file(playback_id: str, filename: str, request: Request) -> Respons
     return response
 
 
-def outputs_for(config: Config, relay_url: str, relay_token: str | None, node: str = "") -> Outputs:
+def outputs_for(
+    config: Config,
+    relay_url: str,
+    relay_token: str | None,
+    pushes_here: Callable[[Stream], bool] | None = None,
+) -> Outputs:
     """The outputs ``config`` asks for: where HLS goes, and the MediaMTX republisher if configured;
-    ``node``: this node's name in a cluster.
+    ``pushes_here``: in a cluster, whether this node runs a stream's pushes.
     """
     base = Path(config.server.hls_dir) if config.server.hls_dir else None
     mediamtx = config.mediamtx
@@ -217,4 +239,6 @@ def outputs_for(config: Config, relay_url: str, relay_token: str | None, node: s
         if mediamtx.publish_url and mediamtx.whep_url
         else None
     )
-    return Outputs(relay_url, relay_token, base, republish, config.server.hls_first_playlist_wait_s, node)
+    return Outputs(
+        relay_url, relay_token, base, republish, config.server.hls_first_playlist_wait_s, pushes_here
+    )

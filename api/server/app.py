@@ -14,6 +14,7 @@ import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -35,6 +36,9 @@ from api.streams.manager import StreamManager
 from api.streams.routes import router, v1
 from api.streams.store import StreamStore
 from api.web import page
+
+if TYPE_CHECKING:
+    from api.streams.shared import SharedStreams
 from relay import Relay
 
 log = logging.getLogger("api")
@@ -115,7 +119,13 @@ async def start_services(
     elif config.server.data_dir:
         local_store = StreamStore.in_directory(config.server.data_dir)
     streams = StreamManager(relay.hub, shared or local_store, node)
-    stream_outputs = outputs.outputs_for(config, relay_url, relay_token, node)
+    backplane = relay.backplane
+    pushes_here = (
+        (lambda stream: not stream.node or backplane.pusher(stream.channel, stream.node) == node)
+        if backplane is not None
+        else None
+    )
+    stream_outputs = outputs.outputs_for(config, relay_url, relay_token, pushes_here)
     streams.subscribe(stream_outputs)
     webrtc_state = webrtc.webrtc_state(config)
     streams.subscribe(webrtc_state.registry)
@@ -140,7 +150,7 @@ async def start_services(
             where = local_store.path if local_store else f"bucket {config.server.cluster_streams_bucket}"
             log.info("restored %d streams from %s", restored, where)
         if shared is not None:
-            following = asyncio.create_task(streams.follow(shared.changes()))
+            following = asyncio.create_task(_follow_cluster(streams, shared, stream_outputs))
         for named in config.server.named_streams:
             params = {**config.stream_defaults(), **named.params}
             await streams.ensure_named(named.name, named.stream_key, params)
@@ -155,3 +165,24 @@ async def start_services(
         await relay.close()
         if local_store is not None:
             local_store.close()
+
+
+#: how often a cluster node checks which stream pushes (RTMP, republishing) are its to run
+PUSHERS_CHECK_S = 1.0
+
+
+async def _follow_cluster(
+    streams: StreamManager, shared: SharedStreams, stream_outputs: outputs.Outputs
+) -> None:
+    """A cluster node's part: the streams other nodes change, and the pushes that move to or from
+    this node as nodes come and go.
+    """
+
+    async def pushers() -> None:
+        while True:
+            await asyncio.sleep(PUSHERS_CHECK_S)  # a reconciliation period, not a wait for an event
+            await stream_outputs.follow_pushers(streams.streams.values())
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(streams.follow(shared.changes()))
+        group.create_task(pushers())

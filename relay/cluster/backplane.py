@@ -203,6 +203,10 @@ class NatsBackplane:
         node, _ = self.view.owner(channel.name, self._claim(channel), channel.home)
         return None if node == self.node else node
 
+    def pusher(self, channel: str, home: str) -> str:
+        """The node that runs the pushes of the stream on ``channel`` created by ``home``."""
+        return self.view.pusher(channel, home)
+
     def forward_params(self, channel: Channel) -> None:
         if channel.owner is not None:
             update = UpdateParams(

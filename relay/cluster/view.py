@@ -99,6 +99,16 @@ class ClusterView:
         node = owner(channel, claims, home)
         return node, claims[node]
 
+    def pusher(self, channel: str, home: str) -> str:
+        """The node that runs a stream's pushes (RTMP, republishing): ``home``, the node that created
+        it, while it is alive; else one of the nodes holding ``channel`` (this one among them), the
+        same on every node.
+        """
+        if self.alive(home):
+            return home
+        holders = {node for node, (hb, _) in self.nodes.items() if channel in hb.homes} | {self.node}
+        return owner(channel, dict.fromkeys(holders, Claim(producers=False)))
+
     def alive(self, node: str) -> bool:
         return node == self.node or node in self.nodes
 
