@@ -292,3 +292,27 @@ async def test_a_streams_rtmp_push_runs_on_its_node_and_moves_when_that_node_sto
         async with feeding(b, sid):
             frames = await asyncio.to_thread(decode, url, 3, LIVE)
         assert {f.shape for f in frames} == {(384, 384, 3)}
+
+
+@pytest.mark.network_service
+async def test_after_the_registrys_nats_server_restarts_every_node_follows_it_again(tmp_path):
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e .[cluster]")
+    body = {"pipeline": "streamdiffusion", "params": {}}
+    with nats_cluster(tmp_path / "nats", 1, jetstream=True) as (server,):
+        async with (
+            api_node(server, "a", cluster_streams_replicas=1) as a,
+            api_node(server, "b", cluster_streams_replicas=1) as b,
+        ):
+            first = (await a.post("/v1/streams", json=body)).json()["id"]
+            await until(lambda: first in manager(b).streams, "b never knew the first stream")
+            server.kill()
+            server.restart()  # JetStream keeps the bucket; the nodes' watches are gone with the server
+            async with asyncio.timeout(60):
+                while (created := await a.post("/v1/streams", json=body)).status_code == 503:
+                    pass  # each refused try waited for NATS: no sleep needed
+            second = created.json()["id"]
+            assert (await a.delete(f"/v1/streams/{first}")).status_code == 200
+            await until(
+                lambda: second in manager(b).streams and first not in manager(b).streams,
+                "b never followed the bucket again",
+            )

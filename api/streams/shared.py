@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 try:  # the cluster extra (nats-py): a node with relay.nats has it (its relay checked at start)
     from nats.aio.client import Client
@@ -37,6 +38,9 @@ log = logging.getLogger("api.streams")
 PREFIX = "streams."
 #: how long a node waits at start for the NATS cluster's JetStream (a cluster starting with it)
 JETSTREAM_WAIT_S = 30.0
+#: how often a watch with nothing new checks the connection, and waits before watching again
+WATCH_RECHECK_S = 1.0
+WATCH_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,8 @@ class Removed:
 class SharedStreams:
     """A :class:`~api.streams.manager.StreamManager` store whose records every node shares."""
 
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, client: Client, kv: KeyValue) -> None:
+        self.client, self.kv = client, kv
 
     @classmethod
     async def open(
@@ -66,12 +70,12 @@ class SharedStreams:
         while True:
             try:
                 try:
-                    return cls(await js.key_value(bucket))
+                    return cls(client, await js.key_value(bucket))
                 except BucketNotFoundError:
                     config = KeyValueConfig(
                         bucket=bucket, history=1, replicas=replicas, storage=StorageType.FILE
                     )
-                    return cls(await js.create_key_value(config))
+                    return cls(client, await js.create_key_value(config))
             except (ServiceUnavailableError, NatsTimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise RuntimeError(
@@ -110,25 +114,48 @@ class SharedStreams:
         return sorted(streams, key=lambda s: (s.created, s.id))
 
     async def changes(self) -> AsyncIterator[Stream | Removed | None]:
-        """Every stream now (then ``None``: caught up), then each change as it comes, for ever."""
-        watcher = await self.kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    yield None
-                    continue
-                if not entry.key.startswith(PREFIX):
-                    continue
-                if entry.operation in (KV_DEL, KV_PURGE):
-                    yield Removed(entry.key.removeprefix(PREFIX))
-                    continue
-                try:
-                    yield from_record(entry.value or b"")
-                except ValueError as exc:
-                    log.warning("ignoring %s in the streams bucket: %s", entry.key, exc)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        """Every stream now (then ``None``: caught up), then each change as it comes, for ever.
+
+        After the NATS connection comes back the watch starts again (a
+        restarted server has forgotten it): every stream again, deletes
+        included, so what changed meanwhile is caught up; the caller's copy
+        ignores what it has.
+        """
+        while True:
+            reconnects = self.client.stats["reconnects"]
+            try:
+                watcher = await self.kv.watchall()
+            except NatsError as exc:  # still disconnected: try again
+                log.info("cannot follow the streams bucket yet (%s); trying again", _reason(exc))
+                await asyncio.sleep(WATCH_RETRY_S)
+                continue
+            try:
+                while self.client.stats["reconnects"] == reconnects:
+                    try:
+                        entry = await watcher.updates(timeout=WATCH_RECHECK_S)
+                    except NatsTimeoutError:
+                        continue  # nothing new: check the connection, wait again
+                    if (change := _change(entry)) is not False:
+                        yield change
+            finally:
+                with contextlib.suppress(NatsError, AttributeError):
+                    await watcher.stop()
+            log.info("NATS connection back: following the streams bucket afresh")
+
+
+def _change(entry: KeyValue.Entry | None) -> Stream | Removed | Literal[False] | None:
+    """What a watch entry says: a stream, a removal, None (caught up), or False (not ours, unreadable)."""
+    if entry is None:
+        return None
+    if not entry.key.startswith(PREFIX):
+        return False
+    if entry.operation in (KV_DEL, KV_PURGE):
+        return Removed(entry.key.removeprefix(PREFIX))
+    try:
+        return from_record(entry.value or b"")
+    except ValueError as exc:
+        log.warning("ignoring %s in the streams bucket: %s", entry.key, exc)
+        return False
 
 
 def _reason(exc: Exception) -> str:
