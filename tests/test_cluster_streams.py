@@ -316,3 +316,11 @@ async def test_after_the_registrys_nats_server_restarts_every_node_follows_it_ag
                 lambda: second in manager(b).streams and first not in manager(b).streams,
                 "b never followed the bucket again",
             )
+
+
+async def test_a_change_a_node_cannot_apply_is_logged_and_the_next_ones_still_apply(caplog):
+    streams = StreamManager(Hub(RelayConfig(max_channels=1)), node="b")
+    first, second = record("str_1", "key-1"), record("str_2", "key-2")
+    await streams.follow(changes(first, second, Removed("str_1"), second))
+    assert "could not apply a change of the stream registry" in caplog.text  # no room for str_2
+    assert list(streams.streams) == ["str_2"], "the table had room again after str_1 went"

@@ -416,11 +416,13 @@ class StreamManager:
         async for change in changes:
             if change is None:
                 continue
-            if not isinstance(change, Stream):
-                if (gone := self.streams.get(change.stream_id)) is not None:
+            try:
+                if isinstance(change, Stream):
+                    await self._mirror(change)
+                elif (gone := self.streams.get(change.stream_id)) is not None:
                     await self._stop(gone)
-                continue
-            await self._mirror(change)
+            except Exception:  # one stream's trouble (a full channel table...) never stops the others
+                log.exception("could not apply a change of the stream registry: %s", change)
 
     async def _mirror(self, record: Stream) -> None:
         current = self.streams.get(record.id)
