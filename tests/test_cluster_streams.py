@@ -12,6 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from media.codec import decode_image
 from relay import RelayConfig
 from relay.hub import Hub
 from tests.api_fixtures import AUTH, KEY, feeding, multipart_parts, serving_worker
-from tests.helpers import server_config
+from tests.helpers import server_config, start_server, stop_server
 from tests.test_cluster import NatsServer, nats_cluster, until
 from tests.test_rtmp_hls import decode, rtmp_server  # noqa: F401  (a fixture)
 from tests.test_webrtc import BACKGROUND, PatternTrack, publish
@@ -324,3 +328,51 @@ async def test_a_change_a_node_cannot_apply_is_logged_and_the_next_ones_still_ap
     await streams.follow(changes(first, second, Removed("str_1"), second))
     assert "could not apply a change of the stream registry" in caplog.text  # no room for str_2
     assert list(streams.streams) == ["str_2"], "the table had room again after str_1 went"
+
+
+@pytest.mark.network_service
+async def test_the_readmes_cluster_two_api_commands_configured_by_environment_share_a_stream(
+    nats_servers, tmp_path
+):
+    """As the README runs them: ``python -m api`` with ``STREAMDIFFUSION_RELAY__NATS``, a node name and
+    one API key from the environment; a stream created on one is fed through the other's relay with
+    its key (the producer command) and its results come back."""
+    key = "cluster-readme-key-0123456789"
+    base = {**os.environ, "STREAMDIFFUSION_SERVER__API_KEYS": json.dumps([key])}
+    base["STREAMDIFFUSION_SERVER__CLUSTER_STREAMS_REPLICAS"] = "3"
+    nodes = []
+    try:
+        for name, server in zip("ab", nats_servers, strict=False):
+            env = {
+                **base,
+                "STREAMDIFFUSION_RELAY__NATS": server.url,
+                "STREAMDIFFUSION_RELAY__NODE_NAME": name,
+            }
+            process, text = await start_server(data_dir=tmp_path / name, env=env)
+            api = re.search(r"api ready at (http://\S+)", text).group(1)  # type: ignore[union-attr]
+            relay = re.search(r"relay ready at (ws://\S+)", text).group(1)  # type: ignore[union-attr]
+            nodes.append((process, api, relay))
+        (_, api_a, _), (_, api_b, relay_b) = nodes
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(headers=auth, timeout=30) as client:
+            stream = (
+                await client.post(f"{api_a}/v1/streams", json={"pipeline": "streamdiffusion", "params": {}})
+            ).json()
+            async with asyncio.timeout(30):
+                while (seen := await client.get(f"{api_b}/v1/streams/{stream['id']}")).status_code == 404:
+                    pass  # b follows the bucket: a round trip per try
+            assert seen.json()["stream_key"] == stream["stream_key"]
+        producer = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "producers", "pattern", "--relay", relay_b, "--channel", stream["id"]),
+            *("--size", "64x64", "--fps", "20", "--max-frames", "40", "--json"),
+            env={**os.environ, "RELAY_TOKEN": stream["stream_key"]},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await asyncio.wait_for(producer.communicate(), 60)
+        report = json.loads(out.decode().splitlines()[-1])
+        assert producer.returncode == 0 and report["sent"] == 40
+        assert report["received"] >= 30, report  # processed by a worker of either node
+    finally:
+        for process, _, _ in nodes:
+            assert await stop_server(process) == 0
