@@ -19,8 +19,9 @@ How a stream spans nodes (subjects in :mod:`relay.cluster.messages`):
 - producers (or the API) may hold a channel on several nodes: each lists it
   as a claim in its heartbeat, and one rule on every node
   (:func:`relay.cluster.messages.owner`: nodes with producers first, then
-  rendezvous hashing) picks the one that gives it a worker; the others send
-  their producers' frames and params there and show the owner's engine state.
+  the node that created the stream, then rendezvous hashing) picks the one
+  that gives it a worker; the others send their producers' frames and params
+  there and show the owner's engine state and rates.
   So each channel has one worker cluster-wide, decided by one node, without
   a shared store (two nodes that assigned one before hearing each other:
   the one that is not the owner releases its worker);
