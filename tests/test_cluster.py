@@ -34,6 +34,7 @@ from tests.helpers import TIMEOUT, EchoWorker, input_frame, jpeg, recv_frame, re
 from tests.nginx_rtmp import free_port
 from tests.test_reconnect import Command
 from wire.frames import Frame, FrameKind
+from wire.relay_messages import EngineState
 
 INSTALL = "apt-get install -y nats-server (or run .ci/install-system-deps)"
 NODES = "abc"
@@ -612,3 +613,11 @@ def test_the_compose_files_nats_config_is_valid_with_jetstream_and_room_for_fram
     servers = [name for name in compose["services"] if name.startswith("nats-")]
     replicas = compose["x-node"]["environment"]["STREAMDIFFUSION_SERVER__CLUSTER_STREAMS_REPLICAS"]
     assert int(replicas) == len(servers) == 3
+
+
+def test_a_heartbeats_claims_leave_out_their_defaults_and_read_back_whole():
+    owned = Claim(producers=True, state=EngineState.READY, worker="w1", fps_in=30.0, fps_out=29.5)
+    heartbeat = Heartbeat(node="a", homes={"cam": owned, "held": Claim(producers=False)})
+    data = encode(heartbeat)
+    assert b'"held":{"producers":false}' in data
+    assert decode(data) == heartbeat
