@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -65,8 +63,8 @@ from bench.relay import (
     _produce,
     _view,
     binary_maker,
-    machine_info,
     parse_binary,
+    run_and_print,
     test_jpeg,
     wait_quiet,
 )
@@ -463,31 +461,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    machine = machine_info()
-    started = time.monotonic()
-    report = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    if not args.json:
-        print(HEAD, file=sys.stderr, flush=True)
-    out = run(args, report)
-    out.update(
-        machine=machine,
-        date=datetime.date.today().isoformat(),
-        settings={
-            "warmup_s": args.warmup,
-            "window_max_s": args.duration_max,
-            "window_30fps_s": args.duration_paced,
-            "channels": args.channels,
-            "modes": args.modes,
-            "repeat": args.repeat,
-            "nats_gomaxprocs": args.nats_gomaxprocs,
-        },
-        runtime_s=round(time.monotonic() - started, 1),
-    )
-    if args.json:
-        print(json.dumps(out, indent=2, default=float))
-    else:
-        print(format_report(machine, out, args))
-        print(f"\nruntime {out['runtime_s']} s")
+    settings = {
+        "warmup_s": args.warmup,
+        "window_max_s": args.duration_max,
+        "window_30fps_s": args.duration_paced,
+        "channels": args.channels,
+        "modes": args.modes,
+        "repeat": args.repeat,
+        "nats_gomaxprocs": args.nats_gomaxprocs,
+    }
+    run_and_print(args, HEAD, run, format_report, settings)
 
 
 if __name__ == "__main__":

@@ -617,26 +617,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+Run = Callable[[argparse.Namespace, Callable[[str], None]], dict[str, Any]]
+Formatter = Callable[[dict[str, Any], dict[str, Any], argparse.Namespace], str]
+
+
+def run_and_print(
+    args: argparse.Namespace, head: str, run: Run, format_report: Formatter, settings: dict[str, Any]
+) -> None:
+    """A bench's run with its machine, date, settings and runtime: JSON on stdout with ``--json``,
+    else progress lines on stderr and the report on stdout (bench/relay.py, bench/cluster.py).
+    """
     machine = machine_info()
     started = time.monotonic()
     report = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     if not args.json:
-        print(HEAD, file=sys.stderr, flush=True)
+        print(head, file=sys.stderr, flush=True)
     out = run(args, report)
     out.update(
         machine=machine,
         date=datetime.date.today().isoformat(),
-        settings={
-            "warmup_s": args.warmup,
-            "window_s": args.duration_max,
-            "window_30fps_s": args.duration_paced,
-            "channels": args.channels,
-            "modes": args.modes,
-            "repeat": args.repeat,
-            "closed_loop_window": WINDOW,
-        },
+        settings=settings,
         runtime_s=round(time.monotonic() - started, 1),
     )
     if args.json:
@@ -644,6 +644,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(format_report(machine, out, args))
         print(f"\nruntime {out['runtime_s']} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = {
+        "warmup_s": args.warmup,
+        "window_s": args.duration_max,
+        "window_30fps_s": args.duration_paced,
+        "channels": args.channels,
+        "modes": args.modes,
+        "repeat": args.repeat,
+        "closed_loop_window": WINDOW,
+    }
+    run_and_print(args, HEAD, run, format_report, settings)
     if args.profile:
         import pstats
 
