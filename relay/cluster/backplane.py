@@ -497,13 +497,7 @@ class NatsBackplane:
     async def _forward_one(self, proxy: Peer, subject: str, message: Message) -> None:
         match message:
             case Assign():
-                request = AssignWorker(
-                    home=self.node,
-                    channel=message.channel,
-                    worker=proxy.id,
-                    params=message.params,
-                    version=message.version,
-                )
+                request = AssignWorker(**message.model_dump(), home=self.node, worker=proxy.id)
                 # our claim first (one connection keeps order): the worker's node sees why we ask
                 await self._heartbeat()
                 reply = await self._request(subject, encode(request))
@@ -521,11 +515,9 @@ class NatsBackplane:
                 self.hub.unassign(proxy, message.channel)
             case Release():
                 self._confirmed.pop((proxy.id, message.channel), None)
-                await self._publish(subject, encode(ReleaseWorker(home=self.node, channel=message.channel)))
+                await self._publish(subject, encode(ReleaseWorker(**message.model_dump(), home=self.node)))
             case ChannelParams():
-                update = UpdateParams(
-                    home=self.node, channel=message.channel, params=message.params, version=message.version
-                )
+                update = UpdateParams(**message.model_dump(), home=self.node)
                 await self._publish(subject, encode(update))
 
     async def _request(self, subject: str, data: bytes) -> Reply | None:

@@ -22,8 +22,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, field_serializer
 
 from wire.frames import FrameKind
-from wire.messages import Channel, Message
-from wire.relay_messages import EngineState
+from wire.messages import Message
+from wire.relay_messages import Assign, ChannelParams, EngineState, Release
 
 PREFIX = "sd"
 HEARTBEAT_SUBJECT = f"{PREFIX}.node.hb"
@@ -114,35 +114,26 @@ class Heartbeat(Message):
         return {name: claim.model_dump(mode="json", exclude_defaults=True) for name, claim in homes.items()}
 
 
-class AssignWorker(Message):
-    """To a worker's node: give ``channel`` to ``worker`` (a request: the reply says if it did)."""
+class AssignWorker(Assign):
+    """To a worker's node: give ``channel`` to ``worker`` for ``home`` (a request: the reply says if
+    it did)."""
 
-    type: Literal["assign"] = "assign"
     home: str
-    channel: Channel
     worker: str
-    params: dict[str, Any]
-    version: int
 
 
-class ReleaseWorker(Message):
+class ReleaseWorker(Release):
     """To a worker's node: ``home`` no longer needs ``channel`` served."""
 
-    type: Literal["release"] = "release"
     home: str
-    channel: Channel
 
 
-class UpdateParams(Message):
+class UpdateParams(ChannelParams):
     """The channel's full params: from its home to its worker's node, or from a node whose producers
     changed them to the channel's owner.
     """
 
-    type: Literal["params"] = "params"
     home: str
-    channel: Channel
-    params: dict[str, Any]
-    version: int
 
 
 class Reply(Message):
