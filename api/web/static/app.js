@@ -6,6 +6,7 @@
 import { Chart } from "./charts.js";
 import { ParamsForm } from "./form.js";
 import { progressFraction, progressText } from "./progress.js";
+import { meanColour } from "./sample.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -692,17 +693,7 @@ async function stop({ keepError = false } = {}) {
 
 // The output as the viewer sees it, reduced to a mean colour: lets tests and
 // users check that a parameter change really reached the picture.
-window.sampleOutput = () => {
-  const source = visibleOutput();
-  const canvas = document.createElement("canvas");
-  canvas.width = canvas.height = 64;
-  const context = canvas.getContext("2d");
-  context.drawImage(source, 0, 0, 64, 64);
-  const pixels = context.getImageData(0, 0, 64, 64).data;
-  const sum = [0, 0, 0];
-  for (let i = 0; i < pixels.length; i += 4) { sum[0] += pixels[i]; sum[1] += pixels[i + 1]; sum[2] += pixels[i + 2]; }
-  return sum.map((v) => v / (pixels.length / 4));
-};
+window.sampleOutput = () => meanColour(visibleOutput());
 
 $("transport").addEventListener("change", () => {
   const playback = $("playback");

@@ -4,6 +4,8 @@
 // again whenever the connection drops, so it can be set up before the stream
 // starts and survives server restarts.
 
+import { meanColour } from "./sample.js";
+
 const playbackId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
 const query = new URLSearchParams(location.search);
 const via = query.get("via") === "mjpeg" ? "mjpeg" : "whep";
@@ -68,17 +70,7 @@ async function play() {
 }
 
 // the output reduced to its mean colour (tests)
-window.sampleOutput = () => {
-  const source = via === "mjpeg" ? mjpeg : video;
-  const canvas = document.createElement("canvas");
-  canvas.width = canvas.height = 32;
-  const context = canvas.getContext("2d");
-  context.drawImage(source, 0, 0, 32, 32);
-  const pixels = context.getImageData(0, 0, 32, 32).data;
-  const sum = [0, 0, 0];
-  for (let i = 0; i < pixels.length; i += 4) { sum[0] += pixels[i]; sum[1] += pixels[i + 1]; sum[2] += pixels[i + 2]; }
-  return sum.map((v) => v / (pixels.length / 4));
-};
+window.sampleOutput = () => meanColour(via === "mjpeg" ? mjpeg : video, 32);
 
 window.addEventListener("beforeunload", () => { if (session) fetch(session, { method: "DELETE", keepalive: true }); });
 play();
