@@ -293,24 +293,32 @@ async def test_a_stream_spans_three_nodes_with_sequence_numbers_kept(nodes):
 
 
 @pytest.mark.network_service
-async def test_a_worker_leaving_hands_its_channel_to_a_worker_on_another_node(nodes):
+@pytest.mark.parametrize("loss", ["worker leaves", "its node is cut off"])
+async def test_a_channel_moves_to_a_worker_on_another_node(nats_servers, nodes, loss):
+    """b's worker serves a's channel; it leaves (its socket closes) or b's NATS server dies (the others
+    count b gone; b gives the channel back): c's worker takes the channel over.
+    """
     a, b, c = nodes
     async with serving(b) as first:
         viewer_a, viewer_c = await Viewer.join(a, "cam"), await Viewer.join(c, "cam")
         producer, _ = await connect(a.url, "producer", "cam", receive="none")
         assert await asyncio.wait_for(first.assigned.get(), TIMEOUT) == "cam"
         sent = await stream(producer, "cam", [viewer_a, viewer_c], 3, start=0)
-        async with serving(c) as second:  # idle until the first leaves
+        async with serving(c) as second:  # idle until the first goes
             await until(lambda: any(w.id == second.session for w in a.hub.workers), "a never saw c's worker")
-            await first.close()
+            if loss == "worker leaves":
+                await first.close()
+            else:
+                nats_servers[1].kill()
             assert await asyncio.wait_for(second.assigned.get(), TIMEOUT) == "cam"
+            if loss == "its node is cut off":
+                await until(lambda: "cam" not in b.hub.channels, "b kept serving a channel of a node it lost")
             last = max(sent)
             sent |= await stream(producer, "cam", [viewer_a, viewer_c], 3, start=last + 1)
             assert second.received and min(second.received) > max(first.received)
             for viewer in (viewer_a, viewer_c):
                 check_results(viewer, sent, "cam")
                 assert {f.seq for f in viewer.after(last)} <= set(second.received)
-            for viewer in (viewer_a, viewer_c):
                 await viewer.close()
             await producer.close()
 
@@ -406,30 +414,6 @@ async def test_a_worker_killed_hands_its_channel_to_a_worker_on_another_node(nod
             await producer.close()
     finally:
         await worker.kill()
-
-
-@pytest.mark.network_service
-async def test_a_node_cut_off_from_nats_has_its_channels_reassigned(nats_servers, nodes):
-    """b's NATS server dies: the others count b gone and move its channel; b gives it back."""
-    a, b, c = nodes
-    async with serving(b) as first:
-        viewer_a, viewer_c = await Viewer.join(a, "cam"), await Viewer.join(c, "cam")
-        producer, _ = await connect(a.url, "producer", "cam", receive="none")
-        assert await asyncio.wait_for(first.assigned.get(), TIMEOUT) == "cam"
-        sent = await stream(producer, "cam", [viewer_a, viewer_c], 3, start=0)
-        async with serving(c) as second:
-            await until(lambda: any(w.id == second.session for w in a.hub.workers), "a never saw c's worker")
-            nats_servers[1].kill()
-            assert await asyncio.wait_for(second.assigned.get(), TIMEOUT) == "cam"
-            await until(lambda: "cam" not in b.hub.channels, "b kept serving a channel of a node it lost")
-            last = max(sent)
-            sent |= await stream(producer, "cam", [viewer_a, viewer_c], 3, start=last + 1)
-            for viewer in (viewer_a, viewer_c):
-                check_results(viewer, sent, "cam")
-                assert {f.seq for f in viewer.after(last)} <= set(second.received)
-            for viewer in (viewer_a, viewer_c):
-                await viewer.close()
-            await producer.close()
 
 
 @pytest.mark.network_service
