@@ -416,13 +416,15 @@ class StreamManager:
         async for change in changes:
             if change is None:
                 continue
+            stream_id = change.id if isinstance(change, Stream) else change.stream_id
             try:
                 if isinstance(change, Stream):
                     await self._mirror(change)
-                elif (gone := self.streams.get(change.stream_id)) is not None:
+                elif (gone := self.streams.get(stream_id)) is not None:
                     await self._stop(gone)
             except Exception:  # one stream's trouble (a full channel table...) never stops the others
-                log.exception("could not apply a change of the stream registry: %s", change)
+                # the id only: a stream's record holds its key
+                log.exception("could not apply a change of the stream registry to stream %s", stream_id)
 
     async def _mirror(self, record: Stream) -> None:
         current = self.streams.get(record.id)
