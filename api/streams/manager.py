@@ -49,7 +49,7 @@ DEGRADED_INPUT_FPS = 15.0
 @dataclass
 class Stream:
     id: str
-    stream_key: str
+    stream_key: str = field(repr=False)  # a secret: never in a log line
     playback_id: str
     pipeline: str
     params: dict[str, Any]
