@@ -17,9 +17,10 @@ run: setup
 test: setup-dev system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# nginx-rtmp, chromium and xvfb for the RTMP, browser and desktop tests (they skip without them)
+# nginx-rtmp, chromium, xvfb and nats-server for the RTMP, browser, desktop and cluster tests
+# (they skip without them; .ci/install-system-deps lists every package)
 system-deps:
-	@sh .ci/install-system-deps || echo "warning: could not install nginx-rtmp/chromium/xvfb; their tests will skip"
+	@sh .ci/install-system-deps || echo "warning: could not install the system packages (.ci/install-system-deps); the RTMP, browser, desktop and cluster tests will skip"
 
 setup: $(VENV)/.core-installed
 setup-dev: $(VENV)/.dev-installed

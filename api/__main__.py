@@ -115,20 +115,46 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, token: bool) -> str:
+def python_command(executable: str = sys.executable, cwd: str | None = None) -> str:
+    """How to name this interpreter in a command the user copies: its path from the working
+    directory when it lives there (``.venv/bin/python`` after ``make run``, whose virtual
+    environment is not active in the user's shell), else its full path inside a virtual
+    environment, else ``python``."""
+    here = Path(cwd or os.getcwd())
+    path = Path(executable)
+    with contextlib.suppress(ValueError):
+        relative = path.relative_to(here)
+        return str(relative) if relative.parent != Path(".") else f"./{relative}"
+    return executable if sys.prefix != sys.base_prefix else "python"
+
+
+def instructions(
+    http_url: str,
+    relay_url: str,
+    api_key: str,
+    key_source: str,
+    token: bool,
+    python: str = "python",
+    engine_note: str | None = None,
+) -> str:
     auth = "RELAY_TOKEN=<relay token> " if token else ""
+    lines = [
+        f"relay ready at {relay_url}",
+        f"api ready at {http_url}",
+        f"  api key:       {api_key} ({key_source})",
+        f"  web page:      {http_url}/",
+    ]
+    if engine_note:
+        lines.append(f"  engine:        {engine_note}")
     return "\n".join(
         [
-            f"relay ready at {relay_url}",
-            f"api ready at {http_url}",
-            f"  api key:       {api_key} ({key_source})",
-            f"  web page:      {http_url}/",
-            f"  send frames:   {auth}python -m producers pattern --relay {relay_url}",
-            f"                 {auth}python -m producers webcam  --relay {relay_url}",
-            f"  watch output:  {auth}python -m producers view --relay {relay_url}",
-            f"  save output:   {auth}python -m producers view --save out/ --relay {relay_url}",
+            *lines,
+            f"  send frames:   {auth}{python} -m producers pattern --relay {relay_url}",
+            f"                 {auth}{python} -m producers webcam  --relay {relay_url}",
+            f"  watch output:  {auth}{python} -m producers view --relay {relay_url}",
+            f"  save output:   {auth}{python} -m producers view --save out/ --relay {relay_url}",
             (
-                f"  change look:   {auth}python -m producers pattern "
+                f"  change look:   {auth}{python} -m producers pattern "
                 f'--params \'{{"prompt": "a pencil sketch"}}\' '
                 f"--relay {relay_url}"
             ),
@@ -137,8 +163,12 @@ def instructions(http_url: str, relay_url: str, api_key: str, key_source: str, t
                 '-H \'Content-Type: application/json\' -d \'{"pipeline": "streamdiffusion", "params": {}}\''
             ),
             (
+                f"  feed a stream: {python} -m producers pattern --channel <stream id> "
+                f"--token <stream key> --relay {relay_url}"
+            ),
+            (
                 "  more workers:  configure a relay token (--token), then "
-                f"RELAY_TOKEN=<token> python -m worker --relay {relay_url}"
+                f"RELAY_TOKEN=<token> {python} -m worker --relay {relay_url}"
             ),
         ]
     )
@@ -159,10 +189,9 @@ async def serve(config: Config) -> None:
     relay_sock = _listen_or_exit(config.relay.host, config.relay.port, "relay", "--relay-port", "relay.port")
     config.server.data_dir = config.server.data_dir or str(default_data_dir())
     api_key, key_source = resolve_api_key(config)
+    engine_note = None
     if config.workers.count and config.workers.engine == "auto" and default_engine_name() == "filter":
-        log.info(
-            "no CUDA GPU with diffusers found: local workers use engine 'filter' (OpenCV effects on the CPU)"
-        )
+        engine_note = "'filter' (OpenCV effects on the CPU): no CUDA GPU with diffusers found"
     app = create_app(config, relay_socket=relay_sock)
     server = uvicorn_server(app)
     shown_host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::", "") else config.server.host
@@ -171,7 +200,15 @@ async def serve(config: Config) -> None:
     async def announce() -> None:
         await app.state.ready.wait()
         print(
-            instructions(http_url, services(app).relay_url, api_key, key_source, bool(config.relay.tokens)),
+            instructions(
+                http_url,
+                services(app).relay_url,
+                api_key,
+                key_source,
+                bool(config.relay.tokens),
+                python=python_command(),
+                engine_note=engine_note,
+            ),
             flush=True,
         )
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+from api.__main__ import python_command
 from api.server.services import services
 from media.codec import decode_image
 from relay.client import connect
@@ -20,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 async def test_embedded_server_runs_a_relay_and_a_filter_worker(tmp_path):
     process, text = await start_server(data_dir=tmp_path, stderr=asyncio.subprocess.PIPE)
     try:
+        while "more workers:" not in text:  # the rest of the banner
+            text += (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
         url = re.search(r"relay ready at (ws://[\d.]+:\d+)", text).group(1)
         producer, _ = await connect(url, "producer", "cam")
         image = jpeg(96, 64, seed=2)
@@ -34,7 +37,18 @@ async def test_embedded_server_runs_a_relay_and_a_filter_worker(tmp_path):
         await stop_server(process)
     stderr = (await process.stderr.read()).decode()
     assert process.returncode == 0
-    assert "engine 'filter'" in stderr  # the log line that says why there is no diffusion
+    assert "engine:        'filter'" in text  # the banner says why there is no diffusion ...
+    assert "level=warning" not in stderr and "level=info" not in stderr  # ... and the log stays quiet
+    python = python_command(sys.executable, cwd=ROOT)
+    assert f"{python} -m producers pattern --relay {url}" in text  # commands that run as shown
+
+
+def test_printed_commands_name_the_interpreter_that_runs_the_server(tmp_path):
+    venv_python = str(tmp_path / ".venv" / "bin" / "python")
+    assert python_command(venv_python, cwd=str(tmp_path)) == ".venv/bin/python"  # after make run
+    assert python_command(str(tmp_path / "python"), cwd=str(tmp_path)) == "./python"
+    elsewhere = python_command(venv_python, cwd="/")
+    assert elsewhere in (venv_python.lstrip("/"), venv_python, "python")
 
 
 def test_relay_refuses_public_address_without_token():

@@ -116,15 +116,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[WorkerOptions, str | None
     return options, args.log_level
 
 
+def log_engine(engine: str, launched: bool) -> None:
+    """Say which engine runs: a warning for a worker started by hand on the CPU fallback (its user
+    may expect a GPU), a quiet info line for a server's local worker (the server's banner says it)."""
+    fallback = engine == "filter"
+    level = logging.WARNING if fallback and not launched else logging.INFO
+    why = " (OpenCV effects on the CPU: no CUDA GPU with diffusers here)" if fallback else ""
+    log.log(level, "engine %s%s", engine, why)
+
+
 def main(argv: list[str] | None = None) -> None:
     exit_with_parent()  # a server's local worker ends with it
     options, log_level = parse_args(argv)
     setup_logging(log_level)
-    log.warning(
-        "engine %s%s",
-        options.engine,
-        " (OpenCV effects on the CPU: no CUDA GPU with diffusers here)" if options.engine == "filter" else "",
-    )
+    log_engine(options.engine, launched=LaunchOptions.from_environment() is not None)
     try:
         asyncio.run(run_forever(options))
     except RelayRefused as exc:
