@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(0-1; default {defaults.anonymous_share:g})",
     )
     p.add_argument(
+        "--anonymous-channel-share",
+        type=float,
+        default=defaults.anonymous_channel_share,
+        metavar="SHARE",
+        help="share of --max-channels that clients without the relay token may open, when the relay "
+        f"has tokens (0-1; default {defaults.anonymous_channel_share:g})",
+    )
+    p.add_argument(
         "--idle-release",
         type=float,
         default=defaults.idle_release_s,
@@ -191,6 +199,7 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
         control_rate=args.control_rate,
         control_burst=args.control_burst,
         anonymous_share=args.anonymous_share,
+        anonymous_channel_share=args.anonymous_channel_share,
         idle_release_s=args.idle_release,
         nats=args.nats,
         node_name=args.node_name,

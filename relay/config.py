@@ -64,6 +64,10 @@ class RelayConfig:
     #: kept for keyed channels (the API's /v1 streams). At least one slot while no keyed
     #: channel exists; 1 turns the reserve off.
     anonymous_share: float = 0.5
+    #: share of ``max_channels`` that anonymous network clients (no relay token, on a relay
+    #: that has tokens) may open, rounded down: the rest is kept for the API's streams and
+    #: sessions and for token holders. 1 turns the reserve off.
+    anonymous_channel_share: float = 0.5
     #: seconds without input after which a channel gives its worker slot back (its params
     #: and its viewers stay; the next input frame asks for a worker again); 0: never.
     idle_release_s: float = 60.0
@@ -133,6 +137,8 @@ class RelayConfig:
             raise ValueError("idle_release_s must be >= 0 (0: never)")
         if not 0 <= self.anonymous_share <= 1:
             raise ValueError("anonymous_share must be between 0 and 1")
+        if not 0 <= self.anonymous_channel_share <= 1:
+            raise ValueError("anonymous_channel_share must be between 0 and 1")
         if (
             self.hello_timeout <= 0
             or self.control_rate <= 0

@@ -12,7 +12,11 @@ API opened with a key (a /v1 stream's stream key) takes network peers that
 present the relay token or that key; other channels are open to tokenless
 peers only when the config allows open channels; network workers need the
 relay token whenever the relay has tokens. In-process peers
-(:mod:`relay.local`) are the API itself and pass. Workers go to keyed
+(:mod:`relay.local`) are the API itself and pass. On a relay that has
+tokens, a tokenless network peer is anonymous: it may join only channels
+that anonymous peers opened (never the API's or a token holder's), those
+channels hold at most ``anonymous_channel_share`` of ``max_channels``, and
+its ``stats`` name no other channel. Workers go to keyed
 channels first, and anonymous channels (no key, opened without a
 credential) hold at most ``anonymous_share`` of the workers' capacity.
 """
@@ -210,6 +214,10 @@ class Channel:
     #: opened without a credential (seed sessions, tokenless clients): at most
     #: ``anonymous_share`` of the workers' capacity, after keyed channels
     anonymous: bool = False
+    #: opened by an anonymous network peer (:meth:`Hub.is_anonymous`): other anonymous peers may
+    #: join it, and such channels hold at most ``anonymous_channel_share`` of the table. Channels
+    #: the API or a token holder opened are not: anonymous peers cannot read or feed them
+    public: bool = False
     #: JSON bytes a producer's params merges may grow the params to (max_params_bytes, plus
     #: what the API itself set: its own doors bound that, style images included)
     params_budget: int = 0
@@ -308,6 +316,15 @@ class Hub:
         given = token.encode()
         return any(hmac.compare_digest(given, t.encode()) for t in self.config.tokens)
 
+    def is_anonymous(self, peer: Peer) -> bool:
+        """A network peer without the relay token, on a relay that has tokens (a stream key is no
+        relay token: it opens its own channel only).
+
+        On a relay without tokens nobody on the network holds a credential: every channel is open
+        to everyone, as before.
+        """
+        return peer.network and bool(self.config.tokens) and not self.is_relay_token(peer.token)
+
     def check_access(self, peer: Peer) -> None:
         """Raise ``ProtocolError`` (unauthorized) if a network ``peer``'s token does not open its door."""
         if not peer.network or self.is_relay_token(peer.token):
@@ -328,6 +345,11 @@ class Hub:
                 "missing or wrong token" if self.config.tokens else "this relay has no open channels",
                 ErrorCode.UNAUTHORIZED,
             )
+        if channel is not None and not channel.public and self.is_anonymous(peer):
+            raise ProtocolError(
+                f"channel {peer.channel!r} was opened by the relay's own clients: it needs the relay token",
+                ErrorCode.UNAUTHORIZED,
+            )
 
     def check_join(self, peer: Peer) -> None:
         """Raise ``ProtocolError`` if ``peer`` may not join; changes nothing."""
@@ -337,10 +359,8 @@ class Hub:
         allowed = self.config.allowed_channels
         if allowed and peer.channel not in allowed:
             raise ProtocolError(f"unknown channel {peer.channel!r}", ErrorCode.UNKNOWN_CHANNEL)
-        if peer.channel not in self.channels and len(self.channels) >= self.config.max_channels:
-            raise ProtocolError(
-                f"the relay already serves {self.config.max_channels} channels", ErrorCode.TOO_MANY_CHANNELS
-            )
+        if peer.channel not in self.channels:
+            self._check_room(public=self.is_anonymous(peer))
 
     def join(self, peer: Peer) -> None:
         self.check_join(peer)
@@ -351,7 +371,7 @@ class Hub:
             self._announce_queue()
             self._changed()
             return
-        channel = self._channel(peer.channel, anonymous=peer.anonymous)
+        channel = self._channel(peer.channel, anonymous=peer.anonymous, public=self.is_anonymous(peer))
         if peer.role is Role.PRODUCER:
             channel.producers.add(peer)
             if channel.worker is None:
@@ -412,7 +432,10 @@ class Hub:
         channel = self._channel(name, anonymous=key is None if anonymous is None else anonymous)
         channel.held, channel.home = True, home
         if key is not None and channel.key != key:
-            channel.key, channel.anonymous = key, False
+            channel.key, channel.anonymous, channel.public = key, False, False
+            self._evict_unauthorized(channel)
+        elif channel.public:  # the API's now: anonymous peers that opened the name first leave
+            channel.public = False
             self._evict_unauthorized(channel)
         if params is not None:
             self.set_params(channel, params, replace=True)
@@ -633,7 +656,7 @@ class Hub:
                 version = self.on_params(peer, message)
                 peer.send(ParamsAck(channel=peer.channel, version=version))
             case StatsRequest():
-                peer.send(self.stats(None if peer.role is Role.WORKER else [peer.channel]))
+                peer.send(self.stats_for(peer))
             case Report():
                 self.on_report(peer, message)
             case Ping():
@@ -747,18 +770,49 @@ class Hub:
             workers=[w.describe() for w in self.workers],
         )
 
+    def stats_for(self, peer: Peer) -> StatsReply:
+        """A peer's ``stats``: everything for a worker, else its own channel.
+
+        An anonymous peer also sees only its own channel among the workers'
+        assignments: the names of the others (seed sessions, /v1 stream ids)
+        are what it would need to find them.
+        """
+        if peer.role is Role.WORKER:
+            return self.stats()
+        reply = self.stats([peer.channel])
+        if self.is_anonymous(peer):
+            for worker in reply.workers:
+                worker["channels"] = [name for name in worker.get("channels", ()) if name == peer.channel]
+        return reply
+
     # -- internals ----------------------------------------------------------
 
-    def _channel(self, name: str, anonymous: bool = False) -> Channel:
-        """The channel ``name``, created (``anonymous`` or not) if new; raises when the table is full."""
+    def anonymous_channel_limit(self) -> int:
+        """Channels anonymous peers may open: their share of the table, so the others find room."""
+        return math.floor(self.config.anonymous_channel_share * self.config.max_channels + 1e-9)
+
+    def _check_room(self, public: bool) -> None:
+        """Raise ``too_many_channels`` when a new channel (``public``: an anonymous peer's) has no room."""
+        if len(self.channels) >= self.config.max_channels:
+            raise ProtocolError(
+                f"the relay already serves {self.config.max_channels} channels", ErrorCode.TOO_MANY_CHANNELS
+            )
+        limit = self.anonymous_channel_limit()
+        if public and sum(c.public for c in self.channels.values()) >= limit:
+            raise ProtocolError(
+                f"clients without the relay token already hold {limit} channels "
+                "(anonymous_channel_share of max_channels)",
+                ErrorCode.TOO_MANY_CHANNELS,
+            )
+
+    def _channel(self, name: str, anonymous: bool = False, public: bool = False) -> Channel:
+        """The channel ``name``, created (``anonymous``, ``public`` or not) if new; raises when the table
+        (or the anonymous peers' share of it) is full.
+        """
         channel = self.channels.get(name)
         if channel is None:
-            if len(self.channels) >= self.config.max_channels:
-                raise ProtocolError(
-                    f"the relay already serves {self.config.max_channels} channels",
-                    ErrorCode.TOO_MANY_CHANNELS,
-                )
-            channel = self.channels[name] = Channel(name, anonymous=anonymous)
+            self._check_room(public)
+            channel = self.channels[name] = Channel(name, anonymous=anonymous, public=public)
         return channel
 
     def _evict_unauthorized(self, channel: Channel) -> None:

@@ -499,6 +499,26 @@ async def test_peers_without_the_key_are_sent_away_when_a_channel_gets_one():
     assert h.channels["str_1"].viewers == {holder, local}
 
 
+async def test_anonymous_peers_keep_to_the_channels_they_opened_and_their_share_of_the_table():
+    h = hub(tokens=frozenset({"t"}), open_channels=True, max_channels=5)  # share 0.5: 2 channels
+    squatter, neighbour = net(Role.VIEWER, "ws000-guess"), net(Role.PRODUCER, "open")
+    await joined(h, squatter, neighbour)
+    assert refusal(h, net(Role.VIEWER, "third")) is ErrorCode.TOO_MANY_CHANNELS
+    assert refusal(h, net(Role.VIEWER, "open")) is None  # theirs stay open to them
+    assert refusal(h, net(Role.VIEWER, "third", token="t")) is None  # the rest is the others'
+    # the API opens a name an anonymous peer took first: it is the API's now, the squatter leaves
+    h.open_channel("ws000-guess", {})
+    control, _ = await pending(squatter)
+    assert [m.code for m in control] == [ErrorCode.UNAUTHORIZED] and squatter.outbox.closed
+    assert refusal(h, net(Role.VIEWER, "ws000-guess")) is ErrorCode.UNAUTHORIZED
+    assert refusal(h, net(Role.VIEWER, "ws000-guess", token="t")) is None
+    assert refusal(h, net(Role.VIEWER, "third")) is None  # the API's channel is not in their share
+    # a relay without tokens has no credentials to keep apart: every channel stays open to all
+    plain = hub(max_channels=2)
+    plain.open_channel("ws000-x", {})
+    assert refusal(plain, net(Role.VIEWER, "ws000-x")) is None
+
+
 async def test_params_messages_and_merges_are_bounded_but_the_api_sets_what_its_doors_allow():
     h = hub(max_params_bytes=1000)
     worker, producer = peer(Role.WORKER), peer(Role.PRODUCER)

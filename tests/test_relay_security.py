@@ -391,3 +391,86 @@ async def test_idle_seed_sockets_cannot_keep_a_stream_from_its_worker(server):
         finally:
             for ws in seeds:
                 await ws.close()
+
+
+# -- 6. anonymous relay clients: their own channels only, and a share of the table -----------
+
+
+async def test_an_anonymous_client_can_neither_list_nor_join_the_apis_channels(server):
+    app, url = server
+    relay_url, token, hub = services(app).relay_url, services(app).relay_token, services(app).relay.hub
+    worker, _ = await connect(relay_url, "worker", token=token, capacity=2)
+    stream = await create_stream(url)
+    async with websockets.connect(url.replace("http://", "ws://") + "/ws", compression=None):
+        await eventually(lambda: any(n.startswith("ws000-") for n in hub.channels), 10, "the seed channel")
+        victim = next(name for name in hub.channels if name.startswith("ws000-"))
+        await eventually(
+            lambda: hub.channels[victim].worker is not None and hub.channels[stream["id"]].worker is not None,
+            10,
+            "both channels to get the worker",
+        )
+        # the issue's scout: a tokenless viewer on a channel of its own asks for stats
+        scout, _ = await connect(relay_url, "viewer", "x")
+        await scout.send(orjson.dumps({"type": "stats"}).decode())
+        seen = await recv_json(scout, "stats")
+        assert [w["channels"] for w in seen["workers"]] == [[]]
+        assert victim not in str(seen) and stream["id"] not in str(seen)
+        # the relay token still sees every assignment
+        insider, _ = await connect(relay_url, "viewer", "y", token=token)
+        await insider.send(orjson.dumps({"type": "stats"}).decode())
+        assigned = (await recv_json(insider, "stats"))["workers"][0]["channels"]
+        assert sorted(assigned) == sorted([victim, stream["id"]])
+        # the name alone opens nothing: no camera frames to read, no params to change
+        for role, fields in (("viewer", {"receive": "input"}), ("producer", {})):
+            async with websockets.connect(relay_url, compression=None) as ws:
+                await ws.send(hello(role, victim, **fields))
+                assert await refused(ws) == ("unauthorized", 1008)
+            async with websockets.connect(f"{relay_url}/{victim}?role={role}") as ws:
+                assert await refused(ws) == ("unauthorized", 1008)
+        assert not hub.channels[victim].viewers and len(hub.channels[victim].producers) == 1
+        for ws in (scout, insider):
+            await ws.close()
+    # seed-002 clients keep their open channels: a tokenless producer and viewer meet on theirs
+    producer, _ = await connect(relay_url, "producer", "cam", receive="none")
+    viewer, _ = await connect(relay_url, "viewer", "cam", receive="input")
+    await producer.send(input_frame(1, jpeg(), "cam"))
+    assert (await recv_frame(viewer)).seq == 1
+    for ws in (producer, viewer, worker):
+        await ws.close()
+
+
+async def test_a_token_holders_channel_is_closed_to_tokenless_clients_on_a_standalone_relay():
+    config = RelayConfig(port=0, tokens=frozenset({"t"}), open_channels=True)
+    async with Relay(config) as relay:
+        owner, _ = await connect(relay.url, "producer", "private", token="t")
+        async with websockets.connect(relay.url, compression=None) as ws:
+            await ws.send(hello("viewer", "private", receive="input"))
+            assert await refused(ws) == ("unauthorized", 1008)
+        anonymous, _ = await connect(relay.url, "producer", "open")
+        guest, _ = await connect(relay.url, "viewer", "open", token="t")  # token holders go anywhere
+        for ws in (owner, anonymous, guest):
+            await ws.close()
+
+
+async def test_anonymous_clients_cannot_fill_the_channel_table():
+    app = create_app(server_config(KEY, relay={"max_channels": 8}))  # anonymous_channel_share: 0.5
+    async with running(app) as url:
+        relay_url, token = services(app).relay_url, services(app).relay_token
+        squatters = [(await connect(relay_url, "viewer", f"squat-{i}"))[0] for i in range(4)]
+        async with websockets.connect(relay_url, compression=None) as ws:
+            await ws.send(hello("viewer", "squat-4"))
+            assert await refused(ws) == ("too_many_channels", 1008)
+        joined, _ = await connect(relay_url, "viewer", "squat-0")  # their own channels stay open to them
+        # the rest of the table is the API's and the token holders'
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
+            created = await client.post(
+                "/v1/streams", json={"pipeline": "streamdiffusion", "params": {"prompt": "a fox"}}
+            )
+            assert created.status_code == 201, created.text
+        hub = services(app).relay.hub
+        async with websockets.connect(url.replace("http://", "ws://") + "/ws", compression=None):
+            await eventually(lambda: any(n.startswith("ws000-") for n in hub.channels), 10, "a seed session")
+            insider, _ = await connect(relay_url, "viewer", "mine", token=token)
+            await insider.close()
+        for ws in (*squatters, joined):
+            await ws.close()

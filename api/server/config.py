@@ -189,6 +189,14 @@ class RelaySection(_Section):
         "anonymous channels (seed clients, tokenless relay clients) may hold; "
         "the rest waits for /v1 streams (1: no reserve)",
     )
+    anonymous_channel_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of max_channels that relay clients without the relay token "
+        "(seed-002 clients) may open; the rest stays free for /v1 streams and seed sessions "
+        "(1: no reserve)",
+    )
     idle_release_s: float = Field(
         60.0,
         ge=0,
