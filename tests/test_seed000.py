@@ -225,3 +225,24 @@ async def test_a_full_server_tells_the_newcomer_its_place_and_serves_it_when_a_s
             await c.send(image)
             meta, _ = await processed(c)
             assert meta["width"] == SIZE
+
+
+@pytest.mark.parametrize("frame_first", [True, False], ids=["after-a-frame", "first-frame-late"])
+async def test_an_idle_released_session_gets_a_worker_back_with_its_next_frame(frame_first):
+    """No input for ``relay.idle_release_s`` gives the worker back; the next frame must bring one
+    again and be processed (it was once dropped as ``waiting_for_worker`` forever)."""
+    app = create_app(server_config("k", relay={"idle_release_s": 0.2}))
+    async with running(app) as url, serving_worker(app, capacity=4, timeout=TIMEOUT):
+        hub = services(app).hub
+        async with client(url.replace("http://", "ws://") + "/ws") as ws:
+            session = (await recv_json(ws))["data"]["session_id"]
+            image = jpeg(SIZE, SIZE, seed=3)
+            if frame_first:
+                await ws.send(image)
+                await processed(ws)
+            await until(lambda: hub.channels[session].idle and hub.channels[session].worker is None)
+            for _ in range(2):  # served again, and it stays served
+                await ws.send(image)
+                meta, _ = await processed(ws)
+                assert meta["width"] == SIZE
+            assert hub.channels[session].worker is not None

@@ -360,3 +360,34 @@ async def test_several_users_are_served_at_once_and_the_next_one_waits_with_its_
                 assert await recv_json(cyd) == SEND_FRAME
                 await send_bundle(cyd, {"prompt": "x"}, jpeg(SIZE, SIZE))
                 assert await recv_json(cyd) == SEND_FRAME
+
+
+async def test_an_idle_released_session_gets_a_worker_back_with_its_next_frame():
+    """No input for ``relay.idle_release_s`` gives the worker back; the loop's next frame brings
+    one again, and its results reach the MJPEG stream."""
+    app = create_app(server_config("k", relay={"idle_release_s": 0.2}))
+    async with (
+        running(app) as url,
+        serving_worker(app, capacity=4, timeout=TIMEOUT),
+        httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http,
+    ):
+        server, hub = Server(app, url, http), services(app).hub
+        user, image = str(uuid.uuid4()), jpeg(SIZE, SIZE, seed=6)
+        async with server.ws(user) as ws, http.stream("GET", f"/api/stream/{user}") as response:
+            await start(ws)
+            mjpeg = MjpegReader(response)
+            await send_bundle(ws, {"prompt": "flowers"}, image)
+            assert await recv_json(ws) == SEND_FRAME
+            await mjpeg.part()
+            channel = next(c for c in hub.channels.values() if c.name.startswith("ws001-"))
+
+            async def released() -> bool:
+                return channel.idle and channel.worker is None
+
+            await until(released)
+            for _ in range(2):  # whichever of the new worker or the result answers first
+                await send_bundle(ws, {"prompt": "photo negative"}, image)
+                assert await recv_json(ws) == SEND_FRAME
+            negative = decode_image(await mjpeg.part()).astype(int)
+            assert np.abs(negative - (255 - decode_image(image).astype(int))).mean() < 10
+            assert channel.worker is not None

@@ -69,6 +69,12 @@ class SessionChannel:
         return channel is not None and channel.worker is not None
 
     @property
+    def idle(self) -> bool:
+        """Its worker was given back for lack of input: the next frame asks for one again."""
+        channel = self.channel
+        return channel is not None and channel.idle
+
+    @property
     def queue_status(self) -> Status | None:
         """While the channel waits for a worker: its place in the queue and the slots (else None)."""
         channel = self.channel

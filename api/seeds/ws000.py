@@ -24,7 +24,9 @@ busy): its frames are answered by ``waiting_for_worker`` errors that say
 its place in the queue, and it hears ``{"type": "status", "data":
 {"status": "waiting", "message", "queue_position", "slots_in_use",
 "slots"}}`` whenever that place changes, then ``{"type": "status", "data":
-{"status": "ready", ...}}`` when a worker takes it.
+{"status": "ready", ...}}`` when a worker takes it. A session idle for
+``relay.idle_release_s`` gives its worker back; its next frame is published
+all the same, which asks for a worker again (served at once if one is free).
 Latest frame wins: frames are published as they arrive and the hub and
 worker keep only the newest, so a client sending faster than the engine
 gets fewer, fresher results instead of a growing delay.
@@ -114,16 +116,25 @@ async def _read(websocket: WebSocket, out: Outgoing, session: SessionChannel) ->
 
 
 def _frame(session: SessionChannel, data: bytes) -> dict[str, Any] | None:
-    """Publish one image; an error reply if it cannot be processed."""
-    if not session.has_worker:
-        queue = session.queue_status
-        detail = queue.detail if queue is not None else "no worker is free for this session yet"
-        return error("waiting_for_worker", f"{detail}; frame dropped", **_queue_fields(queue))
+    """Publish one image; an error reply if it cannot be processed.
+
+    An idle-released channel's frame is published all the same: input is what asks the hub
+    for a worker again, and a free one gets this very frame.
+    """
+    if not session.has_worker and not session.idle:
+        return _waiting(session)
     try:
         session.publish(data)
     except ProtocolError as exc:
         return error(exc.code or "bad_image", str(exc))
-    return None
+    return None if session.has_worker else _waiting(session)
+
+
+def _waiting(session: SessionChannel) -> dict[str, Any]:
+    """The error for a frame dropped because no worker serves the session (its queue place, if any)."""
+    queue = session.queue_status
+    detail = queue.detail if queue is not None else "no worker is free for this session yet"
+    return error("waiting_for_worker", f"{detail}; frame dropped", **_queue_fields(queue))
 
 
 def _control(session: SessionChannel, text: str) -> dict[str, Any]:
