@@ -11,6 +11,7 @@ import yaml
 from api.__main__ import build_parser, overrides_from_args
 from api.server.config import Config, ConfigError, example_yaml, load_config
 from tests.test_commands import ROOT
+from worker.launch import ENGINE_DIR_ENV
 
 
 @pytest.fixture
@@ -142,3 +143,68 @@ def test_example_file_documents_every_option_and_loads(tmp_path):
     assert load_config(path).model_dump() == Config().model_dump()
     with open(f"{ROOT}/config.example.yaml") as committed:
         assert committed.read().strip() == text.strip(), "regenerate: python -m api --example-config"
+
+
+# Seed 001's "配置说明" blocks, as its README prints them (one file), and its TensorRT block.
+SEED001_CONFIG = """\
+model:
+  model_id: "stabilityai/sd-turbo"  # Hugging Face 模型 ID
+  acceleration: "xformers"  # 加速方式
+  engine_dir: "engines"  # TensorRT 引擎缓存目录
+  use_cuda_graph: false  # CUDA Graph 优化
+
+pipeline:
+  name: "img2img"  # Pipeline 类型
+  mode: "image"  # 输入模式
+  width: 512  # 图像宽度（必须是 8 的倍数）
+  height: 512  # 图像高度（必须是 8 的倍数）
+  use_tiny_vae: true  # 使用 Tiny VAE
+  use_lcm_lora: true  # 使用 LCM LoRA
+  warmup: 10  # Warmup 步骤数
+
+performance:
+  enable_similar_image_filter: false  # 相似图像过滤
+  similar_image_filter_threshold: 0.98  # 相似度阈值
+  similar_image_filter_max_skip_frame: 10  # 最大跳帧数
+  jpeg_quality: 85  # 图像流 JPEG 质量
+"""  # noqa: RUF001 - the seed's own full-width punctuation
+
+SEED001_TENSORRT = """\
+model:
+  acceleration: "tensorrt"
+  engine_dir: "engines"
+  use_cuda_graph: true  # 可选，进一步优化
+"""  # noqa: RUF001 - the seed's own full-width punctuation
+
+
+def test_seed001_config_blocks_load_as_the_seed_prints_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "seed001_config.yaml"
+    path.write_text(SEED001_CONFIG, encoding="utf-8")
+    config = load_config(path)
+    model, pipeline = config.model, config.pipeline
+    assert (model.engine_dir, model.use_cuda_graph, pipeline.warmup) == ("engines", False, 10)
+    assert [note.split(" ")[0] for note in config.inert_options()] == ["pipeline.warmup"]
+    path.write_text(SEED001_TENSORRT, encoding="utf-8")
+    config = load_config(path)
+    assert config.model.acceleration == "tensorrt" and config.model.use_cuda_graph
+    assert [note.split(" ")[0] for note in config.inert_options()] == ["model.use_cuda_graph"]
+    # the engine cache reaches local workers as the directory the TensorRT engine reads
+    env = config.launch_options("ws://127.0.0.1:9").environment()
+    assert env[ENGINE_DIR_ENV] == str(tmp_path / "engines")
+    assert ENGINE_DIR_ENV not in Config().launch_options("ws://127.0.0.1:9").environment()
+
+
+def test_seed001_config_prints_with_the_server_command(tmp_path):
+    path = tmp_path / "seed001_config.yaml"
+    path.write_text(SEED001_CONFIG, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "api", "--config", str(path), "--print-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["engine_dir"] == "engines" and printed["pipeline"]["warmup"] == 10

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: the environment variable holding a local worker's options (JSON)
 LAUNCH_ENV = "STREAMDIFFUSION_WORKER_OPTIONS"
+#: the TensorRT engine cache directory :mod:`worker.engines.diffusion.acceleration` reads
+ENGINE_DIR_ENV = "TENSORRT_CACHE_DIR"
 
 
 class LaunchOptions(BaseModel):
@@ -31,9 +33,15 @@ class LaunchOptions(BaseModel):
     model: str | None = None
     acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] | None = None
     quality: int = Field(default=85, ge=1, le=100)
+    #: where TensorRT engines are cached (the server's ``model.engine_dir``); no worker flag has it,
+    #: so it travels as the variable the engine reads, not in the JSON
+    engine_dir: str | None = Field(default=None, exclude=True)
 
     def environment(self) -> dict[str, str]:
-        return {LAUNCH_ENV: self.model_dump_json(exclude_none=True)}
+        env = {LAUNCH_ENV: self.model_dump_json(exclude_none=True)}
+        if self.engine_dir is not None:
+            env[ENGINE_DIR_ENV] = self.engine_dir
+        return env
 
     @classmethod
     def from_environment(cls) -> LaunchOptions | None:

@@ -154,6 +154,8 @@ async def start_services(
         for named in config.server.named_streams:
             params = {**config.stream_defaults(), **named.params}
             await streams.ensure_named(named.name, named.stream_key, params)
+        for note in config.inert_options():
+            log.warning("%s", note)
         await workers.start(config.launch_options(relay_url), relay_token)
         yield running
     finally:

@@ -244,7 +244,17 @@ class ModelSection(_Section):
     acceleration: Literal["none", "sdpa", "xformers", "compile", "tensorrt"] = Field(
         "xformers",
         description="default acceleration, as Daydream's default (xformers: PyTorch's SDPA where "
-        "xformers is not installed; tensorrt engines are cached in $TENSORRT_CACHE_DIR)",
+        "xformers is not installed; tensorrt engines are cached in model.engine_dir)",
+    )
+    engine_dir: str | None = Field(
+        None,
+        description="TensorRT engine cache directory for local workers, relative to the working "
+        "directory (seed 001's engine_dir); null: $TENSORRT_CACHE_DIR, else ~/.cache/daydream/tensorrt",
+    )
+    use_cuda_graph: bool = Field(
+        False,
+        description="accepted for seed 001's config and has no effect: acceleration compile already "
+        "runs CUDA graphs on CUDA, tensorrt does not use them (a warning says so at start when true)",
     )
 
 
@@ -259,6 +269,12 @@ class PipelineSection(_Section):
         "crop",
         description="input of another aspect ratio than the stream's: crop (cut the centre) or pad "
         "(letterbox), never stretched; a stream's params.fit overrides it",
+    )
+    warmup: int = Field(
+        10,
+        ge=0,
+        description="accepted for seed 001's config and has no effect: workers warm up each model "
+        "with as many steps as its acceleration needs (a warning says so at start when set)",
     )
 
 
@@ -334,7 +350,24 @@ class Config(BaseSettings):
             model=self.model.model_id,
             acceleration=self.model.acceleration,
             quality=self.performance.jpeg_quality,
+            engine_dir=None if self.model.engine_dir is None else str(Path(self.model.engine_dir).resolve()),
         )
+
+    def inert_options(self) -> list[str]:
+        """Seed 001 options given here that this server accepts but does not use: said at start, so
+        nobody tunes them in vain."""
+        notes = []
+        if self.model.use_cuda_graph:
+            notes.append(
+                "model.use_cuda_graph has no effect: acceleration compile already uses CUDA graphs "
+                "on CUDA, and tensorrt does not use them"
+            )
+        if "warmup" in self.pipeline.model_fields_set:
+            notes.append(
+                "pipeline.warmup has no effect: workers warm up each model with as many steps "
+                "as its acceleration needs"
+            )
+        return notes
 
 
 def load_config(
