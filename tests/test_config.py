@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -208,3 +209,32 @@ def test_seed001_config_prints_with_the_server_command(tmp_path):
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["engine_dir"] == "engines" and printed["pipeline"]["warmup"] == 10
+
+
+def test_dotenv_in_the_working_directory_under_the_environment(tmp_path, monkeypatch, config_file):
+    """Seeds 000 and 001 say ``cp .env.example .env``; its values beat the file, the environment beats
+    them, and variables that are not ours (docker compose's) are left alone."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STREAMDIFFUSION_PIPELINE__WIDTH", raising=False)
+    (tmp_path / ".env").write_text(
+        "STREAMDIFFUSION_PIPELINE__WIDTH=640\nSTREAMDIFFUSION_MODEL__MODEL_ID=dotenv/model\n"
+        "STREAMDIFFUSION_API_KEY=compose-only\nRELAY_TOKEN=elsewhere\n"
+    )
+    config = load_config(config_file)  # the file says width 768, model file/model
+    assert (config.pipeline.width, config.model.model_id, config.server.port) == (640, "dotenv/model", 9000)
+    monkeypatch.setenv("STREAMDIFFUSION_PIPELINE__WIDTH", "896")
+    assert load_config(config_file).pipeline.width == 896
+
+
+def test_env_example_names_real_options(tmp_path, monkeypatch):
+    """Every variable ``.env.example`` shows, uncommented, loads as the option it names."""
+    monkeypatch.chdir(tmp_path)
+    lines = (Path(ROOT) / ".env.example").read_text().splitlines()
+    variables = [line.removeprefix("# ") for line in lines if line.startswith("# STREAMDIFFUSION_")]
+    assert "# STREAMDIFFUSION_PIPELINE__WIDTH=512" in lines and len(variables) > 10
+    (tmp_path / ".env").write_text("\n".join(variables) + "\n")
+    config = load_config()
+    for variable in variables:
+        name, value = variable.split("=", 1)
+        section, option = name.removeprefix("STREAMDIFFUSION_").lower().split("__")
+        assert getattr(getattr(config, section), option) == yaml.safe_load(value.strip("'"))

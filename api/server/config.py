@@ -1,7 +1,7 @@
 """Configuration: one YAML file, ``STREAMDIFFUSION_*`` environment overrides, CLI flags on top.
 
-Precedence, lowest first: defaults < YAML file < environment < command-line
-flags. Nested keys use ``__`` in the environment, as seed 001 does::
+Precedence, lowest first: defaults < YAML file < ``.env`` in the working
+directory < environment < command-line flags. Nested keys use ``__`` in the environment, as seed 001 does::
 
     STREAMDIFFUSION_MODEL__MODEL_ID=stabilityai/sd-turbo
     STREAMDIFFUSION_SERVER__PORT=9000
@@ -32,6 +32,8 @@ from worker.launch import LaunchOptions
 
 ENV_PREFIX = "STREAMDIFFUSION_"
 CONFIG_ENV = "STREAMDIFFUSION_CONFIG"
+#: read from the working directory, under the environment and over the YAML file
+DOTENV_FILE = ".env"
 
 
 class ConfigError(ValueError):
@@ -291,7 +293,15 @@ class LoggingSection(_Section):
 
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", yaml_file=None
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        yaml_file=None,
+        # seed 000 and 001 users `cp .env.example .env`: read it from the working directory, as the
+        # environment is read (its other variables, e.g. docker compose's, are none of ours)
+        env_file=DOTENV_FILE,
+        env_file_encoding="utf-8",
+        dotenv_filtering="only_existing",
     )
 
     server: ServerSection = Field(default_factory=ServerSection)
@@ -312,8 +322,8 @@ class Config(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # first wins: flags (init), then environment, then the YAML file
-        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+        # first wins: flags (init), then environment, then .env, then the YAML file
+        return init_settings, env_settings, dotenv_settings, YamlConfigSettingsSource(settings_cls)
 
     def default_stream_params(self) -> dict[str, Any]:
         """Stream params this server fills in when a client leaves them out."""
