@@ -53,12 +53,14 @@ async def serving_worker(
 
     It is connected (within ``timeout`` seconds) before the block runs, and cancelled and awaited
     after it, even when the block fails. ``factory`` makes its engines instead of ``engine``'s.
+    Its JPEG quality is the app's ``performance.jpeg_quality``, as the server's local workers get.
     """
     options = WorkerOptions(
         relay_url=services(app).relay_url,
         token=services(app).relay_token,
         engine=engine,
         capacity=capacity,
+        quality=services(app).config.performance.jpeg_quality,
     )
     worker = Worker(options, factory=factory)
     task = asyncio.create_task(worker.run())

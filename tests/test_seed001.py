@@ -10,12 +10,14 @@ missing status fails the test.
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 
 import httpx
 import numpy as np
 import orjson
 import pytest
+from PIL import Image
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -23,9 +25,10 @@ from api.seeds.settings001 import Seed001Options
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
-from media.codec import decode_image
+from media.codec import decode_image, encode_image
 from tests.api_fixtures import serving_worker
 from tests.helpers import jpeg, server_config
+from wire.frames import ImageFormat
 
 TIMEOUT = 15.0
 SIZE = 512
@@ -391,3 +394,32 @@ async def test_an_idle_released_session_gets_a_worker_back_with_its_next_frame()
             negative = decode_image(await mjpeg.part()).astype(int)
             assert np.abs(negative - (255 - decode_image(image).astype(int))).mean() < 10
             assert channel.worker is not None
+
+
+def _quantization(jpeg_bytes: bytes) -> dict:
+    with Image.open(io.BytesIO(jpeg_bytes)) as image:
+        return image.quantization
+
+
+async def test_the_stream_quality_defaults_to_the_configured_jpeg_quality():
+    """``performance.jpeg_quality`` is the MJPEG's quality when the URL names none (the route's own
+    default once won); ``?quality=`` still picks another."""
+    app = create_app(server_config("k", performance={"jpeg_quality": 30}))
+    async with (
+        running(app) as url,
+        serving_worker(app, capacity=4, timeout=TIMEOUT),
+        httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http,
+    ):
+        server, user, image = Server(app, url, http), str(uuid.uuid4()), jpeg(SIZE, SIZE, seed=7)
+        async with (
+            server.ws(user) as ws,
+            http.stream("GET", f"/api/stream/{user}") as default,
+            http.stream("GET", f"/api/stream/{user}?quality=85") as asked,
+        ):
+            await start(ws)
+            await send_bundle(ws, {"prompt": "photo negative"}, image)
+            assert await recv_json(ws) == SEND_FRAME
+            plain, high = await MjpegReader(default).part(), await MjpegReader(asked).part()
+        picture = decode_image(plain)
+        assert _quantization(plain) == _quantization(encode_image(picture, ImageFormat.JPEG, 30))
+        assert _quantization(high) == _quantization(encode_image(picture, ImageFormat.JPEG, 85))

@@ -8,8 +8,9 @@ off as ``server.seed_endpoints`` says (:mod:`api.seeds.access`):
   ``page_content`` (see :mod:`api.seeds.settings001`);
 * ``GET /api/queue``: ``{"queue_size": <connected users>}``;
 * ``GET /api/stream/{userId}?quality=85&max_fps=30``: the user's results as
-  MJPEG (``api.playback.mjpeg``: boundary ``frame``, newest frame wins), from the
-  request on until the client leaves or the user's session ends. Unknown
+  MJPEG at ``quality`` (default: ``performance.jpeg_quality``; ``api.playback.mjpeg``:
+  boundary ``frame``, newest frame wins), from the request on until the
+  client leaves or the user's session ends. Unknown
   users get 404 ``{"detail": "User not found"}``.
 """
 
@@ -45,15 +46,22 @@ async def seed001_queue(request: Request) -> JSONResponse:
 async def seed001_stream(
     request: Request,
     user_id: str,
-    quality: int = Query(85, ge=1, le=100),
+    quality: int | None = Query(
+        None, ge=1, le=100, description="JPEG quality; default: the server's performance.jpeg_quality"
+    ),
     max_fps: float = Query(30.0, gt=0, le=120),
 ) -> MjpegResponse | JSONResponse:
     running = services(request)
     session = running.seeds.sessions.get(user_id)
     if session is None:
         return JSONResponse({"detail": "User not found"}, status_code=404)
-    # the worker's own JPEGs pass through untouched when they already have that quality
-    reencode = None if quality == running.config.performance.jpeg_quality else quality
+    reencode = _reencode_quality(quality, running.config.performance.jpeg_quality)
     stream = mjpeg_stream(running.hub, session.channel.name, reencode, max_fps)
     session.streams.add(stream)
     return MjpegResponse(stream)
+
+
+def _reencode_quality(asked: int | None, configured: int) -> int | None:
+    """The quality to re-encode at, or None: the workers' own JPEGs (made at ``configured``, seed
+    001's ``performance.jpeg_quality``) pass through untouched when no other quality is asked."""
+    return None if asked is None or asked == configured else asked
