@@ -1,8 +1,8 @@
 """python -m api (sd-server): the HTTP API, the relay and local workers in one command.
 
 Configuration, lowest first: defaults, the YAML file (--config FILE or
-$STREAMDIFFUSION_CONFIG), STREAMDIFFUSION_<SECTION>__<OPTION> environment
-variables, then these flags. --example-config lists every option.
+$STREAMDIFFUSION_CONFIG), a .env file in the working directory, then
+STREAMDIFFUSION_<SECTION>__<OPTION> environment variables, then these flags. --example-config lists every option.
 """
 
 from __future__ import annotations
