@@ -107,6 +107,15 @@ def test_invalid_environment_value_is_named(monkeypatch):
         load_config()
 
 
+def test_a_list_option_given_a_plain_value_names_the_variable_and_the_json_it_needs(monkeypatch):
+    monkeypatch.setenv("STREAMDIFFUSION_RELAY__TOKENS", "s3cret")  # the usual slip: not a JSON list
+    with pytest.raises(ConfigError) as exc:
+        load_config()
+    assert "STREAMDIFFUSION_RELAY__TOKENS" in str(exc.value) and "JSON" in str(exc.value)
+    monkeypatch.setenv("STREAMDIFFUSION_RELAY__TOKENS", '["s3cret"]')
+    assert load_config().relay.tokens == ["s3cret"]
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")

@@ -14,7 +14,10 @@ lists them all.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +27,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -404,6 +408,8 @@ def load_config(
 
     try:
         return FileConfig(**(overrides or {}))
+    except SettingsError as exc:  # a list or mapping variable that is not JSON
+        raise ConfigError(environment_error(str(exc), os.environ)) from None
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
@@ -411,6 +417,28 @@ def load_config(
         if error["type"] == "extra_forbidden":
             raise ConfigError(f"{source}unknown option '{where}'") from None
         raise ConfigError(f"{source}invalid option '{where}': {error['msg']}") from None
+
+
+def environment_error(message: str, environ: Mapping[str, str]) -> str:
+    """Say which variables pydantic-settings could not parse: its own message names a section only.
+
+    Options that hold lists or mappings take JSON (``'["a", "b"]'``); a plain value is the usual slip.
+    """
+    match = re.search(r'field "(\w+)"', message)
+    section = match.group(1) if match else None
+    suspects = []
+    if section in Config.model_fields:
+        defaults = Config.model_fields[section].default_factory()  # type: ignore[misc]
+        for option in type(defaults).model_fields:
+            name = f"{ENV_PREFIX}{section.upper()}__{option.upper()}"
+            if name in environ and isinstance(getattr(defaults, option), (list, dict, set, frozenset)):
+                try:
+                    json.loads(environ[name])
+                except ValueError:
+                    suspects.append(name)
+    if not suspects:
+        return f"{message} (list and mapping options take JSON, in the environment or .env)"
+    return f"{', '.join(suspects)}: a list or mapping option takes JSON, e.g. {suspects[0]}='[\"value\"]'"
 
 
 def example_yaml() -> str:
