@@ -53,8 +53,8 @@ def mask_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "****@" + netloc.rsplit("@", 1)[1]
-    head, _, _key = parts.path.rstrip("/").rpartition("/")
-    path = f"{head}/****" if head else parts.path
+    head, _, key = parts.path.rstrip("/").rpartition("/")
+    path = f"{head}/****" if key else parts.path  # a lone segment may be a key too (rtmp://host/KEY)
     return f"{parts.scheme}://{netloc}{path}"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from api.server.app import create_app
 from api.server.http import running
 from api.server.services import services
+from api.streams.store import FILE_NAME
 from tests.api_fixtures import feeding, serving_worker
 from tests.helpers import server_config
 from tests.test_api import AUTH, KEY, api, create, wait_until_ready, worker  # noqa: F401  (fixtures)
@@ -192,3 +195,64 @@ async def test_rtmp_output_resumes_after_a_restart(rtmp_server, tmp_path: Path):
                     decode, url, 5, {"analyzeduration": "1000000", "fflags": "nobuffer"}
                 )
     assert {f.shape for f in frames} == {(SIZE, SIZE, 3)}
+
+
+BAD_RTMP = "rtmp://127.0.0.1:9/KEYONLY"  # no application: the output process refuses it
+
+
+async def test_a_bad_rtmp_url_is_refused_before_anything_is_stored(tmp_path: Path):
+    """422 naming the field, and no stream left behind (in memory or in the store)."""
+    app = create_app(server_config(KEY, server={"data_dir": str(tmp_path)}))
+    async with running(app) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+        body = {"pipeline": "streamdiffusion", "params": {}, "output_rtmp_url": BAD_RTMP}
+        response = await client.post("/v1/streams", json=body)
+        assert response.status_code == 422, response.text
+        assert "output_rtmp_url" in response.json()["error"]
+        assert (await client.get("/v1/streams")).json()["data"] == []
+    again = create_app(server_config(KEY, server={"data_dir": str(tmp_path)}))
+    async with running(again), httpx.AsyncClient(base_url=base, headers=AUTH):
+        assert services(again).streams.streams == {}
+
+
+async def test_patch_refuses_a_bad_rtmp_url_and_clears_with_empty_or_null(api):
+    stream = (
+        await api.post(
+            "/v1/streams",
+            json={
+                "pipeline": "streamdiffusion",
+                "params": {},
+                "output_rtmp_url": "rtmp://127.0.0.1:9/live/k",
+            },
+        )
+    ).json()
+    path = f"/v1/streams/{stream['id']}"
+    response = await api.patch(path, json={"output_rtmp_url": BAD_RTMP})
+    assert response.status_code == 422, response.text
+    assert "output_rtmp_url" in response.json()["error"]
+    assert (await api.get(path)).json()["output_rtmp_url"] == "rtmp://127.0.0.1:9/live/k"
+    assert stream["id"] in services(api.app).outputs.rtmp
+    for clear in ("", None):
+        response = await api.patch(path, json={"output_rtmp_url": clear})
+        assert response.status_code == 200, response.text
+        assert response.json()["output_rtmp_url"] is None
+        assert stream["id"] not in services(api.app).outputs.rtmp
+        await api.patch(path, json={"output_rtmp_url": "rtmp://127.0.0.1:9/live/k"})
+    response = await api.patch(path, json={"name": "kept"})  # left out: the output stays
+    assert response.json()["output_rtmp_url"] == "rtmp://127.0.0.1:9/live/k"
+
+
+async def test_a_stored_bad_rtmp_url_does_not_stop_the_server_starting(tmp_path: Path, caplog):
+    """An older database may hold a URL the API refuses today: the stream serves, without that output."""
+    kept = {"data_dir": str(tmp_path)}
+    first = create_app(server_config(KEY, server=kept))
+    async with running(first) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+        stream = (await client.post("/v1/streams", json={"pipeline": "streamdiffusion", "params": {}})).json()
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        db.execute("UPDATE streams SET output_rtmp_url = ?", (BAD_RTMP,))
+    db.close()
+    second = create_app(server_config(KEY, server=kept))
+    with caplog.at_level(logging.WARNING, logger="api.outputs"):
+        async with running(second) as base, httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+            assert (await client.get(f"/v1/streams/{stream['id']}")).status_code == 200
+            assert stream["id"] not in services(second).outputs.rtmp
+    assert any(stream["id"] in r.getMessage() and "KEYONLY" not in r.getMessage() for r in caplog.records)

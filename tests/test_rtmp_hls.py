@@ -276,6 +276,7 @@ def test_urls_are_checked_and_masked(tmp_path: Path) -> None:
         with pytest.raises(TargetError):
             validate_rtmp_url(bad)
     assert mask_url("rtmp://u:pw@h:1935/app/KEY") == "rtmp://****@h:1935/app/****"
+    assert mask_url("rtmp://h/KEYONLY") == "rtmp://h/****"  # no app: the lone segment is the key
     with pytest.raises(ValueError):
         hls.hls_dir_for(tmp_path, "../x")
     assert hls.hls_dir_for(tmp_path, "abc_1") == tmp_path / "abc_1"

@@ -14,6 +14,7 @@ time. Every HLS answer carries CORS headers for players on other origins.
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from api.server.services import services
 from api.streams.manager import Stream, StreamListener
 from media.hls import PLAYLIST, hls_dir_for, hls_response, remove_dir
 from media.output_process import OutputProcess
+from media.rtmp import TargetError, mask_url
 
 router = APIRouter()
+log = logging.getLogger("api.outputs")
 
 
 @dataclass(frozen=True)
@@ -125,9 +128,18 @@ class Outputs(StreamListener):
         if current is not None:
             await current.stop()
         if stream.output_rtmp_url and self._pushes_here(stream):
-            output = OutputProcess(
-                self.relay_url, stream.channel, rtmp_url=stream.output_rtmp_url, token=self.token
-            )
+            try:
+                output = OutputProcess(
+                    self.relay_url, stream.channel, rtmp_url=stream.output_rtmp_url, token=self.token
+                )
+            except TargetError as exc:  # stored before the API checked URLs: serve the stream without it
+                log.warning(
+                    "stream %s: RTMP output %s not started: %s",
+                    stream.id,
+                    mask_url(stream.output_rtmp_url),
+                    exc,
+                )
+                return
             self.rtmp[stream.id] = output
             await output.start()
 

@@ -304,6 +304,7 @@ class StreamManager:
         """Merge ``patch`` into the params and send them to the worker.
 
         ``hot_only`` refuses (409) changes that would rebuild the pipeline.
+        ``output_rtmp_url``: None leaves the RTMP output alone, "" stops it.
         """
         params = validate_params({**stream.params, **patch})
         if hot_only:
@@ -320,9 +321,9 @@ class StreamManager:
         stream.params = params
         if name is not None:
             stream.name = name
-        rtmp_changed = output_rtmp_url is not None and output_rtmp_url != stream.output_rtmp_url
+        rtmp_changed = output_rtmp_url is not None and (output_rtmp_url or None) != stream.output_rtmp_url
         if output_rtmp_url is not None:
-            stream.output_rtmp_url = output_rtmp_url
+            stream.output_rtmp_url = output_rtmp_url or None
         try:
             await self._save(stream)
         except ApiError:

@@ -60,7 +60,7 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
     streams = manager(request)
     stream = streams.get(stream_id)
     patch = await style_image.resolve(body.params, services(request).config.server.style_image_allow_private)
-    await streams.update(stream, patch, name=body.name, output_rtmp_url=body.output_rtmp_url)
+    await streams.update(stream, patch, name=body.name, output_rtmp_url=body.rtmp_change())
     return stream.to_json(base_url(request))
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from media import rtmp
 from media.fit import FitMode
 from worker.engines.diffusion.params import DiffusionParams
 
@@ -36,11 +37,27 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def rtmp_target(url: str | None) -> str | None:
+    """A usable RTMP URL, or None for "" and null (no output).
+
+    Checked here, before anything is stored: a URL the output process would
+    refuse must never reach the store (it would refuse again at every start).
+    """
+    if not url:
+        return None
+    rtmp.validate_rtmp_url(url)  # TargetError is a ValueError: pydantic answers 422 naming the field
+    return url
+
+
+#: ``output_rtmp_url`` in request bodies
+RtmpUrl = Annotated[str | None, AfterValidator(rtmp_target)]
+
+
 class CreateStream(_Body):
     pipeline: str | None = None
     params: StreamParams | None = None
     name: str | None = Field(default=None, max_length=256)
-    output_rtmp_url: str | None = Field(default=None, pattern=r"^rtmps?://")
+    output_rtmp_url: RtmpUrl = None
     pipeline_id: str | None = None
     pipeline_params: StreamParams | None = None
 
@@ -69,7 +86,14 @@ class UpdateStream(_Body):
     pipeline: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=256)
-    output_rtmp_url: str | None = Field(default=None, pattern=r"^rtmps?://")
+    #: "" or null stops the RTMP output; left out, it stays as it is
+    output_rtmp_url: RtmpUrl = None
+
+    def rtmp_change(self) -> str | None:
+        """What :meth:`StreamManager.update` takes: None to leave the output alone, "" to stop it."""
+        if "output_rtmp_url" not in self.model_fields_set:
+            return None
+        return self.output_rtmp_url or ""
 
     @field_validator("pipeline")
     @classmethod
