@@ -57,6 +57,37 @@ async def test_deprecated_pipeline_id_form(api):
 
 
 @pytest.mark.parametrize(
+    ("pipeline_id", "pipeline_params", "model"),
+    [
+        (
+            "pip_SDXL-turbo",
+            {"controlnets": [{"model_id": "xinsir/controlnet-depth-sdxl-1.0"}]},
+            "stabilityai/sdxl-turbo",
+        ),
+        ("pip_SD15", {"ip_adapter": {"type": "regular"}}, "Lykon/dreamshaper-8"),
+        ("pip_SDXL-turbo-faceid", {"ip_adapter": {"type": "faceid"}}, "stabilityai/sdxl-turbo"),
+    ],
+)
+async def test_pipeline_params_are_checked_against_the_model_pipeline_id_implies(
+    api, pipeline_id, pipeline_params, model
+):
+    body = {"pipeline_id": pipeline_id, "pipeline_params": pipeline_params}
+    response = await api.post("/v1/streams", json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["params"]["model_id"] == model
+
+
+async def test_pipeline_params_still_refuse_a_controlnet_of_another_base_model(api):
+    body = {
+        "pipeline_id": "pip_SD15",
+        "pipeline_params": {"controlnets": [{"model_id": "xinsir/controlnet-depth-sdxl-1.0"}]},
+    }
+    response = await api.post("/v1/streams", json=body)
+    assert response.status_code == 422, response.text
+    assert "pipeline_params.controlnets" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
         ({"pipeline": "streamdiffusion", "params": {"prompt": "x", "colour": 1}}, 422, "params.colour"),

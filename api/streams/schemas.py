@@ -61,6 +61,20 @@ class CreateStream(_Body):
     pipeline_id: str | None = None
     pipeline_params: StreamParams | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_model(cls, data: Any) -> Any:
+        """``pipeline_params`` are checked against the model ``pipeline_id`` implies, not the default
+        (an SDXL ControlNet is valid under ``pip_SDXL-turbo``)."""
+        if not isinstance(data, dict):
+            return data
+        pipeline_id = data.get("pipeline_id")
+        model = PIPELINE_IDS.get(pipeline_id) if isinstance(pipeline_id, str) else None
+        given = data.get("pipeline_params")
+        if model is None or not isinstance(given, dict) or "model_id" in given:
+            return data
+        return {**data, "pipeline_params": {"model_id": model, **given}}
+
     @model_validator(mode="after")
     def _one_form(self) -> CreateStream:
         if self.pipeline is None and self.pipeline_id is None:
