@@ -58,3 +58,59 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             break
         pos += 2 + length
     raise ProtocolError("JPEG without a readable frame header", ErrorCode.BAD_IMAGE)
+
+
+#: formats a still picture (a style image) may have: what OpenCV, the worker's decoder, reads and
+#: :func:`probe_picture` can size from the header; JPEG and PNG are :class:`ImageFormat`'s labels
+PICTURE_FORMATS = ("jpeg", "png", "webp", "bmp", "gif")
+
+
+def probe_picture(data: bytes) -> tuple[str, int, int]:
+    """``(format, width, height)`` of a JPEG, PNG, WebP, BMP or GIF from its header alone, so a
+    decompression bomb is refused before any pixel is decoded; ``ProtocolError`` for anything else.
+    """
+    if data.startswith((b"\xff\xd8\xff", PNG_SIGNATURE)):
+        fmt, width, height = probe_image(data)
+        return fmt.label, width, height
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt, (width, height) = "webp", _webp_size(data)
+    elif data[:2] == b"BM" and len(data) >= 26:
+        fmt, (width, height) = "bmp", _bmp_size(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        fmt, (width, height) = "gif", struct.unpack_from("<HH", data, 6)
+    else:
+        raise ProtocolError("not a JPEG, PNG, WebP, BMP or GIF image", ErrorCode.BAD_IMAGE)
+    if not (width and height):
+        raise ProtocolError(f"{fmt} image with a zero size", ErrorCode.BAD_IMAGE)
+    return fmt, width, height
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        (bits,) = struct.unpack_from("<I", data, 21)
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise ProtocolError("WebP without a readable header", ErrorCode.BAD_IMAGE)
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    (header,) = struct.unpack_from("<I", data, 14)
+    if header == 12:  # OS/2 BITMAPCOREHEADER
+        return struct.unpack_from("<HH", data, 18)
+    width, height = struct.unpack_from("<ii", data, 18)
+    return abs(width), abs(height)  # a negative height: rows stored top-down
+
+
+def check_picture(data: bytes, max_width: int, max_height: int) -> tuple[str, int, int]:
+    """:func:`probe_picture`, and ``ProtocolError`` when it is wider or taller than the limits."""
+    fmt, width, height = probe_picture(data)
+    if width > max_width or height > max_height:
+        raise ProtocolError(
+            f"{width}x{height} exceeds the limit of {max_width}x{max_height}", ErrorCode.RESOLUTION_TOO_LARGE
+        )
+    return fmt, width, height

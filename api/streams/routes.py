@@ -26,6 +26,13 @@ def base_url(request: Request) -> str:
     return services(request).config.server.public_url or str(request.base_url).rstrip("/")
 
 
+async def with_style_image(request: Request, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with its style image checked (format, bytes, pixel size) or fetched: 422 otherwise."""
+    config = services(request).config
+    limit = (config.relay.max_width, config.relay.max_height)  # a style image is no larger than a frame
+    return await style_image.resolve(params, config.server.style_image_allow_private, limit)
+
+
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     return health_report(services(request))
@@ -35,7 +42,7 @@ async def health(request: Request) -> dict[str, Any]:
 async def create_stream(body: CreateStream, request: Request) -> dict[str, Any]:
     streams = manager(request)
     config = services(request).config
-    given = await style_image.resolve(body.given_params(), config.server.style_image_allow_private)
+    given = await with_style_image(request, body.given_params())
     params = validate_params({**config.stream_defaults(), **given})
     stream = await streams.create(
         body.pipeline or body.pipeline_id or "streamdiffusion", params, body.name or "", body.output_rtmp_url
@@ -59,7 +66,7 @@ async def update_stream(stream_id: str, body: UpdateStream, request: Request) ->
     """Merge params; hot fields apply on the next frame, others reload while the old pipeline serves."""
     streams = manager(request)
     stream = streams.get(stream_id)
-    patch = await style_image.resolve(body.params, services(request).config.server.style_image_allow_private)
+    patch = await with_style_image(request, body.params)
     await streams.update(stream, patch, name=body.name, output_rtmp_url=body.rtmp_change())
     return stream.to_json(base_url(request))
 
@@ -72,7 +79,7 @@ async def update_params(
     streams = manager(request)
     stream = streams.get(stream_id)
     patch = body["params"] if set(body) == {"params"} and isinstance(body["params"], dict) else body
-    patch = await style_image.resolve(patch, services(request).config.server.style_image_allow_private)
+    patch = await with_style_image(request, patch)
     await streams.update(stream, patch, hot_only=True)
     return {"success": True, "data": stream.to_json(base_url(request))}
 

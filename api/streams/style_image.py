@@ -21,10 +21,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from api.server.errors import ApiError
-from wire.errors import ProtocolError
-from wire.images import probe_image
+from wire.errors import ErrorCode, ProtocolError
+from wire.images import check_picture
 
 MAX_BYTES = 5 * 2**20
+#: widest and tallest image accepted, from its header before decoding: a small PNG can hold a
+#: 16000x16000 image (a decompression bomb); the server passes ``relay.max_width`` and ``max_height``
+MAX_SIZE = (4096, 4096)
 #: the whole fetch (DNS, connect, headers, body) ends by then: a byte-trickling server cannot hold it
 DEADLINE_S = 15.0
 FIELD = "ip_adapter_style_image_url"
@@ -35,16 +38,28 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, f"invalid field 'params.{FIELD}': {message}", "REQUEST/VALIDATION")
 
 
-def check_data_url(url: str, max_bytes: int = MAX_BYTES) -> str:
+def check_image(data: bytes, max_size: tuple[int, int]) -> str:
+    """The image's format (JPEG, PNG, WebP, BMP or GIF: what the worker decodes), within ``max_size``."""
+    try:
+        fmt, _, _ = check_picture(data, *max_size)
+    except ProtocolError as exc:
+        if exc.code is ErrorCode.RESOLUTION_TOO_LARGE:
+            raise _invalid(f"the image is {exc}") from None
+        raise _invalid("it is not a JPEG, PNG, WebP, BMP or GIF image") from None
+    return fmt
+
+
+def check_data_url(url: str, max_bytes: int = MAX_BYTES, max_size: tuple[int, int] = MAX_SIZE) -> str:
     head, _, data = url.partition(",")
     if not (head.startswith("data:image/") and head.endswith(";base64")):
         raise _invalid("a data URL must look like data:image/<type>;base64,<data>")
     if len(data) > max_bytes * 4 // 3 + 4:
         raise _invalid(f"the image is over {max_bytes} bytes")
     try:
-        probe_image(base64.b64decode(data, validate=True))
-    except (binascii.Error, ValueError, ProtocolError):
-        raise _invalid("the data URL does not hold a JPEG or PNG image") from None
+        image = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid("the data URL is not valid base64") from None
+    check_image(image, max_size)
     return url
 
 
@@ -83,6 +98,7 @@ async def fetch(
     max_bytes: int = MAX_BYTES,
     timeout: float = 10.0,
     deadline: float = DEADLINE_S,
+    max_size: tuple[int, int] = MAX_SIZE,
 ) -> str:
     """Download ``url`` and return it as a ``data:`` URL; 422 for anything unusable.
 
@@ -98,14 +114,16 @@ async def fetch(
         raise _invalid("use an https URL or a data:image/...;base64 URL")
     try:
         async with asyncio.timeout(deadline):
-            return await _download(url, parts.hostname, port or 443, allow_private, max_bytes, timeout)
+            body = await _download(url, parts.hostname, port or 443, allow_private, max_bytes, timeout)
     except TimeoutError:
         raise _invalid(f"fetching it took over {deadline:g} s") from None
+    fmt = check_image(body, max_size)
+    return f"data:image/{fmt};base64,{base64.b64encode(body).decode()}"
 
 
 async def _download(
     url: str, host: str, port: int, allow_private: bool, max_bytes: int, timeout: float
-) -> str:
+) -> bytes:
     if not allow_private:
         await public_addresses(host, port)
     body = bytearray()
@@ -122,19 +140,15 @@ async def _download(
                     raise _invalid(f"the image is over {max_bytes} bytes")
     except httpx.HTTPError as exc:
         raise _invalid(f"cannot fetch it: {type(exc).__name__}") from None
-    try:
-        fmt, _, _ = probe_image(bytes(body))
-    except ProtocolError:
-        raise _invalid("it is not a JPEG or PNG image") from None
-    return f"data:image/{fmt.label};base64,{base64.b64encode(body).decode()}"
+    return bytes(body)
 
 
-async def resolve(params: dict, allow_private: bool = False) -> dict:
+async def resolve(params: dict, allow_private: bool = False, max_size: tuple[int, int] = MAX_SIZE) -> dict:
     """``params`` with a fetched style image in place of its URL (unchanged when there is none)."""
     url = params.get(FIELD)
     if not url or not isinstance(url, str):
         return params
     if url.startswith("data:"):
-        check_data_url(url)
+        check_data_url(url, max_size=max_size)
         return params
-    return {**params, FIELD: await fetch(url, allow_private)}
+    return {**params, FIELD: await fetch(url, allow_private, max_size=max_size)}

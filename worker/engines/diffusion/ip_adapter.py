@@ -18,6 +18,9 @@ import cv2
 import numpy as np
 import torch
 
+from relay.config import RelayConfig
+from wire.errors import ProtocolError
+from wire.images import check_picture
 from worker.engines.base import EngineError
 from worker.engines.diffusion.loading import pretrained
 from worker.engines.diffusion.params import IPAdapterParams
@@ -27,6 +30,9 @@ WEIGHTS = {  # keyed by "is SDXL": (subfolder, weight file)
     True: ("sdxl_models", "ip-adapter_sdxl.safetensors"),
 }
 SD2_CROSS_ATTENTION_DIM = 1024
+#: widest and tallest style image decoded: the relay's default frame limits, which the API applies
+#: too (from the relay's settings); checked from the header, so a decompression bomb is never decoded
+MAX_STYLE_SIZE = (RelayConfig.max_width, RelayConfig.max_height)
 
 
 def check_supported(params: IPAdapterParams) -> None:
@@ -63,8 +69,12 @@ def style_embeds(pipe: Any, url: str | None, size: tuple[int, int]) -> torch.Ten
     return embeds[0]
 
 
-def decode_data_url(url: str) -> np.ndarray:
-    """An RGB array from a ``data:image/...;base64,...`` URL."""
+def decode_data_url(url: str, max_size: tuple[int, int] = MAX_STYLE_SIZE) -> np.ndarray:
+    """An RGB array from a ``data:image/...;base64,...`` URL (JPEG, PNG, WebP, BMP or GIF).
+
+    Its size is read from the header first: the API checks it too, but params can reach a worker
+    by other roads (a relay client, an older stored stream).
+    """
     header, _, payload = url.partition(",")
     if not (header.startswith("data:image/") and header.endswith(";base64")):
         raise EngineError("ip_adapter_style_image_url must be a data:image/...;base64 URL here")
@@ -72,6 +82,10 @@ def decode_data_url(url: str) -> np.ndarray:
         raw = base64.b64decode(payload, validate=True)
     except binascii.Error as exc:
         raise EngineError(f"ip_adapter_style_image_url is not valid base64: {exc}") from None
+    try:
+        check_picture(raw, *max_size)
+    except ProtocolError as exc:
+        raise EngineError(f"ip_adapter_style_image_url: {exc}") from None
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise EngineError("ip_adapter_style_image_url does not hold a readable image")
