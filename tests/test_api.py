@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import httpx
@@ -396,3 +397,49 @@ async def test_patch_validates_like_create_and_bad_json_is_400(api):
         )
         assert broken.status_code == 400 and broken.json()["code"] == "REQUEST/BAD_REQUEST"
         assert "not valid JSON" in broken.json()["error"]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+async def send_json(api, method: str, url: str, body: dict) -> httpx.Response:
+    """``body`` with NaN and Infinity written as Python's json writes them (and reads them back):
+    httpx's own encoder refuses them, browsers' ``JSON.stringify`` makes them null."""
+    content = json.dumps(body, allow_nan=True)
+    return await api.request(method, url, content=content, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"prompt": [["a", NAN]]}, "params.prompt.0.1': Input should be a finite number"),
+        (
+            {"prompt": [["a", 1e308], ["b", 1e308]]},
+            "params.prompt.0.1': Input should be less than or equal to 1000",
+        ),
+        (
+            {"seed": [[99999999999999999999999, 1.0]]},
+            "params.seed.0.0': Input should be less than or equal to",
+        ),
+        ({"seed": 10**38}, "params.seed': Input should be less than or equal to 9223372036854775807"),
+        ({"seed": [[1, INF]]}, "params.seed.0.1': Input should be a finite number"),
+        ({"guidance_scale": NAN}, "params.guidance_scale': Input should be a finite number"),
+        (
+            {"image_preprocessing": {"processors": [{"type": "blur", "params": {"sigma": INF}}]}},
+            "params.image_preprocessing.processors.0.params': Value error, NaN and infinite",
+        ),
+    ],
+)
+async def test_numbers_the_engine_cannot_use_are_422_naming_the_field(api, params, needle):
+    stream = await create(api)
+    response = await send_json(api, "PATCH", f"/v1/streams/{stream['id']}/params", params)
+    assert response.status_code == 422, response.text
+    assert needle in response.json()["error"]
+    response = await send_json(api, "POST", "/v1/streams", {"pipeline": "streamdiffusion", "params": params})
+    assert response.status_code == 422 and needle in response.json()["error"]
+    assert (await api.get(f"/v1/streams/{stream['id']}")).json()["params"] == stream["params"]
+
+
+async def test_the_largest_seed_and_weight_are_accepted(api):
+    stream = await create(api, seed=[[2**63 - 1, 1000.0]], prompt=[["a", 1000.0], ["b", -1.5]])
+    assert stream["params"]["seed"] == [[2**63 - 1, 1000.0]]

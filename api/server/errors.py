@@ -56,16 +56,28 @@ def client_location(loc: Any) -> list[str]:
     """A validation error's location as the client wrote it: ``params.seed``, never
     ``params.seed.constrained-int``.
     """
-    return [
-        str(p)
-        for p in loc
-        if p != "body" and not (isinstance(p, str) and ("-" in p or "[" in p or p in _BRANCH_TAGS))
-    ]
+    return [str(p) for p in loc if p != "body" and not _is_branch(p)]
+
+
+def _is_branch(part: Any) -> bool:
+    return isinstance(part, str) and ("-" in part or "[" in part or part in _BRANCH_TAGS)
+
+
+def _field(loc: Any) -> tuple[Any, ...]:
+    """A location up to the first union branch pydantic tried: the field all its branches share."""
+    parts = tuple(loc)
+    return next((parts[:i] for i, part in enumerate(parts) if _is_branch(part)), parts)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> str:
-    """One line naming the first bad field, as clients show it to users."""
-    first = errors[0]
+    """One line naming the first bad field, as clients show it to users.
+
+    Where that field is a union (``prompt``: a string or ``[text, weight]`` pairs), the deepest of
+    its errors says what is wrong: ``prompt.0.1: finite number``, not ``prompt: a valid string``.
+    """
+    field = _field(errors[0].get("loc", ()))
+    same = [e for e in errors if _field(e.get("loc", ())) == field]
+    first = max(same, key=lambda e: len(e.get("loc", ())))
     loc = client_location(first.get("loc", ()))
     where = ".".join(loc) or "body"
     if first.get("type") == "extra_forbidden":

@@ -9,10 +9,12 @@ everything else applies on the next frame.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,14 +38,38 @@ Interpolation = Literal["linear", "slerp"]
 MAX_PROMPT_CHARS = 4000
 #: the most entries of a weighted prompt or seed list
 MAX_BLEND_ENTRIES = 16
+#: the largest seed: torch's ``manual_seed`` overflows above 2**64 - 1; 2**63 - 1 also fits a signed int64
+MAX_SEED = 2**63 - 1
+#: the largest blend weight (either sign): 16 of them still sum to a finite, usable number
+MAX_BLEND_WEIGHT = 1000.0
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-WeightedPrompt = tuple[PromptText, float]
-WeightedSeed = tuple[int, float]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Weight = Annotated[float, Field(ge=-MAX_BLEND_WEIGHT, le=MAX_BLEND_WEIGHT)]
+WeightedPrompt = tuple[PromptText, Weight]
+WeightedSeed = tuple[Seed, Weight]
+
+
+def finite(value: Any) -> Any:
+    """``value`` (free-form JSON) unless a number in it is NaN or infinite, which no engine can use."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("NaN and infinite numbers are not allowed")
+    if isinstance(value, dict):
+        for item in value.values():
+            finite(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            finite(item)
+    return value
+
+
+#: processor and preprocessor options: free-form, yet finite
+Options = Annotated[dict[str, Any], AfterValidator(finite)]
 Size = Annotated[int, Field(ge=384, le=1024, multiple_of=64)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and Infinity parse from JSON in Python, are stored as NaN and come back as null: refuse them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ControlNetParams(_Strict):
@@ -52,7 +78,7 @@ class ControlNetParams(_Strict):
     model_id: str
     conditioning_scale: float = Field(1.0, ge=0.0, le=5.0)
     preprocessor: str = "passthrough"
-    preprocessor_params: dict[str, Any] = Field(default_factory=dict)
+    preprocessor_params: Options = Field(default_factory=dict)
     enabled: bool = True
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     control_guidance_end: float = Field(1.0, ge=0.0, le=1.0)
@@ -84,7 +110,7 @@ class ProcessorParams(_Strict):
 
     type: str
     enabled: bool = True
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: Options = Field(default_factory=dict)
 
 
 class ProcessingParams(_Strict):
@@ -107,10 +133,7 @@ class DiffusionParams(_Strict):
     prompt_interpolation_method: Interpolation = "slerp"
     normalize_prompt_weights: bool = True
     negative_prompt: PromptText = "blurry, low quality, flat, 2d"
-    seed: (
-        Annotated[int, Field(ge=0)]
-        | Annotated[list[WeightedSeed], Field(min_length=1, max_length=MAX_BLEND_ENTRIES)]
-    ) = 789
+    seed: Seed | Annotated[list[WeightedSeed], Field(min_length=1, max_length=MAX_BLEND_ENTRIES)] = 789
     seed_interpolation_method: Interpolation = "linear"
     normalize_seed_weights: bool = True
     guidance_scale: float = Field(1.0, ge=0.0, le=20.0)
