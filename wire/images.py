@@ -70,8 +70,8 @@ def probe_picture(data: bytes) -> tuple[str, int, int]:
     decompression bomb is refused before any pixel is decoded; ``ProtocolError`` for anything else.
     """
     if data.startswith((b"\xff\xd8\xff", PNG_SIGNATURE)):
-        fmt, width, height = probe_image(data)
-        return fmt.label, width, height
+        known, width, height = probe_image(data)
+        return known.label, width, height
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         fmt, (width, height) = "webp", _webp_size(data)
     elif data[:2] == b"BM" and len(data) >= 26:
