@@ -2,7 +2,8 @@
 
 Configuration, lowest first: defaults, the YAML file (--config FILE or
 $STREAMDIFFUSION_CONFIG), a .env file in the working directory, then
-STREAMDIFFUSION_<SECTION>__<OPTION> environment variables, then these flags. --example-config lists every option.
+STREAMDIFFUSION_<SECTION>__<OPTION> environment variables, then these flags.
+--example-config lists every option.
 """
 
 from __future__ import annotations
