@@ -39,6 +39,7 @@ FLAGS: dict[str, str] = {
     "--public-url": "server.public_url",
     "--api-key": "server.api_keys",
     "--data-dir": "server.data_dir",
+    "--origin": "server.origins",
     "--max-queue-size": "server.max_queue_size",
     "--relay-host": "relay.host",
     "--relay-port": "relay.port",

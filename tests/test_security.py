@@ -105,10 +105,50 @@ async def test_connections_without_headers_are_closed(guarded):
         assert ws.state is websockets.State.OPEN
 
 
-async def test_one_address_cannot_take_every_connection(guarded):
-    held = [await _connect(guarded) for _ in range(3)]
+@pytest.fixture
+async def capped():
+    """A server where one address may hold 3 HTTP connections and 3 WebSocket sessions; headers may take
+    30 s, so silent connections stay for the whole test."""
+    server = {"header_timeout_s": 30, "max_connections_per_client": 3, "max_websockets_per_client": 3}
+    async with running(create_app(server_config(KEY, server=server))) as url:
+        yield url
+
+
+async def test_idle_websockets_do_not_lock_the_address_out_of_http(capped):
+    ws_url = capped.replace("http://", "ws://")
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            idle = await stack.enter_async_context(websockets.connect(ws_url + "/ws"))
+            assert orjson.loads(await idle.recv())["type"] == "status"
+        with pytest.raises(websockets.InvalidStatus) as refused:  # a fourth session is over their own cap
+            await websockets.connect(ws_url + "/ws")
+        assert refused.value.response.status_code == 429
+        assert orjson.loads(refused.value.response.body)["code"] == "REQUEST/TOO_MANY_CONNECTIONS"
+        keyed = await stack.enter_async_context(websockets.connect(f"{ws_url}/ws?api_key={KEY}"))
+        assert orjson.loads(await keyed.recv())["type"] == "status"  # the key is never refused
+        async with httpx.AsyncClient(base_url=capped) as client:
+            assert (await client.get("/health")).status_code == 200  # plain HTTP is not starved
+
+
+async def test_over_the_cap_a_request_gets_429_unless_it_carries_the_api_key(capped):
+    held = [await _connect(capped) for _ in range(3)]  # silent: they fill the address's HTTP cap
+    async with httpx.AsyncClient(base_url=capped, timeout=10) as client:
+        refused = await client.get("/health")
+        assert refused.status_code == 429 and refused.json()["code"] == "REQUEST/TOO_MANY_CONNECTIONS"
+        created = await client.post(
+            "/v1/streams",
+            json={"pipeline": "streamdiffusion", "params": {"prompt": "x"}},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert created.status_code == 201
+    for _, writer in held:
+        writer.close()
+
+
+async def test_a_flood_far_beyond_the_cap_is_closed_unread(guarded):
+    held = [await _connect(guarded) for _ in range(12)]  # four times the cap of 3
     reader, writer = await _connect(guarded)
-    assert await asyncio.wait_for(reader.read(), 10) == b""  # the fourth is refused
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # the thirteenth is refused
     writer.close()
     for _, other in held:
         other.close()
@@ -118,3 +158,51 @@ async def test_one_address_cannot_take_every_connection(guarded):
             with contextlib.suppress(httpx.TransportError):
                 if (await client.get("/health")).status_code == 200:
                     break
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),  # scripts and Node send none
+        ("https://evil.example", False),
+        ("null", False),
+        ("http://localhost:5173", True),  # a local dev server
+        ("http://127.0.0.1:3000", True),
+        ("http://[::1]:8000", True),
+        ("https://app.example", True),  # listed in server.origins
+    ],
+)
+async def test_websockets_accept_only_their_own_loopback_and_listed_origins(origin, allowed):
+    app = create_app(server_config(KEY, server={"origins": ["https://app.example"]}))
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api:
+        ws_url = url.replace("http://", "ws://")
+        stream = await create_stream(api)
+        for path in ("/ws", "/api/ws/someone", f"/live/video-to-video/{stream['stream_key']}/ws"):
+            if allowed:
+                async with websockets.connect(ws_url + path, origin=origin) as ws:
+                    assert ws.state is websockets.State.OPEN
+            else:
+                with pytest.raises(websockets.InvalidStatus) as refused:
+                    await websockets.connect(ws_url + path, origin=origin)
+                assert refused.value.response.status_code == 403
+
+
+async def _handshake_status(url: str, host: str, origin: str) -> bytes:
+    """The status line a raw WebSocket handshake to ``/ws`` gets, as a browser reaching the server as
+    ``host`` (behind a proxy, say) would send it."""
+    reader, writer = await _connect(url)
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    return status
+
+
+async def test_the_servers_own_origin_may_open_its_websockets(api):
+    url = str(api.base_url).rstrip("/")
+    assert b" 101 " in await _handshake_status(url, "media.example:8443", "https://media.example:8443")
+    assert b" 101 " in await _handshake_status(url, "media.example", "https://media.example")
+    assert b" 403 " in await _handshake_status(url, "media.example", "https://other.example")

@@ -26,6 +26,7 @@ from api.seeds.settings001 import seed001_options
 from api.seeds.state import SeedState
 from api.server import errors, metrics
 from api.server.config import Config
+from api.server.doors import DoorGuard, Doors
 from api.server.farewell import Farewells
 from api.server.health import VERSION
 from api.server.limits import BodyLimit
@@ -70,6 +71,11 @@ def create_app(config: Config | None = None, relay_socket: socket.socket | None 
     app.state.ready = asyncio.Event()
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes)
+    # outermost: a request over the caps, or a WebSocket from a foreign origin, goes no further
+    app.state.doors = Doors(config.server.max_connections_per_client, config.server.max_websockets_per_client)
+    app.add_middleware(
+        DoorGuard, doors=app.state.doors, api_keys=config.server.api_keys, origins=config.server.origins
+    )
     for routes in (
         metrics.router,
         router,

@@ -87,7 +87,21 @@ class ServerSection(_Section):
         description="seconds a connection may take to send a request's headers before it is closed",
     )
     max_connections_per_client: int = Field(
-        128, ge=1, description="HTTP and WebSocket connections one client address may hold at once"
+        128,
+        ge=1,
+        description="HTTP connections one client address may hold at once; its requests beyond them get "
+        "a 429 unless they carry the API key",
+    )
+    max_websockets_per_client: int = Field(
+        128,
+        ge=1,
+        description="WebSocket sessions one client address may hold at once (a cap of their own, so idle "
+        "sockets never starve plain requests); beyond them a 429 unless the API key is shown",
+    )
+    origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins, besides the server's own and loopback pages, allowed to open its "
+        "WebSockets (/ws, /api/ws, ingest), e.g. https://app.example; other Origin headers get a 403",
     )
     session_timeout_s: float = Field(0, ge=0, description="seed-001 session length in seconds (0: no limit)")
     hls_dir: str | None = Field(None, description="where HLS segments go (default: a temporary directory)")

@@ -38,7 +38,7 @@ def uvicorn_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
         app,
         log_level=log_level,
         lifespan="on",
-        http=guarded_h11(server.header_timeout_s, server.max_connections_per_client),
+        http=guarded_h11(server.header_timeout_s, app.state.doors),
         # above the frame limit, so an oversize frame reaches the app and gets an error
         # message naming the limit; beyond this the transport closes with 1009
         ws_max_size=app.state.config.relay_config().websocket_max_size,
