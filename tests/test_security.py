@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import httpx
 import orjson
@@ -206,3 +207,54 @@ async def test_the_servers_own_origin_may_open_its_websockets(api):
     assert b" 101 " in await _handshake_status(url, "media.example:8443", "https://media.example:8443")
     assert b" 101 " in await _handshake_status(url, "media.example", "https://media.example")
     assert b" 403 " in await _handshake_status(url, "media.example", "https://other.example")
+
+
+@pytest.fixture
+async def slow_bodies():
+    """A server that gives request bodies 0.5 s; yields its URL and a stream's playback id."""
+    app = create_app(server_config(KEY, server={"body_timeout_s": 0.5}))
+    async with running(app) as url, httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api:
+        yield url, (await create_stream(api))["output_playback_id"]
+
+
+async def _trickle(url: str, path: str, content_type: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request that declares 1000 bytes of body and sends one."""
+    reader, writer = await _connect(url)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: {content_type}\r\n"
+        "Content-Length: 1000\r\n\r\nv".encode()
+    )
+    return reader, writer
+
+
+@pytest.mark.parametrize("door", ["whep", "streams"])
+async def test_a_body_that_does_not_arrive_in_time_gets_408(slow_bodies, door):
+    url, playback_id = slow_bodies
+    path, content_type = {
+        "whep": (f"/live/video-to-video/{playback_id}/whep", "application/sdp"),
+        "streams": ("/v1/streams", "application/json"),
+    }[door]
+    reader, writer = await _trickle(url, path, content_type)
+    answer = await asyncio.wait_for(reader.read(), 10)  # all of it: the server closes the connection
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert orjson.loads(body)["code"] == "REQUEST/TIMEOUT"
+
+
+async def test_a_client_leaving_mid_body_is_no_server_error(caplog):
+    server_log = logging.getLogger("uvicorn.error")  # where uvicorn reports an app's exceptions
+    server_log.addHandler(caplog.handler)
+    try:
+        app = create_app(server_config(KEY))
+        async with running(app) as url:
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api:
+                playback_id = (await create_stream(api))["output_playback_id"]
+            _, writer = await _trickle(url, f"/live/video-to-video/{playback_id}/whep", "application/sdp")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        # the server has stopped, so it has handled the disconnect
+    finally:
+        server_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

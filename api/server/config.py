@@ -86,6 +86,12 @@ class ServerSection(_Section):
         gt=0,
         description="seconds a connection may take to send a request's headers before it is closed",
     )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a request's body may take, from its headers to its last byte, before a 408 "
+        "(raise it for large style images over slow links)",
+    )
     max_connections_per_client: int = Field(
         128,
         ge=1,
