@@ -87,3 +87,24 @@ async def test_a_stream_that_ended_while_the_socket_opened_is_not_brought_back(a
             await asyncio.wait_for(ws.recv(), 10)
     assert error["code"] == "unknown_channel" and closed.value.rcvd.code == 1001
     assert not hub.channels[stream["id"]].producers  # the session never joined the channel
+
+
+async def next_error(ws: websockets.ClientConnection) -> dict:
+    """The next ``error`` message, past the status messages the session sends as well."""
+    async with asyncio.timeout(10):
+        while (message := orjson.loads(await ws.recv()))["type"] != "error":
+            pass
+    return message
+
+
+async def test_text_gets_an_error_and_an_oversized_frame_an_error_then_close_1009(api):
+    stream = await create(api, prompt="photo negative", width=512, height=512)
+    async with websockets.connect(ws_url(stream), compression=None) as ws:
+        await ws.send('{"type": "params"}')
+        assert (await next_error(ws))["code"] == "bad_message"  # and the connection goes on
+        await ws.send(b"\xff" * (9 * 2**20))
+        error = await next_error(ws)
+        assert error["code"] == "frame_too_large" and str(8 * 2**20) in error["message"]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
