@@ -175,7 +175,10 @@ async def test_a_flood_far_beyond_the_cap_is_closed_unread(guarded):
 )
 async def test_websockets_accept_only_their_own_loopback_and_listed_origins(origin, allowed):
     app = create_app(server_config(KEY, server={"origins": ["https://app.example"]}))
-    async with running(app) as url, httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api:
+    async with (
+        running(app) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api,
+    ):
         ws_url = url.replace("http://", "ws://")
         stream = await create_stream(api)
         for path in ("/ws", "/api/ws/someone", f"/live/video-to-video/{stream['stream_key']}/ws"):
@@ -213,11 +216,16 @@ async def test_the_servers_own_origin_may_open_its_websockets(api):
 async def slow_bodies():
     """A server that gives request bodies 0.5 s; yields its URL and a stream's playback id."""
     app = create_app(server_config(KEY, server={"body_timeout_s": 0.5}))
-    async with running(app) as url, httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api:
+    async with (
+        running(app) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as api,
+    ):
         yield url, (await create_stream(api))["output_playback_id"]
 
 
-async def _trickle(url: str, path: str, content_type: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _trickle(
+    url: str, path: str, content_type: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A request that declares 1000 bytes of body and sends one."""
     reader, writer = await _connect(url)
     writer.write(

@@ -131,6 +131,7 @@ async def _receive(websocket: WebSocket, session: LocalSession) -> Error | None:
                 _publish(session, data)
             except ProtocolError as exc:
                 session.post(Error.of(exc))  # after the messages already on their way
+    return None  # the client went away
 
 
 def _publish(session: LocalSession, data: bytes) -> None:

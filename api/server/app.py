@@ -70,7 +70,9 @@ def create_app(config: Config | None = None, relay_socket: socket.socket | None 
     app.state.farewells = farewells
     app.state.ready = asyncio.Event()
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes, timeout=config.server.body_timeout_s)
+    app.add_middleware(
+        BodyLimit, max_bytes=config.server.max_body_bytes, timeout=config.server.body_timeout_s
+    )
     # outermost: a request over the caps, or a WebSocket from a foreign origin, goes no further
     app.state.doors = Doors(config.server.max_connections_per_client, config.server.max_websockets_per_client)
     app.add_middleware(

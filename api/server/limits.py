@@ -95,7 +95,9 @@ class BodyLimit:
         try:
             await self.app(scope, counting_receive, watching_send)
         except ClientDisconnect:
-            log.debug("%s %s: the client left before its request body was complete", scope["method"], scope["path"])
+            log.debug(
+                "%s %s: the client left before its request body was complete", scope["method"], scope["path"]
+            )
         except Exception:
             if not refused:
                 raise
