@@ -14,9 +14,12 @@ leaves the HTTP count: WebSocket sessions have a cap of their own.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:  # uvicorn's own dependency, named here only in a type
+    import h11
 
 from api.server.doors import Doors
 
