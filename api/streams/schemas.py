@@ -70,7 +70,7 @@ class CreateStream(_Body):
             return data
         pipeline_id = data.get("pipeline_id")
         model = PIPELINE_IDS.get(pipeline_id) if isinstance(pipeline_id, str) else None
-        given = data.get("pipeline_params")
+        given = data.get("pipeline_params") or {}  # pipeline_id alone: the model is all it says
         if model is None or not isinstance(given, dict) or "model_id" in given:
             return data
         return {**data, "pipeline_params": {"model_id": model, **given}}
@@ -90,10 +90,7 @@ class CreateStream(_Body):
     def given_params(self) -> dict[str, Any]:
         """Only the params the client set, so server defaults can fill the rest."""
         params = self.params if self.params is not None else self.pipeline_params
-        given = {} if params is None else params.model_dump(mode="json", include=params.model_fields_set)
-        if self.params is None and "model_id" not in given:
-            given["model_id"] = PIPELINE_IDS[self.pipeline_id]
-        return given
+        return {} if params is None else params.model_dump(mode="json", include=params.model_fields_set)
 
 
 class UpdateStream(_Body):

@@ -21,13 +21,15 @@ from urllib.parse import urlsplit
 import httpx
 
 from api.server.errors import ApiError
+from relay.config import RelayConfig
 from wire.errors import ErrorCode, ProtocolError
 from wire.images import check_picture
 
 MAX_BYTES = 5 * 2**20
 #: widest and tallest image accepted, from its header before decoding: a small PNG can hold a
-#: 16000x16000 image (a decompression bomb); the server passes ``relay.max_width`` and ``max_height``
-MAX_SIZE = (4096, 4096)
+#: 16000x16000 image (a decompression bomb); the relay's default frame limits, and the server passes
+#: its own ``relay.max_width`` and ``max_height``
+MAX_SIZE = (RelayConfig.max_width, RelayConfig.max_height)
 #: the whole fetch (DNS, connect, headers, body) ends by then: a byte-trickling server cannot hold it
 DEADLINE_S = 15.0
 FIELD = "ip_adapter_style_image_url"
